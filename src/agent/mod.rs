@@ -1,0 +1,283 @@
+//! Agent runs: the one code path shared by HTTP, WebSocket and `gatelet agent`.
+//!
+//! A run is (agent, session key, system prompt, conversation, options, cancel token, deadline)
+//! turned into a stream of events by a [`Backend`]. Backends are synchronous: they run on a
+//! worker thread, push events into an [`EventSink`] and poll [`RunControl`] often enough that a
+//! cancel or a deadline ends them within a second.
+
+pub mod backend;
+pub mod pool;
+pub mod run;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Who said a message in a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Instructions (`system` and `developer` in the OpenAI surface).
+    System,
+    /// The caller.
+    User,
+    /// The agent.
+    Assistant,
+    /// A tool result (`tool`, and the legacy `function`).
+    Tool,
+}
+
+impl Role {
+    /// The lower-case wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+}
+
+/// One message of a conversation, reduced to its text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// Who said it.
+    pub role: Role,
+    /// What was said (text parts joined).
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with `role` and `content`.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        ChatMessage { role, content: content.into() }
+    }
+}
+
+/// Sampling options passed through to the backend.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunOptions {
+    /// `max_completion_tokens` or `max_tokens`.
+    pub max_tokens: Option<u64>,
+    /// Sampling temperature.
+    pub temperature: Option<f64>,
+    /// Nucleus sampling.
+    pub top_p: Option<f64>,
+    /// Stop sequences.
+    pub stop: Vec<String>,
+}
+
+/// Everything a backend needs to produce a reply.
+#[derive(Debug, Clone)]
+pub struct RunInput {
+    /// Unique id of this run (`chatcmpl-…` for HTTP runs).
+    pub run_id: String,
+    /// The agent answering.
+    pub agent_id: String,
+    /// The session this run belongs to.
+    pub session_key: String,
+    /// The agent's system prompt followed by the request's system/developer messages.
+    pub system_prompt: String,
+    /// The conversation (no system messages), oldest first.
+    pub messages: Vec<ChatMessage>,
+    /// Sampling options.
+    pub options: RunOptions,
+}
+
+/// Token counts of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens in the context given to the model.
+    pub prompt_tokens: u64,
+    /// Tokens in the reply.
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    /// `prompt_tokens + completion_tokens`.
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+/// Why a run finished normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FinishReason {
+    /// Natural end.
+    #[default]
+    Stop,
+    /// Token limit reached.
+    Length,
+}
+
+impl FinishReason {
+    /// The OpenAI wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// Why a run did not finish normally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunError {
+    /// The client went away or asked to abort.
+    Cancelled,
+    /// The agent's `timeoutSeconds` passed.
+    Timeout,
+    /// The backend failed; the message names the backend and what went wrong.
+    Backend(String),
+}
+
+impl fmt::Display for RunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RunError::Cancelled => f.write_str("run cancelled"),
+            RunError::Timeout => f.write_str("agent run timed out"),
+            RunError::Backend(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+/// Where a backend sends what it produces.
+pub trait EventSink {
+    /// A piece of reply text. An error means the consumer is gone: stop and return
+    /// `Err(RunError::Cancelled)`.
+    fn delta(&mut self, text: &str) -> Result<(), RunError>;
+    /// Token counts reported by the backend (the last report wins).
+    fn usage(&mut self, usage: Usage);
+    /// The finish reason reported by the backend (default `stop`).
+    fn finish(&mut self, reason: FinishReason);
+    /// Called by backends at least every half second while they wait for something (an
+    /// upstream, a child process, a delay), so that a streaming consumer can send heartbeats
+    /// and notice a dead client. An error means: stop with it.
+    fn tick(&mut self) -> Result<(), RunError> {
+        Ok(())
+    }
+}
+
+/// A cancel flag that sleeping backends can wait on.
+#[derive(Clone, Default)]
+pub struct CancelToken(Arc<CancelInner>);
+
+#[derive(Default)]
+struct CancelInner {
+    flag: AtomicBool,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl fmt::Debug for CancelToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CancelToken({})", self.is_cancelled())
+    }
+}
+
+impl CancelToken {
+    /// A fresh, uncancelled token.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cancel the run; wakes any waiter.
+    pub fn cancel(&self) {
+        self.0.flag.store(true, Ordering::SeqCst);
+        let _g = self.0.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.0.cv.notify_all();
+    }
+
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.flag.load(Ordering::SeqCst)
+    }
+
+    /// Sleep up to `dur`; returns early (true) when cancelled.
+    pub fn wait(&self, dur: Duration) -> bool {
+        let end = Instant::now() + dur;
+        let mut g = self.0.lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if self.is_cancelled() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= end {
+                return false;
+            }
+            g = self.0.cv.wait_timeout(g, end - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+}
+
+/// The longest a backend may go without checking [`RunControl`] and calling
+/// [`EventSink::tick`].
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// Cancellation and deadline of one run, as seen by a backend.
+#[derive(Debug, Clone)]
+pub struct RunControl {
+    /// Set when the client goes away or aborts.
+    pub cancel: CancelToken,
+    /// When the run must end with `RunError::Timeout`.
+    pub deadline: Instant,
+}
+
+impl RunControl {
+    /// A control with a deadline `timeout` from now.
+    pub fn new(cancel: CancelToken, timeout: Duration) -> Self {
+        RunControl { cancel, deadline: Instant::now() + timeout }
+    }
+
+    /// `Err` when the run must stop now.
+    pub fn check(&self) -> Result<(), RunError> {
+        if self.cancel.is_cancelled() {
+            Err(RunError::Cancelled)
+        } else if Instant::now() >= self.deadline {
+            Err(RunError::Timeout)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Sleep `dur` (cut short by the deadline), failing on cancel or deadline, and ticking `out`
+    /// every [`TICK`] meanwhile.
+    pub fn sleep(&self, dur: Duration, out: &mut dyn EventSink) -> Result<(), RunError> {
+        let end = Instant::now() + dur;
+        loop {
+            let now = Instant::now();
+            let step = end.saturating_duration_since(now).min(TICK).min(self.deadline.saturating_duration_since(now));
+            if self.cancel.wait(step) {
+                return Err(RunError::Cancelled);
+            }
+            self.check()?;
+            if Instant::now() >= end {
+                return Ok(());
+            }
+            out.tick()?;
+        }
+    }
+
+    /// Time left before the deadline.
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+}
+
+/// A model or program that answers runs.
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// Produce the reply for `input`, pushing events into `out`. Returning `Ok` finishes the
+    /// run (with the finish reason last given to `out`, `stop` by default).
+    fn run(&self, input: &RunInput, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), RunError>;
+}
+
+/// Counts whitespace-separated words: the token estimate used by `echo` and as a fallback.
+pub fn count_words(s: &str) -> u64 {
+    s.split_whitespace().count() as u64
+}

@@ -1,0 +1,276 @@
+//! The command line: `gatelet gateway`, `gatelet agent`, `gatelet config check`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use crate::agent::run::{RunOutcome, RunRequest, execute};
+use crate::agent::{CancelToken, ChatMessage, EventSink, FinishReason, Role, RunError, RunOptions, Usage};
+use crate::config::{self, Config, Overrides};
+use crate::gateway::Gateway;
+use crate::openai::chat::session_key;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+const HELP: &str = "gatelet — a small agent gateway (HTTP/1.1 + WebSocket, OpenAI-compatible)
+
+Usage:
+  gatelet gateway [--config P] [--port N] [--bind B] [--token T]
+  gatelet agent --message TEXT [--config P] [--agent ID] [--session-key K] [--stream] [--json]
+  gatelet config check [--config P]
+  gatelet --help | --version
+
+Run `gatelet <command> --help` for details.
+Environment: GATELET_CONFIG_PATH, GATELET_STATE_DIR, GATELET_GATEWAY_PORT,
+GATELET_GATEWAY_TOKEN, GATELET_GATEWAY_PASSWORD, GATELET_LOG (error|warn|info|debug|trace).";
+
+const GATEWAY_HELP: &str = "gatelet gateway — run the gateway in the foreground
+
+Options:
+  --config P   config file (JSON5); default $GATELET_CONFIG_PATH or <state dir>/gatelet.json
+  --port N     listening port (overrides GATELET_GATEWAY_PORT and gateway.port); 0 picks a free port
+  --bind B     loopback | lan | an IP address
+  --token T    gateway token (overrides gateway.auth.token and GATELET_GATEWAY_TOKEN)";
+
+const AGENT_HELP: &str = "gatelet agent — run one agent turn in process
+
+Options:
+  --message TEXT    the user message (required)
+  --config P        config file (JSON5)
+  --agent ID        agent id (default: the default agent)
+  --session-key K   sticky session key (history is kept and persisted like HTTP sessions)
+  --stream          print the reply as it is produced
+  --json            print one JSON document: reply, finishReason, usage, sessionKey";
+
+const CONFIG_HELP: &str = "gatelet config check — validate the config and print it with secrets redacted
+
+Options:
+  --config P   config file (JSON5)";
+
+/// A usage error (exit 2).
+fn usage_err(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("gatelet: {msg}\n(run `gatelet --help` for usage)");
+    2
+}
+
+struct Args {
+    rest: std::vec::IntoIter<String>,
+}
+
+impl Args {
+    fn value(&mut self, flag: &str) -> Result<String, i32> {
+        self.rest.next().ok_or_else(|| usage_err(format!("{flag} needs a value")))
+    }
+}
+
+/// Entry point: parse `argv` (without the program name) and run. Returns the exit code.
+pub fn main(argv: Vec<String>) -> i32 {
+    crate::log::init_from_env();
+    let mut args = Args { rest: argv.into_iter() };
+    match args.rest.next().as_deref() {
+        None | Some("--help" | "-h" | "help") => {
+            println!("{HELP}");
+            0
+        }
+        Some("--version" | "-V") => {
+            println!("gatelet {VERSION}");
+            0
+        }
+        Some("gateway") => gateway(args).unwrap_or_else(|c| c),
+        Some("agent") => agent(args).unwrap_or_else(|c| c),
+        Some("config") => match args.rest.next().as_deref() {
+            Some("check") => config_check(args).unwrap_or_else(|c| c),
+            Some("--help" | "-h") | None => {
+                println!("{CONFIG_HELP}");
+                if args.rest.len() == 0 { 0 } else { 2 }
+            }
+            Some(other) => usage_err(format!("unknown config command {other:?}")),
+        },
+        Some(other) => usage_err(format!("unknown command {other:?}")),
+    }
+}
+
+fn load(ov: &Overrides) -> Result<Config, i32> {
+    match config::load(ov, &config::process_env) {
+        Ok(c) => {
+            for w in &c.warnings {
+                crate::log!(Warn, "{w}");
+            }
+            Ok(c)
+        }
+        Err(e) => {
+            eprintln!("gatelet: config error:\n{e}");
+            Err(2)
+        }
+    }
+}
+
+fn build(cfg: Config) -> Arc<Gateway> {
+    if cfg.implicit_echo {
+        crate::log!(Warn, "no backend configured: agents use the built-in echo backend");
+    }
+    let (gw, warnings) = Gateway::new(cfg);
+    for w in warnings {
+        crate::log!(Warn, "{w}");
+    }
+    Arc::new(gw)
+}
+
+fn gateway(mut args: Args) -> Result<i32, i32> {
+    let mut ov = Overrides::default();
+    while let Some(a) = args.rest.next() {
+        match a.as_str() {
+            "--config" => ov.config_path = Some(PathBuf::from(args.value("--config")?)),
+            "--port" => {
+                let v = args.value("--port")?;
+                ov.port = Some(v.parse().map_err(|_| usage_err(format!("--port: {v:?} is not a port number")))?);
+            }
+            "--bind" => ov.bind = Some(args.value("--bind")?),
+            "--token" => ov.token = Some(args.value("--token")?),
+            "--help" | "-h" => {
+                println!("{GATEWAY_HELP}");
+                return Ok(0);
+            }
+            other => return Err(usage_err(format!("gateway: unknown option {other:?}"))),
+        }
+    }
+    let cfg = load(&ov)?;
+    let gw = build(cfg);
+    let server = match crate::server::Server::bind(gw.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            let g = &gw.config.gateway;
+            eprintln!("gatelet: cannot listen on {}:{}: {e}", g.bind, g.port);
+            return Err(1);
+        }
+    };
+    let addr = server.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let cc = if gw.config.gateway.chat_completions { "enabled" } else { "disabled" };
+    crate::log!(
+        Info,
+        "listening on http://{addr} (agents: {}; chat completions {cc}; {} workers)",
+        gw.agents.iter().map(|a| a.cfg.id.as_str()).collect::<Vec<_>>().join(", "),
+        gw.config.gateway.workers
+    );
+    match server.run() {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            eprintln!("gatelet: event loop failed: {e}");
+            Err(1)
+        }
+    }
+}
+
+fn config_check(mut args: Args) -> Result<i32, i32> {
+    let mut ov = Overrides::default();
+    while let Some(a) = args.rest.next() {
+        match a.as_str() {
+            "--config" => ov.config_path = Some(PathBuf::from(args.value("--config")?)),
+            "--help" | "-h" => {
+                println!("{CONFIG_HELP}");
+                return Ok(0);
+            }
+            other => return Err(usage_err(format!("config check: unknown option {other:?}"))),
+        }
+    }
+    let cfg = load(&ov)?;
+    println!("{}", serde_json::to_string_pretty(&cfg.redacted_json()).unwrap_or_default());
+    Ok(0)
+}
+
+/// Prints deltas as they arrive (with `--stream`).
+struct Printer {
+    stream: bool,
+}
+
+impl EventSink for Printer {
+    fn delta(&mut self, text: &str) -> Result<(), RunError> {
+        if self.stream {
+            let mut out = std::io::stdout().lock();
+            if out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_err() {
+                return Err(RunError::Cancelled);
+            }
+        }
+        Ok(())
+    }
+    fn usage(&mut self, _: Usage) {}
+    fn finish(&mut self, _: FinishReason) {}
+}
+
+fn agent(mut args: Args) -> Result<i32, i32> {
+    let mut ov = Overrides { no_listener: true, ..Default::default() };
+    let (mut message, mut agent_id, mut key, mut stream, mut json) = (None, None, None, false, false);
+    while let Some(a) = args.rest.next() {
+        match a.as_str() {
+            "--message" | "-m" => message = Some(args.value("--message")?),
+            "--config" => ov.config_path = Some(PathBuf::from(args.value("--config")?)),
+            "--agent" => agent_id = Some(args.value("--agent")?),
+            "--session-key" => key = Some(args.value("--session-key")?),
+            "--stream" => stream = true,
+            "--json" => json = true,
+            "--help" | "-h" => {
+                println!("{AGENT_HELP}");
+                return Ok(0);
+            }
+            other => return Err(usage_err(format!("agent: unknown option {other:?}"))),
+        }
+    }
+    let Some(message) = message else { return Err(usage_err("agent: --message is required")) };
+    let cfg = load(&ov)?;
+    let gw = build(cfg);
+    let agent = match agent_id {
+        Some(id) => gw.agent_index(&id).ok_or_else(|| {
+            let ids: Vec<_> = gw.agents.iter().map(|a| a.cfg.id.as_str()).collect();
+            usage_err(format!("agent: no agent {id:?} (configured: {})", ids.join(", ")))
+        })?,
+        None => gw.default_agent(),
+    };
+    let (session_key, sticky) =
+        session_key(&gw.agents[agent].cfg.id, key.as_deref(), None).map_err(|e| usage_err(e.message))?;
+    let run = RunRequest {
+        run_id: format!("run-{}", crate::util::random_hex(24)),
+        agent,
+        session_key,
+        sticky,
+        extra_system: Vec::new(),
+        messages: vec![ChatMessage::new(Role::User, message)],
+        options: RunOptions::default(),
+        timeout: None,
+    };
+    // The same worker pool as the gateway, so the run path is identical.
+    let (tx, rx) = mpsc::channel::<RunOutcome>();
+    let Some(adm) = gw.pool.admit() else { return Err(1) };
+    let gw2 = gw.clone();
+    let run2 = run.clone();
+    adm.submit(run.sticky.then(|| run.session_key.clone()), move || {
+        let mut p = Printer { stream: stream && !json };
+        let _ = tx.send(execute(&gw2, &run2, &CancelToken::new(), &mut p));
+    });
+    let Ok(out) = rx.recv() else {
+        eprintln!("gatelet: the run ended without a result");
+        return Err(1);
+    };
+    if json {
+        let v = serde_json::json!({
+            "reply": out.text, "finishReason": out.error.as_ref().map_or(out.finish.as_str(), |_| "error"),
+            "usage": { "prompt_tokens": out.usage.prompt_tokens, "completion_tokens": out.usage.completion_tokens,
+                       "total_tokens": out.usage.total() },
+            "sessionKey": run.session_key, "agentId": gw.agents[agent].cfg.id,
+            "error": out.error.as_ref().map(|e| e.to_string()),
+        });
+        println!("{v}");
+    } else if stream {
+        println!();
+    } else {
+        println!("{}", out.text);
+    }
+    gw.pool.shutdown();
+    match out.error {
+        None => Ok(0),
+        Some(e) => {
+            eprintln!("gatelet: run failed: {e}");
+            Err(1)
+        }
+    }
+}

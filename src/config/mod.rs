@@ -1,0 +1,823 @@
+//! Configuration: a JSON5 file plus environment, validated into [`Config`].
+//!
+//! Every error names the file, line, column and key path (`gateway.auth.mode`); unknown keys are
+//! warnings. Precedence follows SPEC §1: command line > environment > file > defaults.
+
+pub mod locate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use locate::Locations;
+
+/// Default port of the gateway.
+pub const DEFAULT_PORT: u16 = 18789;
+
+/// How callers authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// `Authorization: Bearer <token>`.
+    Token,
+    /// `Authorization: Bearer <password>`.
+    Password,
+    /// Everyone is accepted (loopback only).
+    None,
+}
+
+/// Opt-in per-IP limiter for failed authentications.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitConfig {
+    /// Failures allowed within `window`.
+    pub max_attempts: u32,
+    /// Sliding window for counting failures.
+    pub window: Duration,
+    /// How long a client stays locked out.
+    pub lockout: Duration,
+    /// Never lock out loopback clients.
+    pub exempt_loopback: bool,
+}
+
+/// `gateway.auth`.
+#[derive(Clone, PartialEq)]
+pub struct AuthConfig {
+    /// Effective mode.
+    pub mode: AuthMode,
+    /// Token (config or `GATELET_GATEWAY_TOKEN`).
+    pub token: Option<String>,
+    /// Password (config or `GATELET_GATEWAY_PASSWORD`).
+    pub password: Option<String>,
+    /// Failure limiter, when configured.
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("mode", &self.mode)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("rate_limit", &self.rate_limit)
+            .finish()
+    }
+}
+
+/// `gateway.*`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayConfig {
+    /// Listening port.
+    pub port: u16,
+    /// Listening address.
+    pub bind: IpAddr,
+    /// Authentication.
+    pub auth: AuthConfig,
+    /// `gateway.http.endpoints.chatCompletions.enabled`.
+    pub chat_completions: bool,
+    /// `gateway.http.endpoints.chatCompletions.maxBodyBytes`.
+    pub max_body_bytes: u64,
+    /// `gateway.http.headerTimeoutSeconds`: time to receive a whole request head.
+    pub header_timeout: Duration,
+    /// `gateway.http.idleTimeoutSeconds`: idle keep-alive connections are closed after this.
+    pub idle_timeout: Duration,
+    /// Worker threads for agent runs.
+    pub workers: usize,
+    /// Runs waiting for a worker before 503.
+    pub max_queued_runs: usize,
+    /// Open connections before new ones wait in the backlog.
+    pub max_connections: usize,
+    /// SSE heartbeat interval; zero disables it.
+    pub keepalive: Duration,
+}
+
+/// How an agent produces replies.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendConfig {
+    /// Built-in deterministic echo.
+    Echo {
+        /// Sleep between deltas.
+        token_delay: Duration,
+        /// Cut the reply after this many words (finish `length`).
+        max_tokens: Option<u64>,
+    },
+    /// An upstream OpenAI-compatible server.
+    OpenAi(OpenAiBackendConfig),
+    /// A program run per turn.
+    Command(CommandBackendConfig),
+}
+
+/// `backend: { kind: "openai", … }`.
+#[derive(Clone, PartialEq)]
+pub struct OpenAiBackendConfig {
+    /// Base URL, e.g. `http://127.0.0.1:8080/v1`.
+    pub base_url: String,
+    /// Upstream model name (defaults to the agent id).
+    pub model: Option<String>,
+    /// Bearer token for the upstream.
+    pub api_key: Option<String>,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Longest silence tolerated from the upstream.
+    pub read_timeout: Duration,
+}
+
+impl fmt::Debug for OpenAiBackendConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiBackendConfig")
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .finish()
+    }
+}
+
+/// `backend: { kind: "command", … }`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandBackendConfig {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Working directory.
+    pub cwd: Option<PathBuf>,
+    /// Extra environment variables.
+    pub env: BTreeMap<String, String>,
+}
+
+/// One agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// `[a-z0-9][a-z0-9_-]{0,63}`.
+    pub id: String,
+    /// Prepended to every run's system prompt.
+    pub system_prompt: String,
+    /// Run deadline.
+    pub timeout: Duration,
+    /// How replies are produced.
+    pub backend: BackendConfig,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it came from, if any.
+    pub source: Option<PathBuf>,
+    /// State directory (sessions).
+    pub state_dir: PathBuf,
+    /// `gateway.*`.
+    pub gateway: GatewayConfig,
+    /// Agents, at least one.
+    pub agents: Vec<AgentConfig>,
+    /// Index into `agents` of the default agent.
+    pub default_agent: usize,
+    /// `session.persist`.
+    pub persist_sessions: bool,
+    /// True when no backend was configured anywhere (echo is used).
+    pub implicit_echo: bool,
+    /// Non-fatal findings (unknown keys).
+    pub warnings: Vec<String>,
+}
+
+/// Command-line overrides, highest precedence.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--config`.
+    pub config_path: Option<PathBuf>,
+    /// `--port`.
+    pub port: Option<u16>,
+    /// `--bind`.
+    pub bind: Option<String>,
+    /// `--token`.
+    pub token: Option<String>,
+    /// Skip the listener safety checks (missing secrets, `none` off loopback): `gatelet agent`
+    /// runs in process and serves nobody.
+    pub no_listener: bool,
+}
+
+/// A configuration that cannot be used. `Display` gives one line per problem.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// One message per problem, each already prefixed with `file:line:col`.
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            f.write_str(p)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Read access to environment variables (a closure in tests).
+pub type EnvFn<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment, with empty values treated as unset.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// The state directory: `GATELET_STATE_DIR`, else `~/.gatelet`.
+pub fn state_dir(env: EnvFn<'_>) -> PathBuf {
+    if let Some(d) = env("GATELET_STATE_DIR") {
+        return PathBuf::from(d);
+    }
+    let home = env("HOME").unwrap_or_else(|| ".".into());
+    Path::new(&home).join(".gatelet")
+}
+
+/// Load and validate the configuration: file (if any), environment, then overrides.
+pub fn load(ov: &Overrides, env: EnvFn<'_>) -> Result<Config, ConfigError> {
+    let state = state_dir(env);
+    let (path, explicit) = match (&ov.config_path, env("GATELET_CONFIG_PATH")) {
+        (Some(p), _) => (p.clone(), true),
+        (None, Some(p)) => (PathBuf::from(p), true),
+        (None, None) => (state.join("gatelet.json"), false),
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => None,
+        Err(e) => {
+            return Err(ConfigError { problems: vec![format!("{}: cannot read config: {e}", path.display())] });
+        }
+    };
+    let source = text.as_ref().map(|_| path.clone());
+    parse(text.as_deref().unwrap_or("{}"), source, state, ov, env)
+}
+
+/// Parse and validate config text. `source` is used in messages.
+pub fn parse(
+    text: &str,
+    source: Option<PathBuf>,
+    state_dir: PathBuf,
+    ov: &Overrides,
+    env: EnvFn<'_>,
+) -> Result<Config, ConfigError> {
+    let file = source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "<defaults>".into());
+    let root: Value = match json5::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let at = e.position().map(|p| format!(":{}:{}", p.line + 1, p.column + 1)).unwrap_or_default();
+            return Err(ConfigError { problems: vec![format!("{file}{at}: invalid JSON5: {e}")] });
+        }
+    };
+    let mut v = Validator { file, locs: locate::scan(text), problems: Vec::new(), warnings: Vec::new() };
+    let cfg = v.config(&root, source, state_dir, ov, env);
+    if v.problems.is_empty() {
+        let mut cfg = cfg.expect("no problems means a config");
+        cfg.warnings = v.warnings;
+        Ok(cfg)
+    } else {
+        Err(ConfigError { problems: v.problems })
+    }
+}
+
+struct Validator {
+    file: String,
+    locs: Locations,
+    problems: Vec<String>,
+    warnings: Vec<String>,
+}
+
+static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+
+impl Validator {
+    fn at(&self, path: &str) -> String {
+        match self.locs.find(path) {
+            Some((l, c)) => format!("{}:{l}:{c}", self.file),
+            None => self.file.clone(),
+        }
+    }
+
+    fn problem(&mut self, path: &str, msg: impl fmt::Display) {
+        let p = format!("{}: `{path}`: {msg}", self.at(path));
+        self.problems.push(p);
+    }
+
+    /// The object at `path` (absent or null → empty), warning about keys not in `known`.
+    fn object<'v>(&mut self, v: Option<&'v Value>, path: &str, known: &[&str]) -> &'v Map<String, Value> {
+        match v {
+            None | Some(Value::Null) => &EMPTY,
+            Some(Value::Object(m)) => {
+                for k in m.keys() {
+                    if !known.contains(&k.as_str()) {
+                        let kp = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                        let w = format!("{}: unknown key `{kp}` (ignored)", self.at(&kp));
+                        self.warnings.push(w);
+                    }
+                }
+                m
+            }
+            Some(_) => {
+                self.problem(path, "expected an object");
+                &EMPTY
+            }
+        }
+    }
+
+    fn bool(&mut self, m: &Map<String, Value>, path: &str, key: &str, default: bool) -> bool {
+        match m.get(key) {
+            None | Some(Value::Null) => default,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                self.problem(&format!("{path}.{key}"), "expected true or false");
+                default
+            }
+        }
+    }
+
+    fn uint(&mut self, m: &Map<String, Value>, path: &str, key: &str, default: u64, min: u64, max: u64) -> u64 {
+        match m.get(key) {
+            None | Some(Value::Null) => default,
+            Some(v) => match v.as_u64() {
+                Some(n) if (min..=max).contains(&n) => n,
+                _ => {
+                    self.problem(&format!("{path}.{key}"), format!("expected an integer from {min} to {max}, got {v}"));
+                    default
+                }
+            },
+        }
+    }
+
+    fn string(&mut self, m: &Map<String, Value>, path: &str, key: &str) -> Option<String> {
+        match m.get(key) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(v) => {
+                self.problem(&format!("{path}.{key}"), format!("expected a string, got {v}"));
+                None
+            }
+        }
+    }
+
+    fn config(
+        &mut self,
+        root: &Value,
+        source: Option<PathBuf>,
+        state_dir: PathBuf,
+        ov: &Overrides,
+        env: EnvFn<'_>,
+    ) -> Option<Config> {
+        let root = self.object(Some(root), "", &["gateway", "agents", "session"]);
+        let gw = self.object(
+            root.get("gateway"),
+            "gateway",
+            &["port", "bind", "auth", "http", "workers", "maxQueuedRuns", "maxConnections", "keepaliveSeconds"],
+        );
+
+        // Port: --port > GATELET_GATEWAY_PORT > gateway.port > default.
+        let mut port = self.uint(gw, "gateway", "port", DEFAULT_PORT as u64, 0, 65535) as u16;
+        if let Some(p) = env("GATELET_GATEWAY_PORT") {
+            match p.parse::<u16>() {
+                Ok(n) => port = n,
+                Err(_) => self.problems.push(format!("GATELET_GATEWAY_PORT: expected a port number, got {p:?}")),
+            }
+        }
+        if let Some(p) = ov.port {
+            port = p;
+        }
+
+        let bind_raw =
+            ov.bind.clone().or_else(|| self.string(gw, "gateway", "bind")).unwrap_or_else(|| "loopback".into());
+        let bind = match bind_raw.as_str() {
+            "loopback" => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            "lan" => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            s => match s.parse::<IpAddr>() {
+                Ok(ip) => ip,
+                Err(_) => {
+                    self.problem("gateway.bind", format!("expected \"loopback\", \"lan\" or an IP address, got {s:?}"));
+                    IpAddr::V4(Ipv4Addr::LOCALHOST)
+                }
+            },
+        };
+
+        let auth = self.auth(gw.get("auth"), bind, ov, env);
+
+        let http =
+            self.object(gw.get("http"), "gateway.http", &["endpoints", "headerTimeoutSeconds", "idleTimeoutSeconds"]);
+        let eps = self.object(http.get("endpoints"), "gateway.http.endpoints", &["chatCompletions"]);
+        let cc = self.object(
+            eps.get("chatCompletions"),
+            "gateway.http.endpoints.chatCompletions",
+            &["enabled", "maxBodyBytes"],
+        );
+        let ccp = "gateway.http.endpoints.chatCompletions";
+        let chat_completions = self.bool(cc, ccp, "enabled", false);
+        let max_body_bytes = self.uint(cc, ccp, "maxBodyBytes", 20 * 1024 * 1024, 1, 1 << 40);
+        let header_timeout = self.uint(http, "gateway.http", "headerTimeoutSeconds", 30, 1, 3600);
+        let idle_timeout = self.uint(http, "gateway.http", "idleTimeoutSeconds", 60, 1, 86400);
+
+        let gateway = GatewayConfig {
+            port,
+            bind,
+            auth: auth?,
+            chat_completions,
+            max_body_bytes,
+            header_timeout: Duration::from_secs(header_timeout),
+            idle_timeout: Duration::from_secs(idle_timeout),
+            workers: self.uint(gw, "gateway", "workers", 4, 1, 1024) as usize,
+            max_queued_runs: self.uint(gw, "gateway", "maxQueuedRuns", 64, 0, 1_000_000) as usize,
+            max_connections: self.uint(gw, "gateway", "maxConnections", 10_000, 1, 1_000_000) as usize,
+            keepalive: Duration::from_secs(self.uint(gw, "gateway", "keepaliveSeconds", 15, 0, 86400)),
+        };
+
+        let (agents, default_agent, implicit_echo) = self.agents(root.get("agents"))?;
+
+        let session = self.object(root.get("session"), "session", &["persist"]);
+        let persist_sessions = self.bool(session, "session", "persist", true);
+
+        Some(Config {
+            source,
+            state_dir,
+            gateway,
+            agents,
+            default_agent,
+            persist_sessions,
+            implicit_echo,
+            warnings: Vec::new(),
+        })
+    }
+
+    fn auth(&mut self, v: Option<&Value>, bind: IpAddr, ov: &Overrides, env: EnvFn<'_>) -> Option<AuthConfig> {
+        let p = "gateway.auth";
+        let a = self.object(v, p, &["mode", "token", "password", "rateLimit"]);
+        let token = ov.token.clone().or_else(|| self.string(a, p, "token")).or_else(|| env("GATELET_GATEWAY_TOKEN"));
+        let password = self.string(a, p, "password").or_else(|| env("GATELET_GATEWAY_PASSWORD"));
+        let mode = match self.string(a, p, "mode").as_deref() {
+            None => {
+                if password.is_some() && token.is_none() {
+                    AuthMode::Password
+                } else {
+                    AuthMode::Token
+                }
+            }
+            Some("token") => AuthMode::Token,
+            Some("password") => AuthMode::Password,
+            Some("none") => AuthMode::None,
+            Some(other) => {
+                self.problem(
+                    "gateway.auth.mode",
+                    format!("expected \"token\", \"password\" or \"none\", got {other:?}"),
+                );
+                AuthMode::Token
+            }
+        };
+        match mode {
+            _ if ov.no_listener => {}
+            AuthMode::Token if token.as_deref().is_none_or(str::is_empty) => self.problem(
+                "gateway.auth.token",
+                "token mode needs a token: set gateway.auth.token, GATELET_GATEWAY_TOKEN or --token",
+            ),
+            AuthMode::Password if password.as_deref().is_none_or(str::is_empty) => self.problem(
+                "gateway.auth.password",
+                "password mode needs a password: set gateway.auth.password or GATELET_GATEWAY_PASSWORD",
+            ),
+            AuthMode::None if !bind.is_loopback() => self.problem(
+                "gateway.auth.mode",
+                format!("auth mode \"none\" is refused on the non-loopback bind {bind}: set a token or password"),
+            ),
+            _ => {}
+        }
+        let rate_limit = match a.get("rateLimit") {
+            None | Some(Value::Null) => None,
+            Some(rl) => {
+                let rp = "gateway.auth.rateLimit";
+                let r = self.object(Some(rl), rp, &["maxAttempts", "windowMs", "lockoutMs", "exemptLoopback"]);
+                Some(RateLimitConfig {
+                    max_attempts: self.uint(r, rp, "maxAttempts", 10, 1, 1_000_000) as u32,
+                    window: Duration::from_millis(self.uint(r, rp, "windowMs", 60_000, 1, 86_400_000)),
+                    lockout: Duration::from_millis(self.uint(r, rp, "lockoutMs", 300_000, 1, 86_400_000)),
+                    exempt_loopback: self.bool(r, rp, "exemptLoopback", true),
+                })
+            }
+        };
+        Some(AuthConfig { mode, token, password, rate_limit })
+    }
+
+    fn agents(&mut self, v: Option<&Value>) -> Option<(Vec<AgentConfig>, usize, bool)> {
+        let a = self.object(v, "agents", &["defaults", "list"]);
+        let d = self.object(a.get("defaults"), "agents.defaults", &["timeoutSeconds", "backend", "systemPrompt"]);
+        let d_timeout = self.uint(d, "agents.defaults", "timeoutSeconds", 600, 1, 86_400 * 7);
+        let d_prompt = self.string(d, "agents.defaults", "systemPrompt").unwrap_or_default();
+        let d_backend = d.get("backend").filter(|b| !b.is_null()).map(|b| self.backend(b, "agents.defaults.backend"));
+        let mut implicit_echo = d_backend.is_none();
+        let d_backend =
+            d_backend.unwrap_or(Some(BackendConfig::Echo { token_delay: Duration::ZERO, max_tokens: None }));
+
+        let list = match a.get("list") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(l)) => l.iter().collect(),
+            Some(_) => {
+                self.problem("agents.list", "expected an array of agents");
+                Vec::new()
+            }
+        };
+        let mut agents = Vec::new();
+        let mut default_agent = None;
+        if list.is_empty() {
+            agents.push(AgentConfig {
+                id: "main".into(),
+                system_prompt: d_prompt.clone(),
+                timeout: Duration::from_secs(d_timeout),
+                backend: d_backend.clone()?,
+            });
+            default_agent = Some(0);
+        }
+        for (i, item) in list.iter().enumerate() {
+            let p = format!("agents.list[{i}]");
+            let m = self.object(Some(item), &p, &["id", "default", "systemPrompt", "timeoutSeconds", "backend"]);
+            let id = match self.string(m, &p, "id") {
+                Some(id) if valid_agent_id(&id) => id,
+                Some(id) => {
+                    self.problem(&format!("{p}.id"), format!("agent id {id:?} must match [a-z0-9][a-z0-9_-]{{0,63}}"));
+                    continue;
+                }
+                None => {
+                    self.problem(&p, "agent needs an `id`");
+                    continue;
+                }
+            };
+            if agents.iter().any(|x: &AgentConfig| x.id == id) {
+                self.problem(&format!("{p}.id"), format!("duplicate agent id {id:?}"));
+                continue;
+            }
+            if self.bool(m, &p, "default", false) {
+                if default_agent.is_some() {
+                    self.problem(&format!("{p}.default"), "more than one agent is marked default");
+                }
+                default_agent = Some(agents.len());
+            }
+            let backend = match m.get("backend").filter(|b| !b.is_null()) {
+                Some(b) => {
+                    implicit_echo = false;
+                    self.backend(b, &format!("{p}.backend"))
+                }
+                None => d_backend.clone(),
+            };
+            let timeout = self.uint(m, &p, "timeoutSeconds", d_timeout, 1, 86_400 * 7);
+            let system_prompt = self.string(m, &p, "systemPrompt").unwrap_or_else(|| d_prompt.clone());
+            if let Some(backend) = backend {
+                agents.push(AgentConfig { id, system_prompt, timeout: Duration::from_secs(timeout), backend });
+            }
+        }
+        if !self.problems.is_empty() {
+            return None;
+        }
+        Some((agents, default_agent.unwrap_or(0), implicit_echo))
+    }
+
+    fn backend(&mut self, v: &Value, p: &str) -> Option<BackendConfig> {
+        let kind = match v.get("kind") {
+            Some(Value::String(k)) => k.clone(),
+            _ => {
+                self.problem(&format!("{p}.kind"), "backend needs `kind`: \"echo\", \"openai\" or \"command\"");
+                return None;
+            }
+        };
+        let before = self.problems.len();
+        let b = match kind.as_str() {
+            "echo" => {
+                let m = self.object(Some(v), p, &["kind", "tokenDelayMs", "maxTokens"]);
+                let delay = self.uint(m, p, "tokenDelayMs", 0, 0, 600_000);
+                let max = m
+                    .get("maxTokens")
+                    .filter(|x| !x.is_null())
+                    .map(|_| self.uint(m, p, "maxTokens", 0, 0, u32::MAX as u64));
+                BackendConfig::Echo { token_delay: Duration::from_millis(delay), max_tokens: max }
+            }
+            "openai" => {
+                let m = self.object(
+                    Some(v),
+                    p,
+                    &["kind", "baseUrl", "model", "apiKey", "connectTimeoutMs", "readTimeoutMs"],
+                );
+                let base_url = self.string(m, p, "baseUrl").unwrap_or_default();
+                if base_url.starts_with("https://") {
+                    self.problem(
+                        &format!("{p}.baseUrl"),
+                        "https:// upstreams need TLS, which this build does not include: use an http:// URL on loopback or a TLS-terminating proxy",
+                    );
+                } else if !base_url.starts_with("http://") {
+                    self.problem(&format!("{p}.baseUrl"), format!("expected an http:// URL, got {base_url:?}"));
+                }
+                BackendConfig::OpenAi(OpenAiBackendConfig {
+                    base_url,
+                    model: self.string(m, p, "model"),
+                    api_key: self.string(m, p, "apiKey"),
+                    connect_timeout: Duration::from_millis(self.uint(m, p, "connectTimeoutMs", 5_000, 1, 600_000)),
+                    read_timeout: Duration::from_millis(self.uint(m, p, "readTimeoutMs", 300_000, 1, 86_400_000)),
+                })
+            }
+            "command" => {
+                let m = self.object(Some(v), p, &["kind", "argv", "cwd", "env"]);
+                let argv: Vec<String> = match m.get("argv") {
+                    Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => {
+                        a.iter().filter_map(|s| s.as_str().map(String::from)).collect()
+                    }
+                    _ => {
+                        self.problem(&format!("{p}.argv"), "expected a non-empty array of strings");
+                        Vec::new()
+                    }
+                };
+                let mut env = BTreeMap::new();
+                match m.get("env") {
+                    None | Some(Value::Null) => {}
+                    Some(Value::Object(e)) => {
+                        for (k, val) in e {
+                            match val.as_str() {
+                                Some(s) => {
+                                    env.insert(k.clone(), s.to_string());
+                                }
+                                None => self.problem(&format!("{p}.env.{k}"), "expected a string"),
+                            }
+                        }
+                    }
+                    Some(_) => self.problem(&format!("{p}.env"), "expected an object of strings"),
+                }
+                BackendConfig::Command(CommandBackendConfig {
+                    argv,
+                    cwd: self.string(m, p, "cwd").map(PathBuf::from),
+                    env,
+                })
+            }
+            other => {
+                self.problem(
+                    &format!("{p}.kind"),
+                    format!("unknown backend kind {other:?}: expected \"echo\", \"openai\" or \"command\""),
+                );
+                return None;
+            }
+        };
+        (self.problems.len() == before).then_some(b)
+    }
+}
+
+/// Agent ids: `[a-z0-9][a-z0-9_-]{0,63}`.
+pub fn valid_agent_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+}
+
+impl Config {
+    /// A printable view with secrets redacted (for `gatelet config check`).
+    pub fn redacted_json(&self) -> Value {
+        let g = &self.gateway;
+        let secret = |s: &Option<String>| s.as_ref().map(|_| Value::from("<redacted>")).unwrap_or(Value::Null);
+        let agents: Vec<Value> = self
+            .agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let backend = match &a.backend {
+                    BackendConfig::Echo { token_delay, max_tokens } => serde_json::json!({
+                        "kind": "echo", "tokenDelayMs": token_delay.as_millis() as u64, "maxTokens": max_tokens }),
+                    BackendConfig::OpenAi(o) => serde_json::json!({
+                        "kind": "openai", "baseUrl": o.base_url, "model": o.model, "apiKey": secret(&o.api_key),
+                        "connectTimeoutMs": o.connect_timeout.as_millis() as u64,
+                        "readTimeoutMs": o.read_timeout.as_millis() as u64 }),
+                    BackendConfig::Command(c) => serde_json::json!({
+                        "kind": "command", "argv": c.argv, "cwd": c.cwd.as_ref().map(|p| p.display().to_string()),
+                        "env": c.env.keys().map(|k| (k.clone(), Value::from("<redacted>"))).collect::<Map<_, _>>() }),
+                };
+                serde_json::json!({ "id": a.id, "default": i == self.default_agent, "systemPrompt": a.system_prompt,
+                    "timeoutSeconds": a.timeout.as_secs(), "backend": backend })
+            })
+            .collect();
+        serde_json::json!({
+            "source": self.source.as_ref().map(|p| p.display().to_string()),
+            "stateDir": self.state_dir.display().to_string(),
+            "gateway": {
+                "port": g.port, "bind": g.bind.to_string(),
+                "auth": { "mode": match g.auth.mode { AuthMode::Token => "token", AuthMode::Password => "password", AuthMode::None => "none" },
+                          "token": secret(&g.auth.token), "password": secret(&g.auth.password),
+                          "rateLimit": g.auth.rate_limit.as_ref().map(|r| serde_json::json!({
+                              "maxAttempts": r.max_attempts, "windowMs": r.window.as_millis() as u64,
+                              "lockoutMs": r.lockout.as_millis() as u64, "exemptLoopback": r.exempt_loopback })) },
+                "http": { "headerTimeoutSeconds": g.header_timeout.as_secs(), "idleTimeoutSeconds": g.idle_timeout.as_secs(),
+                          "endpoints": { "chatCompletions": { "enabled": g.chat_completions, "maxBodyBytes": g.max_body_bytes } } },
+                "workers": g.workers, "maxQueuedRuns": g.max_queued_runs, "maxConnections": g.max_connections,
+                "keepaliveSeconds": g.keepalive.as_secs(),
+            },
+            "agents": { "list": agents },
+            "session": { "persist": self.persist_sessions },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_none(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse_str(s: &str) -> Result<Config, ConfigError> {
+        let ov = Overrides::default();
+        parse(s, Some("cfg.json5".into()), "/tmp/st".into(), &ov, &env_none)
+    }
+
+    #[test]
+    fn defaults_need_a_token() {
+        let e = parse_str("{}").unwrap_err();
+        assert!(e.to_string().contains("gateway.auth.token"), "{e}");
+    }
+
+    #[test]
+    fn json5_features_and_defaults() {
+        let c =
+            parse_str("// c\n{gateway: {auth: {token: 's',}, http: {endpoints: {chatCompletions: {enabled: true}}}},}")
+                .unwrap();
+        assert_eq!(c.gateway.port, DEFAULT_PORT);
+        assert!(c.gateway.chat_completions);
+        assert_eq!(c.gateway.max_body_bytes, 20_971_520);
+        assert_eq!(c.agents.len(), 1);
+        assert_eq!(c.agents[0].id, "main");
+        assert!(c.implicit_echo);
+        assert_eq!(c.gateway.auth.mode, AuthMode::Token);
+    }
+
+    #[test]
+    fn syntax_error_names_line_and_column() {
+        let e = parse_str("{\n  gateway: {\n    port: ,\n  }\n}").unwrap_err().to_string();
+        assert!(e.starts_with("cfg.json5:3:"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_file_line_col_and_path() {
+        let e = parse_str("{\n gateway: {\n  auth: { mode: 'tokn', token: 'x' }\n }\n}").unwrap_err().to_string();
+        assert!(e.contains("cfg.json5:3:11: `gateway.auth.mode`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_warn() {
+        let c = parse_str("{gateway: {auth: {token: 'x'}, portt: 1}}").unwrap();
+        assert_eq!(c.warnings.len(), 1);
+        assert!(c.warnings[0].contains("gateway.portt"), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn refuses_unsafe_setups() {
+        assert!(parse_str("{gateway: {auth: {mode: 'password'}}}").is_err());
+        assert!(parse_str("{gateway: {bind: 'lan', auth: {mode: 'none'}}}").is_err());
+        assert!(parse_str("{gateway: {auth: {mode: 'none'}}}").is_ok());
+        let e = parse_str("{gateway:{auth:{token:'x'}}, agents: {list: [{id: 'Bad'}]}}").unwrap_err();
+        assert!(e.to_string().contains("agents.list[0].id"), "{e}");
+        let e = parse_str("{gateway:{auth:{token:'x'}}, agents: {list: [{id: 'a'}, {id: 'a'}]}}").unwrap_err();
+        assert!(e.to_string().contains("duplicate"), "{e}");
+        let e = parse_str("{gateway:{auth:{token:'x'}}, agents: {list: [{id: 'a', backend: {kind: 'openai', baseUrl: 'https://x'}}]}}")
+            .unwrap_err();
+        assert!(e.to_string().contains("TLS"), "{e}");
+    }
+
+    #[test]
+    fn password_inferred_and_env_secrets() {
+        let c = parse_str("{gateway: {auth: {password: 'p'}}}").unwrap();
+        assert_eq!(c.gateway.auth.mode, AuthMode::Password);
+        let env = |k: &str| (k == "GATELET_GATEWAY_TOKEN").then(|| "envtok".to_string());
+        let c = parse("{}", None, "/tmp".into(), &Overrides::default(), &env).unwrap();
+        assert_eq!(c.gateway.auth.token.as_deref(), Some("envtok"));
+    }
+
+    #[test]
+    fn port_precedence() {
+        let env = |k: &str| (k == "GATELET_GATEWAY_PORT").then(|| "2000".to_string());
+        let text = "{gateway: {port: 1000, auth: {token: 'x'}}}";
+        let c = parse(text, None, "/tmp".into(), &Overrides::default(), &env).unwrap();
+        assert_eq!(c.gateway.port, 2000);
+        let ov = Overrides { port: Some(3000), ..Default::default() };
+        assert_eq!(parse(text, None, "/tmp".into(), &ov, &env).unwrap().gateway.port, 3000);
+        assert_eq!(parse(text, None, "/tmp".into(), &Overrides::default(), &env_none).unwrap().gateway.port, 1000);
+    }
+
+    #[test]
+    fn agent_defaults_apply() {
+        let c = parse_str(
+            "{gateway:{auth:{token:'x'}}, agents: {defaults: {timeoutSeconds: 5, systemPrompt: 'S', backend: {kind: 'echo', tokenDelayMs: 3}},
+              list: [{id: 'a'}, {id: 'b', default: true, timeoutSeconds: 9, backend: {kind: 'command', argv: ['cat']}}]}}",
+        )
+        .unwrap();
+        assert_eq!(c.default_agent, 1);
+        assert_eq!(c.agents[0].timeout, Duration::from_secs(5));
+        assert_eq!(c.agents[0].system_prompt, "S");
+        assert_eq!(
+            c.agents[0].backend,
+            BackendConfig::Echo { token_delay: Duration::from_millis(3), max_tokens: None }
+        );
+        assert_eq!(c.agents[1].timeout, Duration::from_secs(9));
+        assert!(matches!(c.agents[1].backend, BackendConfig::Command(_)));
+        assert!(!c.implicit_echo);
+    }
+}

@@ -1,0 +1,364 @@
+//! Request head parsing and the framing decision (RFC 9112 §2–§6).
+//!
+//! httparse parses the head; this layer adds the rules httparse leaves to the caller: size limits,
+//! bare-LF rejection, a strict `Content-Length` grammar, `Transfer-Encoding` validation and the
+//! CL/TE conflict. The result is a small owned [`Head`] with only the fields the server uses.
+
+use std::fmt;
+
+/// Most headers accepted in one request.
+pub const MAX_HEADERS: usize = 64;
+/// Largest header section (request line included): beyond → 431.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Longest request target: beyond → 414.
+pub const MAX_TARGET_BYTES: usize = 8 * 1024;
+
+/// How the request body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// No body.
+    None,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// The parsed request head.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Head {
+    /// Method, as sent.
+    pub method: String,
+    /// Request target, as sent (path and query).
+    pub target: String,
+    /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor: u8,
+    /// `Connection: close` (or HTTP/1.0 without `keep-alive`).
+    pub close: bool,
+    /// `Expect: 100-continue`.
+    pub expect_continue: bool,
+    /// `Authorization` value.
+    pub authorization: Option<String>,
+    /// `x-gatelet-agent-id`.
+    pub agent_id: Option<String>,
+    /// `x-gatelet-session-key`.
+    pub session_key: Option<String>,
+    /// `Upgrade` value.
+    pub upgrade: Option<String>,
+    /// `Connection` has the `upgrade` token.
+    pub connection_upgrade: bool,
+    /// `Sec-WebSocket-Key`.
+    pub ws_key: Option<String>,
+    /// `Sec-WebSocket-Version`.
+    pub ws_version: Option<String>,
+    /// Body framing.
+    pub body: Option<BodyFraming>,
+}
+
+impl Head {
+    /// The path without the query string.
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
+    }
+}
+
+/// Why a head was refused. Each variant names one rule; [`HeadError::status`] is the one place
+/// that maps them to HTTP statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadError {
+    /// httparse rejected the syntax (token, header name/value, version, newline).
+    Syntax(&'static str),
+    /// A line ended in LF without CR (RFC 9112 §2.2: we choose to reject).
+    BareLf,
+    /// Request target over [`MAX_TARGET_BYTES`].
+    UriTooLong,
+    /// Header section over [`MAX_HEAD_BYTES`] or more than [`MAX_HEADERS`] headers.
+    HeadersTooLarge,
+    /// HTTP/1.1 without exactly one `Host` (RFC 9112 §3.2).
+    Host,
+    /// `Content-Length` that is not all digits, overflows, or disagrees with another.
+    ContentLength,
+    /// Both `Content-Length` and `Transfer-Encoding` (RFC 9112 §6.3 p.3).
+    LengthAndChunked,
+    /// `Transfer-Encoding` in an HTTP/1.0 request (RFC 9112 §6.1).
+    ChunkedInHttp10,
+    /// `chunked` is not the final coding, or appears twice (RFC 9112 §6.3 p.4).
+    ChunkedNotLast,
+    /// A transfer coding other than `chunked` (RFC 9112 §6.1: 501).
+    UnsupportedCoding,
+}
+
+impl HeadError {
+    /// HTTP status for this error.
+    pub fn status(self) -> u16 {
+        match self {
+            HeadError::UriTooLong => 414,
+            HeadError::HeadersTooLarge => 431,
+            HeadError::UnsupportedCoding => 501,
+            HeadError::Syntax("version") => 505,
+            _ => 400,
+        }
+    }
+}
+
+impl fmt::Display for HeadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = match self {
+            HeadError::Syntax("version") => "unsupported HTTP version",
+            HeadError::Syntax(what) => return write!(f, "malformed request head: invalid {what}"),
+            HeadError::BareLf => "malformed request head: line ends in LF without CR",
+            HeadError::UriTooLong => "request target is longer than 8192 bytes",
+            HeadError::HeadersTooLarge => {
+                "request header section is larger than 16384 bytes or has more than 64 headers"
+            }
+            HeadError::Host => "HTTP/1.1 request needs exactly one Host header",
+            HeadError::ContentLength => "invalid Content-Length",
+            HeadError::LengthAndChunked => "both Content-Length and Transfer-Encoding are present",
+            HeadError::ChunkedInHttp10 => "Transfer-Encoding is not allowed in an HTTP/1.0 request",
+            HeadError::ChunkedNotLast => "chunked must be the final transfer coding, applied once",
+            HeadError::UnsupportedCoding => "only the chunked transfer coding is supported",
+        };
+        f.write_str(m)
+    }
+}
+
+/// Parse a request head from the start of `buf`.
+///
+/// `Ok(None)` means more bytes are needed; `Ok(Some((head, len)))` consumed `len` bytes.
+pub fn parse(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            if buf.len() > MAX_HEAD_BYTES {
+                let line_end = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+                return Err(if line_end > MAX_TARGET_BYTES {
+                    HeadError::UriTooLong
+                } else {
+                    HeadError::HeadersTooLarge
+                });
+            }
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(match e {
+                httparse::Error::TooManyHeaders => HeadError::HeadersTooLarge,
+                httparse::Error::Version => HeadError::Syntax("version"),
+                httparse::Error::HeaderName => HeadError::Syntax("header name"),
+                httparse::Error::HeaderValue => HeadError::Syntax("header value"),
+                httparse::Error::NewLine => HeadError::Syntax("line ending"),
+                httparse::Error::Status => HeadError::Syntax("status"),
+                httparse::Error::Token => HeadError::Syntax("method or target"),
+            });
+        }
+    };
+    let target = req.path.unwrap_or("");
+    if target.len() > MAX_TARGET_BYTES {
+        return Err(HeadError::UriTooLong);
+    }
+    if len > MAX_HEAD_BYTES {
+        return Err(HeadError::HeadersTooLarge);
+    }
+    if buf[..len].iter().enumerate().any(|(i, &b)| b == b'\n' && (i == 0 || buf[i - 1] != b'\r')) {
+        return Err(HeadError::BareLf);
+    }
+    let minor = req.version.unwrap_or(1);
+    let mut h = Head {
+        method: req.method.unwrap_or("").to_string(),
+        target: target.to_string(),
+        minor,
+        close: minor == 0,
+        ..Head::default()
+    };
+    let mut hosts = 0;
+    let mut length: Option<u64> = None;
+    let mut codings: Vec<String> = Vec::new();
+    for hd in req.headers.iter() {
+        let name = hd.name;
+        let value = std::str::from_utf8(hd.value).ok();
+        let eq = |n: &str| name.eq_ignore_ascii_case(n);
+        if eq("host") {
+            hosts += 1;
+        } else if eq("content-length") {
+            for part in hd.value.split(|&b| b == b',') {
+                let n = parse_digits(trim(part)).ok_or(HeadError::ContentLength)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(HeadError::ContentLength);
+                }
+                length = Some(n);
+            }
+        } else if eq("transfer-encoding") {
+            let v = value.ok_or(HeadError::UnsupportedCoding)?;
+            codings.extend(v.split(',').map(|c| c.trim().to_ascii_lowercase()).filter(|c| !c.is_empty()));
+            if v.trim().is_empty() {
+                return Err(HeadError::UnsupportedCoding);
+            }
+        } else if eq("connection") {
+            for t in value.unwrap_or("").split(',').map(str::trim) {
+                if t.eq_ignore_ascii_case("close") {
+                    h.close = true;
+                } else if t.eq_ignore_ascii_case("keep-alive") && minor == 0 {
+                    h.close = false;
+                } else if t.eq_ignore_ascii_case("upgrade") {
+                    h.connection_upgrade = true;
+                }
+            }
+        } else if eq("expect") {
+            h.expect_continue = value.is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
+        } else if eq("authorization") {
+            h.authorization = value.map(str::to_string);
+        } else if eq("x-gatelet-agent-id") {
+            h.agent_id = value.map(|v| v.trim().to_string());
+        } else if eq("x-gatelet-session-key") {
+            h.session_key = Some(String::from_utf8_lossy(hd.value).trim().to_string());
+        } else if eq("upgrade") {
+            h.upgrade = value.map(|v| v.trim().to_string());
+        } else if eq("sec-websocket-key") {
+            h.ws_key = value.map(|v| v.trim().to_string());
+        } else if eq("sec-websocket-version") {
+            h.ws_version = value.map(|v| v.trim().to_string());
+        }
+    }
+    if minor == 1 && hosts != 1 || hosts > 1 {
+        return Err(HeadError::Host);
+    }
+    h.body = Some(if !codings.is_empty() {
+        if length.is_some() {
+            return Err(HeadError::LengthAndChunked);
+        }
+        if minor == 0 {
+            return Err(HeadError::ChunkedInHttp10);
+        }
+        let chunked = codings.iter().filter(|c| *c == "chunked").count();
+        if codings.iter().any(|c| c != "chunked") {
+            if chunked > 0 {
+                return Err(HeadError::ChunkedNotLast);
+            }
+            return Err(HeadError::UnsupportedCoding);
+        }
+        if chunked != 1 {
+            return Err(HeadError::ChunkedNotLast);
+        }
+        BodyFraming::Chunked
+    } else {
+        match length {
+            Some(0) | None => BodyFraming::None,
+            Some(n) => BodyFraming::Length(n),
+        }
+    });
+    Ok(Some((h, len)))
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let s = b.iter().position(|c| !matches!(c, b' ' | b'\t')).unwrap_or(b.len());
+    let e = b.iter().rposition(|c| !matches!(c, b' ' | b'\t')).map_or(s, |i| i + 1);
+    &b[s..e]
+}
+
+/// `1*DIGIT` into a u64, refusing signs, spaces, empty input and overflow (RFC 9110 §8.6).
+pub fn parse_digits(b: &[u8]) -> Option<u64> {
+    if b.is_empty() {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &c in b {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add((c - b'0') as u64)?;
+    }
+    Some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Result<Option<(Head, usize)>, HeadError> {
+        parse(s.as_bytes())
+    }
+
+    fn head(s: &str) -> Head {
+        p(s).unwrap().unwrap().0
+    }
+
+    #[test]
+    fn simple_get_and_partial() {
+        let h = head("GET /health?x=1 HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(h.method, "GET");
+        assert_eq!(h.path(), "/health");
+        assert_eq!(h.body, Some(BodyFraming::None));
+        assert!(!h.close);
+        assert_eq!(p("GET / HTTP/1.1\r\nHost: a\r\n").unwrap(), None);
+    }
+
+    #[test]
+    fn framing_table() {
+        let cases: &[(&str, Result<BodyFraming, HeadError>)] = &[
+            ("Content-Length: 5", Ok(BodyFraming::Length(5))),
+            ("Content-Length: 5\r\nContent-Length: 5", Ok(BodyFraming::Length(5))),
+            ("Content-Length: 5, 5", Ok(BodyFraming::Length(5))),
+            ("Content-Length: +5", Err(HeadError::ContentLength)),
+            ("Content-Length: -1", Err(HeadError::ContentLength)),
+            ("Content-Length: 1,2", Err(HeadError::ContentLength)),
+            ("Content-Length: 5\r\nContent-Length: 6", Err(HeadError::ContentLength)),
+            ("Content-Length: 0x10", Err(HeadError::ContentLength)),
+            ("Content-Length: 99999999999999999999", Err(HeadError::ContentLength)),
+            ("Content-Length:", Err(HeadError::ContentLength)),
+            ("Transfer-Encoding: chunked", Ok(BodyFraming::Chunked)),
+            ("Transfer-Encoding: CHUNKED", Ok(BodyFraming::Chunked)),
+            ("Transfer-Encoding: chunked\r\nContent-Length: 3", Err(HeadError::LengthAndChunked)),
+            ("Transfer-Encoding: gzip, chunked", Err(HeadError::ChunkedNotLast)),
+            ("Transfer-Encoding: chunked, gzip", Err(HeadError::ChunkedNotLast)),
+            ("Transfer-Encoding: chunked, chunked", Err(HeadError::ChunkedNotLast)),
+            ("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked", Err(HeadError::ChunkedNotLast)),
+            ("Transfer-Encoding: gzip", Err(HeadError::UnsupportedCoding)),
+            ("Transfer-Encoding: identity", Err(HeadError::UnsupportedCoding)),
+            ("Transfer-Encoding: chunkedx", Err(HeadError::UnsupportedCoding)),
+        ];
+        for (hdrs, want) in cases {
+            let req = format!("POST / HTTP/1.1\r\nHost: a\r\n{hdrs}\r\n\r\n");
+            let got = p(&req).map(|o| o.unwrap().0.body.unwrap());
+            assert_eq!(&got, want, "{hdrs}");
+        }
+    }
+
+    #[test]
+    fn smuggling_shapes_rejected() {
+        assert_eq!(
+            p("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n"),
+            Err(HeadError::Syntax("header name"))
+        );
+        assert_eq!(p("GET / HTTP/1.1\nHost: a\n\n"), Err(HeadError::BareLf));
+        assert_eq!(p("GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n"), Err(HeadError::Syntax("header value")));
+        assert_eq!(p("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"), Err(HeadError::ChunkedInHttp10));
+        assert_eq!(p("GET / HTTP/1.1\r\n\r\n"), Err(HeadError::Host));
+        assert_eq!(p("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), Err(HeadError::Host));
+        assert_eq!(p("GET / HTTP/1.2\r\nHost: a\r\n\r\n").map_err(|e| e.status()), Err(505));
+    }
+
+    #[test]
+    fn limits() {
+        let long = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(MAX_TARGET_BYTES));
+        assert_eq!(p(&long), Err(HeadError::UriTooLong));
+        let partial_long = format!("GET /{}", "a".repeat(MAX_HEAD_BYTES + 10));
+        assert_eq!(p(&partial_long), Err(HeadError::UriTooLong));
+        let big = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "b".repeat(MAX_HEAD_BYTES));
+        assert_eq!(p(&big), Err(HeadError::HeadersTooLarge));
+        let many: String = (0..MAX_HEADERS + 1).map(|i| format!("X{i}: v\r\n")).collect();
+        assert_eq!(p(&format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n")), Err(HeadError::HeadersTooLarge));
+    }
+
+    #[test]
+    fn connection_semantics() {
+        assert!(head("GET / HTTP/1.0\r\n\r\n").close);
+        assert!(!head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").close);
+        assert!(head("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").close);
+        let h = head("POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n");
+        assert!(h.expect_continue);
+        let h = head("GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n");
+        assert!(h.connection_upgrade);
+        assert_eq!(h.upgrade.as_deref(), Some("websocket"));
+    }
+}

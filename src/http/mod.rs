@@ -1,0 +1,5 @@
+//! HTTP/1.1 codecs: request head and framing, chunked bodies, responses.
+
+pub mod chunked;
+pub mod head;
+pub mod response;

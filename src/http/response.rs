@@ -1,0 +1,191 @@
+//! Response encoding: status line, headers, cached `Date`, bodies and chunked framing.
+
+use std::cell::RefCell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::util::{push_decimal, push_hex};
+
+/// Reason phrase for the statuses gatelet sends.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        101 => "Switching Protocols",
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        426 => "Upgrade Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Unknown",
+    }
+}
+
+struct CachedDate {
+    secs: u64,
+    text: [u8; 29],
+}
+
+thread_local! {
+    static DATE: RefCell<CachedDate> = const { RefCell::new(CachedDate { secs: u64::MAX, text: [0; 29] }) };
+}
+
+/// Append the IMF-fixdate for now, re-rendered at most once a second per thread.
+pub fn push_date(out: &mut Vec<u8>) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.secs != now {
+            d.secs = now;
+            d.text = imf_fixdate(now);
+        }
+        out.extend_from_slice(&d.text);
+    });
+}
+
+/// `Sun, 06 Nov 1994 08:49:37 GMT` for a Unix time (RFC 9110 §5.6.7).
+pub fn imf_fixdate(secs: u64) -> [u8; 29] {
+    let days = secs / 86400;
+    let rem = secs % 86400;
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    let wday = ((days + 4) % 7) as usize; // 1970-01-01 was a Thursday
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const WD: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+    const MO: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let text =
+        format!("{}, {:02} {} {:04} {:02}:{:02}:{:02} GMT", WD[wday], day, MO[(month - 1) as usize], year, h, m, s);
+    let mut out = [b' '; 29];
+    let n = text.len().min(29);
+    out[..n].copy_from_slice(&text.as_bytes()[..n]);
+    out
+}
+
+/// A complete response with an in-memory body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Extra headers (Date, Content-Length and Connection are added when encoding).
+    pub headers: Vec<(&'static str, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+    /// Close the connection after this response.
+    pub close: bool,
+}
+
+impl Response {
+    /// A JSON response.
+    pub fn json(status: u16, body: Vec<u8>) -> Self {
+        Response { status, headers: vec![("Content-Type", "application/json".into())], body, close: false }
+    }
+
+    /// Add a header.
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// Encode into `out`. `head_only` omits the body (HEAD); `minor` is the request's HTTP minor
+    /// version; `close` is the final decision on persistence.
+    pub fn encode(&self, out: &mut Vec<u8>, head_only: bool, close: bool) {
+        push_status_line(out, self.status);
+        for (k, v) in &self.headers {
+            push_header(out, k, v.as_bytes());
+        }
+        out.extend_from_slice(b"Content-Length: ");
+        push_decimal(out, self.body.len() as u64);
+        out.extend_from_slice(if close { b"\r\nConnection: close\r\n\r\n" } else { b"\r\n\r\n" });
+        if !head_only {
+            out.extend_from_slice(&self.body);
+        }
+    }
+}
+
+/// `HTTP/1.1 <status> <reason>\r\nDate: …\r\n`.
+pub fn push_status_line(out: &mut Vec<u8>, status: u16) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_decimal(out, status as u64);
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(b"\r\nDate: ");
+    push_date(out);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `name: value\r\n`.
+pub fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Frame `data` as one chunk (`<hex>\r\n<data>\r\n`); empty data is skipped because a zero-size
+/// chunk would end the body.
+pub fn push_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    push_hex(out, data.len() as u64);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The last chunk of a chunked body.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(&imf_fixdate(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(&imf_fixdate(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(&imf_fixdate(1_709_210_096), b"Thu, 29 Feb 2024 12:34:56 GMT");
+    }
+
+    #[test]
+    fn encodes_response() {
+        let mut out = Vec::new();
+        Response::json(404, b"{}".to_vec()).header("X-A", "b").encode(&mut out, false, true);
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("HTTP/1.1 404 Not Found\r\nDate: "), "{s}");
+        assert!(
+            s.ends_with("Content-Type: application/json\r\nX-A: b\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"),
+            "{s}"
+        );
+        let mut out = Vec::new();
+        Response::json(200, b"{}".to_vec()).encode(&mut out, true, false);
+        assert!(out.ends_with(b"Content-Length: 2\r\n\r\n"));
+    }
+
+    #[test]
+    fn chunks() {
+        let mut out = Vec::new();
+        push_chunk(&mut out, b"hello world, this is 26 b!");
+        push_chunk(&mut out, b"");
+        out.extend_from_slice(LAST_CHUNK);
+        assert_eq!(out, b"1a\r\nhello world, this is 26 b!\r\n0\r\n\r\n");
+    }
+}

@@ -1,0 +1,24 @@
+//! gatelet: a small-footprint agent gateway.
+//!
+//! One binary serves HTTP/1.1 and WebSocket on one port and exposes an OpenAI-compatible
+//! `POST /v1/chat/completions` endpoint whose requests run as agent runs on a worker pool.
+//! Protocol layers (`http`, `ws`, `sse`) are pure byte-in/byte-out codecs; `server` is the thin
+//! mio shell that moves bytes between sockets, codecs and workers.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms, unused_must_use)]
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod gateway;
+pub mod http;
+pub mod log;
+pub mod openai;
+pub mod server;
+pub mod session;
+pub mod sse;
+pub mod util;
+pub mod ws;

@@ -1,0 +1,459 @@
+//! `POST /v1/chat/completions`: request parsing and validation, agent and session resolution,
+//! the non-streaming body and the streaming chunk encoder (SPEC §5).
+
+use serde_json::{Value, json};
+
+use super::ApiError;
+use crate::agent::run::RunRequest;
+use crate::agent::{ChatMessage, FinishReason, Role, RunOptions, Usage};
+use crate::gateway::Gateway;
+
+/// A validated chat completion request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRequest {
+    /// `model`, as sent.
+    pub model: Option<String>,
+    /// System and developer message texts, in order.
+    pub system: Vec<String>,
+    /// The other messages.
+    pub messages: Vec<ChatMessage>,
+    /// `stream`.
+    pub stream: bool,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// `user`.
+    pub user: Option<String>,
+    /// Sampling options.
+    pub options: RunOptions,
+}
+
+fn opt<'a>(o: &'a serde_json::Map<String, Value>, k: &str) -> Option<&'a Value> {
+    o.get(k).filter(|v| !v.is_null())
+}
+
+fn content_text(v: Option<&Value>, param: &str) -> Result<String, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut out = String::new();
+            for (i, p) in parts.iter().enumerate() {
+                let ty = p.get("type").and_then(Value::as_str);
+                match ty {
+                    Some("text" | "input_text") => match p.get("text").and_then(Value::as_str) {
+                        Some(t) => out.push_str(t),
+                        None => {
+                            return Err(ApiError::invalid_value(
+                                format!("{param}[{i}].text"),
+                                "text part needs a string `text`",
+                            ));
+                        }
+                    },
+                    Some(_) => {}
+                    None => {
+                        return Err(ApiError::invalid_value(
+                            format!("{param}[{i}].type"),
+                            "content part needs a string `type`",
+                        ));
+                    }
+                }
+            }
+            Ok(out)
+        }
+        Some(_) => Err(ApiError::invalid_value(param, "content must be a string, null, or an array of content parts")),
+    }
+}
+
+/// Parse and validate a request body.
+pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid(400, "invalid_json", format!("We could not parse the JSON body of your request: {e}"))
+    })?;
+    let Value::Object(o) = v else {
+        return Err(ApiError::invalid(400, "invalid_json", "The request body must be a JSON object"));
+    };
+    let model = match opt(&o, "model") {
+        None => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(ApiError::invalid_value("model", "`model` must be a string")),
+    };
+    let msgs = match opt(&o, "messages") {
+        Some(Value::Array(a)) if !a.is_empty() => a,
+        Some(Value::Array(_)) => {
+            let mut e = ApiError::invalid(400, "missing_messages", "`messages` must be a non-empty array");
+            e.param = Some("messages".into());
+            return Err(e);
+        }
+        Some(_) => return Err(ApiError::invalid_value("messages", "`messages` must be an array of messages")),
+        None => {
+            let mut e = ApiError::invalid(400, "missing_messages", "Missing required parameter: `messages`");
+            e.param = Some("messages".into());
+            return Err(e);
+        }
+    };
+    let mut system = Vec::new();
+    let mut messages = Vec::new();
+    for (i, m) in msgs.iter().enumerate() {
+        let Some(mo) = m.as_object() else {
+            return Err(ApiError::invalid_value(format!("messages[{i}]"), "each message must be an object"));
+        };
+        let role = match mo.get("role").and_then(Value::as_str) {
+            Some("system" | "developer") => Role::System,
+            Some("user") => Role::User,
+            Some("assistant") => Role::Assistant,
+            Some("tool" | "function") => Role::Tool,
+            Some(r) => {
+                return Err(ApiError::invalid_value(
+                    format!("messages[{i}].role"),
+                    format!("unknown role {r:?}: expected system, developer, user, assistant or tool"),
+                ));
+            }
+            None => {
+                return Err(ApiError::invalid_value(
+                    format!("messages[{i}].role"),
+                    "each message needs a string `role`",
+                ));
+            }
+        };
+        let text = content_text(mo.get("content"), &format!("messages[{i}].content"))?;
+        if role == Role::System {
+            system.push(text);
+        } else {
+            messages.push(ChatMessage { role, content: text });
+        }
+    }
+    let stream = match opt(&o, "stream") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::invalid_value("stream", "`stream` must be a boolean")),
+    };
+    let include_usage = match opt(&o, "stream_options") {
+        None => false,
+        Some(Value::Object(so)) => match opt(so, "include_usage") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(ApiError::invalid_value("stream_options.include_usage", "must be a boolean")),
+        },
+        Some(_) => return Err(ApiError::invalid_value("stream_options", "`stream_options` must be an object")),
+    };
+    let user = match opt(&o, "user") {
+        None => None,
+        Some(Value::String(s)) => Some(s.clone()).filter(|s| !s.is_empty()),
+        Some(_) => return Err(ApiError::invalid_value("user", "`user` must be a string")),
+    };
+    let uint = |k: &str| -> Result<Option<u64>, ApiError> {
+        match opt(&o, k) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| ApiError::invalid_value(k, format!("`{k}` must be a non-negative integer"))),
+        }
+    };
+    let max_tokens = match uint("max_completion_tokens")? {
+        Some(n) => Some(n),
+        None => uint("max_tokens")?,
+    };
+    let num = |k: &str, lo: f64, hi: f64| -> Result<Option<f64>, ApiError> {
+        match opt(&o, k) {
+            None => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if (lo..=hi).contains(&x) => Ok(Some(x)),
+                _ => Err(ApiError::invalid_value(k, format!("`{k}` must be a number from {lo} to {hi}"))),
+            },
+        }
+    };
+    let temperature = num("temperature", 0.0, 2.0)?;
+    let top_p = num("top_p", 0.0, 1.0)?;
+    let stop = match opt(&o, "stop") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if a.len() <= 4 && a.iter().all(Value::is_string) => {
+            a.iter().filter_map(|s| s.as_str().map(String::from)).collect()
+        }
+        Some(_) => {
+            return Err(ApiError::invalid_value("stop", "`stop` must be a string or an array of up to 4 strings"));
+        }
+    };
+    if let Some(n) = opt(&o, "n") {
+        if n.as_u64() != Some(1) {
+            return Err(ApiError::invalid_value("n", "agent runs produce exactly one choice: `n` must be 1"));
+        }
+    }
+    Ok(ChatRequest {
+        model,
+        system,
+        messages,
+        stream,
+        include_usage,
+        user,
+        options: RunOptions { max_tokens, temperature, top_p, stop },
+    })
+}
+
+fn unknown_model(model: &str) -> ApiError {
+    ApiError::invalid(
+        404,
+        "model_not_found",
+        format!(
+            "The model `{model}` does not exist. Use `gatelet` or `gatelet/default` for the default agent, or \
+             `gatelet/<agentId>`, `gatelet:<agentId>`, `agent:<agentId>` or a bare agent id (see GET /v1/models)"
+        ),
+    )
+}
+
+fn no_agent(id: &str) -> ApiError {
+    ApiError::invalid(404, "model_not_found", format!("No agent `{id}` is configured (see GET /v1/models)"))
+}
+
+/// Pick the agent: `x-gatelet-agent-id` header > `model` > the default agent (SPEC §5).
+pub fn resolve_agent(gw: &Gateway, header: Option<&str>, model: Option<&str>) -> Result<usize, ApiError> {
+    if let Some(h) = header.filter(|h| !h.is_empty()) {
+        return gw.agent_index(h).ok_or_else(|| no_agent(h));
+    }
+    let Some(model) = model.map(str::trim).filter(|m| !m.is_empty()) else { return Ok(gw.default_agent()) };
+    let lower = model.to_ascii_lowercase();
+    if lower == "gatelet" || lower == "gatelet/default" {
+        return Ok(gw.default_agent());
+    }
+    for prefix in ["gatelet/", "gatelet:", "agent:"] {
+        if let Some(id) = lower.strip_prefix(prefix) {
+            return gw.agent_index(id).ok_or_else(|| no_agent(id));
+        }
+    }
+    gw.agent_index(&lower).ok_or_else(|| unknown_model(model))
+}
+
+/// The session key for a request (SPEC §5) and whether it is sticky.
+pub fn session_key(agent_id: &str, header: Option<&str>, user: Option<&str>) -> Result<(String, bool), ApiError> {
+    if let Some(k) = header.filter(|k| !k.is_empty()) {
+        if k.len() > 256 || !k.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err(ApiError::invalid_value(
+                "x-gatelet-session-key",
+                "x-gatelet-session-key must be at most 256 printable ASCII characters",
+            ));
+        }
+        let prefix = format!("agent:{agent_id}:");
+        let key = if k.starts_with(&prefix) { k.to_string() } else { format!("{prefix}{k}") };
+        return Ok((key, true));
+    }
+    if let Some(u) = user {
+        return Ok((format!("agent:{agent_id}:openai-user:{u}"), true));
+    }
+    Ok((format!("agent:{agent_id}:openai:{}", crate::util::random_hex(24)), false))
+}
+
+/// Turn a validated request into a run request.
+pub fn to_run(
+    gw: &Gateway,
+    req: &ChatRequest,
+    agent_header: Option<&str>,
+    session_header: Option<&str>,
+) -> Result<RunRequest, ApiError> {
+    let agent = resolve_agent(gw, agent_header, req.model.as_deref())?;
+    let (session_key, sticky) = session_key(&gw.agents[agent].cfg.id, session_header, req.user.as_deref())?;
+    Ok(RunRequest {
+        run_id: format!("chatcmpl-{}", crate::util::random_hex(24)),
+        agent,
+        session_key,
+        sticky,
+        extra_system: req.system.clone(),
+        messages: req.messages.clone(),
+        options: req.options.clone(),
+        timeout: None,
+    })
+}
+
+/// The `model` echoed in responses: the request's, else the agent target.
+pub fn echo_model(req: &ChatRequest, agent_id: &str) -> String {
+    req.model.clone().unwrap_or_else(|| format!("gatelet/{agent_id}"))
+}
+
+fn usage_json(u: Usage) -> Value {
+    json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total() })
+}
+
+/// The non-streaming `chat.completion` body.
+pub fn completion_body(id: &str, created: u64, model: &str, text: &str, finish: FinishReason, usage: Usage) -> Vec<u8> {
+    let v = json!({
+        "id": id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": text },
+                      "logprobs": null, "finish_reason": finish.as_str() }],
+        "usage": usage_json(usage),
+    });
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+/// Builds the `data: …\n\n` records of one stream. Every chunk shares one prefix
+/// (`id`, `object`, `created`, `model`), rendered once.
+#[derive(Debug, Clone)]
+pub struct ChunkEncoder {
+    prefix: Vec<u8>,
+    include_usage: bool,
+}
+
+impl ChunkEncoder {
+    /// An encoder for one stream.
+    pub fn new(id: &str, created: u64, model: &str, include_usage: bool) -> Self {
+        let mut prefix = b"data: {\"id\":".to_vec();
+        let _ = serde_json::to_writer(&mut prefix, id);
+        prefix.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
+        crate::util::push_decimal(&mut prefix, created);
+        prefix.extend_from_slice(b",\"model\":");
+        let _ = serde_json::to_writer(&mut prefix, model);
+        prefix.extend_from_slice(b",\"choices\":");
+        ChunkEncoder { prefix, include_usage }
+    }
+
+    fn choice(&self, out: &mut Vec<u8>, delta: &[u8], text: Option<&str>, finish: Option<FinishReason>) {
+        out.extend_from_slice(&self.prefix);
+        out.extend_from_slice(b"[{\"index\":0,\"delta\":");
+        out.extend_from_slice(delta);
+        if let Some(t) = text {
+            let _ = serde_json::to_writer(&mut *out, t);
+            out.push(b'}');
+        }
+        out.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":");
+        match finish {
+            Some(f) => {
+                out.push(b'"');
+                out.extend_from_slice(f.as_str().as_bytes());
+                out.push(b'"');
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(if self.include_usage { b"}],\"usage\":null}\n\n" } else { b"}]}\n\n" });
+    }
+
+    /// `delta: {"role":"assistant","content":""}`.
+    pub fn role(&self, out: &mut Vec<u8>) {
+        self.choice(out, b"{\"role\":\"assistant\",\"content\":\"\"}", None, None);
+    }
+
+    /// `delta: {"content": text}`.
+    pub fn content(&self, out: &mut Vec<u8>, text: &str) {
+        self.choice(out, b"{\"content\":", Some(text), None);
+    }
+
+    /// `delta: {}` with the finish reason.
+    pub fn stop(&self, out: &mut Vec<u8>, finish: FinishReason) {
+        self.choice(out, b"{}", None, Some(finish));
+    }
+
+    /// The usage chunk (only when `include_usage`).
+    pub fn usage(&self, out: &mut Vec<u8>, usage: Usage) {
+        if !self.include_usage {
+            return;
+        }
+        out.extend_from_slice(&self.prefix);
+        out.extend_from_slice(b"[],\"usage\":");
+        let _ = serde_json::to_writer(&mut *out, &usage_json(usage));
+        out.extend_from_slice(b"}\n\n");
+    }
+
+    /// `data: [DONE]`.
+    pub fn done(out: &mut Vec<u8>) {
+        out.extend_from_slice(b"data: [DONE]\n\n");
+    }
+
+    /// The mid-stream error record.
+    pub fn error(out: &mut Vec<u8>, err: &ApiError) {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(&err.body());
+        out.extend_from_slice(b"\n\n");
+    }
+
+    /// The heartbeat comment.
+    pub const KEEPALIVE: &'static [u8] = b": keep-alive\n\n";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(rec: &[u8]) -> Value {
+        let s = std::str::from_utf8(rec).unwrap();
+        assert!(s.starts_with("data: ") && s.ends_with("\n\n"), "{s:?}");
+        serde_json::from_str(&s[6..s.len() - 2]).unwrap()
+    }
+
+    #[test]
+    fn parses_lenient_shapes() {
+        let r = parse(
+            br#"{"model":"gatelet","messages":[{"role":"developer","content":[{"type":"text","text":"be "},{"type":"input_text","text":"brief"},{"type":"image_url","image_url":{}}]},{"role":"user","content":"hi"},{"role":"assistant","content":null},{"role":"function","name":"f","content":"x"}],"stream":null,"temperature":null,"max_tokens":7,"max_completion_tokens":5,"foo":1}"#,
+        )
+        .unwrap();
+        assert_eq!(r.system, vec!["be brief"]);
+        assert_eq!(r.messages.len(), 3);
+        assert_eq!(r.messages[2].role, Role::Tool);
+        assert!(!r.stream);
+        assert_eq!(r.options.max_tokens, Some(5));
+    }
+
+    #[test]
+    fn rejects_bad_requests_with_params() {
+        let cases: &[(&str, &str, Option<&str>)] = &[
+            ("{", "invalid_json", None),
+            ("[]", "invalid_json", None),
+            ("{}", "missing_messages", Some("messages")),
+            (r#"{"messages":[]}"#, "missing_messages", Some("messages")),
+            (r#"{"messages":"hi"}"#, "invalid_value", Some("messages")),
+            (r#"{"messages":[{"role":"wizard","content":"x"}]}"#, "invalid_value", Some("messages[0].role")),
+            (r#"{"messages":[{"content":"x"}]}"#, "invalid_value", Some("messages[0].role")),
+            (r#"{"messages":[{"role":"user","content":5}]}"#, "invalid_value", Some("messages[0].content")),
+            (r#"{"messages":[{"role":"user","content":"x"}],"stream":"yes"}"#, "invalid_value", Some("stream")),
+            (r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#, "invalid_value", Some("max_tokens")),
+            (r#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#, "invalid_value", Some("temperature")),
+            (r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#, "invalid_value", Some("n")),
+            (r#"{"messages":[{"role":"user","content":"x"}],"model":5}"#, "invalid_value", Some("model")),
+        ];
+        for (body, code, param) in cases {
+            let e = parse(body.as_bytes()).unwrap_err();
+            assert_eq!(e.status, 400, "{body}");
+            assert_eq!(e.code, Some(*code), "{body}");
+            assert_eq!(e.param.as_deref(), *param, "{body}");
+        }
+    }
+
+    #[test]
+    fn session_keys() {
+        assert_eq!(session_key("main", Some("abc"), Some("u")).unwrap(), ("agent:main:abc".into(), true));
+        assert_eq!(session_key("main", Some("agent:main:abc"), None).unwrap(), ("agent:main:abc".into(), true));
+        assert_eq!(session_key("main", None, Some("bob")).unwrap(), ("agent:main:openai-user:bob".into(), true));
+        let (k, sticky) = session_key("main", None, None).unwrap();
+        assert!(k.starts_with("agent:main:openai:") && !sticky);
+        assert_ne!(k, session_key("main", None, None).unwrap().0);
+        assert!(session_key("main", Some(&"x".repeat(257)), None).is_err());
+        assert!(session_key("main", Some("tab\there"), None).is_err());
+    }
+
+    #[test]
+    fn chunk_records_are_valid_json() {
+        let enc = ChunkEncoder::new("chatcmpl-1", 7, "m\"x", true);
+        let mut out = Vec::new();
+        enc.role(&mut out);
+        let v = data(&out);
+        assert_eq!(v["choices"][0]["delta"], json!({"role":"assistant","content":""}));
+        assert_eq!(v["usage"], Value::Null);
+        assert_eq!(v["model"], "m\"x");
+        out.clear();
+        enc.content(&mut out, "a \"q\"\n");
+        assert_eq!(data(&out)["choices"][0]["delta"]["content"], "a \"q\"\n");
+        out.clear();
+        enc.stop(&mut out, FinishReason::Length);
+        assert_eq!(data(&out)["choices"][0]["finish_reason"], "length");
+        out.clear();
+        enc.usage(&mut out, Usage { prompt_tokens: 2, completion_tokens: 3 });
+        let v = data(&out);
+        assert_eq!(v["choices"], json!([]));
+        assert_eq!(v["usage"]["total_tokens"], 5);
+        // Without include_usage no usage key appears at all.
+        let enc = ChunkEncoder::new("c", 1, "m", false);
+        out.clear();
+        enc.stop(&mut out, FinishReason::Stop);
+        assert!(data(&out).get("usage").is_none());
+        out.clear();
+        enc.usage(&mut out, Usage::default());
+        assert!(out.is_empty());
+    }
+}

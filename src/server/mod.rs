@@ -1,0 +1,694 @@
+//! The mio event loop: accepts connections, moves bytes between sockets and the HTTP codecs,
+//! fires timers and hands runs to the worker pool.
+//!
+//! mio is edge-triggered: after a readiness event we read or write until `WouldBlock`, and
+//! spurious events are harmless. A streaming run *owns* its connection's socket while it runs;
+//! the loop then only watches a duplicate of the descriptor for hang-up (to cancel the run) and
+//! takes the socket back through a channel and a [`Waker`] when the run ends.
+
+pub mod handler;
+pub mod stream;
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::agent::CancelToken;
+use crate::gateway::Gateway;
+use crate::http::chunked::{ChunkError, ChunkedDecoder};
+use crate::http::head::{self, BodyFraming, Head};
+use crate::http::response::Response;
+use crate::openai::{ApiError, chat};
+use crate::ws;
+use handler::HeadAction;
+use stream::ChatJob;
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+/// Pipelined bytes buffered while a run is in flight; the rest waits in the kernel.
+const READ_CAP: usize = 64 * 1024;
+/// How long a connection may take to read its final response before it is dropped.
+const LINGER: Duration = Duration::from_secs(10);
+
+/// A message from a worker (or a WebSocket run) back to the loop.
+#[derive(Debug)]
+pub enum Done {
+    /// A non-streaming run finished: write this (or close, when `None`).
+    Respond {
+        /// Connection slot.
+        slot: usize,
+        /// Connection id (slots are reused).
+        id: u64,
+        /// The response, `None` when the client is gone.
+        resp: Option<Response>,
+        /// HEAD request.
+        head_only: bool,
+        /// Close after writing.
+        close: bool,
+    },
+    /// A streaming run gives its socket back.
+    Return {
+        /// Connection slot.
+        slot: usize,
+        /// Connection id.
+        id: u64,
+        /// The socket, when it can be reused.
+        stream: Option<std::net::TcpStream>,
+    },
+    /// Bytes for a WebSocket connection.
+    Ws {
+        /// Connection slot.
+        slot: usize,
+        /// Connection id.
+        id: u64,
+        /// What to send.
+        msg: ws::Outgoing,
+    },
+}
+
+/// How workers reach the loop.
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    tx: Sender<Done>,
+    waker: Arc<Waker>,
+}
+
+impl Notifier {
+    /// Send `d` and wake the loop.
+    pub fn send(&self, d: Done) {
+        if self.tx.send(d).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// Sends a message when dropped unless disarmed: a panicking job still releases its connection.
+struct ReturnGuard {
+    notifier: Notifier,
+    slot: usize,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for ReturnGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.notifier.send(Done::Return { slot: self.slot, id: self.id, stream: None });
+        }
+    }
+}
+
+enum BodyReader {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+}
+
+enum Phase {
+    /// Waiting for the first byte of a request.
+    Idle,
+    /// Part of a head has arrived.
+    Head,
+    /// Reading a request body.
+    Body { head: Box<Head>, reader: BodyReader, body: Vec<u8> },
+    /// A non-streaming run is in flight.
+    Running,
+    /// A streaming run owns the socket.
+    Lent,
+    /// A WebSocket session.
+    Ws(Box<ws::Session>),
+    /// Flush what is queued, then close.
+    Closing,
+}
+
+struct Conn {
+    id: u64,
+    stream: Option<TcpStream>,
+    /// Duplicate descriptor watched for hang-up while the socket is lent.
+    watcher: Option<TcpStream>,
+    peer: SocketAddr,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    phase: Phase,
+    deadline: Option<Instant>,
+    eof: bool,
+    cancel: Option<CancelToken>,
+}
+
+/// The listening gateway.
+pub struct Server {
+    poll: Poll,
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    live: usize,
+    next_id: u64,
+    notifier: Notifier,
+    rx: Receiver<Done>,
+    scratch: Vec<u8>,
+    accept_paused: bool,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Server({} connections)", self.live)
+    }
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+fn interrupted(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Interrupted
+}
+
+impl Server {
+    /// Bind the configured address.
+    pub fn bind(gw: Arc<Gateway>) -> io::Result<Server> {
+        let addr = SocketAddr::new(gw.config.gateway.bind, gw.config.gateway.port);
+        let mut listener = TcpListener::bind(addr)?;
+        let poll = Poll::new()?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, rx) = channel();
+        Ok(Server {
+            poll,
+            listener,
+            gw,
+            conns: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            next_id: 1,
+            notifier: Notifier { tx, waker },
+            rx,
+            scratch: vec![0; 16 * 1024],
+            accept_paused: false,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Run the loop forever.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let mut last_sweep = Instant::now();
+        self.gw.set_ready(true);
+        loop {
+            let timeout = if self.live > 0 { Some(Duration::from_millis(250)) } else { None };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if interrupted(&e) {
+                    continue;
+                }
+                return Err(e);
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept_all(),
+                    WAKER => {}
+                    Token(t) => self.on_event(t - 2, ev.is_read_closed() || ev.is_error()),
+                }
+            }
+            while let Ok(d) = self.rx.try_recv() {
+                self.on_done(d);
+            }
+            if last_sweep.elapsed() >= Duration::from_millis(250) {
+                last_sweep = Instant::now();
+                self.sweep(last_sweep);
+            }
+        }
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            if self.live >= self.gw.config.gateway.max_connections {
+                // Leave the rest in the backlog until a connection closes.
+                self.accept_paused = true;
+                return;
+            }
+            match self.listener.accept() {
+                Ok((mut stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let slot = self.free.pop().unwrap_or_else(|| {
+                        self.conns.push(None);
+                        self.conns.len() - 1
+                    });
+                    let token = Token(slot + 2);
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                        .is_err()
+                    {
+                        self.free.push(slot);
+                        continue;
+                    }
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    self.live += 1;
+                    self.conns[slot] = Some(Conn {
+                        id,
+                        stream: Some(stream),
+                        watcher: None,
+                        peer,
+                        rbuf: Vec::new(),
+                        wbuf: Vec::new(),
+                        phase: Phase::Idle,
+                        deadline: Some(Instant::now() + self.gw.config.gateway.idle_timeout),
+                        eof: false,
+                        cancel: None,
+                    });
+                    crate::log!(Trace, "accepted {peer} as #{id}");
+                }
+                Err(e) if would_block(&e) => {
+                    self.accept_paused = false;
+                    return;
+                }
+                Err(e) if interrupted(&e) => {}
+                Err(e) => {
+                    // EMFILE and friends: back off until a connection closes.
+                    crate::log!(Warn, "accept failed: {e}");
+                    self.accept_paused = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, slot: usize, hangup: bool) {
+        let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
+        if matches!(conn.phase, Phase::Lent) {
+            if hangup {
+                if let Some(c) = &conn.cancel {
+                    c.cancel();
+                }
+            }
+            return;
+        }
+        if hangup && matches!(conn.phase, Phase::Running) {
+            conn.eof = true;
+        }
+        self.drive(slot);
+    }
+
+    /// Read, process, write, and close if finished.
+    fn drive(&mut self, slot: usize) {
+        let gw = self.gw.clone();
+        let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
+        let mut ctx = Ctx { gw: &gw, slot, notifier: &self.notifier, registry: self.poll.registry() };
+        loop {
+            let Some(stream) = conn.stream.as_mut() else { break };
+            let reading = !conn.eof
+                && !matches!(conn.phase, Phase::Closing)
+                && (conn.rbuf.len() < READ_CAP || matches!(conn.phase, Phase::Idle | Phase::Head | Phase::Body { .. }));
+            let mut progressed = false;
+            if reading {
+                match stream.read(&mut self.scratch) {
+                    Ok(0) => conn.eof = true,
+                    Ok(n) => {
+                        conn.rbuf.extend_from_slice(&self.scratch[..n]);
+                        progressed = true;
+                    }
+                    Err(e) if would_block(&e) => {}
+                    Err(e) if interrupted(&e) => progressed = true,
+                    Err(_) => conn.eof = true,
+                }
+            }
+            process(conn, &mut ctx);
+            if !progressed {
+                break;
+            }
+        }
+        if conn.eof {
+            match conn.phase {
+                Phase::Running => {
+                    if let Some(c) = &conn.cancel {
+                        c.cancel();
+                    }
+                }
+                Phase::Lent => {}
+                Phase::Ws(ref mut s) => {
+                    s.on_eof();
+                    conn.phase = Phase::Closing;
+                }
+                _ => {
+                    // The peer is done sending; nothing more can arrive, so finish what is queued.
+                    conn.phase = Phase::Closing;
+                }
+            }
+        }
+        let close = flush(conn);
+        if close {
+            self.close(slot);
+        }
+    }
+
+    fn on_done(&mut self, d: Done) {
+        let (slot, id) = match &d {
+            Done::Respond { slot, id, .. } | Done::Return { slot, id, .. } | Done::Ws { slot, id, .. } => (*slot, *id),
+        };
+        let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
+        if conn.id != id {
+            return;
+        }
+        match d {
+            Done::Respond { resp, head_only, close, .. } => {
+                conn.cancel = None;
+                match resp {
+                    Some(r) if !conn.eof => {
+                        r.encode(&mut conn.wbuf, head_only, close);
+                        finish_exchange(conn, close, &self.gw);
+                    }
+                    _ => conn.phase = Phase::Closing,
+                }
+                self.drive(slot);
+            }
+            Done::Return { stream, .. } => {
+                conn.cancel = None;
+                if let Some(mut w) = conn.watcher.take() {
+                    let _ = self.poll.registry().deregister(&mut w);
+                }
+                let Some(std) = stream else { return self.close(slot) };
+                if std.set_nonblocking(true).is_err() {
+                    return self.close(slot);
+                }
+                let mut s = TcpStream::from_std(std);
+                let token = Token(slot + 2);
+                if self.poll.registry().register(&mut s, token, Interest::READABLE | Interest::WRITABLE).is_err() {
+                    return self.close(slot);
+                }
+                conn.stream = Some(s);
+                finish_exchange(conn, false, &self.gw);
+                self.drive(slot);
+            }
+            Done::Ws { msg, .. } => {
+                if let Phase::Ws(s) = &mut conn.phase {
+                    s.outgoing(msg, &mut conn.wbuf);
+                    if s.is_closed() {
+                        conn.phase = Phase::Closing;
+                    }
+                }
+                self.drive(slot);
+            }
+        }
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        for slot in 0..self.conns.len() {
+            let Some(conn) = self.conns[slot].as_mut() else { continue };
+            if let Phase::Ws(s) = &mut conn.phase {
+                s.on_timer(now, &mut conn.wbuf);
+                if s.is_closed() {
+                    conn.phase = Phase::Closing;
+                    conn.deadline = Some(now + LINGER);
+                }
+                self.drive(slot);
+                continue;
+            }
+            let Some(d) = conn.deadline else { continue };
+            if now < d {
+                continue;
+            }
+            match conn.phase {
+                Phase::Head | Phase::Body { .. } => {
+                    respond(conn, handler::timed_out().response(), false, true);
+                    conn.deadline = Some(now + LINGER);
+                    self.drive(slot);
+                }
+                Phase::Idle | Phase::Closing => self.close(slot),
+                _ => {}
+            }
+        }
+    }
+
+    fn close(&mut self, slot: usize) {
+        let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) else { return };
+        if let Some(c) = &conn.cancel {
+            c.cancel();
+        }
+        if let Phase::Ws(s) = &mut conn.phase {
+            s.on_eof();
+        }
+        if let Some(mut s) = conn.stream.take() {
+            let _ = self.poll.registry().deregister(&mut s);
+        }
+        if let Some(mut w) = conn.watcher.take() {
+            let _ = self.poll.registry().deregister(&mut w);
+        }
+        crate::log!(Trace, "closed #{}", conn.id);
+        self.free.push(slot);
+        self.live -= 1;
+        if self.accept_paused {
+            self.accept_all();
+        }
+    }
+}
+
+/// What `process` needs from the server besides the connection.
+struct Ctx<'a> {
+    gw: &'a Arc<Gateway>,
+    slot: usize,
+    notifier: &'a Notifier,
+    registry: &'a mio::Registry,
+}
+
+/// Write queued bytes. Returns true when the connection should be closed now.
+fn flush(conn: &mut Conn) -> bool {
+    let Some(stream) = conn.stream.as_mut() else { return false };
+    let mut written = 0;
+    while written < conn.wbuf.len() {
+        match stream.write(&conn.wbuf[written..]) {
+            Ok(0) => return true,
+            Ok(n) => written += n,
+            Err(e) if would_block(&e) => break,
+            Err(e) if interrupted(&e) => {}
+            Err(_) => return true,
+        }
+    }
+    conn.wbuf.drain(..written);
+    if conn.wbuf.is_empty() && conn.wbuf.capacity() > 64 * 1024 {
+        conn.wbuf.shrink_to(4096);
+    }
+    conn.wbuf.is_empty() && matches!(conn.phase, Phase::Closing)
+}
+
+/// Queue a response and move to the next request (or to closing).
+fn respond(conn: &mut Conn, resp: Response, head_only: bool, close: bool) {
+    resp.encode(&mut conn.wbuf, head_only, close);
+    conn.phase = if close { Phase::Closing } else { Phase::Idle };
+}
+
+/// After a response: back to idle (with the idle timer), or closing.
+fn finish_exchange(conn: &mut Conn, close: bool, gw: &Gateway) {
+    if close || conn.eof {
+        conn.phase = Phase::Closing;
+        conn.deadline = Some(Instant::now() + LINGER);
+    } else {
+        conn.phase = Phase::Idle;
+        conn.deadline = Some(Instant::now() + gw.config.gateway.idle_timeout);
+        if conn.rbuf.capacity() > 64 * 1024 && conn.rbuf.len() < 4096 {
+            conn.rbuf.shrink_to(4096);
+        }
+    }
+}
+
+/// Parse and act on whatever complete requests are buffered, in order.
+fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
+    loop {
+        match &mut conn.phase {
+            Phase::Idle | Phase::Head => {
+                if conn.rbuf.is_empty() {
+                    return;
+                }
+                match head::parse(&conn.rbuf) {
+                    Ok(None) => {
+                        if matches!(conn.phase, Phase::Idle) {
+                            conn.phase = Phase::Head;
+                            conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.header_timeout);
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        let err = handler::framing_error(e.status(), e.to_string());
+                        respond(conn, err.response(), false, true);
+                        conn.deadline = Some(Instant::now() + LINGER);
+                        return;
+                    }
+                    Ok(Some((h, n))) => {
+                        conn.rbuf.drain(..n);
+                        on_head(conn, ctx, h);
+                    }
+                }
+            }
+            Phase::Body { reader, body, .. } => {
+                let done = match reader {
+                    BodyReader::Length(left) => {
+                        let n = (*left).min(conn.rbuf.len() as u64) as usize;
+                        body.extend_from_slice(&conn.rbuf[..n]);
+                        conn.rbuf.drain(..n);
+                        *left -= n as u64;
+                        *left == 0
+                    }
+                    BodyReader::Chunked(d) => match d.decode(&conn.rbuf, body) {
+                        Ok(n) => {
+                            conn.rbuf.drain(..n);
+                            d.is_done()
+                        }
+                        Err(e) => {
+                            let err = match e {
+                                ChunkError::BodyTooLarge => handler::too_large(ctx.gw.config.gateway.max_body_bytes),
+                                e => handler::framing_error(400, e.to_string()),
+                            };
+                            respond(conn, err.response(), false, true);
+                            conn.deadline = Some(Instant::now() + LINGER);
+                            return;
+                        }
+                    },
+                };
+                if !done {
+                    return;
+                }
+                let Phase::Body { head, body, .. } = std::mem::replace(&mut conn.phase, Phase::Idle) else { return };
+                dispatch_chat(conn, ctx, *head, body);
+            }
+            Phase::Ws(s) => {
+                let n = s.on_bytes(&conn.rbuf, &mut conn.wbuf, ctx.gw, ctx.slot, conn.id, ctx.notifier, conn.peer.ip());
+                conn.rbuf.drain(..n);
+                if s.is_closed() {
+                    conn.phase = Phase::Closing;
+                    conn.deadline = Some(Instant::now() + LINGER);
+                }
+                return;
+            }
+            Phase::Running | Phase::Lent | Phase::Closing => return,
+        }
+    }
+}
+
+fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head) {
+    let head_only = h.method == "HEAD";
+    let has_body = !matches!(h.body, Some(BodyFraming::None) | None);
+    match handler::on_head(ctx.gw, &h, conn.peer.ip()) {
+        HeadAction::Respond(mut resp) => {
+            if route_is_chat(&h) {
+                resp = resp.header("x-request-id", format!("req-{}", crate::util::random_hex(24)));
+            }
+            // An unread body would be taken for the next request: close instead.
+            let close = h.close || has_body;
+            respond(conn, resp, head_only, close);
+            if close {
+                conn.deadline = Some(Instant::now() + LINGER);
+            } else {
+                conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.idle_timeout);
+            }
+        }
+        HeadAction::ReadBody { limit, continue_100 } => {
+            if continue_100 {
+                conn.wbuf.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            }
+            let reader = match h.body {
+                Some(BodyFraming::Length(n)) => BodyReader::Length(n),
+                Some(BodyFraming::Chunked) => BodyReader::Chunked(ChunkedDecoder::new(limit)),
+                _ => BodyReader::Length(0),
+            };
+            conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.header_timeout);
+            conn.phase = Phase::Body { head: Box::new(h), reader, body: Vec::new() };
+        }
+        HeadAction::Upgrade => match ws::handshake::accept(&h) {
+            Ok(resp_bytes) => {
+                conn.wbuf.extend_from_slice(&resp_bytes);
+                conn.deadline = None;
+                conn.phase = Phase::Ws(Box::new(ws::Session::new(ctx.gw, Instant::now(), &mut conn.wbuf)));
+            }
+            Err(resp) => {
+                let close = h.close || has_body;
+                respond(conn, resp, head_only, close);
+            }
+        },
+    }
+}
+
+fn route_is_chat(h: &Head) -> bool {
+    matches!(handler::route(h.path()), handler::Route::Chat)
+}
+
+fn chat_error(conn: &mut Conn, e: ApiError, close: bool, gw: &Gateway) {
+    let resp = e.response().header("x-request-id", format!("req-{}", crate::util::random_hex(24)));
+    resp.encode(&mut conn.wbuf, false, close);
+    finish_exchange(conn, close, gw);
+}
+
+/// A complete chat completion request: validate, resolve, admit, and hand to a worker.
+fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
+    let gw = ctx.gw;
+    let req = match chat::parse(&body) {
+        Ok(r) => r,
+        Err(e) => return chat_error(conn, e, h.close, gw),
+    };
+    drop(body);
+    let run = match chat::to_run(gw, &req, h.agent_id.as_deref(), h.session_key.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return chat_error(conn, e, h.close, gw),
+    };
+    let Some(admission) = gw.pool.admit() else {
+        crate::log!(Warn, "run queue full: 503 to {}", conn.peer);
+        return chat_error(conn, ApiError::overloaded(), h.close, gw);
+    };
+    let cancel = CancelToken::new();
+    conn.cancel = Some(cancel.clone());
+    conn.deadline = None;
+    let model = chat::echo_model(&req, &gw.agents[run.agent].cfg.id);
+    let session = run.sticky.then(|| run.session_key.clone());
+    crate::log!(Debug, "run {} {} agent={} stream={}", run.run_id, conn.peer, gw.agents[run.agent].cfg.id, req.stream);
+    let job = ChatJob {
+        gw: gw.clone(),
+        run,
+        model,
+        include_usage: req.include_usage,
+        cancel,
+        http10: h.minor == 0,
+        head_only: h.method == "HEAD",
+    };
+    let (slot, id) = (ctx.slot, conn.id);
+    let notifier = ctx.notifier.clone();
+    if !req.stream {
+        conn.phase = Phase::Running;
+        let close = h.close;
+        admission.submit(session, move || {
+            let mut guard = ReturnGuard { notifier: notifier.clone(), slot, id, armed: true };
+            let resp = job.run_buffered();
+            guard.armed = false;
+            notifier.send(Done::Respond { slot, id, resp, head_only: job.head_only, close });
+        });
+        return;
+    }
+    // Streaming: lend the socket to the worker and watch a duplicate for hang-up.
+    let Some(mut mio_stream) = conn.stream.take() else { return };
+    let _ = ctx.registry.deregister(&mut mio_stream);
+    let std_stream: std::net::TcpStream = mio_stream.into();
+    let watch = std_stream.try_clone().map(TcpStream::from_std);
+    if let Ok(mut w) = watch {
+        if ctx.registry.register(&mut w, Token(slot + 2), Interest::READABLE).is_ok() {
+            conn.watcher = Some(w);
+        }
+    }
+    let prefix = std::mem::take(&mut conn.wbuf);
+    conn.phase = Phase::Lent;
+    let keep_alive = !h.close;
+    admission.submit(session, move || {
+        let mut sock = std_stream;
+        let mut guard = ReturnGuard { notifier: notifier.clone(), slot, id, armed: true };
+        let ok = sock.set_nonblocking(false).is_ok() && sock.set_write_timeout(Some(stream::WRITE_TIMEOUT)).is_ok();
+        let reuse = ok && job.run_streaming(&mut sock, prefix) && keep_alive;
+        guard.armed = false;
+        notifier.send(Done::Return { slot, id, stream: reuse.then_some(sock) });
+    });
+}

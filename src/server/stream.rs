@@ -1,0 +1,250 @@
+//! The worker side of a chat completion run.
+//!
+//! A streaming run owns the client's socket (blocking, with a write timeout) and writes its SSE
+//! records straight to it, so memory per stream is one reused buffer however slow the client is:
+//! a slow reader simply slows the run down. The response head is held back until the backend's
+//! first event (or the first heartbeat), so a run that fails at once still gets a real HTTP error
+//! status (SPEC §5).
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::agent::run::{RunRequest, execute};
+use crate::agent::{CancelToken, EventSink, FinishReason, RunError, Usage};
+use crate::gateway::Gateway;
+use crate::http::response::{LAST_CHUNK, Response, push_chunk, push_header, push_status_line};
+use crate::openai::ApiError;
+use crate::openai::chat::{ChunkEncoder, completion_body};
+
+/// Longest a blocked write to a client may take before the client counts as gone.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One chat run as handed to a worker.
+#[derive(Debug)]
+pub struct ChatJob {
+    /// The shared gateway.
+    pub gw: Arc<Gateway>,
+    /// The run.
+    pub run: RunRequest,
+    /// `model` to echo.
+    pub model: String,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// Cancelled by the loop when the client goes away.
+    pub cancel: CancelToken,
+    /// The request was HTTP/1.0 (close-delimited stream).
+    pub http10: bool,
+    /// HEAD request: no body.
+    pub head_only: bool,
+}
+
+/// The error response for a failed run.
+pub fn run_error(e: &RunError) -> ApiError {
+    match e {
+        RunError::Timeout => ApiError::server(504, "agent_timeout", "The agent run timed out (agents timeoutSeconds)"),
+        RunError::Backend(m) => ApiError::server(502, "backend_error", m.clone()),
+        RunError::Cancelled => ApiError::server(500, "internal_error", "The run was cancelled"),
+    }
+}
+
+impl ChatJob {
+    fn headers(&self) -> [(&'static str, &str); 2] {
+        [("x-gatelet-session-key", &self.run.session_key), ("x-request-id", &self.run.run_id)]
+    }
+
+    /// A non-streaming run: the full response bytes, or `None` when the client went away.
+    pub fn run_buffered(&self) -> Option<Response> {
+        struct Null;
+        impl EventSink for Null {
+            fn delta(&mut self, _: &str) -> Result<(), RunError> {
+                Ok(())
+            }
+            fn usage(&mut self, _: Usage) {}
+            fn finish(&mut self, _: FinishReason) {}
+        }
+        let created = crate::util::now_secs();
+        let out = execute(&self.gw, &self.run, &self.cancel, &mut Null);
+        let mut resp = match &out.error {
+            None => Response::json(
+                200,
+                completion_body(&self.run.run_id, created, &self.model, &out.text, out.finish, out.usage),
+            ),
+            Some(RunError::Cancelled) => return None,
+            Some(e) => run_error(e).response(),
+        };
+        for (k, v) in self.headers() {
+            resp = resp.header(k, v);
+        }
+        Some(resp)
+    }
+
+    /// A streaming run over `sock`, after writing `prefix` (responses the loop had not flushed).
+    /// Returns whether the connection can be kept alive.
+    pub fn run_streaming(&self, sock: &mut TcpStream, prefix: Vec<u8>) -> bool {
+        let mut sink = SseSink {
+            job: self,
+            sock,
+            out: prefix,
+            rec: Vec::with_capacity(512),
+            enc: ChunkEncoder::new(&self.run.run_id, crate::util::now_secs(), &self.model, self.include_usage),
+            head_sent: false,
+            dead: false,
+            started: Instant::now(),
+            last_write: Instant::now(),
+            keepalive: self.gw.config.gateway.keepalive,
+        };
+        let out = execute(&self.gw, &self.run, &self.cancel, &mut sink);
+        if sink.dead || out.error == Some(RunError::Cancelled) {
+            return false;
+        }
+        match &out.error {
+            None => {
+                if sink.start().is_err() {
+                    return false;
+                }
+                sink.enc.stop(&mut sink.rec, out.finish);
+                sink.enc.usage(&mut sink.rec, out.usage);
+                ChunkEncoder::done(&mut sink.rec);
+                sink.end()
+            }
+            Some(e) if !sink.head_sent => {
+                // Nothing sent yet: a real HTTP error status.
+                let mut resp = run_error(e).response();
+                for (k, v) in self.headers() {
+                    resp = resp.header(k, v);
+                }
+                let close = self.http10;
+                resp.encode(&mut sink.out, self.head_only, close);
+                sink.write_out() && !close
+            }
+            Some(e) => {
+                ChunkEncoder::error(&mut sink.rec, &run_error(e));
+                sink.end()
+            }
+        }
+    }
+}
+
+struct SseSink<'a> {
+    job: &'a ChatJob,
+    sock: &'a mut TcpStream,
+    /// Bytes ready for the socket.
+    out: Vec<u8>,
+    /// The SSE records being built (framed into `out` on send).
+    rec: Vec<u8>,
+    enc: ChunkEncoder,
+    head_sent: bool,
+    dead: bool,
+    started: Instant,
+    last_write: Instant,
+    keepalive: Duration,
+}
+
+impl SseSink<'_> {
+    /// Commit the 200 head and the role chunk, once.
+    fn start(&mut self) -> Result<(), RunError> {
+        if self.head_sent {
+            return Ok(());
+        }
+        self.head_sent = true;
+        let out = &mut self.out;
+        push_status_line(out, 200);
+        push_header(out, "Content-Type", b"text/event-stream; charset=utf-8");
+        push_header(out, "Cache-Control", b"no-cache");
+        push_header(out, "X-Accel-Buffering", b"no");
+        for (k, v) in self.job.headers() {
+            push_header(out, k, v.as_bytes());
+        }
+        if self.job.http10 {
+            push_header(out, "Connection", b"close");
+        } else {
+            push_header(out, "Connection", b"keep-alive");
+            push_header(out, "Transfer-Encoding", b"chunked");
+        }
+        out.extend_from_slice(b"\r\n");
+        if self.job.head_only {
+            return Ok(());
+        }
+        let mut rec = std::mem::take(&mut self.rec);
+        self.enc.role(&mut rec);
+        self.rec = rec;
+        Ok(())
+    }
+
+    /// Frame the pending records and write everything.
+    fn send(&mut self) -> Result<(), RunError> {
+        self.frame();
+        if self.write_out() { Ok(()) } else { Err(RunError::Cancelled) }
+    }
+
+    fn frame(&mut self) {
+        if self.job.head_only {
+            self.rec.clear();
+        } else if self.job.http10 {
+            self.out.extend_from_slice(&self.rec);
+        } else {
+            push_chunk(&mut self.out, &self.rec);
+        }
+        self.rec.clear();
+    }
+
+    fn write_out(&mut self) -> bool {
+        if self.out.is_empty() {
+            return true;
+        }
+        let ok = self.sock.write_all(&self.out).is_ok();
+        self.out.clear();
+        if self.out.capacity() > 64 * 1024 {
+            self.out.shrink_to(4096);
+        }
+        self.last_write = Instant::now();
+        if !ok {
+            self.dead = true;
+            self.job.cancel.cancel();
+        }
+        ok
+    }
+
+    /// Send the final records and end the body. Returns keep-alive.
+    fn end(&mut self) -> bool {
+        self.frame();
+        if !self.job.http10 && !self.job.head_only {
+            self.out.extend_from_slice(LAST_CHUNK);
+        }
+        self.write_out() && !self.job.http10
+    }
+}
+
+impl EventSink for SseSink<'_> {
+    fn delta(&mut self, text: &str) -> Result<(), RunError> {
+        self.start()?;
+        self.enc.content(&mut self.rec, text);
+        self.send()
+    }
+
+    fn usage(&mut self, _: Usage) {}
+
+    fn finish(&mut self, _: FinishReason) {}
+
+    fn tick(&mut self) -> Result<(), RunError> {
+        if self.dead {
+            return Err(RunError::Cancelled);
+        }
+        if self.keepalive.is_zero() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if !self.head_sent {
+            if now.duration_since(self.started) >= self.keepalive {
+                self.start()?;
+                return self.send();
+            }
+        } else if now.duration_since(self.last_write) >= self.keepalive {
+            self.rec.extend_from_slice(ChunkEncoder::KEEPALIVE);
+            return self.send();
+        }
+        Ok(())
+    }
+}

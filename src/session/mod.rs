@@ -1,0 +1,221 @@
+//! Sticky sessions: the conversation history behind a session key.
+//!
+//! Ephemeral sessions (`agent:<id>:openai:<random>`) are never stored. Sticky sessions keep their
+//! transcript here; `persist` adds an append-only JSONL file per session (SPEC §7).
+
+pub mod persist;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use crate::agent::{ChatMessage, Role, Usage};
+use crate::util::now_ms;
+
+/// One transcript entry.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredMessage {
+    /// Who said it.
+    pub role: Role,
+    /// Text.
+    pub content: String,
+    /// Unix milliseconds.
+    pub timestamp: u64,
+    /// Usage of the turn (on assistant messages).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// The reply was cut short by a cancel, timeout or error.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub aborted: bool,
+}
+
+/// A summary row of `sessions.list`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionInfo {
+    /// Session key.
+    pub key: String,
+    /// Owning agent.
+    pub agent_id: String,
+    /// Stable id (file name of the transcript).
+    pub session_id: String,
+    /// Unix milliseconds of the last change.
+    pub updated_at: u64,
+    /// Sum of prompt tokens over the session's runs.
+    pub input_tokens: u64,
+    /// Sum of completion tokens over the session's runs.
+    pub output_tokens: u64,
+    /// Transcript length.
+    pub message_count: usize,
+}
+
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(crate) info: SessionInfo,
+    pub(crate) messages: Vec<StoredMessage>,
+}
+
+/// The agent id inside `agent:<id>:…`.
+pub fn agent_of(key: &str) -> Option<&str> {
+    key.strip_prefix("agent:")?.split(':').next()
+}
+
+/// All sticky sessions, in memory and (optionally) on disk.
+#[derive(Debug)]
+pub struct SessionStore {
+    sessions: Mutex<HashMap<String, Session>>,
+    disk: Option<persist::Disk>,
+}
+
+impl SessionStore {
+    /// A store that keeps everything in memory.
+    pub fn in_memory() -> Self {
+        SessionStore { sessions: Mutex::new(HashMap::new()), disk: None }
+    }
+
+    /// A store persisted under `<state_dir>/agents/<id>/sessions/`, loading what is there.
+    /// Load problems (torn lines, unreadable files) are returned as warnings.
+    pub fn open(state_dir: &Path, persist: bool) -> (Self, Vec<String>) {
+        if !persist {
+            return (Self::in_memory(), Vec::new());
+        }
+        let disk = persist::Disk::new(state_dir);
+        let (loaded, warnings) = disk.load_all();
+        let map = loaded.into_iter().map(|s| (s.info.key.clone(), s)).collect();
+        (SessionStore { sessions: Mutex::new(map), disk: Some(disk) }, warnings)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The stored conversation of `key` (empty for unknown or ephemeral keys).
+    pub fn history(&self, key: &str) -> Vec<ChatMessage> {
+        self.lock()
+            .get(key)
+            .map(|s| s.messages.iter().map(|m| ChatMessage::new(m.role, m.content.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Append a finished (or aborted) turn: the new request messages, then the reply.
+    pub fn append_turn(
+        &self,
+        key: &str,
+        agent_id: &str,
+        turn: &[ChatMessage],
+        reply: &str,
+        usage: Usage,
+        aborted: bool,
+    ) -> Result<(), String> {
+        let now = now_ms();
+        let mut map = self.lock();
+        let is_new = !map.contains_key(key);
+        let s = map.entry(key.to_string()).or_insert_with(|| Session {
+            info: SessionInfo {
+                key: key.to_string(),
+                agent_id: agent_id.to_string(),
+                session_id: crate::util::random_hex(16),
+                updated_at: now,
+                input_tokens: 0,
+                output_tokens: 0,
+                message_count: 0,
+            },
+            messages: Vec::new(),
+        });
+        let start = s.messages.len();
+        for m in turn {
+            s.messages.push(StoredMessage {
+                role: m.role,
+                content: m.content.clone(),
+                timestamp: now,
+                usage: None,
+                aborted: false,
+            });
+        }
+        s.messages.push(StoredMessage {
+            role: Role::Assistant,
+            content: reply.to_string(),
+            timestamp: now,
+            usage: Some(usage),
+            aborted,
+        });
+        s.info.updated_at = now;
+        s.info.input_tokens += usage.prompt_tokens;
+        s.info.output_tokens += usage.completion_tokens;
+        s.info.message_count = s.messages.len();
+        match &self.disk {
+            Some(d) => d.append(s, is_new, &s.messages[start..]),
+            None => Ok(()),
+        }
+    }
+
+    /// Transcript entries of `key`, the last `limit` when given.
+    pub fn transcript(&self, key: &str, limit: Option<usize>) -> Option<Vec<StoredMessage>> {
+        let map = self.lock();
+        let s = map.get(key)?;
+        let from = limit.map(|l| s.messages.len().saturating_sub(l)).unwrap_or(0);
+        Some(s.messages[from..].to_vec())
+    }
+
+    /// Every sticky session, most recently updated first.
+    pub fn list(&self) -> Vec<SessionInfo> {
+        let mut v: Vec<SessionInfo> = self.lock().values().map(|s| s.info.clone()).collect();
+        v.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then_with(|| a.key.cmp(&b.key)));
+        v
+    }
+
+    /// Clear the history of `key`, keeping the key. False when unknown.
+    pub fn reset(&self, key: &str) -> Result<bool, String> {
+        let mut map = self.lock();
+        let Some(s) = map.get_mut(key) else { return Ok(false) };
+        s.messages.clear();
+        s.info.message_count = 0;
+        s.info.input_tokens = 0;
+        s.info.output_tokens = 0;
+        s.info.updated_at = now_ms();
+        if let Some(d) = &self.disk {
+            d.rewrite(s)?;
+        }
+        Ok(true)
+    }
+
+    /// Forget `key` and its transcript. False when unknown.
+    pub fn delete(&self, key: &str) -> Result<bool, String> {
+        let mut map = self.lock();
+        let Some(s) = map.remove(key) else { return Ok(false) };
+        if let Some(d) = &self.disk {
+            d.remove(&s, map.values())?;
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn turns_are_stored() {
+        let s = SessionStore::in_memory();
+        let turn = [ChatMessage::new(Role::User, "hi")];
+        s.append_turn("agent:main:openai-user:bob", "main", &turn, "hi", Usage::default(), false).unwrap();
+        assert_eq!(s.list().len(), 1);
+        assert_eq!(s.history("agent:main:openai-user:bob").len(), 2);
+    }
+
+    #[test]
+    fn reset_keeps_key_delete_removes_it() {
+        let s = SessionStore::in_memory();
+        let turn = [ChatMessage::new(Role::User, "hi")];
+        s.append_turn("agent:main:k", "main", &turn, "yo", Usage { prompt_tokens: 1, completion_tokens: 1 }, false)
+            .unwrap();
+        assert!(s.reset("agent:main:k").unwrap());
+        assert_eq!(s.list()[0].message_count, 0);
+        assert!(s.history("agent:main:k").is_empty());
+        assert!(s.delete("agent:main:k").unwrap());
+        assert!(!s.delete("agent:main:k").unwrap());
+        assert!(s.list().is_empty());
+    }
+}

@@ -1,0 +1,123 @@
+//! Small shared helpers: clocks, ids, decimal and hex formatting.
+
+use std::cell::Cell;
+use std::io::Read;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Unix time in seconds.
+pub fn now_secs() -> u64 {
+    now_ms() / 1000
+}
+
+/// `n` bytes from the operating system's random source (falls back to a hashed clock).
+pub fn os_random(buf: &mut [u8]) {
+    let ok = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf)).is_ok();
+    if !ok {
+        let mut x = seed_fallback();
+        for b in buf.iter_mut() {
+            x = splitmix(&mut x.clone());
+            *b = x as u8;
+        }
+    }
+}
+
+fn seed_fallback() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(SystemTime::now())
+}
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+thread_local! {
+    static RNG: Cell<u64> = Cell::new({
+        let mut b = [0u8; 8];
+        os_random(&mut b);
+        u64::from_le_bytes(b)
+    });
+}
+
+/// A fast per-thread pseudo-random number, seeded from the OS (ids, not secrets).
+pub fn fast_random() -> u64 {
+    RNG.with(|c| {
+        let mut s = c.get();
+        let v = splitmix(&mut s);
+        c.set(s);
+        v
+    })
+}
+
+/// `len` lower-case hex characters of fast randomness.
+pub fn random_hex(len: usize) -> String {
+    let mut s = String::with_capacity(len + 16);
+    while s.len() < len {
+        s.push_str(&format!("{:016x}", fast_random()));
+    }
+    s.truncate(len);
+    s
+}
+
+/// Append `n` in decimal.
+pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut tmp = [0u8; 20];
+    let mut i = tmp.len();
+    loop {
+        i -= 1;
+        tmp[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&tmp[i..]);
+}
+
+/// Append `n` in lower-case hex (chunk sizes).
+pub fn push_hex(out: &mut Vec<u8>, mut n: u64) {
+    let mut tmp = [0u8; 16];
+    let mut i = tmp.len();
+    loop {
+        i -= 1;
+        tmp[i] = b"0123456789abcdef"[(n & 15) as usize];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&tmp[i..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn number_formatting() {
+        let mut v = Vec::new();
+        push_decimal(&mut v, 0);
+        v.push(b' ');
+        push_decimal(&mut v, 18446744073709551615);
+        v.push(b' ');
+        push_hex(&mut v, 0);
+        v.push(b' ');
+        push_hex(&mut v, 0x1a2f);
+        assert_eq!(v, b"0 18446744073709551615 0 1a2f");
+    }
+
+    #[test]
+    fn random_ids_differ() {
+        let a = random_hex(24);
+        assert_eq!(a.len(), 24);
+        assert_ne!(a, random_hex(24));
+    }
+}
