@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::agent::Backend;
 use crate::agent::backend;
 use crate::agent::pool::Pool;
+use crate::agent::registry::Registry;
 use crate::auth::Authorizer;
 use crate::config::{AgentConfig, Config};
 use crate::session::SessionStore;
@@ -32,6 +33,8 @@ pub struct Gateway {
     pub pool: Pool,
     /// Secret checks and the failure limiter.
     pub auth: Authorizer,
+    /// Runs addressable by id (WebSocket `agent.wait`, `chat.abort`, idempotency).
+    pub runs: Registry,
     ready: AtomicBool,
 }
 
@@ -43,7 +46,7 @@ impl Gateway {
         let (sessions, warnings) = SessionStore::open(&config.state_dir, config.persist_sessions);
         let pool = Pool::new(config.gateway.workers, config.gateway.max_queued_runs);
         let auth = Authorizer::new(&config.gateway.auth);
-        (Gateway { config, agents, sessions, pool, auth, ready: AtomicBool::new(false) }, warnings)
+        (Gateway { config, agents, sessions, pool, auth, runs: Registry::new(), ready: AtomicBool::new(false) }, warnings)
     }
 
     /// Index of the agent with this id (case-insensitive).

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod pool;
+pub mod registry;
 pub mod run;
 
 use std::fmt;

@@ -1,59 +1,44 @@
-//! WebSocket: RFC 6455 handshake and frame codec, and the gateway protocol over it.
+//! WebSocket on the gateway's port: the RFC 6455 handshake and frame codec, and the gateway
+//! protocol (SPEC §8) spoken over it.
+//!
+//! Layers, each pure: [`handshake`] (upgrade request → `101` bytes or an HTTP error),
+//! [`frame`] and [`utf8`] (client bytes → messages, messages → server frames), [`protocol`]
+//! (JSON frames), [`session`] (one connection's state machine). [`run`] is the worker side of a
+//! run started over WebSocket; it reaches the connection through the event loop.
 
+pub mod frame;
 pub mod handshake;
+pub mod protocol;
+pub mod run;
+pub mod session;
+pub mod utf8;
 
-use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::Instant;
+pub use session::Session;
 
-use crate::gateway::Gateway;
-use crate::server::Notifier;
+use crate::agent::registry::RunSummary;
 
-/// A message from a run (on a worker thread) to a WebSocket connection.
+/// A message from a run or a waiter (on a worker thread) to a WebSocket connection.
 #[derive(Debug)]
 pub enum Outgoing {
-    /// One JSON text frame.
-    Text(String),
-}
-
-/// One WebSocket connection's protocol state.
-#[derive(Debug)]
-pub struct Session {
-    closed: bool,
-}
-
-impl Session {
-    /// A new session, right after the handshake response.
-    pub fn new(_gw: &Arc<Gateway>, _now: Instant, _out: &mut Vec<u8>) -> Self {
-        Session { closed: true }
-    }
-
-    /// Consume client bytes, queueing frames to send in `out`. Returns bytes consumed.
-    #[allow(clippy::too_many_arguments)]
-    pub fn on_bytes(
-        &mut self,
-        input: &[u8],
-        _out: &mut Vec<u8>,
-        _gw: &Arc<Gateway>,
-        _slot: usize,
-        _conn_id: u64,
-        _notifier: &Notifier,
-        _ip: IpAddr,
-    ) -> usize {
-        input.len()
-    }
-
-    /// A message from a run.
-    pub fn outgoing(&mut self, _msg: Outgoing, _out: &mut Vec<u8>) {}
-
-    /// Timers (handshake deadline, ticks).
-    pub fn on_timer(&mut self, _now: Instant, _out: &mut Vec<u8>) {}
-
-    /// The peer went away: abort this connection's runs.
-    pub fn on_eof(&mut self) {}
-
-    /// Whether the connection should close once `out` is flushed.
-    pub fn is_closed(&self) -> bool {
-        self.closed
-    }
+    /// A complete `res` frame.
+    Res(String),
+    /// An event payload; the connection adds its own `seq`.
+    Event {
+        /// Event name.
+        name: &'static str,
+        /// Rendered JSON payload.
+        payload: String,
+    },
+    /// A run this connection started has ended.
+    RunEnded {
+        /// Its id.
+        run_id: String,
+    },
+    /// A run watched by `agent.wait` (or a duplicate `agent` request) ended.
+    Waited {
+        /// Which pending wait.
+        token: u64,
+        /// How the run ended.
+        summary: Box<RunSummary>,
+    },
 }

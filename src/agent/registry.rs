@@ -1,0 +1,300 @@
+//! Runs in flight and recently finished, for the surfaces that address runs by id: waiting for a
+//! run (`agent.wait`), aborting the runs of a session (`chat.abort`) and idempotent starts.
+//!
+//! Finished runs are kept for [`RETAIN`] (at most [`MAX_FINISHED`] of them); idempotency keys
+//! for [`RETAIN`] (at most [`MAX_KEYS`]). Waiters are callbacks run on the thread that finishes
+//! the run, outside the registry lock.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::{CancelToken, FinishReason, RunError, Usage};
+
+/// How long finished runs and idempotency keys are remembered.
+pub const RETAIN: Duration = Duration::from_secs(5 * 60);
+/// Most finished runs remembered.
+pub const MAX_FINISHED: usize = 4096;
+/// Most idempotency keys remembered.
+pub const MAX_KEYS: usize = 1000;
+
+/// The end of a run, as reported to waiters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    /// Run id.
+    pub run_id: String,
+    /// Session key.
+    pub session_key: String,
+    /// Agent id.
+    pub agent_id: String,
+    /// Unix ms when the run was accepted.
+    pub started_at: u64,
+    /// Unix ms when it ended.
+    pub ended_at: u64,
+    /// The reply (partial when the run failed).
+    pub text: String,
+    /// Finish reason of a successful run.
+    pub finish: FinishReason,
+    /// Token counts.
+    pub usage: Usage,
+    /// Why the run failed, if it did.
+    pub error: Option<RunError>,
+}
+
+/// Called once with the summary when a run ends.
+pub type Waiter = Box<dyn FnOnce(&RunSummary) + Send>;
+
+struct Entry {
+    session_key: String,
+    cancel: CancelToken,
+    done: Option<RunSummary>,
+    waiters: Vec<Waiter>,
+}
+
+#[derive(Default)]
+struct Inner {
+    runs: HashMap<String, Entry>,
+    finished: VecDeque<(Instant, String)>,
+    keys: HashMap<String, (String, Instant)>,
+    key_order: VecDeque<(Instant, String)>,
+}
+
+impl Inner {
+    fn prune(&mut self, now: Instant) {
+        while let Some((t, id)) = self.finished.front() {
+            if now.duration_since(*t) < RETAIN && self.finished.len() <= MAX_FINISHED {
+                break;
+            }
+            self.runs.remove(id);
+            self.finished.pop_front();
+        }
+        while let Some((t, k)) = self.key_order.front() {
+            if now.duration_since(*t) < RETAIN && self.key_order.len() <= MAX_KEYS {
+                break;
+            }
+            // Only forget the key if this queue entry is the one that set it.
+            if self.keys.get(k).is_some_and(|(_, at)| at == t) {
+                self.keys.remove(k);
+            }
+            self.key_order.pop_front();
+        }
+    }
+}
+
+/// What [`Registry::start`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// The run was registered under the new id.
+    New,
+    /// The idempotency key already names this run (running or finished).
+    Existing(String),
+}
+
+/// What [`Registry::wait`] found.
+#[derive(Debug)]
+pub enum Wait {
+    /// No such run (never started, or forgotten).
+    NotFound,
+    /// Still running: the waiter will be called when it ends.
+    Pending,
+    /// Already ended (the waiter was not kept).
+    Done(RunSummary),
+}
+
+/// All runs the gateway knows by id.
+pub struct Registry {
+    inner: Mutex<Inner>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Registry({} active)", self.active())
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Registry { inner: Mutex::new(Inner::default()), started: Instant::now() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// When the gateway started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Register run `run_id`, unless `idempotency_key` (scoped by the caller) already names a
+    /// run seen within [`RETAIN`].
+    pub fn start(&self, run_id: &str, idempotency_key: Option<&str>, session_key: &str, cancel: &CancelToken) -> Start {
+        let now = Instant::now();
+        let mut g = self.lock();
+        g.prune(now);
+        if let Some(k) = idempotency_key {
+            if let Some((id, _)) = g.keys.get(k) {
+                if g.runs.contains_key(id) {
+                    return Start::Existing(id.clone());
+                }
+            }
+            g.keys.insert(k.to_string(), (run_id.to_string(), now));
+            g.key_order.push_back((now, k.to_string()));
+        }
+        g.runs.insert(
+            run_id.to_string(),
+            Entry {
+                session_key: session_key.to_string(),
+                cancel: cancel.clone(),
+                done: None,
+                waiters: Vec::new(),
+            },
+        );
+        Start::New
+    }
+
+    /// Forget a run that was registered but never started (the queue was full).
+    pub fn forget(&self, run_id: &str) {
+        let mut g = self.lock();
+        g.runs.remove(run_id);
+        g.keys.retain(|_, (id, _)| id != run_id);
+    }
+
+    /// Record the end of a run and call its waiters (on this thread, outside the lock).
+    pub fn finish(&self, summary: RunSummary) {
+        let now = Instant::now();
+        let waiters = {
+            let mut g = self.lock();
+            let Some(e) = g.runs.get_mut(&summary.run_id) else { return };
+            let w = std::mem::take(&mut e.waiters);
+            e.done = Some(summary.clone());
+            g.finished.push_back((now, summary.run_id.clone()));
+            g.prune(now);
+            w
+        };
+        for w in waiters {
+            w(&summary);
+        }
+    }
+
+    /// Whether `run_id` is known and still running.
+    pub fn is_running(&self, run_id: &str) -> bool {
+        self.lock().runs.get(run_id).is_some_and(|e| e.done.is_none())
+    }
+
+    /// Call `waiter` when `run_id` ends.
+    pub fn wait(&self, run_id: &str, waiter: Waiter) -> Wait {
+        let mut g = self.lock();
+        match g.runs.get_mut(run_id) {
+            None => Wait::NotFound,
+            Some(Entry { done: Some(s), .. }) => Wait::Done(s.clone()),
+            Some(e) => {
+                e.waiters.push(waiter);
+                Wait::Pending
+            }
+        }
+    }
+
+    /// Cancel the running runs of `session_key` (only `run_id` when given). Returns their ids.
+    pub fn abort(&self, session_key: &str, run_id: Option<&str>) -> Vec<String> {
+        let g = self.lock();
+        let mut ids: Vec<String> = g
+            .runs
+            .iter()
+            .filter(|(id, e)| {
+                e.done.is_none() && e.session_key == session_key && run_id.is_none_or(|r| r == id.as_str())
+            })
+            .map(|(id, e)| {
+                e.cancel.cancel();
+                id.clone()
+            })
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// The session key of a known run.
+    pub fn session_of(&self, run_id: &str) -> Option<String> {
+        self.lock().runs.get(run_id).map(|e| e.session_key.clone())
+    }
+
+    /// Runs registered and not yet finished.
+    pub fn active(&self) -> usize {
+        self.lock().runs.values().filter(|e| e.done.is_none()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn summary(id: &str, text: &str) -> RunSummary {
+        RunSummary {
+            run_id: id.into(),
+            session_key: "agent:main:s".into(),
+            agent_id: "main".into(),
+            started_at: 1,
+            ended_at: 2,
+            text: text.into(),
+            finish: FinishReason::Stop,
+            usage: Usage::default(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn idempotent_start_wait_and_abort() {
+        let r = Registry::new();
+        let c = CancelToken::new();
+        assert_eq!(r.start("r1", Some("agent\0k"), "agent:main:s", &c), Start::New);
+        assert_eq!(r.start("r2", Some("agent\0k"), "agent:main:s", &c), Start::Existing("r1".into()));
+        assert_eq!(r.start("r3", Some("chat.send\0k"), "agent:main:s", &c), Start::New);
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        assert!(matches!(
+            r.wait(
+                "r1",
+                Box::new(move |s| {
+                    assert_eq!(s.text, "hi");
+                    h.fetch_add(1, Ordering::SeqCst);
+                })
+            ),
+            Wait::Pending
+        ));
+        assert!(matches!(r.wait("nope", Box::new(|_| {})), Wait::NotFound));
+        assert_eq!(r.active(), 2);
+        assert_eq!(r.abort("agent:main:s", Some("r3")), vec!["r3".to_string()]);
+        assert!(c.is_cancelled());
+        r.finish(summary("r1", "hi"));
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        assert!(matches!(r.wait("r1", Box::new(|_| {})), Wait::Done(s) if s.text == "hi"));
+        // A finished run still dedupes its key.
+        assert_eq!(r.start("r4", Some("agent\0k"), "agent:main:s", &c), Start::Existing("r1".into()));
+        assert_eq!(r.abort("agent:main:s", None), vec!["r3".to_string()]);
+        r.forget("r3");
+        assert_eq!(r.active(), 0);
+    }
+
+    #[test]
+    fn finished_runs_are_bounded() {
+        let r = Registry::new();
+        let c = CancelToken::new();
+        for i in 0..MAX_FINISHED + 10 {
+            let id = format!("r{i}");
+            r.start(&id, None, "k", &c);
+            r.finish(summary(&id, ""));
+        }
+        assert!(matches!(r.wait("r0", Box::new(|_| {})), Wait::NotFound));
+        assert!(r.lock().runs.len() <= MAX_FINISHED);
+    }
+}

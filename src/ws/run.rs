@@ -1,0 +1,209 @@
+//! The worker side of a run started over WebSocket: the shared run path
+//! ([`crate::agent::run::execute`]) with a sink that turns backend events into `agent` or `chat`
+//! event payloads and posts them to the connection through the loop's [`Notifier`].
+//!
+//! Payloads are rendered here, on the worker, so the event loop only frames and writes them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::Outgoing;
+use super::protocol;
+use crate::agent::registry::RunSummary;
+use crate::agent::run::{RunRequest, execute};
+use crate::agent::{CancelToken, EventSink, FinishReason, RunError, Usage};
+use crate::gateway::Gateway;
+use crate::server::{Done, Notifier};
+use crate::util::now_ms;
+
+/// Chat deltas carry the whole text so far, so they are sent at most this often (the final
+/// event always carries everything).
+const CHAT_DELTA_EVERY: Duration = Duration::from_millis(150);
+
+/// Where a connection's messages go: the loop, addressed by slot and connection id.
+#[derive(Debug, Clone)]
+pub struct Link {
+    /// The loop's channel.
+    pub notifier: Notifier,
+    /// Connection slot.
+    pub slot: usize,
+    /// Connection id (slots are reused).
+    pub id: u64,
+}
+
+impl Link {
+    /// Post `msg` to the connection (dropped by the loop if the connection is gone).
+    pub fn send(&self, msg: Outgoing) {
+        self.notifier.send(Done::Ws { slot: self.slot, id: self.id, msg });
+    }
+}
+
+/// Which surface started the run, which decides the events it emits.
+#[derive(Debug, Clone)]
+pub enum Kind {
+    /// The `agent` method: `agent` events, then the second `res` to request `req_id`.
+    Agent {
+        /// The request to answer.
+        req_id: String,
+    },
+    /// `chat.send`: `chat` events.
+    Chat,
+}
+
+/// A run handed to a worker.
+#[derive(Debug)]
+pub struct WsRun {
+    /// The shared gateway.
+    pub gw: Arc<Gateway>,
+    /// The run.
+    pub run: RunRequest,
+    /// Agent id (for results).
+    pub agent_id: String,
+    /// Events go here.
+    pub link: Link,
+    /// What started it.
+    pub kind: Kind,
+    /// Cancelled by `chat.abort` or when the connection closes.
+    pub cancel: CancelToken,
+    /// Unix ms when the run was accepted.
+    pub accepted_at: u64,
+}
+
+struct Sink<'a> {
+    r: &'a WsRun,
+    seq: u64,
+    text: String,
+    last_chat: Option<Instant>,
+}
+
+impl Sink<'_> {
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    fn agent_event(&mut self, stream: &str, data: Value) {
+        let seq = self.next_seq();
+        let p = json!({ "runId": self.r.run.run_id, "seq": seq, "stream": stream, "ts": now_ms(), "data": data,
+                        "sessionKey": self.r.run.session_key });
+        self.r.link.send(Outgoing::Event { name: "agent", payload: p.to_string() });
+    }
+
+    fn chat_event(&mut self, state: &str, extra: Value) {
+        let seq = self.next_seq();
+        let mut p = json!({ "runId": self.r.run.run_id, "sessionKey": self.r.run.session_key, "seq": seq,
+                            "state": state,
+                            "message": { "role": "assistant", "content": [{ "type": "text", "text": self.text }],
+                                         "timestamp": now_ms() } });
+        if let (Value::Object(p), Value::Object(e)) = (&mut p, extra) {
+            p.extend(e);
+        }
+        self.r.link.send(Outgoing::Event { name: "chat", payload: p.to_string() });
+    }
+}
+
+impl EventSink for Sink<'_> {
+    fn delta(&mut self, d: &str) -> Result<(), RunError> {
+        if self.r.cancel.is_cancelled() {
+            return Err(RunError::Cancelled);
+        }
+        self.text.push_str(d);
+        match self.r.kind {
+            Kind::Agent { .. } => {
+                let data = json!({ "text": self.text, "delta": d });
+                self.agent_event("assistant", data);
+            }
+            Kind::Chat => {
+                let now = Instant::now();
+                if self.last_chat.is_none_or(|t| now.duration_since(t) >= CHAT_DELTA_EVERY) {
+                    self.last_chat = Some(now);
+                    self.chat_event("delta", json!({}));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn usage(&mut self, _: Usage) {}
+
+    fn finish(&mut self, _: FinishReason) {}
+
+    fn tick(&mut self) -> Result<(), RunError> {
+        if self.r.cancel.is_cancelled() { Err(RunError::Cancelled) } else { Ok(()) }
+    }
+}
+
+/// Ends the run for its waiters and its connection even if the backend panics.
+struct Finisher<'a> {
+    r: &'a WsRun,
+    armed: bool,
+}
+
+impl Drop for Finisher<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let err = Some(RunError::Backend("the run failed unexpectedly".into()));
+            self.r.conclude(String::new(), FinishReason::Stop, Usage::default(), err);
+        }
+    }
+}
+
+impl WsRun {
+    /// Run to completion on this (worker) thread.
+    pub fn execute(self) {
+        let mut fin = Finisher { r: &self, armed: true };
+        let mut sink = Sink { r: &self, seq: 0, text: String::new(), last_chat: None };
+        if let Kind::Agent { .. } = self.kind {
+            sink.agent_event("lifecycle", json!({ "phase": "start", "startedAt": now_ms() }));
+        }
+        let out = execute(&self.gw, &self.run, &self.cancel, &mut sink);
+        match (&self.kind, &out.error) {
+            (Kind::Agent { .. }, None) => {
+                sink.agent_event("lifecycle", json!({ "phase": "end", "finishReason": out.finish.as_str() }));
+            }
+            (Kind::Agent { .. }, Some(e)) => {
+                let shape = protocol::run_error(e);
+                sink.agent_event("error", json!({ "code": shape.code.as_str(), "message": shape.message }));
+                sink.agent_event("lifecycle", json!({ "phase": "error", "error": e.to_string() }));
+            }
+            (Kind::Chat, err) => {
+                let usage = json!({ "promptTokens": out.usage.prompt_tokens,
+                                    "completionTokens": out.usage.completion_tokens,
+                                    "totalTokens": out.usage.total() });
+                sink.text = out.text.clone();
+                match err {
+                    None => sink.chat_event("final", json!({ "stopReason": out.finish.as_str(), "usage": usage })),
+                    Some(RunError::Cancelled) => sink.chat_event("aborted", json!({ "usage": usage })),
+                    Some(e) => {
+                        let shape = protocol::run_error(e);
+                        sink.chat_event("error", json!({ "errorMessage": shape.message, "errorKind": shape.code.as_str() }))
+                    }
+                }
+            }
+        }
+        fin.armed = false;
+        self.conclude(out.text, out.finish, out.usage, out.error);
+    }
+
+    /// Answer the `agent` request, wake waiters and tell the connection the run is over.
+    fn conclude(&self, text: String, finish: FinishReason, usage: Usage, error: Option<RunError>) {
+        let summary = RunSummary {
+            run_id: self.run.run_id.clone(),
+            session_key: self.run.session_key.clone(),
+            agent_id: self.agent_id.clone(),
+            started_at: self.accepted_at,
+            ended_at: now_ms(),
+            text,
+            finish,
+            usage,
+            error,
+        };
+        if let Kind::Agent { req_id } = &self.kind {
+            self.link.send(Outgoing::Res(protocol::agent_final(req_id, &summary)));
+        }
+        self.link.send(Outgoing::RunEnded { run_id: summary.run_id.clone() });
+        self.gw.runs.finish(summary);
+    }
+}

@@ -1,0 +1,693 @@
+//! One WebSocket connection: the frame codec below, the gateway protocol (SPEC §8) above.
+//!
+//! Bytes in → frames out (into the loop's write buffer); runs go to the worker pool and come back
+//! as [`Outgoing`] messages through the loop. States: waiting for `connect` (10 s, 64 KiB
+//! messages), open (25 MiB messages, `tick` every 30 s), closing (our close frame is sent; the
+//! peer's is awaited so the socket ends with FIN, not RST, RFC 6455 §7.1.1), closed.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::Outgoing;
+use super::frame::{self, Decoder, Message, OpCode, close};
+use super::protocol::{self, ErrorCode, ErrorShape, PROTOCOL, Request};
+use super::run::{Kind, Link, WsRun};
+use crate::agent::registry::{Start, Wait};
+use crate::agent::run::RunRequest;
+use crate::agent::{CancelToken, ChatMessage, Role, RunOptions};
+use crate::auth::AuthResult;
+use crate::gateway::Gateway;
+use crate::openai::{self, ApiError, chat};
+use crate::server::Notifier;
+use crate::session::agent_of;
+use crate::util::{now_ms, random_hex};
+
+/// Largest message before `connect` succeeds (SPEC §8: over → 1009).
+pub const PRE_AUTH_MAX_PAYLOAD: usize = 64 * 1024;
+/// Largest message after `connect`.
+pub const MAX_PAYLOAD: usize = 25 * 1024 * 1024;
+/// Unsent bytes a connection may hold before it is closed with 1008 as a slow consumer.
+pub const MAX_BUFFERED: usize = 8 * 1024 * 1024;
+/// Time allowed for the `connect` request.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `tick` interval.
+pub const TICK_INTERVAL: Duration = Duration::from_secs(30);
+/// How long to wait for the peer's close frame after sending ours.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default and largest `agent.wait` timeout.
+const WAIT_DEFAULT_MS: u64 = 30_000;
+const WAIT_MAX_MS: u64 = 600_000;
+/// Pending `agent.wait` requests per connection.
+const MAX_WAITS: usize = 256;
+
+/// Methods answered after `connect`.
+pub const METHODS: &[&str] = &[
+    "health",
+    "status",
+    "models.list",
+    "agents.list",
+    "agent",
+    "agent.wait",
+    "chat.send",
+    "chat.abort",
+    "chat.history",
+    "sessions.list",
+    "sessions.reset",
+    "sessions.delete",
+];
+/// Events the server sends.
+pub const EVENTS: &[&str] = &["connect.challenge", "agent", "chat", "tick", "shutdown"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitConnect,
+    Open,
+    Closing,
+    Closed,
+}
+
+#[derive(Debug)]
+enum WaitKind {
+    /// `agent.wait`: answer with the wait payload.
+    Wait,
+    /// A duplicate `agent` request: answer as the run's second response.
+    AgentFinal,
+}
+
+#[derive(Debug)]
+struct PendingWait {
+    token: u64,
+    req_id: String,
+    run_id: String,
+    kind: WaitKind,
+    deadline: Option<Instant>,
+}
+
+/// What a request handler needs besides the session.
+struct Ctx<'a> {
+    gw: &'a Arc<Gateway>,
+    link: Link,
+    ip: IpAddr,
+    now: Instant,
+}
+
+/// One WebSocket connection's protocol state.
+#[derive(Debug)]
+pub struct Session {
+    state: State,
+    decoder: Decoder,
+    seq: u64,
+    deadline: Instant,
+    next_tick: Option<Instant>,
+    /// Runs this connection started that are still going: aborted when it closes.
+    runs: HashMap<String, CancelToken>,
+    waits: Vec<PendingWait>,
+    next_wait: u64,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.abort_runs();
+    }
+}
+
+fn send_text(out: &mut Vec<u8>, text: &str) {
+    frame::encode(out, OpCode::Text, text.as_bytes());
+}
+
+impl Session {
+    /// A new session, right after the handshake response: queues `connect.challenge`.
+    pub fn new(_gw: &Arc<Gateway>, now: Instant, out: &mut Vec<u8>) -> Self {
+        let mut s = Session {
+            state: State::AwaitConnect,
+            decoder: Decoder::new(PRE_AUTH_MAX_PAYLOAD),
+            seq: 0,
+            deadline: now + HANDSHAKE_TIMEOUT,
+            next_tick: None,
+            runs: HashMap::new(),
+            waits: Vec::new(),
+            next_wait: 0,
+        };
+        let payload = json!({ "nonce": random_hex(32), "ts": now_ms() });
+        s.event(out, "connect.challenge", &payload.to_string());
+        s
+    }
+
+    /// Consume client bytes, queueing frames to send in `out`. Returns bytes consumed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_bytes(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        gw: &Arc<Gateway>,
+        slot: usize,
+        conn_id: u64,
+        notifier: &Notifier,
+        ip: IpAddr,
+    ) -> usize {
+        let now = Instant::now();
+        let mut ctx = Ctx { gw, link: Link { notifier: notifier.clone(), slot, id: conn_id }, ip, now };
+        let mut pos = 0;
+        while pos < input.len() && matches!(self.state, State::AwaitConnect | State::Open | State::Closing) {
+            let (n, msg) = match self.decoder.decode(&input[pos..]) {
+                Ok(r) => r,
+                Err(e) => {
+                    if self.state == State::Closing {
+                        self.state = State::Closed;
+                    } else {
+                        crate::log!(Debug, "ws #{conn_id}: failing connection: {e}");
+                        self.fail(out, e.close_code(), &e.to_string(), now);
+                    }
+                    return input.len();
+                }
+            };
+            pos += n;
+            let Some(msg) = msg else { break };
+            if self.state == State::Closing {
+                // Only the peer's close frame matters now.
+                if let Message::Close(_) = msg {
+                    self.state = State::Closed;
+                }
+                continue;
+            }
+            match msg {
+                Message::Ping(p) => frame::encode(out, OpCode::Pong, &p),
+                Message::Pong(_) => {}
+                Message::Close(c) => {
+                    // Echo the peer's code (RFC 6455 §5.5.1), then the server closes the TCP
+                    // connection first (§7.1.1).
+                    frame::encode_close(out, c.map(|c| c.code), "");
+                    self.state = State::Closed;
+                    self.abort_runs();
+                }
+                Message::Binary(_) if self.state == State::Open => {
+                    self.fail(out, close::UNSUPPORTED, "binary messages are not supported", now);
+                }
+                Message::Binary(_) => {
+                    self.fail(out, close::POLICY, "the first message must be a connect request", now)
+                }
+                Message::Text(t) => self.on_text(&t, out, &mut ctx),
+            }
+        }
+        if matches!(self.state, State::Closed) { input.len() } else { pos }
+    }
+
+    /// A message from a run or a waiter.
+    pub fn outgoing(&mut self, msg: Outgoing, out: &mut Vec<u8>) {
+        if let Outgoing::RunEnded { run_id } = &msg {
+            self.runs.remove(run_id);
+            return;
+        }
+        if self.state != State::Open {
+            return;
+        }
+        if out.len() > MAX_BUFFERED {
+            crate::log!(Debug, "ws: closing a slow consumer with {} bytes unsent", out.len());
+            return self.fail(out, close::POLICY, "slow consumer: too much unsent data", Instant::now());
+        }
+        match msg {
+            Outgoing::Res(text) => send_text(out, &text),
+            Outgoing::Event { name, payload } => self.event(out, name, &payload),
+            Outgoing::Waited { token, summary } => {
+                let Some(i) = self.waits.iter().position(|w| w.token == token) else { return };
+                let w = self.waits.swap_remove(i);
+                let text = match w.kind {
+                    WaitKind::Wait => protocol::res_ok(&w.req_id, &protocol::wait_payload(&summary)),
+                    WaitKind::AgentFinal => protocol::agent_final(&w.req_id, &summary),
+                };
+                send_text(out, &text);
+            }
+            Outgoing::RunEnded { .. } => {}
+        }
+    }
+
+    /// Timers: the handshake deadline, ticks, `agent.wait` timeouts, the closing handshake.
+    pub fn on_timer(&mut self, now: Instant, out: &mut Vec<u8>) {
+        match self.state {
+            State::AwaitConnect if now >= self.deadline => {
+                self.fail(out, close::POLICY, "connect timeout", now);
+            }
+            State::Open => {
+                if self.next_tick.is_some_and(|t| now >= t) {
+                    self.next_tick = Some(now + TICK_INTERVAL);
+                    self.event(out, "tick", &json!({ "ts": now_ms() }).to_string());
+                }
+                let mut i = 0;
+                while i < self.waits.len() {
+                    if self.waits[i].deadline.is_some_and(|d| now >= d) {
+                        let w = self.waits.swap_remove(i);
+                        let p = json!({ "runId": w.run_id, "status": "timeout" });
+                        send_text(out, &protocol::res_ok(&w.req_id, &p));
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            State::Closing if now >= self.deadline => self.state = State::Closed,
+            _ => {}
+        }
+    }
+
+    /// The peer went away: abort this connection's runs.
+    pub fn on_eof(&mut self) {
+        self.state = State::Closed;
+        self.abort_runs();
+    }
+
+    /// The gateway is stopping: queue the `shutdown` event and a 1001 close.
+    pub fn on_shutdown(&mut self, out: &mut Vec<u8>) {
+        if self.state == State::Open {
+            let p = json!({ "reason": "gateway stopping", "restartExpectedMs": Value::Null });
+            self.event(out, "shutdown", &p.to_string());
+        }
+        if matches!(self.state, State::AwaitConnect | State::Open) {
+            self.fail(out, close::GOING_AWAY, "gateway stopping", Instant::now());
+        }
+    }
+
+    /// Whether the connection should close once `out` is flushed.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    fn abort_runs(&mut self) {
+        for (_, c) in self.runs.drain() {
+            c.cancel();
+        }
+    }
+
+    fn event(&mut self, out: &mut Vec<u8>, name: &str, payload: &str) {
+        self.seq += 1;
+        send_text(out, &protocol::event(name, payload, self.seq));
+    }
+
+    /// Send a close frame and wait (briefly) for the peer's; runs are aborted now.
+    fn fail(&mut self, out: &mut Vec<u8>, code: u16, reason: &str, now: Instant) {
+        frame::encode_close(out, Some(code), reason);
+        self.state = State::Closing;
+        self.deadline = now + CLOSE_TIMEOUT;
+        self.waits.clear();
+        self.abort_runs();
+    }
+
+    fn on_text(&mut self, text: &str, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
+        let req = match protocol::parse_request(text) {
+            Ok(r) => r,
+            Err(e) => {
+                send_text(out, &protocol::res_err(e.id.as_deref(), &ErrorShape::invalid(e.message)));
+                if self.state == State::AwaitConnect {
+                    self.fail(out, close::POLICY, "the first message must be a connect request", ctx.now);
+                }
+                return;
+            }
+        };
+        if self.state == State::AwaitConnect {
+            return self.connect(req, out, ctx);
+        }
+        let answer = match req.method.as_str() {
+            "connect" => Err(ErrorShape::invalid("already connected")),
+            "health" => Ok(json!({ "ok": true, "status": "live", "ts": now_ms() })),
+            "status" => Ok(status(ctx.gw)),
+            "models.list" => Ok(models(ctx.gw)),
+            "agents.list" => Ok(agents(ctx.gw)),
+            "agent" => return self.agent(&req, out, ctx),
+            "agent.wait" => return self.agent_wait(&req, out, ctx),
+            "chat.send" => return self.chat_send(&req, out, ctx),
+            "chat.abort" => chat_abort(ctx.gw, &req.params),
+            "chat.history" => chat_history(ctx.gw, &req.params),
+            "sessions.list" => Ok(sessions_list(ctx.gw)),
+            "sessions.reset" => sessions_change(ctx.gw, &req.params, false),
+            "sessions.delete" => sessions_change(ctx.gw, &req.params, true),
+            m => Err(ErrorShape::invalid(format!("unknown method: {m}"))),
+        };
+        send_text(out, &answer_text(&req.id, answer));
+    }
+
+    /// The `connect` handshake (SPEC §8).
+    fn connect(&mut self, req: Request, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
+        let refuse = |s: &mut Self, out: &mut Vec<u8>, e: ErrorShape, code: u16| {
+            send_text(out, &protocol::res_err(Some(&req.id), &e));
+            s.fail(out, code, &e.message, ctx.now);
+        };
+        if req.method != "connect" {
+            let e = ErrorShape::invalid("the first request must be connect");
+            return refuse(self, out, e, close::POLICY);
+        }
+        let p = &req.params;
+        let (Some(min), Some(max)) = (p["minProtocol"].as_u64(), p["maxProtocol"].as_u64()) else {
+            let e = ErrorShape::invalid("connect needs integer minProtocol and maxProtocol");
+            return refuse(self, out, e, close::POLICY);
+        };
+        if !(min..=max).contains(&PROTOCOL) {
+            let e = ErrorShape::invalid("protocol mismatch").with_details(json!({ "expectedProtocol": PROTOCOL }));
+            return refuse(self, out, e, close::PROTOCOL);
+        }
+        let client = &p["client"];
+        if let Some(f) = ["id", "version", "platform", "mode"].iter().find(|f| !client[**f].is_string()) {
+            let e = ErrorShape::invalid(format!("connect needs client.{f} (a string)"));
+            return refuse(self, out, e, close::POLICY);
+        }
+        let auth = &p["auth"];
+        if !matches!(auth, Value::Null | Value::Object(_)) {
+            return refuse(self, out, ErrorShape::invalid("auth must be an object"), close::POLICY);
+        }
+        let secret = auth["token"].as_str().or_else(|| auth["password"].as_str());
+        match ctx.gw.auth.check(secret, ctx.ip, ctx.now) {
+            AuthResult::Ok => {}
+            AuthResult::Invalid => {
+                let e = ErrorShape::new(ErrorCode::Unauthorized, "missing or incorrect gateway token or password");
+                return refuse(self, out, e, close::POLICY);
+            }
+            AuthResult::Locked(secs) => {
+                let e = ErrorShape::new(
+                    ErrorCode::Unauthorized,
+                    format!("too many failed authentication attempts; retry after {secs} s"),
+                )
+                .with_details(json!({ "retryable": true, "retryAfterMs": secs * 1000 }));
+                return refuse(self, out, e, close::POLICY);
+            }
+        }
+        self.state = State::Open;
+        self.decoder.set_max_message(MAX_PAYLOAD);
+        self.next_tick = Some(ctx.now + TICK_INTERVAL);
+        let hello = json!({
+            "type": "hello-ok",
+            "protocol": PROTOCOL,
+            "server": { "version": env!("CARGO_PKG_VERSION"), "connId": format!("conn-{}", ctx.link.id) },
+            "features": { "methods": METHODS, "events": EVENTS },
+            "policy": { "maxPayload": MAX_PAYLOAD, "maxBufferedBytes": MAX_BUFFERED,
+                        "tickIntervalMs": TICK_INTERVAL.as_millis() as u64 },
+        });
+        send_text(out, &protocol::res_ok(&req.id, &hello));
+    }
+
+    /// `agent {message, agentId?, sessionKey?, extraSystemPrompt?, idempotencyKey?, timeout?}`.
+    fn agent(&mut self, req: &Request, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
+        let p = &req.params;
+        let parsed = (|| {
+            let message = message_param(p)?;
+            let agent_id = opt_str(p, "agentId")?;
+            let key = opt_str(p, "sessionKey")?;
+            let extra = opt_str(p, "extraSystemPrompt")?;
+            let timeout = match &p["timeout"] {
+                Value::Null => None,
+                v => match v.as_u64() {
+                    Some(s @ 1..=86_400) => Some(Duration::from_secs(s)),
+                    _ => return Err(ErrorShape::invalid("timeout must be whole seconds from 1 to 86400")),
+                },
+            };
+            let (agent, session_key, sticky) = resolve(ctx.gw, agent_id, key)?;
+            let run = RunRequest {
+                run_id: format!("run-{}", random_hex(24)),
+                agent,
+                session_key,
+                sticky,
+                extra_system: extra.map(str::to_string).into_iter().collect(),
+                messages: vec![ChatMessage::new(Role::User, message)],
+                options: RunOptions::default(),
+                timeout,
+            };
+            Ok((run, opt_str(p, "idempotencyKey")?))
+        })();
+        match parsed {
+            Ok((run, idem)) => {
+                let kind = Kind::Agent { req_id: req.id.clone() };
+                self.start_run(req, run, kind, idem.map(|k| format!("agent\0{k}")), out, ctx)
+            }
+            Err(e) => send_text(out, &protocol::res_err(Some(&req.id), &e)),
+        }
+    }
+
+    /// `chat.send {sessionKey, message, idempotencyKey?}`.
+    fn chat_send(&mut self, req: &Request, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
+        let p = &req.params;
+        let parsed = (|| {
+            let key = req_str(p, "sessionKey")?;
+            let message = message_param(p)?;
+            let (agent, session_key, sticky) = resolve(ctx.gw, None, Some(key))?;
+            let run = RunRequest {
+                run_id: format!("run-{}", random_hex(24)),
+                agent,
+                session_key,
+                sticky,
+                extra_system: Vec::new(),
+                messages: vec![ChatMessage::new(Role::User, message)],
+                options: RunOptions::default(),
+                timeout: None,
+            };
+            Ok((run, opt_str(p, "idempotencyKey")?))
+        })();
+        match parsed {
+            Ok((run, idem)) => self.start_run(req, run, Kind::Chat, idem.map(|k| format!("chat\0{k}")), out, ctx),
+            Err(e) => send_text(out, &protocol::res_err(Some(&req.id), &e)),
+        }
+    }
+
+    /// Register, admit and submit a run; answer the first response.
+    fn start_run(
+        &mut self,
+        req: &Request,
+        run: RunRequest,
+        kind: Kind,
+        idem: Option<String>,
+        out: &mut Vec<u8>,
+        ctx: &mut Ctx<'_>,
+    ) {
+        let gw = ctx.gw;
+        let cancel = CancelToken::new();
+        match gw.runs.start(&run.run_id, idem.as_deref(), &run.session_key, &cancel) {
+            Start::Existing(id) => return self.duplicate(req, &id, &kind, out, ctx),
+            Start::New => {}
+        }
+        let Some(admission) = gw.pool.admit() else {
+            gw.runs.forget(&run.run_id);
+            let e = ErrorShape::new(ErrorCode::Unavailable, "the gateway is overloaded: the run queue is full")
+                .with_details(json!({ "retryable": true, "retryAfterMs": 1000 }));
+            return send_text(out, &protocol::res_err(Some(&req.id), &e));
+        };
+        let accepted_at = now_ms();
+        let first = match kind {
+            Kind::Agent { .. } => json!({ "runId": run.run_id, "status": "accepted", "acceptedAt": accepted_at,
+                                          "sessionKey": run.session_key }),
+            Kind::Chat => json!({ "runId": run.run_id, "status": "started", "sessionKey": run.session_key }),
+        };
+        send_text(out, &protocol::res_ok(&req.id, &first));
+        self.runs.insert(run.run_id.clone(), cancel.clone());
+        let agent_id = gw.agents[run.agent].cfg.id.clone();
+        crate::log!(Debug, "ws run {} agent={} session={}", run.run_id, agent_id, run.session_key);
+        let sticky = run.sticky.then(|| run.session_key.clone());
+        let job = WsRun { gw: gw.clone(), run, agent_id, link: ctx.link.clone(), kind, cancel, accepted_at };
+        admission.submit(sticky, move || job.execute());
+    }
+
+    /// A start whose idempotency key names run `id`: report that run instead of starting one.
+    fn duplicate(&mut self, req: &Request, id: &str, kind: &Kind, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
+        match kind {
+            Kind::Chat => {
+                let status = if ctx.gw.runs.is_running(id) { "in_flight" } else { "ok" };
+                send_text(out, &protocol::res_ok(&req.id, &json!({ "runId": id, "status": status, "deduped": true })));
+            }
+            Kind::Agent { .. } => {
+                let first = json!({ "runId": id, "status": "accepted", "deduped": true });
+                send_text(out, &protocol::res_ok(&req.id, &first));
+                self.watch(req, id, WaitKind::AgentFinal, None, out, ctx);
+            }
+        }
+    }
+
+    /// `agent.wait {runId, timeoutMs?}`.
+    fn agent_wait(&mut self, req: &Request, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
+        let p = &req.params;
+        let run_id = match req_str(p, "runId") {
+            Ok(r) => r.to_string(),
+            Err(e) => return send_text(out, &protocol::res_err(Some(&req.id), &e)),
+        };
+        let ms = match &p["timeoutMs"] {
+            Value::Null => WAIT_DEFAULT_MS,
+            v => match v.as_u64() {
+                Some(ms) => ms.min(WAIT_MAX_MS),
+                None => {
+                    let e = ErrorShape::invalid("timeoutMs must be a non-negative integer");
+                    return send_text(out, &protocol::res_err(Some(&req.id), &e));
+                }
+            },
+        };
+        let deadline = ctx.now + Duration::from_millis(ms);
+        self.watch(req, &run_id, WaitKind::Wait, Some(deadline), out, ctx);
+    }
+
+    /// Answer `req` when run `id` ends (or at `deadline`).
+    fn watch(
+        &mut self,
+        req: &Request,
+        id: &str,
+        kind: WaitKind,
+        deadline: Option<Instant>,
+        out: &mut Vec<u8>,
+        ctx: &mut Ctx<'_>,
+    ) {
+        if self.waits.len() >= MAX_WAITS {
+            let e = ErrorShape::new(ErrorCode::Unavailable, "too many pending waits on this connection");
+            return send_text(out, &protocol::res_err(Some(&req.id), &e));
+        }
+        self.next_wait += 1;
+        let token = self.next_wait;
+        let link = ctx.link.clone();
+        let waiter = Box::new(move |s: &crate::agent::registry::RunSummary| {
+            link.send(Outgoing::Waited { token, summary: Box::new(s.clone()) });
+        });
+        let answer = |s| match kind {
+            WaitKind::Wait => protocol::res_ok(&req.id, &protocol::wait_payload(s)),
+            WaitKind::AgentFinal => protocol::agent_final(&req.id, s),
+        };
+        match ctx.gw.runs.wait(id, waiter) {
+            Wait::NotFound => {
+                let e = ErrorShape::new(ErrorCode::NotFound, format!("no run {id}"));
+                send_text(out, &protocol::res_err(Some(&req.id), &e));
+            }
+            Wait::Done(s) => send_text(out, &answer(&s)),
+            Wait::Pending if deadline.is_some_and(|d| d <= ctx.now) => {
+                send_text(out, &protocol::res_ok(&req.id, &json!({ "runId": id, "status": "timeout" })));
+            }
+            Wait::Pending => {
+                self.waits.push(PendingWait { token, req_id: req.id.clone(), run_id: id.to_string(), kind, deadline })
+            }
+        }
+    }
+}
+
+fn answer_text(id: &str, r: Result<Value, ErrorShape>) -> String {
+    match r {
+        Ok(v) => protocol::res_ok(id, &v),
+        Err(e) => protocol::res_err(Some(id), &e),
+    }
+}
+
+fn opt_str<'a>(p: &'a Value, k: &str) -> Result<Option<&'a str>, ErrorShape> {
+    match &p[k] {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s.as_str()).filter(|s| !s.is_empty())),
+        _ => Err(ErrorShape::invalid(format!("{k} must be a string"))),
+    }
+}
+
+fn req_str<'a>(p: &'a Value, k: &str) -> Result<&'a str, ErrorShape> {
+    opt_str(p, k)?.ok_or_else(|| ErrorShape::invalid(format!("missing required param {k}")))
+}
+
+fn message_param(p: &Value) -> Result<String, ErrorShape> {
+    let m = req_str(p, "message")?;
+    if m.trim().is_empty() {
+        return Err(ErrorShape::invalid("message must not be blank"));
+    }
+    Ok(m.to_string())
+}
+
+fn api_error(e: ApiError) -> ErrorShape {
+    let code = if e.status == 404 { ErrorCode::NotFound } else { ErrorCode::InvalidRequest };
+    ErrorShape::new(code, e.message)
+}
+
+/// Agent and session key for a WebSocket run, with the same rules as the HTTP surface
+/// ([`chat::resolve_agent`], [`chat::session_key`]): an explicit `agentId` wins; otherwise a key
+/// of the form `agent:<id>:…` names its agent; otherwise the default agent.
+fn resolve(gw: &Gateway, agent_id: Option<&str>, key: Option<&str>) -> Result<(usize, String, bool), ErrorShape> {
+    let from_key = key.and_then(agent_of).filter(|_| key.is_some_and(|k| k.starts_with("agent:")));
+    let agent = match (agent_id, from_key) {
+        (Some(a), Some(k)) if !a.eq_ignore_ascii_case(k) => {
+            return Err(ErrorShape::invalid(format!("sessionKey belongs to agent {k}, not {a}")));
+        }
+        (Some(a), _) | (None, Some(a)) => chat::resolve_agent(gw, Some(a), None).map_err(api_error)?,
+        (None, None) => gw.default_agent(),
+    };
+    let (session_key, sticky) = chat::session_key(&gw.agents[agent].cfg.id, key, None).map_err(|e| {
+        ErrorShape::invalid(e.message.replace("x-gatelet-session-key", "sessionKey"))
+    })?;
+    Ok((agent, session_key, sticky))
+}
+
+/// A session key as given, or with the default agent's prefix (how runs store it).
+fn normalize_key(gw: &Gateway, key: &str) -> Result<String, ErrorShape> {
+    resolve(gw, None, Some(key)).map(|(_, k, _)| k)
+}
+
+fn status(gw: &Gateway) -> Value {
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "protocol": PROTOCOL,
+        "uptimeMs": gw.runs.started().elapsed().as_millis() as u64,
+        "runs": { "active": gw.runs.active(), "queued": gw.pool.pending() },
+        "workers": gw.config.gateway.workers,
+        "agents": gw.agents.iter().map(|a| a.cfg.id.as_str()).collect::<Vec<_>>(),
+        "defaultAgentId": gw.agents[gw.default_agent()].cfg.id,
+        "sessions": gw.sessions.list().len(),
+    })
+}
+
+fn models(gw: &Gateway) -> Value {
+    let m: Vec<Value> = openai::model_ids(gw)
+        .into_iter()
+        .map(|id| json!({ "id": id, "name": id, "provider": "gatelet" }))
+        .collect();
+    json!({ "models": m })
+}
+
+fn agents(gw: &Gateway) -> Value {
+    let d = gw.default_agent();
+    let list: Vec<Value> =
+        gw.agents.iter().enumerate().map(|(i, a)| json!({ "id": a.cfg.id, "default": i == d })).collect();
+    json!({ "defaultId": gw.agents[d].cfg.id, "agents": list })
+}
+
+fn chat_abort(gw: &Gateway, p: &Value) -> Result<Value, ErrorShape> {
+    let key = normalize_key(gw, req_str(p, "sessionKey")?)?;
+    let run_id = opt_str(p, "runId")?;
+    let ids = gw.runs.abort(&key, run_id);
+    Ok(json!({ "ok": true, "aborted": !ids.is_empty(), "runIds": ids, "sessionKey": key }))
+}
+
+fn chat_history(gw: &Gateway, p: &Value) -> Result<Value, ErrorShape> {
+    let key = normalize_key(gw, req_str(p, "sessionKey")?)?;
+    let limit = match &p["limit"] {
+        Value::Null => None,
+        v => Some(v.as_u64().ok_or_else(|| ErrorShape::invalid("limit must be a non-negative integer"))? as usize),
+    };
+    let messages = gw.sessions.transcript(&key, limit).unwrap_or_default();
+    Ok(json!({ "sessionKey": key, "messages": messages }))
+}
+
+fn sessions_list(gw: &Gateway) -> Value {
+    let list: Vec<Value> = gw
+        .sessions
+        .list()
+        .into_iter()
+        .map(|s| {
+            let total = s.input_tokens + s.output_tokens;
+            let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
+            v["totalTokens"] = total.into();
+            v
+        })
+        .collect();
+    json!({ "count": list.len(), "sessions": list })
+}
+
+fn sessions_change(gw: &Gateway, p: &Value, delete: bool) -> Result<Value, ErrorShape> {
+    let given = req_str(p, "key")?;
+    let mut keys = vec![given.to_string()];
+    if let Ok(k) = normalize_key(gw, given) {
+        keys.push(k);
+    }
+    for key in keys {
+        let r = if delete { gw.sessions.delete(&key) } else { gw.sessions.reset(&key) };
+        match r {
+            Ok(true) => return Ok(json!({ "ok": true, "key": key })),
+            Ok(false) => {}
+            Err(e) => return Err(ErrorShape::new(ErrorCode::Unavailable, e)),
+        }
+    }
+    Err(ErrorShape::new(ErrorCode::NotFound, format!("no session {given}")))
+}
