@@ -46,7 +46,10 @@ impl Gateway {
         let (sessions, warnings) = SessionStore::open(&config.state_dir, config.persist_sessions);
         let pool = Pool::new(config.gateway.workers, config.gateway.max_queued_runs);
         let auth = Authorizer::new(&config.gateway.auth);
-        (Gateway { config, agents, sessions, pool, auth, runs: Registry::new(), ready: AtomicBool::new(false) }, warnings)
+        (
+            Gateway { config, agents, sessions, pool, auth, runs: Registry::new(), ready: AtomicBool::new(false) },
+            warnings,
+        )
     }
 
     /// Index of the agent with this id (case-insensitive).

@@ -151,12 +151,7 @@ impl Registry {
         }
         g.runs.insert(
             run_id.to_string(),
-            Entry {
-                session_key: session_key.to_string(),
-                cancel: cancel.clone(),
-                done: None,
-                waiters: Vec::new(),
-            },
+            Entry { session_key: session_key.to_string(), cancel: cancel.clone(), done: None, waiters: Vec::new() },
         );
         Start::New
     }

@@ -145,7 +145,9 @@ impl Drop for Finisher<'_> {
     fn drop(&mut self) {
         if self.armed {
             let err = Some(RunError::Backend("the run failed unexpectedly".into()));
-            self.r.conclude(String::new(), FinishReason::Stop, Usage::default(), err);
+            let s = self.r.summary(String::new(), FinishReason::Stop, Usage::default(), err);
+            self.r.gw.runs.finish(s.clone());
+            self.r.answer(&s);
         }
     }
 }
@@ -159,9 +161,15 @@ impl WsRun {
             sink.agent_event("lifecycle", json!({ "phase": "start", "startedAt": now_ms() }));
         }
         let out = execute(&self.gw, &self.run, &self.cancel, &mut sink);
-        match (&self.kind, &out.error) {
+        fin.armed = false;
+        let summary = self.summary(out.text, out.finish, out.usage, out.error);
+        // The registry learns of the end first, so that a client reacting to the final event
+        // (`chat.abort`, `agent.wait`) sees the run as finished.
+        self.gw.runs.finish(summary.clone());
+        let s = &summary;
+        match (&self.kind, &s.error) {
             (Kind::Agent { .. }, None) => {
-                sink.agent_event("lifecycle", json!({ "phase": "end", "finishReason": out.finish.as_str() }));
+                sink.agent_event("lifecycle", json!({ "phase": "end", "finishReason": s.finish.as_str() }));
             }
             (Kind::Agent { .. }, Some(e)) => {
                 let shape = protocol::run_error(e);
@@ -169,27 +177,28 @@ impl WsRun {
                 sink.agent_event("lifecycle", json!({ "phase": "error", "error": e.to_string() }));
             }
             (Kind::Chat, err) => {
-                let usage = json!({ "promptTokens": out.usage.prompt_tokens,
-                                    "completionTokens": out.usage.completion_tokens,
-                                    "totalTokens": out.usage.total() });
-                sink.text = out.text.clone();
+                let usage = json!({ "promptTokens": s.usage.prompt_tokens,
+                                    "completionTokens": s.usage.completion_tokens,
+                                    "totalTokens": s.usage.total() });
+                sink.text = s.text.clone();
                 match err {
-                    None => sink.chat_event("final", json!({ "stopReason": out.finish.as_str(), "usage": usage })),
+                    None => sink.chat_event("final", json!({ "stopReason": s.finish.as_str(), "usage": usage })),
                     Some(RunError::Cancelled) => sink.chat_event("aborted", json!({ "usage": usage })),
                     Some(e) => {
                         let shape = protocol::run_error(e);
-                        sink.chat_event("error", json!({ "errorMessage": shape.message, "errorKind": shape.code.as_str() }))
+                        sink.chat_event(
+                            "error",
+                            json!({ "errorMessage": shape.message, "errorKind": shape.code.as_str() }),
+                        )
                     }
                 }
             }
         }
-        fin.armed = false;
-        self.conclude(out.text, out.finish, out.usage, out.error);
+        self.answer(s);
     }
 
-    /// Answer the `agent` request, wake waiters and tell the connection the run is over.
-    fn conclude(&self, text: String, finish: FinishReason, usage: Usage, error: Option<RunError>) {
-        let summary = RunSummary {
+    fn summary(&self, text: String, finish: FinishReason, usage: Usage, error: Option<RunError>) -> RunSummary {
+        RunSummary {
             run_id: self.run.run_id.clone(),
             session_key: self.run.session_key.clone(),
             agent_id: self.agent_id.clone(),
@@ -199,11 +208,14 @@ impl WsRun {
             finish,
             usage,
             error,
-        };
-        if let Kind::Agent { req_id } = &self.kind {
-            self.link.send(Outgoing::Res(protocol::agent_final(req_id, &summary)));
         }
-        self.link.send(Outgoing::RunEnded { run_id: summary.run_id.clone() });
-        self.gw.runs.finish(summary);
+    }
+
+    /// The `agent` request's second answer, and the end of the run for its connection.
+    fn answer(&self, s: &RunSummary) {
+        if let Kind::Agent { req_id } = &self.kind {
+            self.link.send(Outgoing::Res(protocol::agent_final(req_id, s)));
+        }
+        self.link.send(Outgoing::RunEnded { run_id: s.run_id.clone() });
     }
 }

@@ -187,9 +187,7 @@ impl Session {
                 Message::Binary(_) if self.state == State::Open => {
                     self.fail(out, close::UNSUPPORTED, "binary messages are not supported", now);
                 }
-                Message::Binary(_) => {
-                    self.fail(out, close::POLICY, "the first message must be a connect request", now)
-                }
+                Message::Binary(_) => self.fail(out, close::POLICY, "the first message must be a connect request", now),
                 Message::Text(t) => self.on_text(&t, out, &mut ctx),
             }
         }
@@ -604,9 +602,8 @@ fn resolve(gw: &Gateway, agent_id: Option<&str>, key: Option<&str>) -> Result<(u
         (Some(a), _) | (None, Some(a)) => chat::resolve_agent(gw, Some(a), None).map_err(api_error)?,
         (None, None) => gw.default_agent(),
     };
-    let (session_key, sticky) = chat::session_key(&gw.agents[agent].cfg.id, key, None).map_err(|e| {
-        ErrorShape::invalid(e.message.replace("x-gatelet-session-key", "sessionKey"))
-    })?;
+    let (session_key, sticky) = chat::session_key(&gw.agents[agent].cfg.id, key, None)
+        .map_err(|e| ErrorShape::invalid(e.message.replace("x-gatelet-session-key", "sessionKey")))?;
     Ok((agent, session_key, sticky))
 }
 
@@ -629,10 +626,8 @@ fn status(gw: &Gateway) -> Value {
 }
 
 fn models(gw: &Gateway) -> Value {
-    let m: Vec<Value> = openai::model_ids(gw)
-        .into_iter()
-        .map(|id| json!({ "id": id, "name": id, "provider": "gatelet" }))
-        .collect();
+    let m: Vec<Value> =
+        openai::model_ids(gw).into_iter().map(|id| json!({ "id": id, "name": id, "provider": "gatelet" })).collect();
     json!({ "models": m })
 }
 
