@@ -30,6 +30,9 @@ use stream::ChatJob;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
+const SIGNAL: Token = Token(usize::MAX);
+/// How long in-flight runs and WebSocket clients get to finish after SIGTERM/SIGINT.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// Pipelined bytes buffered while a run is in flight; the rest waits in the kernel.
 const READ_CAP: usize = 64 * 1024;
 /// How long a connection may take to read its final response before it is dropped.
@@ -152,6 +155,9 @@ pub struct Server {
     rx: Receiver<Done>,
     scratch: Vec<u8>,
     accept_paused: bool,
+    signals: mio::net::UnixStream,
+    /// Set once a stop signal arrived: the deadline for in-flight work.
+    draining: Option<Instant>,
 }
 
 impl std::fmt::Debug for Server {
@@ -176,6 +182,12 @@ impl Server {
         let poll = Poll::new()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        // SIGTERM/SIGINT write to a socket pair that the loop polls like any other source.
+        let (mut signals, sig_tx) = mio::net::UnixStream::pair()?;
+        let sig_tx: std::os::unix::net::UnixStream = sig_tx.into();
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGTERM, sig_tx.try_clone()?)?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGINT, sig_tx)?;
+        poll.registry().register(&mut signals, SIGNAL, Interest::READABLE)?;
         let (tx, rx) = channel();
         Ok(Server {
             poll,
@@ -189,6 +201,8 @@ impl Server {
             rx,
             scratch: vec![0; 16 * 1024],
             accept_paused: false,
+            signals,
+            draining: None,
         })
     }
 
@@ -197,12 +211,25 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// Run the loop forever.
+    /// Run the loop until a stop signal has drained the gateway.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut last_sweep = Instant::now();
         self.gw.set_ready(true);
         loop {
+            if let Some(deadline) = self.draining {
+                if self.live == 0 {
+                    crate::log!(Info, "drained; exiting");
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    crate::log!(Warn, "drain grace over; closing {} connection(s)", self.live);
+                    for slot in 0..self.conns.len() {
+                        self.close(slot);
+                    }
+                    return Ok(());
+                }
+            }
             let timeout = if self.live > 0 { Some(Duration::from_millis(250)) } else { None };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if interrupted(&e) {
@@ -214,6 +241,15 @@ impl Server {
                 match ev.token() {
                     LISTENER => self.accept_all(),
                     WAKER => {}
+                    SIGNAL => {
+                        let mut b = [0u8; 64];
+                        while matches!(self.signals.read(&mut b), Ok(n) if n > 0) {}
+                        if self.draining.is_some() {
+                            crate::log!(Warn, "second stop signal: exiting now");
+                            return Ok(());
+                        }
+                        self.start_drain();
+                    }
                     Token(t) => self.on_event(t - 2, ev.is_read_closed() || ev.is_error()),
                 }
             }
@@ -227,7 +263,30 @@ impl Server {
         }
     }
 
+    /// Stop accepting, tell WebSocket clients, close idle connections, let runs finish.
+    fn start_drain(&mut self) {
+        crate::log!(Info, "stop signal: draining (up to {} s; send again to exit now)", DRAIN_GRACE.as_secs());
+        self.gw.set_ready(false);
+        self.draining = Some(Instant::now() + DRAIN_GRACE);
+        let _ = self.poll.registry().deregister(&mut self.listener);
+        for slot in 0..self.conns.len() {
+            let Some(conn) = self.conns[slot].as_mut() else { continue };
+            match &mut conn.phase {
+                Phase::Idle => self.close(slot),
+                Phase::Ws(s) => {
+                    s.on_shutdown(&mut conn.wbuf);
+                    conn.phase = Phase::Closing;
+                    self.drive(slot);
+                }
+                _ => {}
+            }
+        }
+    }
+
     fn accept_all(&mut self) {
+        if self.draining.is_some() {
+            return;
+        }
         loop {
             if self.live >= self.gw.config.gateway.max_connections {
                 // Leave the rest in the backlog until a connection closes.
@@ -488,7 +547,8 @@ fn respond(conn: &mut Conn, resp: Response, head_only: bool, close: bool) {
 
 /// After a response: back to idle (with the idle timer), or closing.
 fn finish_exchange(conn: &mut Conn, close: bool, gw: &Gateway) {
-    if close || conn.eof {
+    // Not ready means draining: no further requests on this connection.
+    if close || conn.eof || !gw.is_ready() {
         conn.phase = Phase::Closing;
         conn.deadline = Some(Instant::now() + LINGER);
     } else {

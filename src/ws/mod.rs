@@ -49,6 +49,11 @@ impl Session {
     /// Timers (handshake deadline, ticks).
     pub fn on_timer(&mut self, _now: Instant, _out: &mut Vec<u8>) {}
 
+    /// The gateway is stopping: queue the `shutdown` event and a close frame.
+    pub fn on_shutdown(&mut self, _out: &mut Vec<u8>) {
+        self.closed = true;
+    }
+
     /// The peer went away: abort this connection's runs.
     pub fn on_eof(&mut self) {}
 
