@@ -614,6 +614,8 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
                     },
                 };
                 if !done {
+                    // A slow upload that keeps making progress is not a stalled one.
+                    conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.header_timeout);
                     return;
                 }
                 let Phase::Body { head, body, .. } = std::mem::replace(&mut conn.phase, Phase::Idle) else { return };
