@@ -589,6 +589,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
                 }
             }
             Phase::Body { reader, body, .. } => {
+                let before = conn.rbuf.len();
                 let done = match reader {
                     BodyReader::Length(left) => {
                         let n = (*left).min(conn.rbuf.len() as u64) as usize;
@@ -614,8 +615,10 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
                     },
                 };
                 if !done {
-                    // A slow upload that keeps making progress is not a stalled one.
-                    conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.header_timeout);
+                    if conn.rbuf.len() < before {
+                        // A slow upload that keeps making progress is not a stalled one.
+                        conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.header_timeout);
+                    }
                     return;
                 }
                 let Phase::Body { head, body, .. } = std::mem::replace(&mut conn.phase, Phase::Idle) else { return };
