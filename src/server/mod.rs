@@ -140,6 +140,8 @@ struct Conn {
     deadline: Option<Instant>,
     eof: bool,
     cancel: Option<CancelToken>,
+    /// HTTP minor version of the current request (1.0 keep-alive must be confirmed).
+    minor: u8,
 }
 
 /// The listening gateway.
@@ -324,6 +326,7 @@ impl Server {
                         deadline: Some(Instant::now() + self.gw.config.gateway.idle_timeout),
                         eof: false,
                         cancel: None,
+                        minor: 1,
                     });
                     crate::log!(Trace, "accepted {peer} as #{id}");
                 }
@@ -423,7 +426,7 @@ impl Server {
                 conn.cancel = None;
                 match resp {
                     Some(r) if !conn.eof => {
-                        r.encode(&mut conn.wbuf, head_only, close);
+                        encode(conn, r, head_only, close);
                         finish_exchange(conn, close, &self.gw);
                     }
                     _ => conn.phase = Phase::Closing,
@@ -539,9 +542,15 @@ fn flush(conn: &mut Conn) -> bool {
     conn.wbuf.is_empty() && matches!(conn.phase, Phase::Closing)
 }
 
+/// Queue a response; an HTTP/1.0 client that asked for keep-alive gets it confirmed.
+fn encode(conn: &mut Conn, resp: Response, head_only: bool, close: bool) {
+    let resp = if conn.minor == 0 && !close { resp.header("Connection", "keep-alive") } else { resp };
+    resp.encode(&mut conn.wbuf, head_only, close);
+}
+
 /// Queue a response and move to the next request (or to closing).
 fn respond(conn: &mut Conn, resp: Response, head_only: bool, close: bool) {
-    resp.encode(&mut conn.wbuf, head_only, close);
+    encode(conn, resp, head_only, close);
     conn.phase = if close { Phase::Closing } else { Phase::Idle };
 }
 
@@ -639,6 +648,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
 }
 
 fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head) {
+    conn.minor = h.minor;
     let head_only = h.method == "HEAD";
     let has_body = !matches!(h.body, Some(BodyFraming::None) | None);
     match handler::on_head(ctx.gw, &h, conn.peer.ip()) {
@@ -687,7 +697,7 @@ fn route_is_chat(h: &Head) -> bool {
 
 fn chat_error(conn: &mut Conn, e: ApiError, close: bool, gw: &Gateway) {
     let resp = e.response().header("x-request-id", format!("req-{}", crate::util::random_hex(24)));
-    resp.encode(&mut conn.wbuf, false, close);
+    encode(conn, resp, false, close);
     finish_exchange(conn, close, gw);
 }
 
