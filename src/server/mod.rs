@@ -11,6 +11,7 @@ pub mod stream;
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
@@ -384,7 +385,23 @@ impl Server {
                     Err(_) => conn.eof = true,
                 }
             }
-            process(conn, &mut ctx);
+            // One connection's input must never take the loop down: a panic in the codecs or
+            // routing closes that connection with a 500 and is logged.
+            let panicked = catch_unwind(AssertUnwindSafe(|| process(conn, &mut ctx))).is_err();
+            if panicked {
+                crate::log!(Error, "internal error while handling #{} from {}; connection closed", conn.id, conn.peer);
+                conn.rbuf.clear();
+                if !matches!(conn.phase, Phase::Ws(_)) {
+                    let e = ApiError::server(
+                        500,
+                        "internal_error",
+                        "The server had an error while processing your request",
+                    );
+                    respond(conn, e.response(), false, true);
+                }
+                conn.phase = Phase::Closing;
+                conn.deadline = Some(Instant::now() + LINGER);
+            }
             if !progressed {
                 break;
             }
