@@ -154,7 +154,11 @@ fn gateway(mut args: Args) -> Result<i32, i32> {
         gw.config.gateway.workers
     );
     match server.run() {
-        Ok(()) => Ok(0),
+        Ok(()) => {
+            // Workers finish (or notice the cancel of) what they hold; transcripts are complete.
+            gw.pool.shutdown();
+            Ok(0)
+        }
         Err(e) => {
             eprintln!("gatelet: event loop failed: {e}");
             Err(1)

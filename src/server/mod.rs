@@ -11,6 +11,7 @@ pub mod stream;
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
@@ -30,6 +31,9 @@ use stream::ChatJob;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
+const SIGNAL: Token = Token(usize::MAX);
+/// How long in-flight runs and WebSocket clients get to finish after SIGTERM/SIGINT.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// Pipelined bytes buffered while a run is in flight; the rest waits in the kernel.
 const READ_CAP: usize = 64 * 1024;
 /// How long a connection may take to read its final response before it is dropped.
@@ -137,6 +141,8 @@ struct Conn {
     deadline: Option<Instant>,
     eof: bool,
     cancel: Option<CancelToken>,
+    /// HTTP minor version of the current request (1.0 keep-alive must be confirmed).
+    minor: u8,
 }
 
 /// The listening gateway.
@@ -152,6 +158,9 @@ pub struct Server {
     rx: Receiver<Done>,
     scratch: Vec<u8>,
     accept_paused: bool,
+    signals: mio::net::UnixStream,
+    /// Set once a stop signal arrived: the deadline for in-flight work.
+    draining: Option<Instant>,
 }
 
 impl std::fmt::Debug for Server {
@@ -176,6 +185,12 @@ impl Server {
         let poll = Poll::new()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        // SIGTERM/SIGINT write to a socket pair that the loop polls like any other source.
+        let (mut signals, sig_tx) = mio::net::UnixStream::pair()?;
+        let sig_tx: std::os::unix::net::UnixStream = sig_tx.into();
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGTERM, sig_tx.try_clone()?)?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGINT, sig_tx)?;
+        poll.registry().register(&mut signals, SIGNAL, Interest::READABLE)?;
         let (tx, rx) = channel();
         Ok(Server {
             poll,
@@ -189,6 +204,8 @@ impl Server {
             rx,
             scratch: vec![0; 16 * 1024],
             accept_paused: false,
+            signals,
+            draining: None,
         })
     }
 
@@ -197,12 +214,25 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// Run the loop forever.
+    /// Run the loop until a stop signal has drained the gateway.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut last_sweep = Instant::now();
         self.gw.set_ready(true);
         loop {
+            if let Some(deadline) = self.draining {
+                if self.live == 0 {
+                    crate::log!(Info, "drained; exiting");
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    crate::log!(Warn, "drain grace over; closing {} connection(s)", self.live);
+                    for slot in 0..self.conns.len() {
+                        self.close(slot);
+                    }
+                    return Ok(());
+                }
+            }
             let timeout = if self.live > 0 { Some(Duration::from_millis(250)) } else { None };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if interrupted(&e) {
@@ -214,6 +244,15 @@ impl Server {
                 match ev.token() {
                     LISTENER => self.accept_all(),
                     WAKER => {}
+                    SIGNAL => {
+                        let mut b = [0u8; 64];
+                        while matches!(self.signals.read(&mut b), Ok(n) if n > 0) {}
+                        if self.draining.is_some() {
+                            crate::log!(Warn, "second stop signal: exiting now");
+                            return Ok(());
+                        }
+                        self.start_drain();
+                    }
                     Token(t) => self.on_event(t - 2, ev.is_read_closed() || ev.is_error()),
                 }
             }
@@ -227,7 +266,34 @@ impl Server {
         }
     }
 
+    /// Stop accepting, tell WebSocket clients, close idle connections, let runs finish.
+    fn start_drain(&mut self) {
+        crate::log!(Info, "stop signal: draining (up to {} s; send again to exit now)", DRAIN_GRACE.as_secs());
+        self.gw.set_ready(false);
+        self.draining = Some(Instant::now() + DRAIN_GRACE);
+        let _ = self.poll.registry().deregister(&mut self.listener);
+        for slot in 0..self.conns.len() {
+            let Some(conn) = self.conns[slot].as_mut() else { continue };
+            match &mut conn.phase {
+                Phase::Idle => self.close(slot),
+                Phase::Ws(s) => {
+                    // The session sends `shutdown` and a 1001 close, then waits briefly for the
+                    // client's close frame so the socket ends cleanly.
+                    s.on_shutdown(&mut conn.wbuf);
+                    if s.is_closed() {
+                        conn.phase = Phase::Closing;
+                    }
+                    self.drive(slot);
+                }
+                _ => {}
+            }
+        }
+    }
+
     fn accept_all(&mut self) {
+        if self.draining.is_some() {
+            return;
+        }
         loop {
             if self.live >= self.gw.config.gateway.max_connections {
                 // Leave the rest in the backlog until a connection closes.
@@ -265,6 +331,7 @@ impl Server {
                         deadline: Some(Instant::now() + self.gw.config.gateway.idle_timeout),
                         eof: false,
                         cancel: None,
+                        minor: 1,
                     });
                     crate::log!(Trace, "accepted {peer} as #{id}");
                 }
@@ -322,7 +389,23 @@ impl Server {
                     Err(_) => conn.eof = true,
                 }
             }
-            process(conn, &mut ctx);
+            // One connection's input must never take the loop down: a panic in the codecs or
+            // routing closes that connection with a 500 and is logged.
+            let panicked = catch_unwind(AssertUnwindSafe(|| process(conn, &mut ctx))).is_err();
+            if panicked {
+                crate::log!(Error, "internal error while handling #{} from {}; connection closed", conn.id, conn.peer);
+                conn.rbuf.clear();
+                if !matches!(conn.phase, Phase::Ws(_)) {
+                    let e = ApiError::server(
+                        500,
+                        "internal_error",
+                        "The server had an error while processing your request",
+                    );
+                    respond(conn, e.response(), false, true);
+                }
+                conn.phase = Phase::Closing;
+                conn.deadline = Some(Instant::now() + LINGER);
+            }
             if !progressed {
                 break;
             }
@@ -364,7 +447,7 @@ impl Server {
                 conn.cancel = None;
                 match resp {
                     Some(r) if !conn.eof => {
-                        r.encode(&mut conn.wbuf, head_only, close);
+                        encode(conn, r, head_only, close);
                         finish_exchange(conn, close, &self.gw);
                     }
                     _ => conn.phase = Phase::Closing,
@@ -480,15 +563,22 @@ fn flush(conn: &mut Conn) -> bool {
     conn.wbuf.is_empty() && matches!(conn.phase, Phase::Closing)
 }
 
+/// Queue a response; an HTTP/1.0 client that asked for keep-alive gets it confirmed.
+fn encode(conn: &mut Conn, resp: Response, head_only: bool, close: bool) {
+    let resp = if conn.minor == 0 && !close { resp.header("Connection", "keep-alive") } else { resp };
+    resp.encode(&mut conn.wbuf, head_only, close);
+}
+
 /// Queue a response and move to the next request (or to closing).
 fn respond(conn: &mut Conn, resp: Response, head_only: bool, close: bool) {
-    resp.encode(&mut conn.wbuf, head_only, close);
+    encode(conn, resp, head_only, close);
     conn.phase = if close { Phase::Closing } else { Phase::Idle };
 }
 
 /// After a response: back to idle (with the idle timer), or closing.
 fn finish_exchange(conn: &mut Conn, close: bool, gw: &Gateway) {
-    if close || conn.eof {
+    // Not ready means draining: no further requests on this connection.
+    if close || conn.eof || !gw.is_ready() {
         conn.phase = Phase::Closing;
         conn.deadline = Some(Instant::now() + LINGER);
     } else {
@@ -529,6 +619,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
                 }
             }
             Phase::Body { reader, body, .. } => {
+                let before = conn.rbuf.len();
                 let done = match reader {
                     BodyReader::Length(left) => {
                         let n = (*left).min(conn.rbuf.len() as u64) as usize;
@@ -554,6 +645,10 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
                     },
                 };
                 if !done {
+                    if conn.rbuf.len() < before {
+                        // A slow upload that keeps making progress is not a stalled one.
+                        conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.header_timeout);
+                    }
                     return;
                 }
                 let Phase::Body { head, body, .. } = std::mem::replace(&mut conn.phase, Phase::Idle) else { return };
@@ -574,6 +669,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
 }
 
 fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head) {
+    conn.minor = h.minor;
     let head_only = h.method == "HEAD";
     let has_body = !matches!(h.body, Some(BodyFraming::None) | None);
     match handler::on_head(ctx.gw, &h, conn.peer.ip()) {
@@ -622,7 +718,7 @@ fn route_is_chat(h: &Head) -> bool {
 
 fn chat_error(conn: &mut Conn, e: ApiError, close: bool, gw: &Gateway) {
     let resp = e.response().header("x-request-id", format!("req-{}", crate::util::random_hex(24)));
-    resp.encode(&mut conn.wbuf, false, close);
+    encode(conn, resp, false, close);
     finish_exchange(conn, close, gw);
 }
 
