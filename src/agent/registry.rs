@@ -141,10 +141,10 @@ impl Registry {
         let mut g = self.lock();
         g.prune(now);
         if let Some(k) = idempotency_key {
-            if let Some((id, _)) = g.keys.get(k) {
-                if g.runs.contains_key(id) {
-                    return Start::Existing(id.clone());
-                }
+            if let Some((id, _)) = g.keys.get(k)
+                && g.runs.contains_key(id)
+            {
+                return Start::Existing(id.clone());
             }
             g.keys.insert(k.to_string(), (run_id.to_string(), now));
             g.key_order.push_back((now, k.to_string()));

@@ -317,10 +317,10 @@ impl Decoder {
                     pos += n;
                     let (op, key) = self.check(&h)?;
                     self.stage = Stage::Payload { op, fin: h.fin, left: h.len, key, pos: 0 };
-                    if h.len == 0 {
-                        if let Some(m) = self.frame_done(op, h.fin)? {
-                            return Ok((pos, Some(m)));
-                        }
+                    if h.len == 0
+                        && let Some(m) = self.frame_done(op, h.fin)?
+                    {
+                        return Ok((pos, Some(m)));
                     }
                 }
                 Stage::Payload { op, fin, left, key, pos: mpos } => {
@@ -347,10 +347,10 @@ impl Decoder {
                     };
                     let left = left - take as u64;
                     self.stage = Stage::Payload { op, fin, left, key, pos: next };
-                    if left == 0 {
-                        if let Some(m) = self.frame_done(op, fin)? {
-                            return Ok((pos, Some(m)));
-                        }
+                    if left == 0
+                        && let Some(m) = self.frame_done(op, fin)?
+                    {
+                        return Ok((pos, Some(m)));
                     }
                 }
             }
