@@ -686,3 +686,121 @@ fn sessions_change(gw: &Gateway, p: &Value, delete: bool) -> Result<Value, Error
     }
     Err(ErrorShape::new(ErrorCode::NotFound, format!("no session {given}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{self, Overrides};
+
+    fn gateway() -> Arc<Gateway> {
+        let text = "{ gateway: { auth: { token: 't' } }, session: { persist: false } }";
+        let cfg = config::parse(text, None, std::env::temp_dir(), &Overrides::default(), &|_| None).unwrap();
+        Arc::new(Gateway::new(cfg).0)
+    }
+
+    /// Server frames in `out`, as (opcode, payload).
+    fn frames(out: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut v = Vec::new();
+        let mut pos = 0;
+        while pos < out.len() {
+            let (h, n) = frame::parse_header(&out[pos..]).unwrap().unwrap();
+            assert!(h.mask.is_none() && h.fin && h.rsv == 0);
+            let end = pos + n + h.len as usize;
+            v.push((h.opcode, out[pos + n..end].to_vec()));
+            pos = end;
+        }
+        v
+    }
+
+    fn event_name(p: &[u8]) -> String {
+        let v: Value = serde_json::from_slice(p).unwrap();
+        v["event"].as_str().unwrap_or_default().to_string()
+    }
+
+    fn close_code(p: &[u8]) -> u16 {
+        u16::from_be_bytes([p[0], p[1]])
+    }
+
+    #[test]
+    fn challenge_then_handshake_deadline() {
+        let gw = gateway();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        let mut s = Session::new(&gw, t0, &mut out);
+        let f = frames(&out);
+        assert_eq!(event_name(&f[0].1), "connect.challenge");
+        out.clear();
+        s.on_timer(t0 + Duration::from_secs(9), &mut out);
+        assert!(out.is_empty());
+        s.on_timer(t0 + HANDSHAKE_TIMEOUT, &mut out);
+        let f = frames(&out);
+        assert_eq!((f[0].0, close_code(&f[0].1)), (0x8, 1008));
+        assert!(!s.is_closed(), "waits for the client's close frame first");
+        s.on_timer(t0 + HANDSHAKE_TIMEOUT + CLOSE_TIMEOUT, &mut out);
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn ticks_every_30s_and_shutdown_closes_1001() {
+        let gw = gateway();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        let mut s = Session::new(&gw, t0, &mut out);
+        s.state = State::Open;
+        s.next_tick = Some(t0 + TICK_INTERVAL);
+        out.clear();
+        s.on_timer(t0 + Duration::from_secs(29), &mut out);
+        assert!(out.is_empty());
+        s.on_timer(t0 + TICK_INTERVAL, &mut out);
+        s.on_timer(t0 + TICK_INTERVAL + Duration::from_secs(1), &mut out);
+        let f = frames(&out);
+        assert_eq!(f.len(), 1);
+        assert_eq!(event_name(&f[0].1), "tick");
+        out.clear();
+        s.on_timer(t0 + 2 * TICK_INTERVAL, &mut out);
+        assert_eq!(event_name(&frames(&out)[0].1), "tick");
+        out.clear();
+        s.on_shutdown(&mut out);
+        let f = frames(&out);
+        assert_eq!(event_name(&f[0].1), "shutdown");
+        assert_eq!((f[1].0, close_code(&f[1].1)), (0x8, 1001));
+        // Nothing more is sent once closing.
+        out.clear();
+        s.outgoing(Outgoing::Res("{}".into()), &mut out);
+        s.on_timer(t0 + 3 * TICK_INTERVAL, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn slow_consumer_is_closed_and_its_runs_aborted() {
+        let gw = gateway();
+        let mut out = Vec::new();
+        let mut s = Session::new(&gw, Instant::now(), &mut out);
+        s.state = State::Open;
+        let c = CancelToken::new();
+        s.runs.insert("run-1".into(), c.clone());
+        let big = "x".repeat(1 << 20);
+        // 8 MiB and a little are queued: still within the limit when the last one was added.
+        for _ in 0..8 {
+            s.outgoing(Outgoing::Event { name: "agent", payload: format!("\"{big}\"") }, &mut out);
+        }
+        assert!(!c.is_cancelled());
+        s.outgoing(Outgoing::Event { name: "agent", payload: "1".into() }, &mut out);
+        let f = frames(&out);
+        let last = f.last().unwrap();
+        assert_eq!((last.0, close_code(&last.1)), (0x8, 1008));
+        assert!(c.is_cancelled());
+    }
+
+    #[test]
+    fn dropping_a_session_aborts_its_runs() {
+        let gw = gateway();
+        let mut out = Vec::new();
+        let mut s = Session::new(&gw, Instant::now(), &mut out);
+        let c = CancelToken::new();
+        s.runs.insert("run-1".into(), c.clone());
+        s.outgoing(Outgoing::RunEnded { run_id: "run-2".into() }, &mut out);
+        drop(s);
+        assert!(c.is_cancelled());
+    }
+}
