@@ -216,11 +216,6 @@ impl Registry {
         ids
     }
 
-    /// The session key of a known run.
-    pub fn session_of(&self, run_id: &str) -> Option<String> {
-        self.lock().runs.get(run_id).map(|e| e.session_key.clone())
-    }
-
     /// Runs registered and not yet finished.
     pub fn active(&self) -> usize {
         self.lock().runs.values().filter(|e| e.done.is_none()).count()

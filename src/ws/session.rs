@@ -594,7 +594,7 @@ fn api_error(e: ApiError) -> ErrorShape {
 /// ([`chat::resolve_agent`], [`chat::session_key`]): an explicit `agentId` wins; otherwise a key
 /// of the form `agent:<id>:…` names its agent; otherwise the default agent.
 fn resolve(gw: &Gateway, agent_id: Option<&str>, key: Option<&str>) -> Result<(usize, String, bool), ErrorShape> {
-    let from_key = key.and_then(agent_of).filter(|_| key.is_some_and(|k| k.starts_with("agent:")));
+    let from_key = key.and_then(agent_of);
     let agent = match (agent_id, from_key) {
         (Some(a), Some(k)) if !a.eq_ignore_ascii_case(k) => {
             return Err(ErrorShape::invalid(format!("sessionKey belongs to agent {k}, not {a}")));
