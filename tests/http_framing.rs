@@ -262,3 +262,32 @@ fn response_carries_a_date_header() {
     let diff = ours.abs_diff(theirs).min(86400 - ours.abs_diff(theirs));
     assert!(diff < 60, "Date {d} is {diff} s off");
 }
+
+#[test]
+fn http10_keep_alive_response_says_keep_alive() {
+    // An HTTP/1.0 client only keeps the connection when the response says so (RFC 9112
+    // Appendix C.2.2); without the header it waits for a close that never comes.
+    let gw = Gateway::start();
+    let mut s = gw.connect();
+    let body = user_body("one oh", "");
+    let chat = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nConnection: keep-alive\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let bad = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nConnection: keep-alive\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Length: 2\r\n\r\n{{}}"
+    );
+    let reqs: [&[u8]; 4] = [
+        b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        b"GET /nope HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        chat.as_bytes(),
+        bad.as_bytes(),
+    ];
+    for (i, req) in reqs.iter().enumerate() {
+        s.write_all(req).unwrap();
+        let r = read_response(&mut s).unwrap_or_else(|| panic!("response {i}"));
+        assert_eq!(r.header("connection").as_deref(), Some("keep-alive"), "{i}: {}", r.head);
+    }
+}
