@@ -183,3 +183,30 @@ fn max_connections_holds_back_extra_connections() {
     b.write_all(req).unwrap();
     assert_eq!(read_response(&mut b).unwrap().status, 200);
 }
+
+#[test]
+fn body_that_keeps_arriving_is_not_cut_off_by_the_header_timeout() {
+    // The body deadline is an idle timeout: a slow upload that makes progress completes.
+    let gw = Gateway::with_config(&config(
+        "http: { headerTimeoutSeconds: 1, endpoints: { chatCompletions: { enabled: true } } }",
+        "",
+    ));
+    let body = user_body("slow upload arrives", "");
+    let mut s = gw.connect();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let t0 = Instant::now();
+    for piece in body.as_bytes().chunks(body.len().div_ceil(6)) {
+        std::thread::sleep(Duration::from_millis(400));
+        if s.write_all(piece).is_err() {
+            break;
+        }
+    }
+    assert!(t0.elapsed() > Duration::from_millis(2000));
+    let r = read_response(&mut s).expect("a response");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "slow upload arrives");
+}
