@@ -305,3 +305,26 @@ fn request_pipelined_behind_a_stream_is_answered_after_it() {
     assert!(first < done && done < health && health < last, "{all:?}");
     assert_eq!(all.matches("HTTP/1.1 200").count(), 3, "{all:?}");
 }
+
+#[test]
+fn stream_on_a_closing_connection_says_connection_close() {
+    let gw = Gateway::with_config(&config(
+        "",
+        "agents: { list: [ { id: 'main', default: true }, { id: 'up', backend: { kind: 'openai', baseUrl: 'http://127.0.0.1:1/v1' } } ] }",
+    ));
+    let mut s = gw.connect();
+    s.write_all(&chat_request_with(&["Connection: close"], &stream_body("bye now", ""))).unwrap();
+    let r = read_response(&mut s).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection").as_deref(), Some("close"), "{}", r.head);
+    assert_eq!(r.header("transfer-encoding").as_deref(), Some("chunked"));
+    assert_only_data_records(&r.body);
+    assert!(util::closed_within(&mut s, Duration::from_secs(5)));
+    // The same for an error answered before the stream starts.
+    let mut s = gw.connect();
+    s.write_all(&chat_request_with(&["Connection: close"], &stream_body("x", r#""model":"gatelet/up""#))).unwrap();
+    let r = read_response(&mut s).unwrap();
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("connection").as_deref(), Some("close"), "{}", r.head);
+    assert!(util::closed_within(&mut s, Duration::from_secs(5)));
+}
