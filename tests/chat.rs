@@ -337,7 +337,7 @@ fn full_queue_is_503_overloaded_with_retry_after() {
 fn disconnect_frees_the_worker(stream: bool) {
     let gw = Gateway::with_config(&config(
         "workers: 1",
-        "agents: { list: [ { id: 'main', backend: { kind: 'echo', tokenDelayMs: 1000 } } ] }",
+        "agents: { list: [ { id: 'main', backend: { kind: 'echo', tokenDelayMs: 5000 } } ] }",
     ));
     let words: Vec<String> = (0..30).map(|i| format!("w{i}")).collect();
     let extra = format!(r#""user":"leaver","stream":{stream}"#);
@@ -347,7 +347,8 @@ fn disconnect_frees_the_worker(stream: bool) {
         let h = util::read_head(&mut s).expect("stream head");
         assert_eq!(h.status, 200);
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    // The first word goes out at once, the next after 5 s: drop the client in between.
+    std::thread::sleep(Duration::from_millis(700));
     drop(s);
     // One word needs no delay; served as soon as the worker is back.
     let t0 = Instant::now();
