@@ -237,7 +237,8 @@ fn runs_on_one_session_are_serialised() {
     let mut a = gw.connect();
     let mut b = gw.connect();
     a.write_all(&first).unwrap();
-    std::thread::sleep(Duration::from_millis(150));
+    // Well inside the first run (~600 ms), so the arrival order is certain.
+    std::thread::sleep(Duration::from_millis(250));
     b.write_all(&second).unwrap();
     let ra = read_response(&mut a).unwrap();
     let rb = read_response(&mut b).unwrap();
