@@ -20,6 +20,8 @@ pub struct Gateway {
     pub dir: PathBuf,
     /// Lines the gateway wrote to stderr so far are collected here.
     pub stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Remove `dir` on drop (it was made for this gateway alone).
+    owns_dir: bool,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -27,7 +29,8 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 /// A fresh empty directory under the system temp dir.
 pub fn temp_dir(tag: &str) -> PathBuf {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let d = std::env::temp_dir().join(format!("gatelet-test-{}-{tag}-{n}", std::process::id()));
+    // Under target/ (cargo's scratch dir for integration tests), never littering /tmp.
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("gatelet-test-{}-{tag}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -51,7 +54,9 @@ impl Gateway {
     /// Start with `cfg` (JSON5 text) in a fresh state dir.
     pub fn with_config(cfg: &str) -> Gateway {
         let dir = temp_dir("gw");
-        Self::in_dir(cfg, &dir)
+        let mut gw = Self::in_dir(cfg, &dir);
+        gw.owns_dir = true;
+        gw
     }
 
     /// Start with `cfg` using `dir` as the state dir (to restart on the same state).
@@ -94,7 +99,7 @@ impl Gateway {
                 panic!("gatelet did not start: {:?}", lines.lock().unwrap());
             }
         };
-        Gateway { child, port, dir: dir.to_path_buf(), stderr: lines }
+        Gateway { child, port, dir: dir.to_path_buf(), stderr: lines, owns_dir: false }
     }
 
     pub fn addr(&self) -> String {
@@ -134,6 +139,9 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.kill();
+        if self.owns_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
