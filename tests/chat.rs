@@ -7,7 +7,9 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use util::{Gateway, Resp, chat_request, chat_request_with, config, error_of, read_response, user_body};
+use util::{
+    FAILING_AGENTS, Gateway, Resp, chat_request, chat_request_with, config, error_of, read_response, user_body,
+};
 
 fn two_agents() -> Gateway {
     Gateway::with_config(&config(
@@ -267,12 +269,7 @@ fn runs_on_one_session_are_serialised() {
 
 #[test]
 fn failing_backends_give_502_before_anything_is_sent() {
-    let gw = Gateway::with_config(&config(
-        "",
-        "agents: { list: [ { id: 'main', default: true }, \
-           { id: 'cmd', backend: { kind: 'command', argv: ['/nonexistent'] } }, \
-           { id: 'up', backend: { kind: 'openai', baseUrl: 'http://127.0.0.1:1/v1', model: 'm' } } ] }",
-    ));
+    let gw = Gateway::with_config(&config("", FAILING_AGENTS));
     for model in ["gatelet/cmd", "gatelet/up"] {
         let r = gw.one(&chat_request(&user_body("hi", &format!(r#""model":"{model}","user":"u""#))));
         assert_eq!(r.status, 502, "{model}: {}", r.text());

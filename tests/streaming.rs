@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use util::{
-    Gateway, Resp, chat_request, chat_request_with, config, error_of, read_head, read_response, read_to_close,
-    sse_data, sse_json, user_body,
+    FAILING_AGENTS, Gateway, Resp, chat_request, chat_request_with, config, error_of, read_head, read_response,
+    read_to_close, sse_data, sse_json, user_body,
 };
 
 fn stream_body(text: &str, extra: &str) -> String {
@@ -201,12 +201,7 @@ fn silence_carries_keep_alive_comments() {
 
 #[test]
 fn run_failing_before_the_stream_gets_a_real_status() {
-    let gw = Gateway::with_config(&config(
-        "",
-        "agents: { list: [ { id: 'main', default: true }, \
-           { id: 'cmd', backend: { kind: 'command', argv: ['/nonexistent'] } }, \
-           { id: 'up', backend: { kind: 'openai', baseUrl: 'http://127.0.0.1:1/v1', model: 'm' } } ] }",
-    ));
+    let gw = Gateway::with_config(&config("", FAILING_AGENTS));
     for model in ["gatelet/cmd", "gatelet/up"] {
         let mut s = gw.connect();
         s.write_all(&chat_request(&stream_body("hi", &format!(r#""model":"{model}""#)))).unwrap();

@@ -340,21 +340,7 @@ pub fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
 
 /// Read whatever arrives within `within` (used to show that nothing is sent).
 pub fn read_for(s: &mut TcpStream, within: Duration) -> Vec<u8> {
-    let end = Instant::now() + within;
-    let mut out = Vec::new();
-    let mut b = [0u8; 4096];
-    loop {
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        s.set_read_timeout(Some(left)).unwrap();
-        match s.read(&mut b) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => out.extend_from_slice(&b[..n]),
-        }
-    }
-    out
+    read_until(s, None, within)
 }
 
 /// The parsed JSON of every `data:` record except `[DONE]`.
@@ -384,10 +370,14 @@ pub fn error_of(r: &Resp) -> serde_json::Value {
 
 /// Read until `pat` has arrived, the server closes, or `within` passes; returns what was read.
 pub fn read_to_close_or(s: &mut TcpStream, pat: &[u8], within: Duration) -> Vec<u8> {
+    read_until(s, Some(pat), within)
+}
+
+fn read_until(s: &mut TcpStream, pat: Option<&[u8]>, within: Duration) -> Vec<u8> {
     let end = Instant::now() + within;
     let mut out = Vec::new();
     let mut b = [0u8; 4096];
-    while !out.windows(pat.len()).any(|w| w == pat) {
+    while !pat.is_some_and(|p| out.windows(p.len()).any(|w| w == p)) {
         let left = end.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
@@ -400,3 +390,9 @@ pub fn read_to_close_or(s: &mut TcpStream, pat: &[u8], within: Duration) -> Vec<
     }
     out
 }
+
+/// Agents whose backends fail at once: `cmd` (a program that does not exist) and `up` (an
+/// upstream nobody listens on), beside the echo agent `main`.
+pub const FAILING_AGENTS: &str = "agents: { list: [ { id: 'main', default: true }, \
+    { id: 'cmd', backend: { kind: 'command', argv: ['/nonexistent'] } }, \
+    { id: 'up', backend: { kind: 'openai', baseUrl: 'http://127.0.0.1:1/v1', model: 'm' } } ] }";
