@@ -114,12 +114,11 @@ pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut 
             + input.messages.iter().map(|m| count_words(&m.content)).sum::<u64>(),
         completion_tokens: count_words(&rec.text),
     });
-    if sticky {
-        if let Err(e) =
+    if sticky
+        && let Err(e) =
             gw.sessions.append_turn(&req.session_key, &agent.cfg.id, turn, &rec.text, usage, error.is_some())
-        {
-            crate::log!(Error, "session {}: transcript write failed: {e}", req.session_key);
-        }
+    {
+        crate::log!(Error, "session {}: transcript write failed: {e}", req.session_key);
     }
     crate::log!(
         Debug,

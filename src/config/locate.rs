@@ -123,23 +123,26 @@ pub fn scan(src: &str) -> Locations {
         let pos = (cur.line, cur.col);
         let Some(c) = cur.peek() else { break };
         // Inside an object and expecting a key?
-        if let Some(Frame::Object { base, key }) = stack.last_mut() {
-            if key.is_none() && value_path.is_none() && c != '}' && c != ',' {
-                let k = cur.token();
-                if k.is_empty() {
-                    cur.bump();
-                    continue;
-                }
-                let path = if base.is_empty() { k.clone() } else { format!("{base}.{k}") };
-                locs.entry(path.clone()).or_insert(pos);
-                *key = Some(k);
-                cur.skip_trivia();
-                if cur.peek() == Some(':') {
-                    cur.bump();
-                }
-                value_path = Some(path);
+        if let Some(Frame::Object { base, key }) = stack.last_mut()
+            && key.is_none()
+            && value_path.is_none()
+            && c != '}'
+            && c != ','
+        {
+            let k = cur.token();
+            if k.is_empty() {
+                cur.bump();
                 continue;
             }
+            let path = if base.is_empty() { k.clone() } else { format!("{base}.{k}") };
+            locs.entry(path.clone()).or_insert(pos);
+            *key = Some(k);
+            cur.skip_trivia();
+            if cur.peek() == Some(':') {
+                cur.bump();
+            }
+            value_path = Some(path);
+            continue;
         }
         match c {
             '{' | '[' => {

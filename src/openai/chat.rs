@@ -175,10 +175,10 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
             return Err(ApiError::invalid_value("stop", "`stop` must be a string or an array of up to 4 strings"));
         }
     };
-    if let Some(n) = opt(&o, "n") {
-        if n.as_u64() != Some(1) {
-            return Err(ApiError::invalid_value("n", "agent runs produce exactly one choice: `n` must be 1"));
-        }
+    if let Some(n) = opt(&o, "n")
+        && n.as_u64() != Some(1)
+    {
+        return Err(ApiError::invalid_value("n", "agent runs produce exactly one choice: `n` must be 1"));
     }
     Ok(ChatRequest {
         model,

@@ -286,10 +286,8 @@ impl Server {
     fn on_event(&mut self, slot: usize, hangup: bool) {
         let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
         if matches!(conn.phase, Phase::Lent) {
-            if hangup {
-                if let Some(c) = &conn.cancel {
-                    c.cancel();
-                }
+            if hangup && let Some(c) = &conn.cancel {
+                c.cancel();
             }
             return;
         }
@@ -304,8 +302,7 @@ impl Server {
         let gw = self.gw.clone();
         let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
         let mut ctx = Ctx { gw: &gw, slot, notifier: &self.notifier, registry: self.poll.registry() };
-        loop {
-            let Some(stream) = conn.stream.as_mut() else { break };
+        while let Some(stream) = conn.stream.as_mut() {
             let reading = !conn.eof
                 && !matches!(conn.phase, Phase::Closing)
                 && (conn.rbuf.len() < READ_CAP || matches!(conn.phase, Phase::Idle | Phase::Head | Phase::Body { .. }));
@@ -675,10 +672,10 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     let _ = ctx.registry.deregister(&mut mio_stream);
     let std_stream: std::net::TcpStream = mio_stream.into();
     let watch = std_stream.try_clone().map(TcpStream::from_std);
-    if let Ok(mut w) = watch {
-        if ctx.registry.register(&mut w, Token(slot + 2), Interest::READABLE).is_ok() {
-            conn.watcher = Some(w);
-        }
+    if let Ok(mut w) = watch
+        && ctx.registry.register(&mut w, Token(slot + 2), Interest::READABLE).is_ok()
+    {
+        conn.watcher = Some(w);
     }
     let prefix = std::mem::take(&mut conn.wbuf);
     conn.phase = Phase::Lent;

@@ -160,10 +160,10 @@ fn load_one(path: &Path, warnings: &mut Vec<String>) -> Option<Session> {
         Ok(b) => {
             // A torn last line (crash mid-write) is cut off so the next append starts clean.
             let good = b.iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1);
-            if good < b.len() {
-                if let Ok(f) = OpenOptions::new().write(true).open(path) {
-                    let _ = f.set_len(good as u64);
-                }
+            if good < b.len()
+                && let Ok(f) = OpenOptions::new().write(true).open(path)
+            {
+                let _ = f.set_len(good as u64);
             }
             String::from_utf8_lossy(&b).into_owned()
         }
