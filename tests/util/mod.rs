@@ -2,6 +2,9 @@
 //! config written to a temp dir, and talk to it over raw sockets.
 #![allow(dead_code)]
 
+pub mod sse_client;
+pub mod upstream;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
