@@ -1,1 +1,274 @@
-//! Server-Sent Events decoding, for reading upstream streams.
+//! Incremental server-sent events decoder (WHATWG HTML §9.2.6), used to read upstream streams.
+//!
+//! Bytes go in as they arrive, in any split; complete events come out. Lines end in CRLF, LF or a
+//! lone CR (a CR at the end of one feed and an LF at the start of the next are one line end).
+//! Comment lines (`:` first) are skipped, `data` lines are joined with `\n`, `event` names the
+//! event, `id` and `retry` are ignored (chat completion streams do not use them), and a blank line
+//! dispatches the event when it has data. A leading UTF-8 BOM is skipped.
+//!
+//! Two rules are ours: a line longer than the configured limit is an error (an upstream cannot
+//! make us buffer without bound), and a line that is not UTF-8 is an error.
+
+use std::fmt;
+
+/// Default longest line, and longest event data, accepted.
+pub const DEFAULT_MAX_LINE: usize = 4 * 1024 * 1024;
+
+/// One dispatched event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Event {
+    /// The `event` field, when one was given.
+    pub event: Option<String>,
+    /// The `data` lines joined with `\n`.
+    pub data: String,
+}
+
+/// Why a stream could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SseError {
+    /// A line, or the data of one event, is longer than the limit.
+    TooLong,
+    /// A line is not valid UTF-8 (the stream is always UTF-8, §9.2.5).
+    InvalidUtf8,
+}
+
+impl fmt::Display for SseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SseError::TooLong => "server-sent event line or data is too long",
+            SseError::InvalidUtf8 => "server-sent event stream is not valid UTF-8",
+        })
+    }
+}
+
+impl std::error::Error for SseError {}
+
+/// Decoder state between feeds.
+#[derive(Debug, Clone)]
+pub struct SseDecoder {
+    line: Vec<u8>,
+    data: String,
+    has_data: bool,
+    event: Option<String>,
+    /// The previous feed ended in CR: an LF first in the next one belongs to it.
+    after_cr: bool,
+    /// Still at the very start of the stream (BOM check pending).
+    at_start: bool,
+    max: usize,
+}
+
+impl Default for SseDecoder {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_LINE)
+    }
+}
+
+impl SseDecoder {
+    /// A decoder refusing lines or event data longer than `max` bytes.
+    pub fn new(max: usize) -> Self {
+        SseDecoder {
+            line: Vec::new(),
+            data: String::new(),
+            has_data: false,
+            event: None,
+            after_cr: false,
+            at_start: true,
+            max,
+        }
+    }
+
+    /// Decode `input`, pushing every event it completes onto `out`. All input is consumed; after
+    /// an error the decoder must not be used again.
+    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<Event>) -> Result<(), SseError> {
+        if self.at_start {
+            // The BOM may arrive split across feeds: wait for three bytes before deciding.
+            let have = self.line.len();
+            let need = 3 - have.min(3);
+            let take = need.min(input.len());
+            self.line.extend_from_slice(&input[..take]);
+            input = &input[take..];
+            if self.line.len() < 3 && b"\xEF\xBB\xBF".starts_with(&self.line) {
+                return Ok(());
+            }
+            self.at_start = false;
+            let head = std::mem::take(&mut self.line);
+            let head = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&head);
+            self.scan(head, out)?;
+        }
+        self.scan(input, out)
+    }
+
+    fn scan(&mut self, mut input: &[u8], out: &mut Vec<Event>) -> Result<(), SseError> {
+        if self.after_cr && !input.is_empty() {
+            self.after_cr = false;
+            if input[0] == b'\n' {
+                input = &input[1..];
+            }
+        }
+        while let Some(i) = input.iter().position(|&b| b == b'\n' || b == b'\r') {
+            if self.line.len() + i > self.max {
+                return Err(SseError::TooLong);
+            }
+            self.line.extend_from_slice(&input[..i]);
+            let cr = input[i] == b'\r';
+            input = &input[i + 1..];
+            if cr {
+                match input.first() {
+                    Some(b'\n') => input = &input[1..],
+                    Some(_) => {}
+                    None => self.after_cr = true,
+                }
+            }
+            let line = std::mem::take(&mut self.line);
+            self.line_done(&line, out)?;
+            self.line = line;
+            self.line.clear();
+        }
+        if self.line.len() + input.len() > self.max {
+            return Err(SseError::TooLong);
+        }
+        self.line.extend_from_slice(input);
+        Ok(())
+    }
+
+    fn line_done(&mut self, line: &[u8], out: &mut Vec<Event>) -> Result<(), SseError> {
+        if line.is_empty() {
+            if self.has_data {
+                out.push(Event { event: self.event.take(), data: std::mem::take(&mut self.data) });
+            }
+            self.has_data = false;
+            self.event = None;
+            self.data.clear();
+            return Ok(());
+        }
+        if line[0] == b':' {
+            return Ok(());
+        }
+        let line = std::str::from_utf8(line).map_err(|_| SseError::InvalidUtf8)?;
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line, ""),
+        };
+        match field {
+            "data" => {
+                if self.data.len() + value.len() + 1 > self.max {
+                    return Err(SseError::TooLong);
+                }
+                if self.has_data {
+                    self.data.push('\n');
+                }
+                self.data.push_str(value);
+                self.has_data = true;
+            }
+            "event" => self.event = Some(value.to_string()),
+            // `id`, `retry` and unknown fields are ignored (§9.2.6).
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The end of the stream. A last event without its blank line is returned (the standard
+    /// discards it; an upstream that closes right after `data: [DONE]` still means it).
+    pub fn finish(&mut self, out: &mut Vec<Event>) -> Result<(), SseError> {
+        if self.at_start {
+            self.at_start = false;
+            let head = std::mem::take(&mut self.line);
+            let head = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&head);
+            self.scan(head, out)?;
+        }
+        if !self.line.is_empty() {
+            let line = std::mem::take(&mut self.line);
+            self.line_done(&line, out)?;
+        }
+        self.line_done(&[], out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(event: Option<&str>, data: &str) -> Event {
+        Event { event: event.map(String::from), data: data.to_string() }
+    }
+
+    fn decode_all(input: &[u8]) -> Result<Vec<Event>, SseError> {
+        let mut d = SseDecoder::new(64);
+        let mut out = Vec::new();
+        d.feed(input, &mut out)?;
+        d.finish(&mut out)?;
+        Ok(out)
+    }
+
+    /// Every split of the input into two feeds, and byte-at-a-time feeding, give one result.
+    fn decode_every_split(input: &[u8]) -> Result<Vec<Event>, SseError> {
+        let whole = decode_all(input);
+        for cut in 0..=input.len() {
+            let mut d = SseDecoder::new(64);
+            let mut out = Vec::new();
+            let r = d.feed(&input[..cut], &mut out).and_then(|_| d.feed(&input[cut..], &mut out));
+            let r = r.and_then(|_| d.finish(&mut out)).map(|_| out);
+            assert_eq!(r, whole, "split at {cut} of {:?}", String::from_utf8_lossy(input));
+        }
+        let mut d = SseDecoder::new(64);
+        let mut out = Vec::new();
+        let r = input.iter().try_for_each(|b| d.feed(std::slice::from_ref(b), &mut out));
+        let r = r.and_then(|_| d.finish(&mut out)).map(|_| out);
+        assert_eq!(r, whole, "byte at a time");
+        whole
+    }
+
+    #[test]
+    fn table() {
+        type Case = (&'static str, &'static [u8], Result<Vec<Event>, SseError>);
+        let cases: Vec<Case> = vec![
+            ("lf", b"data: a\n\ndata: b\n\n", Ok(vec![ev(None, "a"), ev(None, "b")])),
+            ("crlf", b"data: a\r\n\r\ndata: b\r\n\r\n", Ok(vec![ev(None, "a"), ev(None, "b")])),
+            ("lone cr", b"data: a\r\rdata: b\r\r", Ok(vec![ev(None, "a"), ev(None, "b")])),
+            ("mixed", b"data: a\r\n\ndata: b\n\r\n", Ok(vec![ev(None, "a"), ev(None, "b")])),
+            ("no space", b"data:{\"x\":1}\n\n", Ok(vec![ev(None, "{\"x\":1}")])),
+            ("one space stripped", b"data:  two\n\n", Ok(vec![ev(None, " two")])),
+            ("multi-line data", b"data: a\ndata: b\ndata\n\n", Ok(vec![ev(None, "a\nb\n")])),
+            ("comments skipped", b": keep-alive\n\n:\n\ndata: x\n: mid\n\n", Ok(vec![ev(None, "x")])),
+            ("blank lines alone", b"\n\n\r\n\r\r", Ok(vec![])),
+            ("event name", b"event: error\ndata: {}\n\n", Ok(vec![ev(Some("error"), "{}")])),
+            ("event name reset", b"event: e\n\ndata: x\n\n", Ok(vec![ev(None, "x")])),
+            ("id and retry ignored", b"id: 7\nretry: 10\n\ndata: x\nid: 8\n\n", Ok(vec![ev(None, "x")])),
+            ("unknown field", b"foo: bar\ndata: x\n\n", Ok(vec![ev(None, "x")])),
+            ("bom", b"\xEF\xBB\xBFdata: x\n\n", Ok(vec![ev(None, "x")])),
+            ("bom only once", b"\xEF\xBB\xBF\xEF\xBB\xBFdata: x\n\n", Ok(vec![])),
+            ("unterminated last event", b"data: a\n\ndata: [DONE]", Ok(vec![ev(None, "a"), ev(None, "[DONE]")])),
+            ("unterminated after lf", b"data: [DONE]\n", Ok(vec![ev(None, "[DONE]")])),
+            ("utf8", "data: héllo ✓\n\n".as_bytes(), Ok(vec![ev(None, "héllo ✓")])),
+            ("invalid utf8", b"data: \xff\n\n", Err(SseError::InvalidUtf8)),
+            ("invalid utf8 in comment is fine", b": \xff\n\ndata: x\n\n", Ok(vec![ev(None, "x")])),
+            ("line too long", &[b'a'; 65], Err(SseError::TooLong)),
+            ("data too long", b"data: 0123456789012345678901234\ndata: 0123456789012345678901234\ndata: 0123456789012345678901234\n\n", Err(SseError::TooLong)),
+            ("empty", b"", Ok(vec![])),
+        ];
+        for (name, input, want) in cases {
+            assert_eq!(decode_every_split(input), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn crlf_split_across_feeds_is_one_line_end() {
+        let mut d = SseDecoder::default();
+        let mut out = Vec::new();
+        d.feed(b"data: a\r", &mut out).unwrap();
+        d.feed(b"\n\r", &mut out).unwrap();
+        assert_eq!(out, vec![ev(None, "a")]);
+        d.feed(b"\ndata: b\r\n\r\n", &mut out).unwrap();
+        assert_eq!(out, vec![ev(None, "a"), ev(None, "b")]);
+    }
+
+    #[test]
+    fn events_come_out_as_soon_as_complete() {
+        let mut d = SseDecoder::default();
+        let mut out = Vec::new();
+        d.feed(b"data: one\n\ndata: tw", &mut out).unwrap();
+        assert_eq!(out, vec![ev(None, "one")]);
+        d.feed(b"o\n\n", &mut out).unwrap();
+        assert_eq!(out.len(), 2);
+    }
+}

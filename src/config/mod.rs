@@ -606,8 +606,8 @@ impl Validator {
                         &format!("{p}.baseUrl"),
                         "https:// upstreams need TLS, which this build does not include: use an http:// URL on loopback or a TLS-terminating proxy",
                     );
-                } else if !base_url.starts_with("http://") {
-                    self.problem(&format!("{p}.baseUrl"), format!("expected an http:// URL, got {base_url:?}"));
+                } else if let Err(e) = crate::agent::backend::upstream::BaseUrl::parse(&base_url) {
+                    self.problem(&format!("{p}.baseUrl"), format!("{e}, got {base_url:?}"));
                 }
                 BackendConfig::OpenAi(OpenAiBackendConfig {
                     base_url,
@@ -780,6 +780,9 @@ mod tests {
         let e = parse_str("{gateway:{auth:{token:'x'}}, agents: {list: [{id: 'a', backend: {kind: 'openai', baseUrl: 'https://x'}}]}}")
             .unwrap_err();
         assert!(e.to_string().contains("TLS"), "{e}");
+        let e = parse_str("{gateway:{auth:{token:'x'}}, agents: {list: [{id: 'a', backend: {kind: 'openai', baseUrl: 'http://u:p@h/v1'}}]}}")
+            .unwrap_err();
+        assert!(e.to_string().contains("agents.list[0].backend.baseUrl") && e.to_string().contains("apiKey"), "{e}");
     }
 
     #[test]

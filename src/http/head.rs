@@ -56,9 +56,17 @@ pub struct Head {
 }
 
 impl Head {
-    /// The path without the query string.
+    /// The path without the query string. An absolute-form target (`http://host/path`), which a
+    /// server must accept (RFC 9112 §3.2.2), is reduced to its path.
     pub fn path(&self) -> &str {
-        self.target.split('?').next().unwrap_or("")
+        let mut t = self.target.as_str();
+        for scheme in ["http://", "https://"] {
+            if t.len() > scheme.len() && t[..scheme.len()].eq_ignore_ascii_case(scheme) {
+                let rest = &t[scheme.len()..];
+                t = rest.find('/').map_or("/", |i| &rest[i..]);
+            }
+        }
+        t.split('?').next().unwrap_or("")
     }
 }
 
@@ -291,6 +299,8 @@ mod tests {
         assert_eq!(h.body, Some(BodyFraming::None));
         assert!(!h.close);
         assert_eq!(p("GET / HTTP/1.1\r\nHost: a\r\n").unwrap(), None);
+        assert_eq!(head("GET http://a:1/health?x HTTP/1.1\r\nHost: a\r\n\r\n").path(), "/health");
+        assert_eq!(head("GET HTTP://a HTTP/1.1\r\nHost: a\r\n\r\n").path(), "/");
     }
 
     #[test]

@@ -748,6 +748,7 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
         include_usage: req.include_usage,
         cancel,
         http10: h.minor == 0,
+        close: h.close,
         head_only: h.method == "HEAD",
     };
     let (slot, id) = (ctx.slot, conn.id);

@@ -36,6 +36,8 @@ pub struct ChatJob {
     pub cancel: CancelToken,
     /// The request was HTTP/1.0 (close-delimited stream).
     pub http10: bool,
+    /// The connection closes after this response (`Connection: close` from the client).
+    pub close: bool,
     /// HEAD request: no body.
     pub head_only: bool,
 }
@@ -115,7 +117,7 @@ impl ChatJob {
                 for (k, v) in self.headers() {
                     resp = resp.header(k, v);
                 }
-                let close = self.http10;
+                let close = self.http10 || self.close;
                 resp.encode(&mut sink.out, self.head_only, close);
                 sink.write_out() && !close
             }
@@ -160,7 +162,7 @@ impl SseSink<'_> {
         if self.job.http10 {
             push_header(out, "Connection", b"close");
         } else {
-            push_header(out, "Connection", b"keep-alive");
+            push_header(out, "Connection", if self.job.close { b"close" } else { b"keep-alive" });
             push_header(out, "Transfer-Encoding", b"chunked");
         }
         out.extend_from_slice(b"\r\n");

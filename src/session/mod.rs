@@ -82,8 +82,24 @@ impl SessionStore {
             return (Self::in_memory(), Vec::new());
         }
         let disk = persist::Disk::new(state_dir);
-        let (loaded, warnings) = disk.load_all();
-        let map = loaded.into_iter().map(|s| (s.info.key.clone(), s)).collect();
+        let (loaded, mut warnings) = disk.load_all();
+        let mut map: HashMap<String, Session> = HashMap::new();
+        for s in loaded {
+            // Two transcripts for one key (a delete whose file removal failed, then a new
+            // session): the most recently updated one is the live session.
+            match map.get(&s.info.key) {
+                Some(old) if old.info.updated_at >= s.info.updated_at => {
+                    warnings.push(format!("session {}: older transcript {} ignored", s.info.key, s.info.session_id));
+                }
+                Some(old) => {
+                    warnings.push(format!("session {}: older transcript {} ignored", s.info.key, old.info.session_id));
+                    map.insert(s.info.key.clone(), s);
+                }
+                None => {
+                    map.insert(s.info.key.clone(), s);
+                }
+            }
+        }
         (SessionStore { sessions: Mutex::new(map), disk: Some(disk) }, warnings)
     }
 

@@ -71,7 +71,15 @@ impl Disk {
         }
         let mut f =
             OpenOptions::new().create(true).append(true).open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        f.write_all(&buf).and_then(|_| f.sync_data()).map_err(|e| format!("{}: {e}", path.display()))?;
+        let before = f.metadata().map(|m| m.len());
+        if let Err(e) = f.write_all(&buf).and_then(|_| f.sync_data()) {
+            // A partial write (disk full) must not stay: later turns would be appended after a
+            // torn line, in the middle of the file, where load cannot tell it from damage.
+            if let Ok(len) = before {
+                let _ = f.set_len(len);
+            }
+            return Err(format!("{}: {e}", path.display()));
+        }
         self.write_index(&s.info.agent_id, std::iter::once(&s.info))
     }
 
@@ -273,6 +281,29 @@ mod tests {
         assert!(!file.exists());
         let (s, _) = SessionStore::open(&dir, true);
         assert!(s.list().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn two_transcripts_for_one_key_load_the_newest() {
+        let dir = tmpdir("dupkey");
+        let sdir = dir.join("agents/main/sessions");
+        std::fs::create_dir_all(&sdir).unwrap();
+        let key = "agent:main:k";
+        let file = |id: &str, ts: u64, text: &str| {
+            let header = format!(
+                r#"{{"type":"session","version":1,"id":"{id}","key":"{key}","agentId":"main","timestamp":{ts}}}"#
+            );
+            let msg = format!(r#"{{"type":"message","role":"user","content":"{text}","timestamp":{ts}}}"#);
+            std::fs::write(sdir.join(format!("{id}.jsonl")), format!("{header}\n{msg}\n")).unwrap();
+        };
+        // Whatever order the directory lists them in, the newer one wins.
+        file("aaa", 2000, "new");
+        file("zzz", 1000, "old");
+        file("mmm", 1500, "middle");
+        let (s, w) = SessionStore::open(&dir, true);
+        assert_eq!(s.history(key), vec![ChatMessage::new(Role::User, "new")]);
+        assert_eq!(w.len(), 2, "{w:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,81 +1,31 @@
 """End-to-end: the WebSocket gateway protocol (SPEC §8) with a real client library (`websockets`).
 
-Each test starts the gatelet binary ($GATELET_BIN, else target/debug/gatelet) on port 0 with its
-own config and state dir, and reads the port from the "listening on http://…" log line.
+Gateways come from conftest's `start_gateway` (the binary on a free port, own state dir).
 """
 
 import asyncio
 import json
-import os
-import re
-import subprocess
-import tempfile
-import threading
 import urllib.request
-from pathlib import Path
 
 import pytest
 import websockets
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = os.environ.get("GATELET_BIN", str(ROOT / "target" / "debug" / "gatelet"))
-TOKEN = "e2e-token"
+from conftest import TOKEN, config_text
 
 
-class Gatelet:
-    def __init__(self, backend="{ kind: 'echo' }"):
-        self.dir = tempfile.TemporaryDirectory(prefix="gatelet-e2e-ws-")
-        cfg = Path(self.dir.name) / "gatelet.json5"
-        cfg.write_text(
-            "{ gateway: { port: 0, auth: { token: '%s' }, "
-            "http: { endpoints: { chatCompletions: { enabled: true } } } }, "
-            "agents: { defaults: { backend: %s } } }" % (TOKEN, backend)
-        )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATELET_")}
-        env["GATELET_STATE_DIR"] = self.dir.name
-        env["GATELET_LOG"] = "info"
-        self.proc = subprocess.Popen(
-            [BIN, "gateway", "--config", str(cfg)],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.port = None
-        found = threading.Event()
-
-        def pump():
-            for line in self.proc.stderr:
-                m = re.search(r"listening on http://[^ ]*:(\d+)", line)
-                if m and self.port is None:
-                    self.port = int(m.group(1))
-                    found.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not found.wait(20):
-            self.close()
-            raise RuntimeError("gatelet did not start")
-        self.url = f"ws://127.0.0.1:{self.port}/"
-
-    def close(self):
-        self.proc.kill()
-        self.proc.wait(5)
-        self.dir.cleanup()
+def ws_gateway(start_gateway, extra=""):
+    gw = start_gateway(config_text(extra=extra))
+    gw.url = f"ws://127.0.0.1:{gw.port}/"
+    return gw
 
 
 @pytest.fixture
-def gw():
-    g = Gatelet()
-    yield g
-    g.close()
+def gw(start_gateway):
+    return ws_gateway(start_gateway)
 
 
 @pytest.fixture
-def slow_gw():
-    g = Gatelet("{ kind: 'echo', tokenDelayMs: 150 }")
-    yield g
-    g.close()
+def slow_gw(start_gateway):
+    return ws_gateway(start_gateway, "agents: { defaults: { backend: { kind: 'echo', tokenDelayMs: 150 } } }")
 
 
 def run(coro):

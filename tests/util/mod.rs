@@ -2,6 +2,8 @@
 //! config written to a temp dir, and talk to it over raw sockets.
 #![allow(dead_code)]
 
+pub mod sse_client;
+pub mod upstream;
 pub mod ws;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -22,6 +24,8 @@ pub struct Gateway {
     pub dir: PathBuf,
     /// Lines the gateway wrote to stderr so far are collected here.
     pub stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Remove `dir` on drop (it was made for this gateway alone).
+    owns_dir: bool,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -29,7 +33,8 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 /// A fresh empty directory under the system temp dir.
 pub fn temp_dir(tag: &str) -> PathBuf {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let d = std::env::temp_dir().join(format!("gatelet-test-{}-{tag}-{n}", std::process::id()));
+    // Under target/ (cargo's scratch dir for integration tests), never littering /tmp.
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("gatelet-test-{}-{tag}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -53,7 +58,9 @@ impl Gateway {
     /// Start with `cfg` (JSON5 text) in a fresh state dir.
     pub fn with_config(cfg: &str) -> Gateway {
         let dir = temp_dir("gw");
-        Self::in_dir(cfg, &dir)
+        let mut gw = Self::in_dir(cfg, &dir);
+        gw.owns_dir = true;
+        gw
     }
 
     /// Start with `cfg` using `dir` as the state dir (to restart on the same state).
@@ -96,7 +103,7 @@ impl Gateway {
                 panic!("gatelet did not start: {:?}", lines.lock().unwrap());
             }
         };
-        Gateway { child, port, dir: dir.to_path_buf(), stderr: lines }
+        Gateway { child, port, dir: dir.to_path_buf(), stderr: lines, owns_dir: false }
     }
 
     pub fn addr(&self) -> String {
@@ -136,6 +143,9 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.kill();
+        if self.owns_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -285,3 +295,108 @@ pub fn sse_data(body: &[u8]) -> Vec<String> {
         .filter_map(|rec| rec.strip_prefix("data: ").map(str::to_string))
         .collect()
 }
+
+/// A POST /v1/chat/completions request with the test token and extra header lines
+/// (each `Name: value`, without CRLF).
+pub fn chat_request_with(headers: &[&str], body: &str) -> Vec<u8> {
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\n{extra}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// A chat body with one user message (JSON-escaped) and extra top-level fields (`"k":v,…`).
+pub fn user_body(text: &str, extra: &str) -> String {
+    let msg = serde_json::to_string(text).unwrap();
+    let sep = if extra.is_empty() { "" } else { "," };
+    format!(r#"{{"model":"gatelet","messages":[{{"role":"user","content":{msg}}}]{sep}{extra}}}"#)
+}
+
+/// Read one response head (up to the blank line) and nothing more: for HEAD requests and
+/// responses whose body the test reads itself.
+pub fn read_head(s: &mut TcpStream) -> Option<Resp> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some(Resp { status, head, body: Vec::new() })
+}
+
+/// True when the server closes `s` (EOF or reset) within `within`, with no further bytes.
+pub fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 64];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted),
+    }
+}
+
+/// Read whatever arrives within `within` (used to show that nothing is sent).
+pub fn read_for(s: &mut TcpStream, within: Duration) -> Vec<u8> {
+    read_until(s, None, within)
+}
+
+/// The parsed JSON of every `data:` record except `[DONE]`.
+pub fn sse_json(body: &[u8]) -> Vec<serde_json::Value> {
+    sse_data(body)
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("record is not JSON ({e}): {d}")))
+        .collect()
+}
+
+/// The keys of an OpenAI error envelope, asserting its exact shape; returns `error`.
+pub fn error_of(r: &Resp) -> serde_json::Value {
+    let v = r.json();
+    let obj = v.as_object().unwrap_or_else(|| panic!("not an object: {v}"));
+    assert_eq!(obj.keys().collect::<Vec<_>>(), vec!["error"], "{v}");
+    let e = &v["error"];
+    let mut keys: Vec<&String> = e.as_object().unwrap_or_else(|| panic!("error not an object: {v}")).keys().collect();
+    keys.sort();
+    assert_eq!(keys, vec!["code", "message", "param", "type"], "{v}");
+    assert!(e["message"].is_string(), "{v}");
+    assert!(e["type"].is_string(), "{v}");
+    assert!(e["param"].is_null() || e["param"].is_string(), "{v}");
+    assert!(e["code"].is_null() || e["code"].is_string(), "{v}");
+    e.clone()
+}
+
+/// Read until `pat` has arrived, the server closes, or `within` passes; returns what was read.
+pub fn read_to_close_or(s: &mut TcpStream, pat: &[u8], within: Duration) -> Vec<u8> {
+    read_until(s, Some(pat), within)
+}
+
+fn read_until(s: &mut TcpStream, pat: Option<&[u8]>, within: Duration) -> Vec<u8> {
+    let end = Instant::now() + within;
+    let mut out = Vec::new();
+    let mut b = [0u8; 4096];
+    while !pat.is_some_and(|p| out.windows(p.len()).any(|w| w == p)) {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut b) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&b[..n]),
+        }
+    }
+    out
+}
+
+/// Agents whose backends fail at once: `cmd` (a program that does not exist) and `up` (an
+/// upstream nobody listens on), beside the echo agent `main`.
+pub const FAILING_AGENTS: &str = "agents: { list: [ { id: 'main', default: true }, \
+    { id: 'cmd', backend: { kind: 'command', argv: ['/nonexistent'] } }, \
+    { id: 'up', backend: { kind: 'openai', baseUrl: 'http://127.0.0.1:1/v1', model: 'm' } } ] }";

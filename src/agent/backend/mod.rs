@@ -3,6 +3,7 @@
 pub mod command;
 pub mod echo;
 pub mod openai;
+pub mod upstream;
 
 use std::sync::Arc;
 

@@ -1,23 +1,514 @@
-//! The `openai` backend: an upstream OpenAI-compatible server, always called with streaming.
+//! The `openai` backend: an upstream OpenAI-compatible server (llama.cpp `llama-server`, Ollama,
+//! vLLM, LM Studio, LiteLLM…), always called with `stream: true`.
+//!
+//! One run is one HTTP/1.1 request on a fresh connection ([`upstream`]), its SSE body decoded
+//! incrementally ([`crate::sse`]) and each content delta forwarded the moment its record is
+//! complete. Upstream usage and finish reasons are mapped; every failure becomes a
+//! [`RunError::Backend`] whose message starts with `upstream <baseUrl>:`. A cancel or the run's
+//! deadline drops the connection at once, which is how the upstream learns to stop generating.
 
-use crate::agent::{Backend, EventSink, RunControl, RunError, RunInput};
+use std::fmt;
+
+use serde_json::{Value, json};
+
+use super::upstream::{self, BaseUrl, BodyDecoder, Conn, Stop, UpstreamError, UrlError};
+use crate::agent::{Backend, EventSink, FinishReason, Role, RunControl, RunError, RunInput, Usage};
 use crate::config::OpenAiBackendConfig;
+use crate::sse::{Event, SseDecoder, SseError};
+
+/// Most bytes of an error body kept for the message.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+/// Largest non-streamed completion accepted (from an upstream that ignores `stream: true`).
+const MAX_JSON_BODY: usize = 16 * 1024 * 1024;
+
+/// Why an upstream exchange failed. `Display` omits the upstream's address (the backend adds it).
+#[derive(Debug)]
+pub enum OpenAiError {
+    /// Transport or HTTP framing.
+    Upstream(UpstreamError),
+    /// The event stream itself.
+    Sse(SseError),
+    /// A non-2xx status, with the message found in its body.
+    Status {
+        /// HTTP status.
+        code: u16,
+        /// `error.message` (or the body's text), possibly empty.
+        message: String,
+    },
+    /// An `{"error": …}` record (or an `event: error`) in the stream.
+    ErrorRecord(String),
+    /// A record that is not a JSON object.
+    NotJson(String),
+    /// The stream ended with neither a finish reason nor `[DONE]`.
+    EndedEarly,
+}
+
+impl fmt::Display for OpenAiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenAiError::Upstream(e) => fmt::Display::fmt(e, f),
+            OpenAiError::Sse(e) => write!(f, "malformed stream: {e}"),
+            OpenAiError::Status { code, message } if message.is_empty() => write!(f, "HTTP {code}"),
+            OpenAiError::Status { code, message } => write!(f, "HTTP {code}: {message}"),
+            OpenAiError::ErrorRecord(m) => write!(f, "error in stream: {m}"),
+            OpenAiError::NotJson(d) => write!(f, "malformed stream: record is not a JSON object: {d}"),
+            OpenAiError::EndedEarly => {
+                f.write_str("stream ended before the reply finished (no finish_reason, no [DONE])")
+            }
+        }
+    }
+}
+
+impl std::error::Error for OpenAiError {}
+
+enum Fail {
+    Run(RunError),
+    Api(OpenAiError),
+}
+
+impl From<Stop> for Fail {
+    fn from(s: Stop) -> Self {
+        match s {
+            Stop::Run(e) => Fail::Run(e),
+            Stop::Upstream(e) => Fail::Api(OpenAiError::Upstream(e)),
+        }
+    }
+}
+
+impl From<OpenAiError> for Fail {
+    fn from(e: OpenAiError) -> Self {
+        Fail::Api(e)
+    }
+}
+
+impl From<UpstreamError> for Fail {
+    fn from(e: UpstreamError) -> Self {
+        Fail::Api(OpenAiError::Upstream(e))
+    }
+}
+
+impl From<SseError> for Fail {
+    fn from(e: SseError) -> Self {
+        Fail::Api(OpenAiError::Sse(e))
+    }
+}
+
+impl From<RunError> for Fail {
+    fn from(e: RunError) -> Self {
+        Fail::Run(e)
+    }
+}
 
 /// Upstream OpenAI-compatible server.
 #[derive(Debug)]
 pub struct OpenAi {
     cfg: OpenAiBackendConfig,
+    url: Result<BaseUrl, UrlError>,
 }
 
 impl OpenAi {
-    /// A backend for `cfg`.
+    /// A backend for `cfg` (its `baseUrl` was checked when the config was loaded).
     pub fn new(cfg: OpenAiBackendConfig) -> Self {
-        OpenAi { cfg }
+        let url = BaseUrl::parse(&cfg.base_url);
+        OpenAi { cfg, url }
+    }
+
+    fn fail(&self, e: impl fmt::Display) -> RunError {
+        RunError::Backend(format!("upstream {}: {e}", self.cfg.base_url))
     }
 }
 
+/// The JSON body sent upstream for `input`.
+pub fn request_body(model: &str, input: &RunInput) -> Value {
+    let mut messages = Vec::with_capacity(input.messages.len() + 1);
+    if !input.system_prompt.is_empty() {
+        messages.push(json!({ "role": "system", "content": input.system_prompt }));
+    }
+    for m in &input.messages {
+        let role = match m.role {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        };
+        messages.push(json!({ "role": role, "content": m.content }));
+    }
+    let mut body = json!({
+        "model": model,
+        "messages": messages,
+        "stream": true,
+        "stream_options": { "include_usage": true },
+    });
+    let o = &input.options;
+    if let Some(n) = o.max_tokens {
+        body["max_tokens"] = n.into();
+    }
+    if let Some(t) = o.temperature {
+        body["temperature"] = t.into();
+    }
+    if let Some(p) = o.top_p {
+        body["top_p"] = p.into();
+    }
+    if !o.stop.is_empty() {
+        body["stop"] = o.stop.clone().into();
+    }
+    body
+}
+
+/// What one stream record says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Chunk {
+    /// `choices[0].delta.content`.
+    pub content: Option<String>,
+    /// `choices[0].finish_reason`, mapped (`length` → length, any other reason → stop).
+    pub finish: Option<FinishReason>,
+    /// `usage`, when it carries the two counts.
+    pub usage: Option<Usage>,
+    /// The record was `[DONE]`.
+    pub done: bool,
+}
+
+/// The message of an OpenAI-style error body: `error.message`, `error` (a string), `message`
+/// or `detail`, else the compact JSON.
+pub fn error_message(v: &Value) -> String {
+    let s = v["error"]["message"]
+        .as_str()
+        .or_else(|| v["error"].as_str())
+        .or_else(|| v["message"].as_str())
+        .or_else(|| v["detail"].as_str());
+    match s {
+        Some(s) => s.to_string(),
+        None => snippet(&v.to_string()),
+    }
+}
+
+fn snippet(s: &str) -> String {
+    const MAX: usize = 300;
+    let s = s.trim();
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn usage_of(v: &Value) -> Option<Usage> {
+    Some(Usage { prompt_tokens: v["prompt_tokens"].as_u64()?, completion_tokens: v["completion_tokens"].as_u64()? })
+}
+
+fn finish_of(v: &Value) -> Option<FinishReason> {
+    match v.as_str()? {
+        "length" => Some(FinishReason::Length),
+        _ => Some(FinishReason::Stop),
+    }
+}
+
+/// The first choice (the one with `index` 0 when indices are given).
+fn first_choice(v: &Value) -> Option<&Value> {
+    let choices = v["choices"].as_array()?;
+    choices.iter().find(|c| c["index"].as_u64() == Some(0)).or_else(|| choices.first())
+}
+
+fn is_truthy(v: &Value) -> bool {
+    !matches!(v, Value::Null | Value::Bool(false)) && v != &Value::String(String::new())
+}
+
+/// Interpret one stream record.
+pub fn parse_event(ev: &Event) -> Result<Chunk, OpenAiError> {
+    let data = ev.data.trim();
+    if data == "[DONE]" {
+        return Ok(Chunk { done: true, ..Chunk::default() });
+    }
+    let v: Option<Value> = serde_json::from_str(data).ok();
+    if ev.event.as_deref() == Some("error") {
+        return Err(OpenAiError::ErrorRecord(v.as_ref().map(error_message).unwrap_or_else(|| snippet(data))));
+    }
+    let Some(v @ Value::Object(_)) = v else { return Err(OpenAiError::NotJson(snippet(data))) };
+    if v.get("error").is_some_and(is_truthy) {
+        return Err(OpenAiError::ErrorRecord(error_message(&v)));
+    }
+    let mut chunk = Chunk { usage: v.get("usage").and_then(usage_of), ..Chunk::default() };
+    if let Some(c) = first_choice(&v) {
+        chunk.content = c["delta"]["content"].as_str().map(String::from);
+        chunk.finish = finish_of(&c["finish_reason"]);
+    }
+    Ok(chunk)
+}
+
+/// Interpret a whole `chat.completion` (an upstream that answered without streaming).
+pub fn parse_completion(body: &[u8]) -> Result<Chunk, OpenAiError> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|_| OpenAiError::NotJson(snippet(&String::from_utf8_lossy(body))))?;
+    if v.get("error").is_some_and(is_truthy) {
+        return Err(OpenAiError::ErrorRecord(error_message(&v)));
+    }
+    let c = first_choice(&v).ok_or_else(|| OpenAiError::NotJson(snippet(&v.to_string())))?;
+    Ok(Chunk {
+        content: c["message"]["content"].as_str().map(String::from),
+        finish: finish_of(&c["finish_reason"]).or(Some(FinishReason::Stop)),
+        usage: v.get("usage").and_then(usage_of),
+        done: true,
+    })
+}
+
+/// Where the stream stands.
+#[derive(Default)]
+struct Progress {
+    finished: bool,
+    done: bool,
+}
+
+fn apply(chunk: Chunk, p: &mut Progress, out: &mut dyn EventSink) -> Result<(), RunError> {
+    if let Some(text) = chunk.content.as_deref().filter(|t| !t.is_empty()) {
+        out.delta(text)?;
+    }
+    if let Some(u) = chunk.usage {
+        out.usage(u);
+    }
+    if let Some(f) = chunk.finish {
+        out.finish(f);
+        p.finished = true;
+    }
+    p.done |= chunk.done;
+    Ok(())
+}
+
+impl OpenAi {
+    fn exchange(&self, url: &BaseUrl, input: &RunInput, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), Fail> {
+        let model = self.cfg.model.as_deref().unwrap_or(&input.agent_id);
+        let body = serde_json::to_vec(&request_body(model, input)).unwrap_or_default();
+        let auth = self.cfg.api_key.as_ref().map(|k| format!("Bearer {k}"));
+        let mut headers = vec![
+            ("Content-Type", "application/json"),
+            ("Accept", "text/event-stream"),
+            ("User-Agent", concat!("gatelet/", env!("CARGO_PKG_VERSION"))),
+        ];
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a));
+        }
+        let mut req = Vec::with_capacity(body.len() + 512);
+        upstream::encode_request(&mut req, url, "/chat/completions", &headers, &body);
+        drop(body);
+
+        let mut conn = upstream::connect(url, self.cfg.connect_timeout, self.cfg.read_timeout, ctl, out)?;
+        conn.send(&req, ctl, out)?;
+        drop(req);
+
+        let mut buf = Vec::with_capacity(16 * 1024);
+        let head = loop {
+            if let Some((head, n)) = upstream::parse_head(&buf)? {
+                buf.drain(..n);
+                break head;
+            }
+            if conn.recv(&mut buf, ctl, out)? == 0 {
+                return Err(UpstreamError::ClosedBeforeHead.into());
+            }
+        };
+        let mut body = BodyDecoder::new(head.framing);
+        if !(200..300).contains(&head.status) {
+            let text = read_capped(&mut conn, &mut body, buf, MAX_ERROR_BODY, ctl, out);
+            let message = match serde_json::from_slice::<Value>(&text) {
+                Ok(v) => error_message(&v),
+                Err(_) => snippet(&String::from_utf8_lossy(&text)),
+            };
+            return Err(OpenAiError::Status { code: head.status, message }.into());
+        }
+        if head.content_type.as_deref().is_some_and(|t| t == "application/json" || t.ends_with("+json")) {
+            let text = read_capped(&mut conn, &mut body, buf, MAX_JSON_BODY, ctl, out);
+            let chunk = parse_completion(&text)?;
+            return Ok(apply(chunk, &mut Progress::default(), out)?);
+        }
+        self.stream(conn, body, buf, ctl, out)
+    }
+
+    fn stream(
+        &self,
+        mut conn: Conn,
+        mut body: BodyDecoder,
+        mut buf: Vec<u8>,
+        ctl: &RunControl,
+        out: &mut dyn EventSink,
+    ) -> Result<(), Fail> {
+        let mut dec = SseDecoder::default();
+        let mut plain = Vec::with_capacity(16 * 1024);
+        let mut events = Vec::new();
+        let mut p = Progress::default();
+        let eof = loop {
+            plain.clear();
+            let used = body.decode(&buf, &mut plain)?;
+            buf.drain(..used);
+            dec.feed(&plain, &mut events)?;
+            for ev in events.drain(..) {
+                apply(parse_event(&ev)?, &mut p, out)?;
+                if p.done {
+                    // Nothing after `[DONE]` matters; close at once rather than wait for the end.
+                    conn.close();
+                    return Ok(());
+                }
+            }
+            if body.is_done() {
+                break Ok(());
+            }
+            if conn.recv(&mut buf, ctl, out)? == 0 {
+                break body.eof();
+            }
+        };
+        // An unterminated last record counts only when the body itself ended cleanly.
+        if eof.is_ok() {
+            dec.finish(&mut events)?;
+            for ev in events.drain(..) {
+                apply(parse_event(&ev)?, &mut p, out)?;
+            }
+        }
+        // A finish reason means the reply is whole even when `[DONE]` never came.
+        if p.done || p.finished {
+            return Ok(());
+        }
+        eof?;
+        Err(OpenAiError::EndedEarly.into())
+    }
+}
+
+/// Read the rest of a body, at most `cap` bytes (best effort: a read error ends it).
+fn read_capped(
+    conn: &mut Conn,
+    body: &mut BodyDecoder,
+    mut buf: Vec<u8>,
+    cap: usize,
+    ctl: &RunControl,
+    out: &mut dyn EventSink,
+) -> Vec<u8> {
+    let mut text = Vec::new();
+    while let Ok(used) = body.decode(&buf, &mut text) {
+        buf.drain(..used);
+        if body.is_done() || text.len() >= cap {
+            break;
+        }
+        match conn.recv(&mut buf, ctl, out) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    text.truncate(cap);
+    text
+}
+
 impl Backend for OpenAi {
-    fn run(&self, _input: &RunInput, _ctl: &RunControl, _out: &mut dyn EventSink) -> Result<(), RunError> {
-        Err(RunError::Backend(format!("openai backend at {} is not implemented yet", self.cfg.base_url)))
+    fn run(&self, input: &RunInput, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), RunError> {
+        let url = self.url.as_ref().map_err(|e| self.fail(e))?;
+        match self.exchange(url, input, ctl, out) {
+            Ok(()) => Ok(()),
+            Err(Fail::Run(e)) => Err(e),
+            Err(Fail::Api(e)) => Err(self.fail(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::{ChatMessage, RunOptions};
+
+    fn ev(data: &str) -> Event {
+        Event { event: None, data: data.into() }
+    }
+
+    #[test]
+    fn request_body_carries_context_and_options() {
+        let input = RunInput {
+            run_id: "r".into(),
+            agent_id: "a".into(),
+            session_key: "agent:a:k".into(),
+            system_prompt: "Be brief.".into(),
+            messages: vec![ChatMessage::new(Role::User, "hi"), ChatMessage::new(Role::Assistant, "yo")],
+            options: RunOptions { max_tokens: Some(5), temperature: Some(0.5), top_p: None, stop: vec!["\n".into()] },
+        };
+        let b = request_body("m", &input);
+        assert_eq!(
+            b,
+            json!({"model":"m","stream":true,"stream_options":{"include_usage":true},
+                   "messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"hi"},
+                               {"role":"assistant","content":"yo"}],
+                   "max_tokens":5,"temperature":0.5,"stop":["\n"]})
+        );
+        let bare = RunInput { system_prompt: String::new(), options: RunOptions::default(), ..input };
+        let b = request_body("m", &bare);
+        assert_eq!(b["messages"][0]["role"], "user");
+        assert!(b.get("max_tokens").is_none() && b.get("stop").is_none() && b.get("top_p").is_none());
+    }
+
+    #[test]
+    fn records() {
+        let ok = |content: Option<&str>, finish, usage, done| {
+            Ok(Chunk { content: content.map(String::from), finish, usage, done })
+        };
+        let u = Some(Usage { prompt_tokens: 3, completion_tokens: 2 });
+        let cases: Vec<(&str, Result<Chunk, String>)> = vec![
+            ("[DONE]", ok(None, None, None, true)),
+            (r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":null}}]}"#, ok(None, None, None, false)),
+            (
+                r#"{"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}"#,
+                ok(Some("Hi"), None, None, false),
+            ),
+            (
+                r#"{"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}"#,
+                ok(None, Some(FinishReason::Length), None, false),
+            ),
+            (
+                r#"{"choices":[{"delta":{},"finish_reason":"tool_calls"}]}"#,
+                ok(None, Some(FinishReason::Stop), None, false),
+            ),
+            (
+                r#"{"choices":[{"index":1,"delta":{"content":"B"}},{"index":0,"delta":{"content":"A"}}]}"#,
+                ok(Some("A"), None, None, false),
+            ),
+            (
+                r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+                ok(None, None, u, false),
+            ),
+            // llama.cpp puts usage on the finish chunk.
+            (
+                r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#,
+                ok(None, Some(FinishReason::Stop), u, false),
+            ),
+            (
+                r#"{"choices":[{"index":0,"delta":{"content":"x"}}],"usage":null,"error":null}"#,
+                ok(Some("x"), None, None, false),
+            ),
+            (r#"{"error":{"message":"boom","type":"server_error","code":500}}"#, Err("error in stream: boom".into())),
+            (r#"{"error":"Unauthorized"}"#, Err("error in stream: Unauthorized".into())),
+            ("not json", Err("malformed stream: record is not a JSON object: not json".into())),
+            ("[1,2]", Err("malformed stream: record is not a JSON object: [1,2]".into())),
+        ];
+        for (data, want) in cases {
+            let got = parse_event(&ev(data)).map_err(|e| e.to_string());
+            assert_eq!(got, want, "{data}");
+        }
+        let named = Event { event: Some("error".into()), data: r#"{"message":"overloaded"}"#.into() };
+        assert_eq!(parse_event(&named).unwrap_err().to_string(), "error in stream: overloaded");
+    }
+
+    #[test]
+    fn whole_completion() {
+        let c = parse_completion(
+            br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Hello"},"finish_reason":"stop"}],
+                "usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.content.as_deref(), Some("Hello"));
+        assert_eq!(c.finish, Some(FinishReason::Stop));
+        assert!(parse_completion(b"{}").is_err());
+        assert!(parse_completion(br#"{"error":{"message":"no"}}"#).unwrap_err().to_string().contains("no"));
+    }
+
+    #[test]
+    fn error_messages() {
+        assert_eq!(error_message(&json!({"detail":"Not Found"})), "Not Found");
+        assert_eq!(error_message(&json!({"message":"m"})), "m");
+        assert_eq!(error_message(&json!({"x":1})), r#"{"x":1}"#);
+        assert_eq!(snippet(&"é".repeat(400)).chars().count(), 151);
     }
 }

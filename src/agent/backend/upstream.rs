@@ -1,0 +1,634 @@
+//! A small HTTP/1.1 client for upstream servers, run on a worker thread.
+//!
+//! The protocol pieces are pure: [`BaseUrl`] parsing, [`encode_request`], [`parse_head`] (status
+//! line and headers through httparse, framing decided per RFC 9112 §6.3) and [`BodyDecoder`]
+//! (chunked through the strict decoder of `http::chunked`, `Content-Length`, or read until
+//! close). [`Conn`] is the thin blocking shell around one `TcpStream`: it connects without
+//! blocking (so a cancel ends a slow connect), and it waits in steps of [`TICK`], checking the
+//! run's cancel token and deadline and ticking the event sink between steps. Dropping a `Conn`
+//! closes the connection, which is how a cancelled run stops the upstream's work.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use crate::agent::{EventSink, RunControl, RunError, TICK};
+use crate::http::chunked::{ChunkError, ChunkedDecoder};
+
+/// Largest response head accepted from an upstream.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most headers in a response head.
+const MAX_HEADERS: usize = 64;
+
+/// Why talking to an upstream failed. `Display` says what happened, without the upstream's
+/// address (the backend prefixes it).
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// No address for the host.
+    Resolve(io::Error),
+    /// Every address refused or failed.
+    Connect(io::Error),
+    /// No connection within the connect timeout.
+    ConnectTimeout(Duration),
+    /// Writing the request failed.
+    Write(io::Error),
+    /// Reading failed.
+    Read(io::Error),
+    /// Nothing arrived for the read timeout.
+    ReadTimeout(Duration),
+    /// The connection closed before a complete response head.
+    ClosedBeforeHead,
+    /// The connection closed before the body's framing said it was complete.
+    ClosedMidBody,
+    /// The response head is not HTTP/1.x.
+    BadHead(httparse::Error),
+    /// The response head is over [`MAX_HEAD`].
+    HeadTooLarge,
+    /// A framing header that cannot be honoured (unknown transfer coding, bad or conflicting
+    /// `Content-Length`).
+    BadFraming(&'static str),
+    /// The chunked body is malformed.
+    Chunked(ChunkError),
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamError::Resolve(e) => write!(f, "cannot resolve host: {e}"),
+            UpstreamError::Connect(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                f.write_str("connection refused")
+            }
+            UpstreamError::Connect(e) => write!(f, "cannot connect: {e}"),
+            UpstreamError::ConnectTimeout(d) => {
+                write!(f, "no connection within {} ms (connectTimeoutMs)", d.as_millis())
+            }
+            UpstreamError::Write(e) => write!(f, "sending the request failed: {e}"),
+            UpstreamError::Read(e) => write!(f, "reading the response failed: {e}"),
+            UpstreamError::ReadTimeout(d) => {
+                write!(f, "no data for {} ms (readTimeoutMs)", d.as_millis())
+            }
+            UpstreamError::ClosedBeforeHead => f.write_str("connection closed before a response"),
+            UpstreamError::ClosedMidBody => f.write_str("connection closed in the middle of the response body"),
+            UpstreamError::BadHead(e) => write!(f, "malformed response head: {e}"),
+            UpstreamError::HeadTooLarge => write!(f, "response head larger than {MAX_HEAD} bytes"),
+            UpstreamError::BadFraming(m) => write!(f, "malformed response framing: {m}"),
+            UpstreamError::Chunked(e) => write!(f, "malformed chunked response body: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for UpstreamError {}
+
+/// Why an upstream exchange stopped early: the run's own cancel/deadline, or the upstream.
+#[derive(Debug)]
+pub enum Stop {
+    /// From [`RunControl::check`] or the event sink.
+    Run(RunError),
+    /// The upstream failed.
+    Upstream(UpstreamError),
+}
+
+impl From<RunError> for Stop {
+    fn from(e: RunError) -> Self {
+        Stop::Run(e)
+    }
+}
+
+impl From<UpstreamError> for Stop {
+    fn from(e: UpstreamError) -> Self {
+        Stop::Upstream(e)
+    }
+}
+
+/// Why a base URL is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UrlError {
+    /// Not `http://` (`https://` needs TLS, which this build does not include).
+    Scheme,
+    /// No host after the scheme.
+    NoHost,
+    /// The port is not a number from 1 to 65535.
+    BadPort,
+    /// `user:password@` in the URL.
+    UserInfo,
+    /// A query or fragment in the URL.
+    QueryOrFragment,
+    /// A character that cannot go into a request line or `Host` header.
+    BadCharacter,
+}
+
+impl fmt::Display for UrlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UrlError::Scheme => "expected an http:// URL",
+            UrlError::NoHost => "the URL has no host",
+            UrlError::BadPort => "the URL's port must be a number from 1 to 65535",
+            UrlError::UserInfo => "credentials in the URL are not supported: use apiKey",
+            UrlError::QueryOrFragment => "a query or fragment in the URL is not supported",
+            UrlError::BadCharacter => "the URL contains a space, control or non-ASCII character",
+        })
+    }
+}
+
+/// An `http://host[:port][/path]` base URL, e.g. `http://127.0.0.1:8080/v1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    /// Host name or IP (IPv6 without brackets).
+    pub host: String,
+    /// Port (80 when absent).
+    pub port: u16,
+    /// `host[:port]` as written, for the `Host` header.
+    pub authority: String,
+    /// Path prefix without a trailing slash (`""` or `/v1`).
+    pub path: String,
+}
+
+impl BaseUrl {
+    /// Parse and check a base URL.
+    pub fn parse(s: &str) -> Result<Self, UrlError> {
+        let rest = match s.get(..7) {
+            Some(p) if p.eq_ignore_ascii_case("http://") => &s[7..],
+            _ => return Err(UrlError::Scheme),
+        };
+        if rest.bytes().any(|b| b <= b' ' || b >= 0x7f) {
+            return Err(UrlError::BadCharacter);
+        }
+        if rest.contains(['?', '#']) {
+            return Err(UrlError::QueryOrFragment);
+        }
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if authority.contains('@') {
+            return Err(UrlError::UserInfo);
+        }
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or(UrlError::NoHost)?;
+            (h, after.strip_prefix(':'))
+        } else {
+            match authority.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(UrlError::NoHost);
+        }
+        let port = match port {
+            None => 80,
+            Some(p) => match p.parse::<u16>() {
+                Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => n,
+                _ => return Err(UrlError::BadPort),
+            },
+        };
+        Ok(BaseUrl {
+            host: host.to_string(),
+            port,
+            authority: authority.to_string(),
+            path: path.trim_end_matches('/').to_string(),
+        })
+    }
+}
+
+/// Append a complete request for `base.path + suffix` with `headers` and `body` to `out`.
+/// `Host`, `Content-Length` and `Connection: close` are added here (one request per connection:
+/// closing it is how a run cancels the upstream's work).
+pub fn encode_request(out: &mut Vec<u8>, base: &BaseUrl, suffix: &str, headers: &[(&str, &str)], body: &[u8]) {
+    out.extend_from_slice(b"POST ");
+    out.extend_from_slice(base.path.as_bytes());
+    out.extend_from_slice(suffix.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    out.extend_from_slice(base.authority.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (k, v) in headers {
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"Connection: close\r\nContent-Length: ");
+    crate::util::push_decimal(out, body.len() as u64);
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(body);
+}
+
+/// How the response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// `Content-Length: n`.
+    Length(u64),
+    /// Until the connection closes.
+    Close,
+}
+
+/// A parsed response head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    /// Status code.
+    pub status: u16,
+    /// Body framing.
+    pub framing: Framing,
+    /// `Content-Type`, lower-cased, parameters dropped.
+    pub content_type: Option<String>,
+}
+
+/// Parse a response head at the start of `buf`: `Ok(None)` when more bytes are needed, else the
+/// head and its length. Interim 1xx responses are skipped (their length is included).
+pub fn parse_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, UpstreamError> {
+    let mut skipped = 0;
+    loop {
+        let buf = &buf[skipped..];
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        let n = match resp.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if skipped + buf.len() > MAX_HEAD => {
+                return Err(UpstreamError::HeadTooLarge);
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(UpstreamError::HeadTooLarge),
+            Err(e) => return Err(UpstreamError::BadHead(e)),
+        };
+        let status = resp.code.unwrap_or(0);
+        if (100..200).contains(&status) {
+            skipped += n;
+            continue;
+        }
+        let mut chunked = false;
+        let mut te = false;
+        let mut length: Option<u64> = None;
+        let mut content_type = None;
+        for h in resp.headers.iter() {
+            let value = std::str::from_utf8(h.value).unwrap_or("").trim();
+            if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                te = true;
+                // Only `chunked` is requested implicitly (no TE/Accept-Encoding is sent), and
+                // it must be the final coding (RFC 9112 §6.3 item 4).
+                for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                    if chunked || !coding.eq_ignore_ascii_case("chunked") {
+                        return Err(UpstreamError::BadFraming("unsupported transfer coding"));
+                    }
+                    chunked = true;
+                }
+            } else if h.name.eq_ignore_ascii_case("content-length") {
+                for part in value.split(',').map(str::trim) {
+                    let n = part
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|_| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+                        .ok_or(UpstreamError::BadFraming("invalid Content-Length"))?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(UpstreamError::BadFraming("conflicting Content-Length values"));
+                    }
+                    length = Some(n);
+                }
+            } else if h.name.eq_ignore_ascii_case("content-type") {
+                let ct = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+                content_type = Some(ct);
+            }
+        }
+        if te && !chunked {
+            return Err(UpstreamError::BadFraming("empty Transfer-Encoding"));
+        }
+        // Transfer-Encoding overrides Content-Length (§6.3 item 3); 204 and 304 have no body.
+        let framing = if status == 204 || status == 304 {
+            Framing::Length(0)
+        } else if chunked {
+            Framing::Chunked
+        } else if let Some(n) = length {
+            Framing::Length(n)
+        } else {
+            Framing::Close
+        };
+        return Ok(Some((ResponseHead { status, framing, content_type }, skipped + n)));
+    }
+}
+
+/// Decodes a response body by its framing.
+#[derive(Debug, Clone)]
+pub struct BodyDecoder {
+    kind: BodyKind,
+}
+
+#[derive(Debug, Clone)]
+enum BodyKind {
+    Chunked(ChunkedDecoder),
+    Length(u64),
+    Close,
+}
+
+impl BodyDecoder {
+    /// A decoder for `framing`.
+    pub fn new(framing: Framing) -> Self {
+        let kind = match framing {
+            Framing::Chunked => BodyKind::Chunked(ChunkedDecoder::new(u64::MAX)),
+            Framing::Length(n) => BodyKind::Length(n),
+            Framing::Close => BodyKind::Close,
+        };
+        BodyDecoder { kind }
+    }
+
+    /// Append the body bytes in `input` to `out`; returns bytes consumed (less than
+    /// `input.len()` only when the body ended).
+    pub fn decode(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize, UpstreamError> {
+        match &mut self.kind {
+            BodyKind::Chunked(d) => d.decode(input, out).map_err(UpstreamError::Chunked),
+            BodyKind::Length(left) => {
+                let n = (*left).min(input.len() as u64) as usize;
+                out.extend_from_slice(&input[..n]);
+                *left -= n as u64;
+                Ok(n)
+            }
+            BodyKind::Close => {
+                out.extend_from_slice(input);
+                Ok(input.len())
+            }
+        }
+    }
+
+    /// Whether the framing says the body is complete.
+    pub fn is_done(&self) -> bool {
+        match &self.kind {
+            BodyKind::Chunked(d) => d.is_done(),
+            BodyKind::Length(left) => *left == 0,
+            BodyKind::Close => false,
+        }
+    }
+
+    /// The connection closed: fine for a close-delimited or complete body, else truncation.
+    pub fn eof(&self) -> Result<(), UpstreamError> {
+        match &self.kind {
+            BodyKind::Close => Ok(()),
+            _ if self.is_done() => Ok(()),
+            _ => Err(UpstreamError::ClosedMidBody),
+        }
+    }
+}
+
+/// One upstream connection.
+#[derive(Debug)]
+pub struct Conn {
+    sock: TcpStream,
+    /// Longest silence tolerated.
+    idle: Duration,
+    last_byte: Instant,
+}
+
+/// Resolve `host:port` and connect to the first address that answers, within `timeout`.
+///
+/// The connect itself is non-blocking (mio), polled every [`TICK`], so a cancel or the run's
+/// deadline ends it at once even when the upstream drops SYNs.
+pub fn connect(
+    url: &BaseUrl,
+    timeout: Duration,
+    idle: Duration,
+    ctl: &RunControl,
+    out: &mut dyn EventSink,
+) -> Result<Conn, Stop> {
+    let addrs: Vec<SocketAddr> =
+        (url.host.as_str(), url.port).to_socket_addrs().map_err(UpstreamError::Resolve)?.collect();
+    let end = Instant::now() + timeout;
+    let mut last_err = None;
+    for addr in addrs {
+        match connect_one(addr, end, ctl, out) {
+            Ok(sock) => {
+                // Tokens are small writes that must not wait for Nagle.
+                let _ = sock.set_nodelay(true);
+                sock.set_read_timeout(Some(TICK)).map_err(UpstreamError::Connect)?;
+                sock.set_write_timeout(Some(TICK)).map_err(UpstreamError::Connect)?;
+                return Ok(Conn { sock, idle, last_byte: Instant::now() });
+            }
+            Err(Stop::Upstream(UpstreamError::Connect(e))) => last_err = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(match last_err {
+        Some(e) => UpstreamError::Connect(e),
+        None => UpstreamError::Resolve(io::Error::new(io::ErrorKind::NotFound, "no addresses")),
+    }
+    .into())
+}
+
+fn connect_one(addr: SocketAddr, end: Instant, ctl: &RunControl, out: &mut dyn EventSink) -> Result<TcpStream, Stop> {
+    use mio::{Events, Interest, Poll, Token};
+    let mut sock = mio::net::TcpStream::connect(addr).map_err(UpstreamError::Connect)?;
+    let mut poll = Poll::new().map_err(UpstreamError::Connect)?;
+    poll.registry().register(&mut sock, Token(0), Interest::WRITABLE).map_err(UpstreamError::Connect)?;
+    let mut events = Events::with_capacity(4);
+    let timeout = end.saturating_duration_since(Instant::now());
+    loop {
+        ctl.check()?;
+        let now = Instant::now();
+        if now >= end {
+            return Err(UpstreamError::ConnectTimeout(timeout).into());
+        }
+        match poll.poll(&mut events, Some((end - now).min(TICK))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(UpstreamError::Connect(e).into()),
+        }
+        if events.is_empty() {
+            out.tick()?;
+            continue;
+        }
+        // Writable means connected or failed; spurious wake-ups show as NotConnected.
+        if let Some(e) = sock.take_error().map_err(UpstreamError::Connect)? {
+            return Err(UpstreamError::Connect(e).into());
+        }
+        match sock.peer_addr() {
+            Ok(_) => {
+                poll.registry().deregister(&mut sock).map_err(UpstreamError::Connect)?;
+                let std: TcpStream = sock.into();
+                std.set_nonblocking(false).map_err(UpstreamError::Connect)?;
+                return Ok(std);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => continue,
+            Err(e) => return Err(UpstreamError::Connect(e).into()),
+        }
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+impl Conn {
+    /// A step of waiting: fail on cancel, deadline or too long a silence; tick the sink.
+    fn waited(&self, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), Stop> {
+        ctl.check()?;
+        if self.last_byte.elapsed() >= self.idle {
+            return Err(UpstreamError::ReadTimeout(self.idle).into());
+        }
+        out.tick()?;
+        Ok(())
+    }
+
+    /// Write all of `buf`.
+    pub fn send(&mut self, mut buf: &[u8], ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), Stop> {
+        while !buf.is_empty() {
+            match self.sock.write(buf) {
+                Ok(0) => return Err(UpstreamError::Write(io::ErrorKind::WriteZero.into()).into()),
+                Ok(n) => {
+                    buf = &buf[n..];
+                    self.last_byte = Instant::now();
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => self.waited(ctl, out)?,
+                Err(e) => return Err(UpstreamError::Write(e).into()),
+            }
+        }
+        self.last_byte = Instant::now();
+        Ok(())
+    }
+
+    /// Read some bytes into `buf` (appending); `Ok(0)` at end of stream.
+    pub fn recv(&mut self, buf: &mut Vec<u8>, ctl: &RunControl, out: &mut dyn EventSink) -> Result<usize, Stop> {
+        let mut tmp = [0u8; 16 * 1024];
+        loop {
+            match self.sock.read(&mut tmp) {
+                Ok(n) => {
+                    self.last_byte = Instant::now();
+                    buf.extend_from_slice(&tmp[..n]);
+                    // A check per read too, so a flood of data cannot outrun a cancel.
+                    ctl.check()?;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => self.waited(ctl, out)?,
+                Err(e) => return Err(UpstreamError::Read(e).into()),
+            }
+        }
+    }
+
+    /// Close the connection now (also done on drop).
+    pub fn close(self) {
+        let _ = self.sock.shutdown(Shutdown::Both);
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let _ = self.sock.shutdown(Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls() {
+        let u = BaseUrl::parse("http://127.0.0.1:8080/v1/").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.authority.as_str(), u.path.as_str()),
+            ("127.0.0.1", 8080, "127.0.0.1:8080", "/v1")
+        );
+        let u = BaseUrl::parse("HTTP://localhost").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("localhost", 80, ""));
+        let u = BaseUrl::parse("http://[::1]:11434/v1").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.authority.as_str()), ("::1", 11434, "[::1]:11434"));
+        let bad: &[(&str, UrlError)] = &[
+            ("https://x/v1", UrlError::Scheme),
+            ("ftp://x", UrlError::Scheme),
+            ("http://", UrlError::NoHost),
+            ("http://:80/v1", UrlError::NoHost),
+            ("http://x:0", UrlError::BadPort),
+            ("http://x:99999", UrlError::BadPort),
+            ("http://x:+80", UrlError::BadPort),
+            ("http://u:p@x/v1", UrlError::UserInfo),
+            ("http://x/v1?a=b", UrlError::QueryOrFragment),
+            ("http://x/v 1", UrlError::BadCharacter),
+            ("http://x/v1\r\nX: y", UrlError::BadCharacter),
+        ];
+        for (s, e) in bad {
+            assert_eq!(BaseUrl::parse(s).as_ref(), Err(e), "{s}");
+        }
+    }
+
+    #[test]
+    fn request_bytes() {
+        let u = BaseUrl::parse("http://h:1/v1").unwrap();
+        let mut out = Vec::new();
+        encode_request(&mut out, &u, "/chat/completions", &[("Accept", "text/event-stream")], b"{}");
+        assert_eq!(
+            out,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: h:1\r\nAccept: text/event-stream\r\n\
+              Connection: close\r\nContent-Length: 2\r\n\r\n{}"
+        );
+    }
+
+    fn head(s: &str) -> Result<Option<(ResponseHead, usize)>, UpstreamError> {
+        parse_head(s.as_bytes())
+    }
+
+    #[test]
+    fn response_heads() {
+        let s = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\nrest";
+        let (h, n) = head(s).unwrap().unwrap();
+        assert_eq!(n, s.len() - 4);
+        assert_eq!(
+            h,
+            ResponseHead { status: 200, framing: Framing::Chunked, content_type: Some("text/event-stream".into()) }
+        );
+        let (h, _) = head("HTTP/1.0 404 Not Found\r\nContent-Length: 5, 5\r\n\r\n").unwrap().unwrap();
+        assert_eq!((h.status, h.framing), (404, Framing::Length(5)));
+        let (h, _) = head("HTTP/1.1 200 OK\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.framing, Framing::Close);
+        // Transfer-Encoding wins over Content-Length.
+        let (h, _) =
+            head("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.framing, Framing::Chunked);
+        // Interim responses are skipped.
+        let (h, n) = head("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n").unwrap().unwrap();
+        assert_eq!((h.status, h.framing, n), (204, Framing::Length(0), 52));
+        assert!(head("HTTP/1.1 200 OK\r\nContent-").unwrap().is_none());
+        assert!(head("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 2").unwrap().is_none());
+        for bad in [
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
+        ] {
+            assert!(matches!(head(bad), Err(UpstreamError::BadFraming(_))), "{bad:?}");
+        }
+        assert!(matches!(head("SSH-2.0-OpenSSH\r\n\r\n"), Err(UpstreamError::BadHead(_))));
+        let big = format!("HTTP/1.1 200 OK\r\nX: {}", "a".repeat(MAX_HEAD));
+        assert!(matches!(head(&big), Err(UpstreamError::HeadTooLarge)));
+    }
+
+    #[test]
+    fn body_framings() {
+        let mut out = Vec::new();
+        let mut d = BodyDecoder::new(Framing::Length(3));
+        assert_eq!(d.decode(b"abcdef", &mut out).unwrap(), 3);
+        assert!(d.is_done() && d.eof().is_ok());
+        assert_eq!(out, b"abc");
+
+        let mut d = BodyDecoder::new(Framing::Length(3));
+        d.decode(b"a", &mut out).unwrap();
+        assert!(matches!(d.eof(), Err(UpstreamError::ClosedMidBody)));
+
+        out.clear();
+        let mut d = BodyDecoder::new(Framing::Chunked);
+        d.decode(b"3\r\nabc\r\n", &mut out).unwrap();
+        assert!(!d.is_done());
+        assert!(matches!(d.eof(), Err(UpstreamError::ClosedMidBody)));
+        d.decode(b"0\r\n\r\n", &mut out).unwrap();
+        assert!(d.is_done() && d.eof().is_ok());
+        assert_eq!(out, b"abc");
+        let mut d = BodyDecoder::new(Framing::Chunked);
+        assert!(matches!(d.decode(b"zz\r\n", &mut out), Err(UpstreamError::Chunked(_))));
+
+        out.clear();
+        let mut d = BodyDecoder::new(Framing::Close);
+        d.decode(b"xyz", &mut out).unwrap();
+        assert!(!d.is_done() && d.eof().is_ok());
+        assert_eq!(out, b"xyz");
+    }
+}

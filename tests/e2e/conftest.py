@@ -1,0 +1,125 @@
+"""Fixtures for end-to-end tests: start the real gatelet binary on a free loopback port.
+
+The binary is $GATELET_BIN, else target/debug/gatelet in this repository (build it first with
+`cargo build`). Each gateway gets its own state directory and config file and is stopped when
+the test (or the session, for the shared one) ends.
+"""
+
+import os
+import pathlib
+import re
+import subprocess
+import threading
+import time
+
+import openai
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BIN = pathlib.Path(os.environ.get("GATELET_BIN", ROOT / "target" / "debug" / "gatelet"))
+TOKEN = "e2e-token"
+LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
+
+
+def config_text(gateway_extra="", extra=""):
+    """The default e2e config (JSON5): token auth, chat completions on, echo agents."""
+    return (
+        "{ gateway: { port: 0, auth: { token: '%s' }, "
+        "http: { endpoints: { chatCompletions: { enabled: true } } }, %s }, %s }"
+        % (TOKEN, gateway_extra, extra)
+    )
+
+
+class Gateway:
+    """A running gateway process."""
+
+    def __init__(self, cfg, state_dir):
+        if not BIN.exists():
+            raise RuntimeError(f"{BIN} is missing: run `cargo build` first")
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / "gatelet.json5"
+        path.write_text(cfg)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATELET_")}
+        env.update(GATELET_STATE_DIR=str(state_dir), GATELET_LOG="info")
+        self.proc = subprocess.Popen(
+            [str(BIN), "gateway", "--config", str(path), "--port", "0"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        self.lines = []
+        found = threading.Event()
+        self.port = None
+
+        def drain():
+            for line in self.proc.stderr:
+                self.lines.append(line.rstrip("\n"))
+                m = LISTENING.search(line)
+                if m and self.port is None:
+                    self.port = int(m.group(1))
+                    found.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        if not found.wait(20):
+            self.stop()
+            raise RuntimeError("gatelet did not start:\n" + "\n".join(self.lines))
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+
+    def client(self, api_key=TOKEN, **kw):
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 30)
+        return openai.OpenAI(base_url=self.base_url, api_key=api_key, **kw)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory):
+    """A shared gateway with two echo agents: `main` (default) and `slow` (200 ms per word)."""
+    gw = Gateway(
+        config_text(
+            extra="agents: { list: [ { id: 'main', default: true }, "
+            "{ id: 'slow', backend: { kind: 'echo', tokenDelayMs: 200 } } ] }"
+        ),
+        tmp_path_factory.mktemp("gw"),
+    )
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture
+def start_gateway(tmp_path):
+    """A factory for gateways with their own config; all are stopped after the test."""
+    started = []
+
+    def start(cfg):
+        gw = Gateway(cfg, tmp_path / f"gw{len(started)}")
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+@pytest.fixture
+def client(gateway):
+    return gateway.client()
+
+
+def wait_until(pred, timeout=5.0, step=0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return False

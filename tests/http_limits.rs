@@ -1,0 +1,212 @@
+//! Raw-socket tests of the HTTP limits: header and target sizes, body size, the header-read and
+//! idle timeouts, and the connection cap.
+
+mod util;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use util::{Gateway, TOKEN, closed_within, config, error_of, read_for, read_response, read_to_close, user_body};
+
+#[test]
+fn header_section_over_16k_is_431() {
+    let gw = Gateway::start();
+    // Just under the limit is fine.
+    let ok = format!("GET /health HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n", "a".repeat(15 * 1024));
+    assert_eq!(gw.one(ok.as_bytes()).status, 200);
+    let big = format!("GET /health HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n", "a".repeat(17 * 1024));
+    let r = gw.one(big.as_bytes());
+    assert_eq!(r.status, 431);
+    assert_eq!(error_of(&r)["code"], "headers_too_large");
+    // A head that never ends is cut off at the limit too, without waiting for the blank line.
+    let mut s = gw.connect();
+    let endless = format!("GET /health HTTP/1.1\r\nHost: t\r\nX-Big: {}", "a".repeat(20 * 1024));
+    s.write_all(endless.as_bytes()).unwrap();
+    let r = read_response(&mut s).expect("431 before the head ends");
+    assert_eq!(r.status, 431);
+    // Many small headers.
+    let many: String = (0..100).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let r = gw.one(format!("GET /health HTTP/1.1\r\nHost: t\r\n{many}\r\n").as_bytes());
+    assert_eq!(r.status, 431);
+}
+
+#[test]
+fn request_target_over_8k_is_414() {
+    let gw = Gateway::start();
+    let ok = format!("GET /health?q={} HTTP/1.1\r\nHost: t\r\n\r\n", "a".repeat(8000));
+    assert_eq!(gw.one(ok.as_bytes()).status, 200);
+    let long = format!("GET /health?q={} HTTP/1.1\r\nHost: t\r\n\r\n", "a".repeat(8 * 1024));
+    let r = gw.one(long.as_bytes());
+    assert_eq!(r.status, 414);
+    assert_eq!(error_of(&r)["code"], "uri_too_long");
+    assert_eq!(r.header("connection").as_deref(), Some("close"));
+}
+
+#[test]
+fn declared_body_over_max_is_413_before_it_is_sent() {
+    let gw = Gateway::with_config(&config(
+        "http: { endpoints: { chatCompletions: { enabled: true, maxBodyBytes: 1024 } } }",
+        "",
+    ));
+    // The body is never sent: the answer must come from the head alone.
+    let mut s = gw.connect();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 1025\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let r = read_response(&mut s).expect("413 without the body");
+    assert_eq!(r.status, 413);
+    assert_eq!(error_of(&r)["code"], "payload_too_large");
+    assert_eq!(r.header("connection").as_deref(), Some("close"));
+    assert!(closed_within(&mut s, Duration::from_secs(5)));
+
+    // With Expect: 100-continue there is no 100, just the 413.
+    let mut s = gw.connect();
+    let head = head.replace("Content-Length", "Expect: 100-continue\r\nContent-Length");
+    s.write_all(head.as_bytes()).unwrap();
+    let got = read_to_close(&mut s);
+    assert!(got.starts_with("HTTP/1.1 413 "), "{got:?}");
+
+    // A body of exactly the limit is read.
+    let body = user_body("fits", "");
+    let padded = format!("{body}{}", " ".repeat(1024 - body.len()));
+    let r = gw.one(&util::chat_request(&padded));
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
+fn chunked_body_growing_over_max_is_413() {
+    let gw = Gateway::with_config(&config(
+        "http: { endpoints: { chatCompletions: { enabled: true, maxBodyBytes: 1024 } } }",
+        "",
+    ));
+    let mut s = gw.connect();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let piece = "a".repeat(600);
+    s.write_all(format!("258\r\n{piece}\r\n").as_bytes()).unwrap();
+    // The second chunk's size line already takes the body over the limit.
+    s.write_all(b"258\r\n").unwrap();
+    let r = read_response(&mut s).expect("413 on the size line");
+    assert_eq!(r.status, 413);
+    assert_eq!(error_of(&r)["code"], "payload_too_large");
+    assert!(closed_within(&mut s, Duration::from_secs(5)));
+
+    // A huge announced chunk is refused without waiting for its data.
+    let mut s = gw.connect();
+    s.write_all(format!("{head}ffffffffffffffff\r\n").as_bytes()).unwrap();
+    let r = read_response(&mut s).expect("413");
+    assert_eq!(r.status, 413);
+}
+
+#[test]
+fn slow_head_gets_408_after_header_timeout() {
+    let gw = Gateway::with_config(&config(
+        "http: { headerTimeoutSeconds: 1, endpoints: { chatCompletions: { enabled: true } } }",
+        "",
+    ));
+    let mut s = gw.connect();
+    let t0 = Instant::now();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n").unwrap();
+    // Trickling bytes does not extend the deadline: it runs from the first byte.
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = s.write_all(b"X-Slow: 1\r\n");
+    }
+    let r = read_response(&mut s).expect("408");
+    let took = t0.elapsed();
+    assert_eq!(r.status, 408);
+    assert_eq!(error_of(&r)["code"], "request_timeout");
+    assert_eq!(r.header("connection").as_deref(), Some("close"));
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(took >= Duration::from_millis(900), "took {took:?}");
+    assert!(closed_within(&mut s, Duration::from_secs(5)));
+
+    // A body that stalls is cut off too.
+    let mut s = gw.connect();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\n{{"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let r = read_response(&mut s).expect("408 for a stalled body");
+    assert_eq!(r.status, 408);
+}
+
+#[test]
+fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
+    let gw = Gateway::with_config(&config(
+        "http: { idleTimeoutSeconds: 1, endpoints: { chatCompletions: { enabled: true } } }",
+        "",
+    ));
+    let mut s = gw.connect();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut s).unwrap().status, 200);
+    let t0 = Instant::now();
+    assert!(closed_within(&mut s, Duration::from_secs(5)), "idle connection stays open");
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(4), "closed after {took:?}");
+
+    // A connection that never sends anything is closed as well.
+    let mut s = gw.connect();
+    assert!(closed_within(&mut s, Duration::from_secs(5)));
+
+    // Activity keeps a connection alive past one idle period.
+    let mut s = gw.connect();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(600));
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        assert_eq!(read_response(&mut s).expect("still open").status, 200);
+    }
+}
+
+#[test]
+fn max_connections_holds_back_extra_connections() {
+    let gw = Gateway::with_config(&config("maxConnections: 2", ""));
+    let req = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n";
+    let mut a = gw.connect();
+    let mut b = gw.connect();
+    for s in [&mut a, &mut b] {
+        s.write_all(req).unwrap();
+        assert_eq!(read_response(s).unwrap().status, 200);
+    }
+    let mut c = gw.connect();
+    c.write_all(req).unwrap();
+    let early = read_for(&mut c, Duration::from_millis(1500));
+    assert!(early.is_empty(), "third connection served while two are open: {:?}", String::from_utf8_lossy(&early));
+    drop(a);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let r = read_response(&mut c).expect("served once a slot is free");
+    assert_eq!(r.status, 200);
+    // The other connection still works.
+    b.write_all(req).unwrap();
+    assert_eq!(read_response(&mut b).unwrap().status, 200);
+}
+
+#[test]
+fn body_that_keeps_arriving_is_not_cut_off_by_the_header_timeout() {
+    // The body deadline is an idle timeout: a slow upload that makes progress completes.
+    let gw = Gateway::with_config(&config(
+        "http: { headerTimeoutSeconds: 1, endpoints: { chatCompletions: { enabled: true } } }",
+        "",
+    ));
+    let body = user_body("slow upload arrives", "");
+    let mut s = gw.connect();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let t0 = Instant::now();
+    for piece in body.as_bytes().chunks(body.len().div_ceil(6)) {
+        std::thread::sleep(Duration::from_millis(400));
+        if s.write_all(piece).is_err() {
+            break;
+        }
+    }
+    assert!(t0.elapsed() > Duration::from_millis(2000));
+    let r = read_response(&mut s).expect("a response");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "slow upload arrives");
+}
