@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Load bench entry point: build the release binary if needed, copy it to a scratch dir (so a
 # rebuild during the run cannot change what is measured), strip a copy for the size row, and run
-# benches/load.py. Extra arguments go to load.py (see `python3 benches/load.py --help`).
+# benches/load.py, then the WebSocket and time-to-first-token benches. Extra arguments go to
+# load.py (see `python3 benches/load.py --help`).
 #
 #   bash benches/load.sh                       # build, then bench target/release/gatelet
 #   GATELET_BIN=/path/to/gatelet bash benches/load.sh   # bench an existing binary, no build
@@ -32,3 +33,12 @@ exec_cmd="${GATELET_BIN:+GATELET_BIN=$GATELET_BIN }bash benches/load.sh${*:+ $*}
 timeout --kill-after=10 600 python3 "$here/load.py" \
   --gatelet "$scratch/gatelet.stripped" --stripped "$scratch/gatelet.stripped" \
   --rev "$rev" --command "$exec_cmd" "$@"
+
+# Same binary, same run: WebSocket memory and round trips, then the time to first token added by
+# the `openai` backend over calling its upstream directly.
+echo
+echo "== WebSocket: 1,000 idle authenticated connections, agent-run round trips"
+timeout --kill-after=10 300 python3 "$here/ws_bench.py" --bin "$scratch/gatelet.stripped"
+echo
+echo "== openai backend: time to first token, direct vs through gatelet"
+timeout --kill-after=10 300 python3 "$here/ttft_bench.py" --bin "$scratch/gatelet.stripped" -n 200
