@@ -15,6 +15,9 @@ use super::{CancelToken, FinishReason, RunError, Usage};
 pub const RETAIN: Duration = Duration::from_secs(5 * 60);
 /// Most finished runs remembered.
 pub const MAX_FINISHED: usize = 4096;
+/// Most reply text kept for finished runs, in bytes: long replies age out sooner, so memory
+/// stays bounded whatever the replies' sizes.
+pub const MAX_FINISHED_BYTES: usize = 16 * 1024 * 1024;
 /// Most idempotency keys remembered.
 pub const MAX_KEYS: usize = 1000;
 
@@ -55,6 +58,8 @@ struct Entry {
 struct Inner {
     runs: HashMap<String, Entry>,
     finished: VecDeque<(Instant, String)>,
+    /// Reply bytes held by the runs in `finished`.
+    finished_bytes: usize,
     keys: HashMap<String, (String, Instant)>,
     key_order: VecDeque<(Instant, String)>,
 }
@@ -62,10 +67,15 @@ struct Inner {
 impl Inner {
     fn prune(&mut self, now: Instant) {
         while let Some((t, id)) = self.finished.front() {
-            if now.duration_since(*t) < RETAIN && self.finished.len() <= MAX_FINISHED {
+            if now.duration_since(*t) < RETAIN
+                && self.finished.len() <= MAX_FINISHED
+                && self.finished_bytes <= MAX_FINISHED_BYTES
+            {
                 break;
             }
-            self.runs.remove(id);
+            if let Some(e) = self.runs.remove(id) {
+                self.finished_bytes -= e.done.map_or(0, |d| d.text.len());
+            }
             self.finished.pop_front();
         }
         while let Some((t, k)) = self.key_order.front() {
@@ -171,6 +181,7 @@ impl Registry {
             let Some(e) = g.runs.get_mut(&summary.run_id) else { return };
             let w = std::mem::take(&mut e.waiters);
             e.done = Some(summary.clone());
+            g.finished_bytes += summary.text.len();
             g.finished.push_back((now, summary.run_id.clone()));
             g.prune(now);
             w
@@ -286,5 +297,20 @@ mod tests {
         }
         assert!(matches!(r.wait("r0", Box::new(|_| {})), Wait::NotFound));
         assert!(r.lock().runs.len() <= MAX_FINISHED);
+    }
+
+    #[test]
+    fn finished_reply_text_is_bounded_in_bytes() {
+        let r = Registry::new();
+        let big = "x".repeat(MAX_FINISHED_BYTES / 4 + 1);
+        for i in 0..8 {
+            let id = format!("r{i}");
+            r.start(&id, None, "agent:main:s", &CancelToken::new());
+            r.finish(summary(&id, &big));
+        }
+        // Only the newest runs that fit in the byte budget are remembered.
+        assert!(matches!(r.wait("r0", Box::new(|_| {})), Wait::NotFound));
+        assert!(matches!(r.wait("r7", Box::new(|_| {})), Wait::Done(_)));
+        assert!(r.lock().finished_bytes <= MAX_FINISHED_BYTES);
     }
 }
