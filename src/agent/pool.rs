@@ -23,13 +23,15 @@ struct State {
     busy: HashMap<String, VecDeque<Job>>,
     /// Admitted jobs not yet started (ready, waiting on a session, or admitted but not submitted).
     pending: usize,
-    idle: usize,
+    /// Jobs being executed.
+    running: usize,
     shutdown: bool,
 }
 
 struct Shared {
     state: Mutex<State>,
     cv: Condvar,
+    workers: usize,
     max_queued: usize,
 }
 
@@ -42,7 +44,7 @@ pub struct Pool {
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        write!(f, "Pool(pending={}, idle={})", s.pending, s.idle)
+        write!(f, "Pool(pending={}, running={})", s.pending, s.running)
     }
 }
 
@@ -59,10 +61,11 @@ impl std::fmt::Debug for Admission {
 }
 
 impl Pool {
-    /// Start `workers` threads; at most `max_queued` runs wait beyond the idle workers.
+    /// Start `workers` threads; at most `max_queued` runs wait beyond the ones being run.
     pub fn new(workers: usize, max_queued: usize) -> Self {
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), cv: Condvar::new(), max_queued });
-        let handles = (0..workers.max(1))
+        let workers = workers.max(1);
+        let shared = Arc::new(Shared { state: Mutex::new(State::default()), cv: Condvar::new(), workers, max_queued });
+        let handles = (0..workers)
             .map(|i| {
                 let s = shared.clone();
                 std::thread::Builder::new()
@@ -77,7 +80,9 @@ impl Pool {
     /// Reserve a place for one run, or `None` when the queue is full (answer 503).
     pub fn admit(&self) -> Option<Admission> {
         let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        if s.shutdown || s.pending >= s.idle + self.shared.max_queued {
+        // Counted against the pool's size, not against threads seen idle: a worker that is
+        // still starting up or just finishing a job is capacity all the same.
+        if s.shutdown || s.pending + s.running >= self.shared.workers + self.shared.max_queued {
             return None;
         }
         s.pending += 1;
@@ -136,22 +141,22 @@ fn worker(shared: &Shared) {
             loop {
                 if let Some(job) = s.ready.pop_front() {
                     s.pending -= 1;
+                    s.running += 1;
                     break job;
                 }
                 if s.shutdown {
                     return;
                 }
-                s.idle += 1;
                 s = shared.cv.wait(s).unwrap_or_else(|e| e.into_inner());
-                s.idle -= 1;
             }
         };
         let session = job.session;
         // A panicking run must not take the worker (or the session) with it; the job's own
         // guards close its connection when they are dropped during unwinding.
         let _ = catch_unwind(AssertUnwindSafe(job.work));
+        let mut s = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.running -= 1;
         if let Some(k) = session {
-            let mut s = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             let next = s.busy.get_mut(&k).and_then(VecDeque::pop_front);
             match next {
                 Some(j) => {
@@ -187,6 +192,19 @@ mod tests {
         drop(a);
         assert!(pool.admit().is_some(), "a dropped admission frees its place");
         gate_tx.send(()).unwrap();
+        pool.shutdown();
+    }
+
+    #[test]
+    fn a_pool_with_no_queue_admits_before_its_workers_have_started() {
+        // Regression: capacity was counted from workers seen idle, so a request arriving while
+        // the threads were still starting got 503 with maxQueuedRuns: 0.
+        let pool = Pool::new(1, 0);
+        let a = pool.admit().expect("the one worker is capacity");
+        assert!(pool.admit().is_none());
+        let (tx, rx) = mpsc::channel();
+        a.submit(None, move || tx.send(1).unwrap());
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
         pool.shutdown();
     }
 
