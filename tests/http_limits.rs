@@ -210,3 +210,33 @@ fn body_that_keeps_arriving_is_not_cut_off_by_the_header_timeout() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["choices"][0]["message"]["content"], "slow upload arrives");
 }
+
+#[test]
+fn pipelining_client_that_never_reads_does_not_grow_server_memory() {
+    // Each small request is answered with a larger response; a client that pipelines without
+    // reading must be held back by TCP, not buffered without bound by the server.
+    let gw = Gateway::start();
+    let before = util::rss_kib(gw.child.id());
+    let mut s = gw.connect();
+    let sent = util::flood(&mut s, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n", 48 << 20, Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = util::rss_kib(gw.child.id()).saturating_sub(before);
+    assert!(grown < 32 * 1024, "server grew by {grown} KiB after {sent} bytes of unread pipelined requests");
+}
+
+#[test]
+fn pipelined_requests_held_back_by_an_unread_backlog_are_all_answered() {
+    // Far more responses than the socket buffers hold: the server must stop and resume, never
+    // stall with requests still buffered.
+    let gw = Gateway::start();
+    let mut s = gw.connect();
+    let n = 30_000;
+    let batch = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n".repeat(n);
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(&batch).is_ok());
+    std::thread::sleep(Duration::from_millis(1000));
+    let rs = util::read_responses(&mut s, n);
+    assert!(writer.join().unwrap());
+    assert_eq!(rs.len(), n);
+    assert!(rs.iter().all(|r| r.status == 200));
+}

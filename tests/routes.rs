@@ -227,3 +227,12 @@ fn failure_limiter_locks_out_with_429_and_retry_after() {
     let r = gw.one(&get("/v1/models", Some(TOKEN)));
     assert_eq!(r.status, 429);
 }
+
+#[test]
+fn non_ascii_target_near_the_scheme_is_404_not_500() {
+    // A multi-byte character where `http://` would end must not crash request handling.
+    let gw = Gateway::start();
+    let r = gw.one("GET http:/\u{e9}x HTTP/1.1\r\nHost: t\r\n\r\n".as_bytes());
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(util::error_of(&r)["code"], "not_found");
+}

@@ -447,3 +447,37 @@ fn g9_large_messages_after_connect() {
     ws.send(&hdr);
     assert_eq!(ws.expect_close_then_eof(), Some(1009));
 }
+
+#[test]
+fn ping_flood_from_a_client_that_never_reads_does_not_grow_server_memory() {
+    // Every ping is answered with a pong; a client that never reads must be held back (or
+    // dropped as a slow consumer), not buffered without bound.
+    let gw = Gateway::start();
+    let mut ws = Ws::connected(&gw);
+    let before = util::rss_kib(gw.child.id());
+    let ping = frame(true, PING, &[b'p'; 125]);
+    let sent = util::flood(&mut ws.s, &ping, 48 << 20, Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = util::rss_kib(gw.child.id()).saturating_sub(before);
+    assert!(grown < 32 * 1024, "server grew by {grown} KiB after {sent} bytes of unanswered pings");
+}
+
+#[test]
+fn pings_held_back_by_an_unread_backlog_are_all_answered() {
+    // More pongs than the socket buffers hold: handling pauses and must resume once read.
+    let gw = Gateway::start();
+    let mut ws = Ws::connected(&gw);
+    let n = 40_000;
+    let pings = frame(true, PING, &[b'p'; 125]).repeat(n);
+    let mut w = ws.s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(&pings).is_ok());
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut pongs = 0;
+    while pongs < n {
+        let f = ws.read_frame().unwrap_or_else(|| panic!("stalled after {pongs} pongs"));
+        if f.opcode == PONG {
+            pongs += 1;
+        }
+    }
+    assert!(writer.join().unwrap());
+}

@@ -61,7 +61,9 @@ impl Head {
     pub fn path(&self) -> &str {
         let mut t = self.target.as_str();
         for scheme in ["http://", "https://"] {
-            if t.len() > scheme.len() && t[..scheme.len()].eq_ignore_ascii_case(scheme) {
+            // Compared as bytes: the target may hold UTF-8, and `scheme.len()` need not fall on a
+            // char boundary.
+            if t.len() > scheme.len() && t.as_bytes()[..scheme.len()].eq_ignore_ascii_case(scheme.as_bytes()) {
                 let rest = &t[scheme.len()..];
                 t = rest.find('/').map_or("/", |i| &rest[i..]);
             }
@@ -301,6 +303,17 @@ mod tests {
         assert_eq!(p("GET / HTTP/1.1\r\nHost: a\r\n").unwrap(), None);
         assert_eq!(head("GET http://a:1/health?x HTTP/1.1\r\nHost: a\r\n\r\n").path(), "/health");
         assert_eq!(head("GET HTTP://a HTTP/1.1\r\nHost: a\r\n\r\n").path(), "/");
+    }
+
+    #[test]
+    fn path_of_a_non_ascii_target_near_the_scheme_does_not_panic() {
+        // httparse accepts UTF-8 in the target; the scheme check must not slice inside a char.
+        let h = Head { target: "http:/\u{e9}x".into(), ..Head::default() };
+        assert_eq!(h.path(), "http:/\u{e9}x");
+        let h = Head { target: "https:/\u{e9}x".into(), ..Head::default() };
+        assert_eq!(h.path(), "https:/\u{e9}x");
+        let h = Head { target: "http://h\u{e9}/p".into(), ..Head::default() };
+        assert_eq!(h.path(), "/p");
     }
 
     #[test]

@@ -36,6 +36,10 @@ const SIGNAL: Token = Token(usize::MAX);
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// Pipelined bytes buffered while a run is in flight; the rest waits in the kernel.
 const READ_CAP: usize = 64 * 1024;
+/// Responses queued for a client that is not reading them: beyond this, no more requests are
+/// read or parsed until it catches up, so TCP holds a pipelining client back instead of the
+/// server buffering an answer to everything it sends.
+const WRITE_CAP: usize = 64 * 1024;
 /// How long a connection may take to read its final response before it is dropped.
 const LINGER: Duration = Duration::from_secs(10);
 
@@ -367,67 +371,83 @@ impl Server {
     /// Read, process, write, and close if finished.
     fn drive(&mut self, slot: usize) {
         let gw = self.gw.clone();
-        let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
-        let mut ctx = Ctx { gw: &gw, slot, notifier: &self.notifier, registry: self.poll.registry() };
-        while let Some(stream) = conn.stream.as_mut() {
-            let reading = !conn.eof
-                && !matches!(conn.phase, Phase::Closing)
-                && (conn.rbuf.len() < READ_CAP || matches!(conn.phase, Phase::Idle | Phase::Head | Phase::Body { .. }));
-            let mut progressed = false;
-            if reading {
-                match stream.read(&mut self.scratch) {
-                    Ok(0) => conn.eof = true,
-                    Ok(n) => {
-                        conn.rbuf.extend_from_slice(&self.scratch[..n]);
-                        progressed = true;
+        loop {
+            let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
+            let mut ctx = Ctx { gw: &gw, slot, notifier: &self.notifier, registry: self.poll.registry() };
+            while let Some(stream) = conn.stream.as_mut() {
+                let reading = !conn.eof
+                    && !matches!(conn.phase, Phase::Closing)
+                    && conn.wbuf.len() < WRITE_CAP
+                    && (conn.rbuf.len() < READ_CAP
+                        || matches!(conn.phase, Phase::Idle | Phase::Head | Phase::Body { .. }));
+                let mut progressed = false;
+                if reading {
+                    match stream.read(&mut self.scratch) {
+                        Ok(0) => conn.eof = true,
+                        Ok(n) => {
+                            conn.rbuf.extend_from_slice(&self.scratch[..n]);
+                            progressed = true;
+                        }
+                        Err(e) if would_block(&e) => {}
+                        Err(e) if interrupted(&e) => progressed = true,
+                        Err(_) => conn.eof = true,
                     }
-                    Err(e) if would_block(&e) => {}
-                    Err(e) if interrupted(&e) => progressed = true,
-                    Err(_) => conn.eof = true,
                 }
-            }
-            // One connection's input must never take the loop down: a panic in the codecs or
-            // routing closes that connection with a 500 and is logged.
-            let panicked = catch_unwind(AssertUnwindSafe(|| process(conn, &mut ctx))).is_err();
-            if panicked {
-                crate::log!(Error, "internal error while handling #{} from {}; connection closed", conn.id, conn.peer);
-                conn.rbuf.clear();
-                if !matches!(conn.phase, Phase::Ws(_)) {
-                    let e = ApiError::server(
-                        500,
-                        "internal_error",
-                        "The server had an error while processing your request",
+                // One connection's input must never take the loop down: a panic in the codecs or
+                // routing closes that connection with a 500 and is logged.
+                let panicked = catch_unwind(AssertUnwindSafe(|| process(conn, &mut ctx))).is_err();
+                if panicked {
+                    crate::log!(
+                        Error,
+                        "internal error while handling #{} from {}; connection closed",
+                        conn.id,
+                        conn.peer
                     );
-                    respond(conn, e.response(), false, true);
+                    conn.rbuf.clear();
+                    if !matches!(conn.phase, Phase::Ws(_)) {
+                        let e = ApiError::server(
+                            500,
+                            "internal_error",
+                            "The server had an error while processing your request",
+                        );
+                        respond(conn, e.response(), false, true);
+                    }
+                    conn.phase = Phase::Closing;
+                    conn.deadline = Some(Instant::now() + LINGER);
                 }
-                conn.phase = Phase::Closing;
-                conn.deadline = Some(Instant::now() + LINGER);
+                if !progressed {
+                    break;
+                }
             }
-            if !progressed {
-                break;
-            }
-        }
-        if conn.eof {
-            match conn.phase {
-                Phase::Running => {
-                    if let Some(c) = &conn.cancel {
-                        c.cancel();
+            let held = conn.wbuf.len() >= WRITE_CAP;
+            if conn.eof {
+                match conn.phase {
+                    Phase::Running => {
+                        if let Some(c) = &conn.cancel {
+                            c.cancel();
+                        }
+                    }
+                    Phase::Lent => {}
+                    Phase::Ws(ref mut s) => {
+                        s.on_eof();
+                        conn.phase = Phase::Closing;
+                    }
+                    // Requests that arrived before the end are still answered once it drains.
+                    _ if held && !conn.rbuf.is_empty() => {}
+                    _ => {
+                        // The peer is done sending; nothing more can arrive, so finish what is queued.
+                        conn.phase = Phase::Closing;
                     }
                 }
-                Phase::Lent => {}
-                Phase::Ws(ref mut s) => {
-                    s.on_eof();
-                    conn.phase = Phase::Closing;
-                }
-                _ => {
-                    // The peer is done sending; nothing more can arrive, so finish what is queued.
-                    conn.phase = Phase::Closing;
-                }
             }
-        }
-        let close = flush(conn);
-        if close {
-            self.close(slot);
+            if flush(conn) {
+                return self.close(slot);
+            }
+            // Reading and parsing paused while the write buffer was full. Bytes already waiting in
+            // the kernel raise no new readiness event, so go on by hand once it has drained.
+            if !(held && conn.wbuf.len() < WRITE_CAP) {
+                return;
+            }
         }
     }
 
@@ -592,7 +612,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
     loop {
         match &mut conn.phase {
             Phase::Idle | Phase::Head => {
-                if conn.rbuf.is_empty() {
+                if conn.rbuf.is_empty() || conn.wbuf.len() >= WRITE_CAP {
                     return;
                 }
                 match head::parse(&conn.rbuf) {

@@ -32,6 +32,9 @@ pub const PRE_AUTH_MAX_PAYLOAD: usize = 64 * 1024;
 pub const MAX_PAYLOAD: usize = 25 * 1024 * 1024;
 /// Unsent bytes a connection may hold before it is closed with 1008 as a slow consumer.
 pub const MAX_BUFFERED: usize = 8 * 1024 * 1024;
+/// Unsent bytes above which no further client message is handled until the peer reads some:
+/// its requests and pings then wait in the socket, and TCP holds it back.
+pub const PAUSE_OUTPUT: usize = 64 * 1024;
 /// Time allowed for the `connect` request.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `tick` interval.
@@ -137,7 +140,8 @@ impl Session {
         s
     }
 
-    /// Consume client bytes, queueing frames to send in `out`. Returns bytes consumed.
+    /// Consume client bytes, queueing frames to send in `out`. Returns bytes consumed, which is
+    /// less than `input` while `out` holds more than [`PAUSE_OUTPUT`] bytes.
     #[allow(clippy::too_many_arguments)]
     pub fn on_bytes(
         &mut self,
@@ -152,7 +156,10 @@ impl Session {
         let now = Instant::now();
         let mut ctx = Ctx { gw, link: Link { notifier: notifier.clone(), slot, id: conn_id }, ip, now };
         let mut pos = 0;
-        while pos < input.len() && matches!(self.state, State::AwaitConnect | State::Open | State::Closing) {
+        while pos < input.len()
+            && out.len() < PAUSE_OUTPUT
+            && matches!(self.state, State::AwaitConnect | State::Open | State::Closing)
+        {
             let (n, msg) = match self.decoder.decode(&input[pos..]) {
                 Ok(r) => r,
                 Err(e) => {

@@ -400,3 +400,28 @@ fn read_until(s: &mut TcpStream, pat: Option<&[u8]>, within: Duration) -> Vec<u8
 pub const FAILING_AGENTS: &str = "agents: { list: [ { id: 'main', default: true }, \
     { id: 'cmd', backend: { kind: 'command', argv: ['/nonexistent'] } }, \
     { id: 'up', backend: { kind: 'openai', baseUrl: 'http://127.0.0.1:1/v1', model: 'm' } } ] }";
+
+/// Resident memory of process `pid` in KiB (Linux `/proc`).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS line");
+    line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("VmRSS value")
+}
+
+/// Write `unit` over and over, never reading, until `total` bytes are written or a write blocks
+/// for `stall`. Returns the bytes written.
+pub fn flood(s: &mut TcpStream, unit: &[u8], total: usize, stall: Duration) -> usize {
+    let mut chunk = Vec::new();
+    while chunk.len() < 64 * 1024 {
+        chunk.extend_from_slice(unit);
+    }
+    s.set_write_timeout(Some(stall)).unwrap();
+    let mut written = 0;
+    while written < total {
+        match s.write(&chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => written += n,
+        }
+    }
+    written
+}
