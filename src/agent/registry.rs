@@ -18,6 +18,8 @@ pub const MAX_FINISHED: usize = 4096;
 /// Most reply text kept for finished runs, in bytes: long replies age out sooner, so memory
 /// stays bounded whatever the replies' sizes.
 pub const MAX_FINISHED_BYTES: usize = 16 * 1024 * 1024;
+/// Most waiters one run keeps: further waits are refused rather than piling up callbacks.
+pub const MAX_WAITERS: usize = 256;
 /// Most idempotency keys remembered.
 pub const MAX_KEYS: usize = 1000;
 
@@ -109,6 +111,8 @@ pub enum Wait {
     Pending,
     /// Already ended (the waiter was not kept).
     Done(RunSummary),
+    /// Still running, and already has [`MAX_WAITERS`] waiters (the waiter was not kept).
+    Busy,
 }
 
 /// All runs the gateway knows by id.
@@ -196,16 +200,20 @@ impl Registry {
         self.lock().runs.get(run_id).is_some_and(|e| e.done.is_none())
     }
 
-    /// Call `waiter` when `run_id` ends.
-    pub fn wait(&self, run_id: &str, waiter: Waiter) -> Wait {
+    /// Call `waiter` when `run_id` ends; with no waiter, only look.
+    pub fn wait(&self, run_id: &str, waiter: Option<Waiter>) -> Wait {
         let mut g = self.lock();
         match g.runs.get_mut(run_id) {
             None => Wait::NotFound,
             Some(Entry { done: Some(s), .. }) => Wait::Done(s.clone()),
-            Some(e) => {
-                e.waiters.push(waiter);
-                Wait::Pending
-            }
+            Some(e) => match waiter {
+                None => Wait::Pending,
+                Some(_) if e.waiters.len() >= MAX_WAITERS => Wait::Busy,
+                Some(w) => {
+                    e.waiters.push(w);
+                    Wait::Pending
+                }
+            },
         }
     }
 
@@ -265,20 +273,20 @@ mod tests {
         assert!(matches!(
             r.wait(
                 "r1",
-                Box::new(move |s| {
+                Some(Box::new(move |s| {
                     assert_eq!(s.text, "hi");
                     h.fetch_add(1, Ordering::SeqCst);
-                })
+                }))
             ),
             Wait::Pending
         ));
-        assert!(matches!(r.wait("nope", Box::new(|_| {})), Wait::NotFound));
+        assert!(matches!(r.wait("nope", Some(Box::new(|_| {}))), Wait::NotFound));
         assert_eq!(r.active(), 2);
         assert_eq!(r.abort("agent:main:s", Some("r3")), vec!["r3".to_string()]);
         assert!(c.is_cancelled());
         r.finish(summary("r1", "hi"));
         assert_eq!(hits.load(Ordering::SeqCst), 1);
-        assert!(matches!(r.wait("r1", Box::new(|_| {})), Wait::Done(s) if s.text == "hi"));
+        assert!(matches!(r.wait("r1", Some(Box::new(|_| {}))), Wait::Done(s) if s.text == "hi"));
         // A finished run still dedupes its key.
         assert_eq!(r.start("r4", Some("agent\0k"), "agent:main:s", &c), Start::Existing("r1".into()));
         assert_eq!(r.abort("agent:main:s", None), vec!["r3".to_string()]);
@@ -295,7 +303,7 @@ mod tests {
             r.start(&id, None, "k", &c);
             r.finish(summary(&id, ""));
         }
-        assert!(matches!(r.wait("r0", Box::new(|_| {})), Wait::NotFound));
+        assert!(matches!(r.wait("r0", None), Wait::NotFound));
         assert!(r.lock().runs.len() <= MAX_FINISHED);
     }
 
@@ -309,8 +317,20 @@ mod tests {
             r.finish(summary(&id, &big));
         }
         // Only the newest runs that fit in the byte budget are remembered.
-        assert!(matches!(r.wait("r0", Box::new(|_| {})), Wait::NotFound));
-        assert!(matches!(r.wait("r7", Box::new(|_| {})), Wait::Done(_)));
+        assert!(matches!(r.wait("r0", None), Wait::NotFound));
+        assert!(matches!(r.wait("r7", None), Wait::Done(_)));
         assert!(r.lock().finished_bytes <= MAX_FINISHED_BYTES);
+    }
+
+    #[test]
+    fn waiters_per_run_are_capped() {
+        let r = Registry::new();
+        r.start("r", None, "agent:main:s", &CancelToken::new());
+        for _ in 0..MAX_WAITERS {
+            assert!(matches!(r.wait("r", Some(Box::new(|_| {}))), Wait::Pending));
+        }
+        assert!(matches!(r.wait("r", Some(Box::new(|_| {}))), Wait::Busy));
+        // Looking without a waiter is always possible.
+        assert!(matches!(r.wait("r", None), Wait::Pending));
     }
 }

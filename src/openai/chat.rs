@@ -138,6 +138,10 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
     };
     let user = match opt(&o, "user") {
         None => None,
+        // `user` names a sticky session; bounded like the session-key header.
+        Some(Value::String(s)) if s.len() > 256 => {
+            return Err(ApiError::invalid_value("user", "`user` must be at most 256 bytes"));
+        }
         Some(Value::String(s)) => Some(s.clone()).filter(|s| !s.is_empty()),
         Some(_) => return Err(ApiError::invalid_value("user", "`user` must be a string")),
     };
@@ -406,6 +410,7 @@ mod tests {
             (r#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#, "invalid_value", Some("temperature")),
             (r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#, "invalid_value", Some("n")),
             (r#"{"messages":[{"role":"user","content":"x"}],"model":5}"#, "invalid_value", Some("model")),
+            (r#"{"messages":[{"role":"user","content":"x"}],"user":5}"#, "invalid_value", Some("user")),
         ];
         for (body, code, param) in cases {
             let e = parse(body.as_bytes()).unwrap_err();
@@ -413,6 +418,14 @@ mod tests {
             assert_eq!(e.code, Some(*code), "{body}");
             assert_eq!(e.param.as_deref(), *param, "{body}");
         }
+    }
+
+    #[test]
+    fn user_is_bounded() {
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"user":"{}"}}"#, "u".repeat(257));
+        assert_eq!(parse(body.as_bytes()).unwrap_err().param.as_deref(), Some("user"));
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"user":"{}"}}"#, "u".repeat(256));
+        assert_eq!(parse(body.as_bytes()).unwrap().user.map(|u| u.len()), Some(256));
     }
 
     #[test]

@@ -513,6 +513,11 @@ impl Server {
                 self.drive(slot);
                 continue;
             }
+            if matches!(conn.phase, Phase::Closing) && conn.deadline.is_none() {
+                // Whatever way a connection came to be closing, it gets a bounded time to take
+                // its last bytes: a peer that stops reading cannot hold the slot forever.
+                conn.deadline = Some(now + LINGER);
+            }
             let Some(d) = conn.deadline else { continue };
             if now < d {
                 continue;

@@ -18,8 +18,27 @@ use crate::http::response::{LAST_CHUNK, Response, push_chunk, push_header, push_
 use crate::openai::ApiError;
 use crate::openai::chat::{ChunkEncoder, completion_body};
 
-/// Longest a blocked write to a client may take before the client counts as gone.
+/// Longest one flush to a client may take, however slowly it reads, before the client counts as
+/// gone (so a trickling reader cannot hold a worker indefinitely).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Write all of `buf` to a blocking socket before `deadline`; false on error or when time runs
+/// out. Each `write` gets only the time left, so partial progress does not extend the bound.
+pub fn write_bounded(sock: &mut TcpStream, mut buf: &[u8], deadline: Instant) -> bool {
+    while !buf.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || sock.set_write_timeout(Some(left)).is_err() {
+            return false;
+        }
+        match sock.write(buf) {
+            Ok(0) => return false,
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
 
 /// One chat run as handed to a worker.
 #[derive(Debug)]
@@ -196,7 +215,7 @@ impl SseSink<'_> {
         if self.out.is_empty() {
             return true;
         }
-        let ok = self.sock.write_all(&self.out).is_ok();
+        let ok = write_bounded(self.sock, &self.out, Instant::now() + WRITE_TIMEOUT);
         self.out.clear();
         if self.out.capacity() > 64 * 1024 {
             self.out.shrink_to(4096);
@@ -248,5 +267,30 @@ impl EventSink for SseSink<'_> {
             return self.send();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_that_never_reads_cannot_hold_a_write_past_its_deadline() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut w = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (_peer, _) = l.accept().unwrap(); // accepted, never read
+        let t0 = Instant::now();
+        let big = vec![b'x'; 64 << 20];
+        assert!(!write_bounded(&mut w, &big, Instant::now() + Duration::from_millis(300)));
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        // A small write to a live peer completes.
+        let (mut a, mut b) = {
+            let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            (c, l.accept().unwrap().0)
+        };
+        assert!(write_bounded(&mut a, b"hello", Instant::now() + Duration::from_secs(5)));
+        let mut got = [0u8; 5];
+        std::io::Read::read_exact(&mut b, &mut got).unwrap();
+        assert_eq!(&got, b"hello");
     }
 }

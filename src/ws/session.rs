@@ -549,13 +549,20 @@ impl Session {
             WaitKind::Wait => protocol::res_ok(&req.id, &protocol::wait_payload(s)),
             WaitKind::AgentFinal => protocol::agent_final(&req.id, s),
         };
-        match ctx.gw.runs.wait(id, waiter) {
+        // A wait whose deadline has already passed only looks: it must not leave a callback
+        // behind on a run that may go on for minutes.
+        let expired = deadline.is_some_and(|d| d <= ctx.now);
+        match ctx.gw.runs.wait(id, (!expired).then_some(waiter as crate::agent::registry::Waiter)) {
+            Wait::Busy => {
+                let e = ErrorShape::new(ErrorCode::Unavailable, format!("too many waiters on run {id}"));
+                send_text(out, &protocol::res_err(Some(&req.id), &e));
+            }
             Wait::NotFound => {
                 let e = ErrorShape::new(ErrorCode::NotFound, format!("no run {id}"));
                 send_text(out, &protocol::res_err(Some(&req.id), &e));
             }
             Wait::Done(s) => send_text(out, &answer(&s)),
-            Wait::Pending if deadline.is_some_and(|d| d <= ctx.now) => {
+            Wait::Pending if expired => {
                 send_text(out, &protocol::res_ok(&req.id, &json!({ "runId": id, "status": "timeout" })));
             }
             Wait::Pending => {
