@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 
 use crate::agent::run::{RunOutcome, RunRequest, execute};
-use crate::agent::{CancelToken, ChatMessage, EventSink, FinishReason, Role, RunError, RunOptions, Usage};
+use crate::agent::{CancelToken, EventSink, FinishReason, RunError, Usage};
 use crate::config::{self, Config, Overrides};
 use crate::gateway::Gateway;
 use crate::openai::chat::session_key;
@@ -232,16 +232,7 @@ fn agent(mut args: Args) -> Result<i32, i32> {
     };
     let (session_key, sticky) =
         session_key(&gw.agents[agent].cfg.id, key.as_deref(), None).map_err(|e| usage_err(e.message))?;
-    let run = RunRequest {
-        run_id: format!("run-{}", crate::util::random_hex(24)),
-        agent,
-        session_key,
-        sticky,
-        extra_system: Vec::new(),
-        messages: vec![ChatMessage::new(Role::User, message)],
-        options: RunOptions::default(),
-        timeout: None,
-    };
+    let run = RunRequest::user_turn(agent, session_key, sticky, message);
     // The same worker pool as the gateway, so the run path is identical.
     let (tx, rx) = mpsc::channel::<RunOutcome>();
     let Some(adm) = gw.pool.admit() else { return Err(1) };

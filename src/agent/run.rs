@@ -30,6 +30,23 @@ pub struct RunRequest {
     pub timeout: Option<Duration>,
 }
 
+impl RunRequest {
+    /// A run of one user message (the WebSocket methods and `gatelet agent`), with a fresh
+    /// `run-…` id and default options.
+    pub fn user_turn(agent: usize, session_key: String, sticky: bool, message: String) -> Self {
+        RunRequest {
+            run_id: format!("run-{}", crate::util::random_hex(24)),
+            agent,
+            session_key,
+            sticky,
+            extra_system: Vec::new(),
+            messages: vec![ChatMessage::new(Role::User, message)],
+            options: RunOptions::default(),
+            timeout: None,
+        }
+    }
+}
+
 /// What a run produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunOutcome {

@@ -16,9 +16,9 @@ use super::Outgoing;
 use super::frame::{self, Decoder, Message, OpCode, close};
 use super::protocol::{self, ErrorCode, ErrorShape, PROTOCOL, Request};
 use super::run::{Kind, Link, WsRun};
+use crate::agent::CancelToken;
 use crate::agent::registry::{Start, Wait};
 use crate::agent::run::RunRequest;
-use crate::agent::{CancelToken, ChatMessage, Role, RunOptions};
 use crate::auth::AuthResult;
 use crate::gateway::Gateway;
 use crate::openai::{self, ApiError, chat};
@@ -407,14 +407,9 @@ impl Session {
             };
             let (agent, session_key, sticky) = resolve(ctx.gw, agent_id, key)?;
             let run = RunRequest {
-                run_id: format!("run-{}", random_hex(24)),
-                agent,
-                session_key,
-                sticky,
                 extra_system: extra.map(str::to_string).into_iter().collect(),
-                messages: vec![ChatMessage::new(Role::User, message)],
-                options: RunOptions::default(),
                 timeout,
+                ..RunRequest::user_turn(agent, session_key, sticky, message)
             };
             Ok((run, opt_str(p, "idempotencyKey")?))
         })();
@@ -434,16 +429,7 @@ impl Session {
             let key = req_str(p, "sessionKey")?;
             let message = message_param(p)?;
             let (agent, session_key, sticky) = resolve(ctx.gw, None, Some(key))?;
-            let run = RunRequest {
-                run_id: format!("run-{}", random_hex(24)),
-                agent,
-                session_key,
-                sticky,
-                extra_system: Vec::new(),
-                messages: vec![ChatMessage::new(Role::User, message)],
-                options: RunOptions::default(),
-                timeout: None,
-            };
+            let run = RunRequest::user_turn(agent, session_key, sticky, message);
             Ok((run, opt_str(p, "idempotencyKey")?))
         })();
         match parsed {
