@@ -104,13 +104,13 @@ fn health_and_ready_answer_get_and_head() {
 #[test]
 fn models_list_and_lookup() {
     let gw =
-        Gateway::with_config(&config("", "agents: { list: [ { id: 'main', default: true }, { id: 'helper-2' } ] }"));
+        Gateway::with_config(&config("", "agents: { list: [ { id: 'main', default: true }, { id: 'side-agent' } ] }"));
     let r = gw.one(&get("/v1/models", Some(TOKEN)));
     assert_eq!(r.status, 200);
     let v = r.json();
     assert_eq!(v["object"], "list");
     let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["gatelet", "gatelet/default", "gatelet/main", "gatelet/helper-2"]);
+    assert_eq!(ids, ["gatelet", "gatelet/default", "gatelet/main", "gatelet/side-agent"]);
     for m in v["data"].as_array().unwrap() {
         assert_eq!(m["object"], "model");
         assert_eq!(m["created"], 0);
@@ -120,7 +120,7 @@ fn models_list_and_lookup() {
     for (raw, id) in [
         ("gatelet", "gatelet"),
         ("gatelet%2Fdefault", "gatelet/default"),
-        ("gatelet%2fhelper-2", "gatelet/helper-2"),
+        ("gatelet%2fside-agent", "gatelet/side-agent"),
         ("gatelet/main", "gatelet/main"),
     ] {
         let r = gw.one(&get(&format!("/v1/models/{raw}"), Some(TOKEN)));
