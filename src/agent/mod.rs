@@ -43,19 +43,26 @@ impl Role {
     }
 }
 
-/// One message of a conversation, reduced to its text.
+/// The tool-calling fields of a message (`tool_call_id`, `tool_calls`, `name`), kept verbatim so
+/// that an upstream that checks them accepts the history.
+pub type ToolFields = serde_json::Map<String, serde_json::Value>;
+
+/// One message of a conversation, reduced to its text (plus its tool-calling fields).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     /// Who said it.
     pub role: Role,
     /// What was said (text parts joined).
     pub content: String,
+    /// Tool-calling fields, when the message had any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<ToolFields>,
 }
 
 impl ChatMessage {
     /// A message with `role` and `content`.
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        ChatMessage { role, content: content.into() }
+        ChatMessage { role, content: content.into(), tool: None }
     }
 }
 

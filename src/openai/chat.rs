@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::ApiError;
 use crate::agent::run::RunRequest;
-use crate::agent::{ChatMessage, FinishReason, Role, RunOptions, Usage};
+use crate::agent::{ChatMessage, FinishReason, Role, RunOptions, ToolFields, Usage};
 use crate::gateway::Gateway;
 
 /// A validated chat completion request.
@@ -119,7 +119,11 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
         if role == Role::System {
             system.push(text);
         } else {
-            messages.push(ChatMessage { role, content: text });
+            let tool: ToolFields = ["tool_call_id", "tool_calls", "name"]
+                .iter()
+                .filter_map(|k| mo.get(*k).filter(|v| !v.is_null()).map(|v| (k.to_string(), v.clone())))
+                .collect();
+            messages.push(ChatMessage { role, content: text, tool: (!tool.is_empty()).then_some(tool) });
         }
     }
     let stream = match opt(&o, "stream") {
@@ -418,6 +422,20 @@ mod tests {
             assert_eq!(e.code, Some(*code), "{body}");
             assert_eq!(e.param.as_deref(), *param, "{body}");
         }
+    }
+
+    #[test]
+    fn tool_calling_fields_are_kept() {
+        let r = parse(
+            br#"{"messages":[{"role":"user","content":"hi"},
+                {"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},
+                {"role":"tool","tool_call_id":"c1","content":"42"},{"role":"user","content":"ok","name":null}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.messages[0].tool, None);
+        assert_eq!(r.messages[1].tool.as_ref().unwrap()["tool_calls"][0]["id"], "c1");
+        assert_eq!(r.messages[2].tool.as_ref().unwrap()["tool_call_id"], "c1");
+        assert_eq!(r.messages[3].tool, None, "null fields are absent");
     }
 
     #[test]

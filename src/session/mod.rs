@@ -26,6 +26,9 @@ pub struct StoredMessage {
     /// Usage of the turn (on assistant messages).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// Tool-calling fields of the message (`tool_call_id`, `tool_calls`, `name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<crate::agent::ToolFields>,
     /// The reply was cut short by a cancel, timeout or error.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub aborted: bool,
@@ -111,7 +114,12 @@ impl SessionStore {
     pub fn history(&self, key: &str) -> Vec<ChatMessage> {
         self.lock()
             .get(key)
-            .map(|s| s.messages.iter().map(|m| ChatMessage::new(m.role, m.content.clone())).collect())
+            .map(|s| {
+                s.messages
+                    .iter()
+                    .map(|m| ChatMessage { role: m.role, content: m.content.clone(), tool: m.tool.clone() })
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -147,6 +155,7 @@ impl SessionStore {
                 content: m.content.clone(),
                 timestamp: now,
                 usage: None,
+                tool: m.tool.clone(),
                 aborted: false,
             });
         }
@@ -155,6 +164,7 @@ impl SessionStore {
             content: reply.to_string(),
             timestamp: now,
             usage: Some(usage),
+            tool: None,
             aborted,
         });
         s.info.updated_at = now;

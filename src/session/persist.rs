@@ -157,6 +157,9 @@ fn message_line(m: &StoredMessage) -> Value {
         v["usage"] = json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
                              "total_tokens": u.total() });
     }
+    if let Some(t) = &m.tool {
+        v["tool"] = Value::Object(t.clone());
+    }
     if m.aborted {
         v["aborted"] = Value::Bool(true);
     }
@@ -233,6 +236,7 @@ fn parse_message(v: &Value) -> Option<StoredMessage> {
         content: v["content"].as_str()?.to_string(),
         timestamp: v["timestamp"].as_u64().unwrap_or(0),
         usage,
+        tool: v.get("tool").and_then(Value::as_object).cloned(),
         aborted: v["aborted"].as_bool().unwrap_or(false),
     })
 }
@@ -257,7 +261,9 @@ mod tests {
             assert!(w.is_empty());
             let u = Usage { prompt_tokens: 2, completion_tokens: 1 };
             s.append_turn(key, "main", &[ChatMessage::new(Role::User, "one")], "one", u, false).unwrap();
-            s.append_turn(key, "main", &[ChatMessage::new(Role::User, "two")], "tw", u, true).unwrap();
+            let mut tool_msg = ChatMessage::new(Role::Tool, "two");
+            tool_msg.tool = Some([("tool_call_id".to_string(), serde_json::json!("c1"))].into_iter().collect());
+            s.append_turn(key, "main", &[tool_msg], "tw", u, true).unwrap();
         }
         // Simulate a crash in the middle of a line.
         let sdir = dir.join("agents/main/sessions");
@@ -274,6 +280,7 @@ mod tests {
         let t = s.transcript(key, None).unwrap();
         assert_eq!(t.len(), 4);
         assert!(t[3].aborted);
+        assert_eq!(t[2].tool.as_ref().unwrap()["tool_call_id"], "c1", "tool fields survive a reload");
         assert_eq!(s.list()[0].input_tokens, 4);
         assert!(sdir.join("sessions.json").exists());
         // Delete removes the file and the index entry.

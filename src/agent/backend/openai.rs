@@ -131,7 +131,11 @@ pub fn request_body(model: &str, input: &RunInput) -> Value {
             Role::Assistant => "assistant",
             Role::Tool => "tool",
         };
-        messages.push(json!({ "role": role, "content": m.content }));
+        let mut msg = json!({ "role": role, "content": m.content });
+        if let (Some(t), Some(obj)) = (&m.tool, msg.as_object_mut()) {
+            obj.extend(t.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        messages.push(msg);
     }
     let mut body = json!({
         "model": model,
@@ -438,6 +442,26 @@ mod tests {
         let b = request_body("m", &bare);
         assert_eq!(b["messages"][0]["role"], "user");
         assert!(b.get("max_tokens").is_none() && b.get("stop").is_none() && b.get("top_p").is_none());
+    }
+
+    #[test]
+    fn tool_calling_fields_go_upstream_verbatim() {
+        let call = json!([{"id":"call_1","type":"function","function":{"name":"f","arguments":"{}"}}]);
+        let mut asst = ChatMessage::new(Role::Assistant, "");
+        asst.tool = Some([("tool_calls".to_string(), call.clone())].into_iter().collect());
+        let mut tool = ChatMessage::new(Role::Tool, "42");
+        tool.tool = Some([("tool_call_id".to_string(), json!("call_1"))].into_iter().collect());
+        let input = RunInput {
+            run_id: "r".into(),
+            agent_id: "a".into(),
+            session_key: "agent:a:k".into(),
+            system_prompt: String::new(),
+            messages: vec![ChatMessage::new(Role::User, "hi"), asst, tool],
+            options: RunOptions::default(),
+        };
+        let b = request_body("m", &input);
+        assert_eq!(b["messages"][1], json!({"role":"assistant","content":"","tool_calls":call}));
+        assert_eq!(b["messages"][2], json!({"role":"tool","content":"42","tool_call_id":"call_1"}));
     }
 
     #[test]
