@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
@@ -74,7 +74,7 @@ impl Authorizer {
             return AuthResult::Ok;
         }
         let limited = self.limit.as_ref().filter(|l| !(l.exempt_loopback && ip.is_loopback()));
-        if let Some(l) = limited {
+        if limited.is_some() {
             let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(until) = map.get(&ip).and_then(|f| f.locked_until) {
                 if until > now {
@@ -82,7 +82,6 @@ impl Authorizer {
                 }
                 map.remove(&ip);
             }
-            let _ = l;
         }
         let ok = match (&self.secret_digest, secret) {
             (Some(want), Some(got)) => ct_eq(want, &digest(got.as_bytes())),
@@ -107,17 +106,12 @@ impl Authorizer {
         }
         AuthResult::Invalid
     }
-
-    /// Seconds until `ip` may try again, if it is locked out.
-    pub fn locked(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
-        let map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&ip).and_then(|f| f.locked_until).filter(|u| *u > now).map(|u| u - now)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn cfg(mode: AuthMode, rl: Option<RateLimitConfig>) -> AuthConfig {
         AuthConfig { mode, token: Some("tok".into()), password: Some("pw".into()), rate_limit: rl }

@@ -271,11 +271,6 @@ impl RunControl {
             out.tick()?;
         }
     }
-
-    /// Time left before the deadline.
-    pub fn remaining(&self) -> Duration {
-        self.deadline.saturating_duration_since(Instant::now())
-    }
 }
 
 /// A model or program that answers runs.

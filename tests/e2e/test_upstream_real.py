@@ -7,7 +7,7 @@ providers. The client is the official `openai` Python SDK.
     .venv/bin/pip install 'litellm[proxy]' openai pytest
     cargo build && .venv/bin/python -m pytest tests/e2e/test_upstream_real.py -q
 
-GATELET_BIN selects the binary (default target/release/gatelet, else target/debug/gatelet).
+The gatelet binary is started through conftest.py ($GATELET_BIN, else target/debug/gatelet).
 """
 
 import json
@@ -22,11 +22,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import TOKEN, Gateway
 
 openai = pytest.importorskip("openai")
 
 ROOT = Path(__file__).resolve().parents[2]
-TOKEN = "e2e-token"
 MASTER_KEY = "sk-mock-master"
 REPLY = "Hello from the LiteLLM mock"
 
@@ -92,45 +92,25 @@ def litellm_url():
         shutil.rmtree(d, ignore_errors=True)
 
 
-def gatelet_bin():
-    if os.environ.get("GATELET_BIN"):
-        return os.environ["GATELET_BIN"]
-    for p in (ROOT / "target/release/gatelet", ROOT / "target/debug/gatelet"):
-        if p.exists():
-            return str(p)
-    pytest.fail("no gatelet binary: run cargo build")
-
-
 @pytest.fixture(scope="module")
-def gatelet_url(litellm_url):
-    d = tempfile.mkdtemp(prefix="gatelet-e2e-")
-    port = free_port()
+def gatelet_url(litellm_url, tmp_path_factory):
     agents = [
         {"id": "lite", "default": True, "systemPrompt": "Be brief.",
          "backend": {"kind": "openai", "baseUrl": litellm_url, "model": "mock-gpt", "apiKey": MASTER_KEY}},
         {"id": "badkey", "backend": {"kind": "openai", "baseUrl": litellm_url, "model": "mock-gpt", "apiKey": "sk-wrong"}},
         {"id": "nomodel", "backend": {"kind": "openai", "baseUrl": litellm_url, "model": "no-such-model", "apiKey": MASTER_KEY}},
     ]
-    cfg = {
-        "gateway": {"auth": {"token": TOKEN}, "http": {"endpoints": {"chatCompletions": {"enabled": True}}}},
+    gw = Gateway(upstream_config(agents), tmp_path_factory.mktemp("gatelet-upstream"))
+    yield gw.base_url
+    gw.stop()
+
+
+def upstream_config(agents):
+    """A gatelet config (JSON is JSON5) with token auth, chat completions on, and `agents`."""
+    return json.dumps({
+        "gateway": {"port": 0, "auth": {"token": TOKEN}, "http": {"endpoints": {"chatCompletions": {"enabled": True}}}},
         "agents": {"list": agents},
-    }
-    Path(d, "gatelet.json5").write_text(json.dumps(cfg))
-    env = dict(os.environ, GATELET_STATE_DIR=d, GATELET_LOG="info")
-    for k in ("GATELET_GATEWAY_TOKEN", "GATELET_GATEWAY_PASSWORD", "GATELET_GATEWAY_PORT", "GATELET_CONFIG_PATH"):
-        env.pop(k, None)
-    log = open(Path(d, "gatelet.log"), "wb")
-    proc = subprocess.Popen(
-        [gatelet_bin(), "gateway", "--config", str(Path(d, "gatelet.json5")), "--port", str(port)],
-        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, 20, "gatelet")
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        stop(proc)
-        log.close()
-        shutil.rmtree(d, ignore_errors=True)
+    })
 
 
 def client(base_url, key):
@@ -241,21 +221,11 @@ class GatedUpstream:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
 
-def test_sdk_client_gets_each_token_before_the_upstream_sends_the_next():
+def test_sdk_client_gets_each_token_before_the_upstream_sends_the_next(start_gateway):
     up = GatedUpstream()
-    d = tempfile.mkdtemp(prefix="gatelet-e2e-gated-")
-    port = free_port()
-    cfg = {"gateway": {"auth": {"token": TOKEN}, "http": {"endpoints": {"chatCompletions": {"enabled": True}}}},
-           "agents": {"list": [{"id": "up", "backend": {"kind": "openai", "baseUrl": up.url}}]}}
-    Path(d, "gatelet.json5").write_text(json.dumps(cfg))
-    env = dict(os.environ, GATELET_STATE_DIR=d)
-    for k in ("GATELET_GATEWAY_TOKEN", "GATELET_GATEWAY_PASSWORD", "GATELET_GATEWAY_PORT", "GATELET_CONFIG_PATH"):
-        env.pop(k, None)
-    proc = subprocess.Popen([gatelet_bin(), "gateway", "--config", str(Path(d, "gatelet.json5")), "--port", str(port)],
-                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gw = start_gateway(upstream_config([{"id": "up", "backend": {"kind": "openai", "baseUrl": up.url}}]))
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, 20, "gatelet")
-        stream = client(f"http://127.0.0.1:{port}/v1", TOKEN).chat.completions.create(
+        stream = client(gw.base_url, TOKEN).chat.completions.create(
             model="gatelet/up", stream=True, messages=MESSAGES)
         got = []
         for c in stream:
@@ -269,6 +239,4 @@ def test_sdk_client_gets_each_token_before_the_upstream_sends_the_next():
         assert got == ["first", " second"]
     finally:
         up.seen_first.set()
-        stop(proc)
         up.server.shutdown()
-        shutil.rmtree(d, ignore_errors=True)
