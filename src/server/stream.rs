@@ -22,13 +22,27 @@ use crate::openai::chat::{ChunkEncoder, completion_body};
 /// gone (so a trickling reader cannot hold a worker indefinitely).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Write all of `buf` to a blocking socket before `deadline`; false on error or when time runs
-/// out. Each `write` gets only the time left, so partial progress does not extend the bound.
-pub fn write_bounded(sock: &mut TcpStream, mut buf: &[u8], deadline: Instant) -> bool {
+/// How far the socket's write timeout may be from the time actually left before it is reset:
+/// keeps the common case (a fresh flush, timeout already at [`WRITE_TIMEOUT`]) free of an extra
+/// `setsockopt` per SSE record, at the cost of overshooting a deadline by at most this much.
+const TIMEOUT_SLACK: Duration = Duration::from_secs(1);
+
+/// Write all of `buf` to a blocking socket before `deadline` (within [`TIMEOUT_SLACK`]); false on
+/// error or when time runs out. `current` is the write timeout the socket has now (`None` when
+/// unknown) and is kept up to date. Each `write` gets only the time left, so partial progress
+/// does not extend the bound.
+pub fn write_bounded(sock: &mut TcpStream, mut buf: &[u8], deadline: Instant, current: &mut Option<Duration>) -> bool {
     while !buf.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || sock.set_write_timeout(Some(left)).is_err() {
+        if left.is_zero() {
             return false;
+        }
+        let off = current.is_none_or(|c| c > left + TIMEOUT_SLACK || c + TIMEOUT_SLACK < left);
+        if off {
+            if sock.set_write_timeout(Some(left)).is_err() {
+                return false;
+            }
+            *current = Some(left);
         }
         match sock.write(buf) {
             Ok(0) => return false,
@@ -107,6 +121,7 @@ impl ChatJob {
         let mut sink = SseSink {
             job: self,
             sock,
+            timeout: Some(WRITE_TIMEOUT),
             out: prefix,
             rec: Vec::with_capacity(512),
             enc: ChunkEncoder::new(&self.run.run_id, crate::util::now_secs(), &self.model, self.include_usage),
@@ -151,6 +166,8 @@ impl ChatJob {
 struct SseSink<'a> {
     job: &'a ChatJob,
     sock: &'a mut TcpStream,
+    /// The socket's current write timeout (the loop lends it with [`WRITE_TIMEOUT`]).
+    timeout: Option<Duration>,
     /// Bytes ready for the socket.
     out: Vec<u8>,
     /// The SSE records being built (framed into `out` on send).
@@ -215,7 +232,7 @@ impl SseSink<'_> {
         if self.out.is_empty() {
             return true;
         }
-        let ok = write_bounded(self.sock, &self.out, Instant::now() + WRITE_TIMEOUT);
+        let ok = write_bounded(self.sock, &self.out, Instant::now() + WRITE_TIMEOUT, &mut self.timeout);
         self.out.clear();
         if self.out.capacity() > 64 * 1024 {
             self.out.shrink_to(4096);
@@ -281,14 +298,14 @@ mod tests {
         let (_peer, _) = l.accept().unwrap(); // accepted, never read
         let t0 = Instant::now();
         let big = vec![b'x'; 64 << 20];
-        assert!(!write_bounded(&mut w, &big, Instant::now() + Duration::from_millis(300)));
+        assert!(!write_bounded(&mut w, &big, Instant::now() + Duration::from_millis(300), &mut None));
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
         // A small write to a live peer completes.
         let (mut a, mut b) = {
             let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
             (c, l.accept().unwrap().0)
         };
-        assert!(write_bounded(&mut a, b"hello", Instant::now() + Duration::from_secs(5)));
+        assert!(write_bounded(&mut a, b"hello", Instant::now() + Duration::from_secs(5), &mut None));
         let mut got = [0u8; 5];
         std::io::Read::read_exact(&mut b, &mut got).unwrap();
         assert_eq!(&got, b"hello");
