@@ -16,6 +16,7 @@ pub mod config;
 pub mod gateway;
 pub mod http;
 pub mod log;
+pub mod metrics;
 pub mod openai;
 pub mod server;
 pub mod session;

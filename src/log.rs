@@ -1,6 +1,17 @@
-//! One-line-per-event logging to stderr, filtered by `GATELET_LOG`.
+//! One-line-per-event logging to stderr, filtered by `GATELET_LOG` (or `gateway.log.level`),
+//! as text or, with `GATELET_LOG_FORMAT=json` (or `gateway.log.format: "json"`), one JSON object
+//! per line.
+//!
+//! Once [`start_writer`] has run (the gateway does it), lines go through a bounded queue to a
+//! logger thread that does the blocking writes: a stderr pipe nobody reads fills the queue, and
+//! further lines are dropped and counted ([`dropped`], exported in `/metrics`) instead of
+//! stalling the event loop. Before that (CLI commands, tests) lines are written directly.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::fmt::Write as _;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::time::Duration;
 
 /// Severity, most severe first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -9,7 +20,7 @@ pub enum Level {
     Error = 1,
     /// Something is off but work goes on.
     Warn = 2,
-    /// Lifecycle events.
+    /// Lifecycle events and the access log.
     Info = 3,
     /// Per-request detail.
     Debug = 4,
@@ -17,40 +28,320 @@ pub enum Level {
     Trace = 5,
 }
 
-static LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
-
-/// Set the level from `GATELET_LOG` (default `info`). Unknown values keep `info` and warn.
-pub fn init_from_env() {
-    let v = std::env::var("GATELET_LOG").unwrap_or_default();
-    let l = match v.to_ascii_lowercase().as_str() {
-        "" | "info" => Level::Info,
-        "error" => Level::Error,
-        "warn" => Level::Warn,
-        "debug" => Level::Debug,
-        "trace" => Level::Trace,
-        other => {
-            eprintln!("gatelet: warn: GATELET_LOG={other:?} is not error/warn/info/debug/trace; using info");
-            Level::Info
+impl Level {
+    /// The lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Error => "error",
+            Level::Warn => "warn",
+            Level::Info => "info",
+            Level::Debug => "debug",
+            Level::Trace => "trace",
         }
+    }
+
+    /// Parse a level name (case-insensitive).
+    pub fn parse(s: &str) -> Option<Level> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "error" => Level::Error,
+            "warn" | "warning" => Level::Warn,
+            "info" => Level::Info,
+            "debug" => Level::Debug,
+            "trace" => Level::Trace,
+            _ => return None,
+        })
+    }
+}
+
+static LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
+static JSON: AtomicBool = AtomicBool::new(false);
+static ACCESS: AtomicBool = AtomicBool::new(true);
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+/// Bytes waiting in the queue; lines beyond [`QUEUE_BYTES`] are dropped.
+static QUEUED: AtomicUsize = AtomicUsize::new(0);
+static WRITER: OnceLock<SyncSender<Msg>> = OnceLock::new();
+
+/// Most lines waiting for the logger thread.
+const QUEUE_LINES: usize = 8192;
+/// Most bytes waiting for the logger thread.
+const QUEUE_BYTES: usize = 1 << 20;
+/// Longest line kept; longer ones are cut (a log line is not a transport).
+const MAX_LINE: usize = 16 * 1024;
+
+enum Msg {
+    Line(String),
+    Flush(SyncSender<()>),
+}
+
+/// Set the level and format from `GATELET_LOG` / `GATELET_LOG_FORMAT` (defaults `info`, text).
+/// Unknown values keep the default and warn.
+pub fn init_from_env() {
+    apply(None, None, true);
+}
+
+/// Apply logging settings: the environment (`GATELET_LOG`, `GATELET_LOG_FORMAT`) wins over
+/// `level` / `format` from the config file; `access` turns the access log on or off. Called at
+/// start and on every config reload.
+pub fn apply(level: Option<Level>, format: Option<&str>, access: bool) {
+    let env_level = std::env::var("GATELET_LOG").unwrap_or_default();
+    let l = if env_level.is_empty() {
+        level.unwrap_or(Level::Info)
+    } else {
+        Level::parse(&env_level).unwrap_or_else(|| {
+            eprintln!("gatelet: warn: GATELET_LOG={env_level:?} is not error/warn/info/debug/trace; using info");
+            Level::Info
+        })
     };
-    LEVEL.store(l as u8, Ordering::Relaxed);
+    LEVEL.store(l as u8, Relaxed);
+    let env_format = std::env::var("GATELET_LOG_FORMAT").unwrap_or_default();
+    let f = if env_format.is_empty() { format.unwrap_or("text").to_string() } else { env_format.to_ascii_lowercase() };
+    match f.as_str() {
+        "json" => JSON.store(true, Relaxed),
+        "text" => JSON.store(false, Relaxed),
+        other => {
+            eprintln!("gatelet: warn: GATELET_LOG_FORMAT={other:?} is not text/json; using text");
+            JSON.store(false, Relaxed);
+        }
+    }
+    ACCESS.store(access, Relaxed);
 }
 
 /// Whether `l` is logged.
 pub fn enabled(l: Level) -> bool {
-    l as u8 <= LEVEL.load(Ordering::Relaxed)
+    l as u8 <= LEVEL.load(Relaxed)
+}
+
+/// Whether access-log lines are written (`info` enabled and the access log on).
+pub fn access_enabled() -> bool {
+    ACCESS.load(Relaxed) && enabled(Level::Info)
+}
+
+/// Lines dropped because the logger thread could not keep up with stderr.
+pub fn dropped() -> u64 {
+    DROPPED.load(Relaxed)
+}
+
+/// Start the logger thread: from now on lines are queued, never written by the caller. Panics
+/// are logged through it too, so a panic message cannot block on a full stderr either.
+pub fn start_writer() {
+    let (tx, rx) = sync_channel(QUEUE_LINES);
+    if WRITER.set(tx).is_err() {
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("gatelet-log".into()).spawn(move || writer(rx));
+    if spawned.is_err() {
+        eprintln!("gatelet: warn: cannot start the logger thread; log lines will be dropped");
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(non-string payload)".into());
+        let thread = std::thread::current().name().unwrap_or("?").to_string();
+        write(Level::Error, format_args!("panic in thread {thread}{at}: {msg}"));
+    }));
+}
+
+fn writer(rx: Receiver<Msg>) {
+    use std::io::Write;
+    let mut buf = Vec::with_capacity(64 * 1024);
+    while let Ok(first) = rx.recv() {
+        let mut acks = Vec::new();
+        let mut next = Some(first);
+        // Batch what is already queued into one write.
+        while let Some(m) = next {
+            match m {
+                Msg::Line(l) => {
+                    QUEUED.fetch_sub(l.len(), Relaxed);
+                    buf.extend_from_slice(l.as_bytes());
+                }
+                Msg::Flush(ack) => acks.push(ack),
+            }
+            next = if buf.len() < 256 * 1024 { rx.try_recv().ok() } else { None };
+        }
+        let mut err = std::io::stderr().lock();
+        let _ = err.write_all(&buf);
+        let _ = err.flush();
+        drop(err);
+        buf.clear();
+        if buf.capacity() > 1 << 20 {
+            buf.shrink_to(64 * 1024);
+        }
+        for a in acks {
+            let _ = a.send(());
+        }
+    }
+}
+
+/// Wait (at most `timeout`) until queued lines are written: call before exiting.
+pub fn flush(timeout: Duration) {
+    let Some(tx) = WRITER.get() else { return };
+    let (ack_tx, ack_rx) = sync_channel(1);
+    if tx.try_send(Msg::Flush(ack_tx)).is_ok() {
+        let _ = ack_rx.recv_timeout(timeout);
+    }
+}
+
+fn emit(mut line: String) {
+    if line.len() > MAX_LINE {
+        let mut cut = MAX_LINE;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+        line.push_str("…");
+    }
+    line.push('\n');
+    let Some(tx) = WRITER.get() else {
+        eprint!("{line}");
+        return;
+    };
+    let n = line.len();
+    if QUEUED.fetch_add(n, Relaxed) + n > QUEUE_BYTES {
+        QUEUED.fetch_sub(n, Relaxed);
+        DROPPED.fetch_add(1, Relaxed);
+        return;
+    }
+    match tx.try_send(Msg::Line(line)) {
+        Ok(()) => {}
+        Err(TrySendError::Full(Msg::Line(l)) | TrySendError::Disconnected(Msg::Line(l))) => {
+            QUEUED.fetch_sub(l.len(), Relaxed);
+            DROPPED.fetch_add(1, Relaxed);
+        }
+        Err(_) => {}
+    }
+}
+
+/// `2026-01-02T03:04:05.678Z` for now.
+fn timestamp(out: &mut String) {
+    let ms = crate::util::now_ms();
+    let secs = ms / 1000;
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    );
+}
+
+fn json_prefix(l: Level) -> String {
+    let mut s = String::with_capacity(256);
+    s.push_str("{\"ts\":\"");
+    timestamp(&mut s);
+    let _ = write!(s, "\",\"level\":\"{}\"", l.as_str());
+    s
+}
+
+fn push_json_str(out: &mut String, v: &str) {
+    // serde_json's string escaping; a `&str` cannot fail to serialize.
+    out.push_str(&serde_json::to_string(v).unwrap_or_else(|_| "\"\"".into()));
 }
 
 /// Write one line.
 pub fn write(l: Level, args: std::fmt::Arguments<'_>) {
-    let name = match l {
-        Level::Error => "error",
-        Level::Warn => "warn",
-        Level::Info => "info",
-        Level::Debug => "debug",
-        Level::Trace => "trace",
-    };
-    eprintln!("gatelet: {name}: {args}");
+    if JSON.load(Relaxed) {
+        let mut s = json_prefix(l);
+        s.push_str(",\"msg\":");
+        push_json_str(&mut s, &args.to_string());
+        s.push('}');
+        emit(s);
+    } else {
+        emit(format!("gatelet: {}: {args}", l.as_str()));
+    }
+}
+
+/// One access-log record (SPEC §9).
+#[derive(Debug)]
+pub struct Access<'a> {
+    /// Request method (`-` when the head could not be parsed).
+    pub method: &'a str,
+    /// Request path without the query (`-` when unknown).
+    pub path: &'a str,
+    /// Response status.
+    pub status: u16,
+    /// Response bytes written, head included.
+    pub bytes: u64,
+    /// From the complete request head to the last response byte queued or written.
+    pub duration: Duration,
+    /// The agent that answered, when the request reached one.
+    pub agent: Option<&'a str>,
+    /// The session key; only a short hash of it is logged.
+    pub session_key: Option<&'a str>,
+    /// The `x-request-id` sent back, if any.
+    pub request_id: Option<&'a str>,
+}
+
+/// Short SHA-256 prefix of a session key: correlates lines without writing the key itself.
+pub fn session_hash(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(key.as_bytes());
+    d[..6].iter().fold(String::with_capacity(12), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Write an access-log line at `info` (when the access log is on).
+pub fn access(a: &Access<'_>) {
+    if !access_enabled() {
+        return;
+    }
+    let mut cut = a.path.len().min(512);
+    while !a.path.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let path = &a.path[..cut];
+    let ms = a.duration.as_secs_f64() * 1000.0;
+    let session = a.session_key.map(session_hash);
+    if JSON.load(Relaxed) {
+        let mut s = json_prefix(Level::Info);
+        s.push_str(",\"msg\":\"access\",\"method\":");
+        push_json_str(&mut s, a.method);
+        s.push_str(",\"path\":");
+        push_json_str(&mut s, path);
+        let _ = write!(s, ",\"status\":{},\"bytes\":{},\"duration_ms\":{ms:.3}", a.status, a.bytes);
+        for (k, v) in [("agent", a.agent), ("session", session.as_deref()), ("request_id", a.request_id)] {
+            let _ = write!(s, ",\"{k}\":");
+            match v {
+                Some(v) => push_json_str(&mut s, v),
+                None => s.push_str("null"),
+            }
+        }
+        s.push('}');
+        emit(s);
+    } else {
+        // Printable ASCII only: a crafted path cannot forge a second line or a field.
+        let clean = |v: &str| -> String {
+            v.chars().map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect::<String>()
+        };
+        emit(format!(
+            "gatelet: info: access method={} path={} status={} bytes={} duration_ms={ms:.3} agent={} session={} request_id={}",
+            clean(a.method),
+            clean(path),
+            a.status,
+            a.bytes,
+            a.agent.map_or("-".into(), clean),
+            session.as_deref().unwrap_or("-"),
+            a.request_id.map_or("-".into(), clean),
+        ));
+    }
 }
 
 /// Log at a level: `log!(Info, "listening on {addr}")`.
@@ -61,4 +352,34 @@ macro_rules! log {
             $crate::log::write($crate::log::Level::$lvl, format_args!($($arg)*));
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let mut s = String::new();
+        timestamp(&mut s);
+        assert_eq!(s.len(), 24, "{s}");
+        assert!(s.ends_with('Z') && s.as_bytes()[10] == b'T', "{s}");
+        assert!(s.starts_with("20"), "{s}");
+    }
+
+    #[test]
+    fn session_hash_is_short_and_stable() {
+        assert_eq!(session_hash("agent:main:x"), session_hash("agent:main:x"));
+        assert_ne!(session_hash("agent:main:x"), session_hash("agent:main:y"));
+        assert_eq!(session_hash("k").len(), 12);
+        assert!(session_hash("k").bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn level_names_round_trip() {
+        for l in [Level::Error, Level::Warn, Level::Info, Level::Debug, Level::Trace] {
+            assert_eq!(Level::parse(l.as_str()), Some(l));
+        }
+        assert_eq!(Level::parse("loud"), None);
+    }
 }

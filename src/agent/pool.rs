@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -32,7 +33,8 @@ struct Shared {
     state: Mutex<State>,
     cv: Condvar,
     workers: usize,
-    max_queued: usize,
+    /// Changed by a config reload.
+    max_queued: AtomicUsize,
 }
 
 /// The worker pool.
@@ -64,7 +66,12 @@ impl Pool {
     /// Start `workers` threads; at most `max_queued` runs wait beyond the ones being run.
     pub fn new(workers: usize, max_queued: usize) -> Self {
         let workers = workers.max(1);
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), cv: Condvar::new(), workers, max_queued });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            cv: Condvar::new(),
+            workers,
+            max_queued: AtomicUsize::new(max_queued),
+        });
         let handles = (0..workers)
             .map(|i| {
                 let s = shared.clone();
@@ -82,11 +89,21 @@ impl Pool {
         let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         // Counted against the pool's size, not against threads seen idle: a worker that is
         // still starting up or just finishing a job is capacity all the same.
-        if s.shutdown || s.pending + s.running >= self.shared.workers + self.shared.max_queued {
+        if s.shutdown || s.pending + s.running >= self.shared.workers + self.shared.max_queued.load(Ordering::Relaxed) {
             return None;
         }
         s.pending += 1;
         Some(Admission { shared: self.shared.clone(), used: false })
+    }
+
+    /// Change how many runs may wait (config reload); runs already admitted keep their place.
+    pub fn set_max_queued(&self, n: usize) {
+        self.shared.max_queued.store(n, Ordering::Relaxed);
+    }
+
+    /// Worker threads.
+    pub fn workers(&self) -> usize {
+        self.shared.workers
     }
 
     /// Runs admitted and not yet started.

@@ -1,7 +1,7 @@
 //! The run path every surface uses: context building, the backend call, usage accounting and the
 //! transcript append.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{
     CancelToken, ChatMessage, EventSink, FinishReason, Role, RunControl, RunError, RunInput, RunOptions, Usage,
@@ -65,12 +65,17 @@ struct Recorder<'a> {
     text: String,
     usage: Option<Usage>,
     finish: FinishReason,
+    /// When the first reply text arrived (time to first token).
+    first: Option<Instant>,
 }
 
 impl EventSink for Recorder<'_> {
     fn delta(&mut self, text: &str) -> Result<(), RunError> {
         if text.is_empty() {
             return Ok(());
+        }
+        if self.first.is_none() {
+            self.first = Some(Instant::now());
         }
         self.text.push_str(text);
         self.inner.delta(text)
@@ -97,6 +102,8 @@ pub fn new_turn(messages: &[ChatMessage]) -> &[ChatMessage] {
 /// Run `req` to completion on the calling thread, streaming events into `sink`.
 pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut dyn EventSink) -> RunOutcome {
     let agent = &gw.agents[req.agent];
+    let started = Instant::now();
+    let _active = crate::metrics::run_guard();
     let mut system_prompt = agent.cfg.system_prompt.clone();
     for s in &req.extra_system {
         if !system_prompt.is_empty() {
@@ -122,7 +129,7 @@ pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut 
         options: req.options.clone(),
     };
     let ctl = RunControl::new(cancel.clone(), req.timeout.unwrap_or(agent.cfg.timeout));
-    let mut rec = Recorder { inner: sink, text: String::new(), usage: None, finish: FinishReason::Stop };
+    let mut rec = Recorder { inner: sink, text: String::new(), usage: None, finish: FinishReason::Stop, first: None };
     let result = ctl.check().and_then(|_| agent.backend.run(&input, &ctl, &mut rec));
     // A backend that noticed nothing still loses to a cancel or deadline that fired meanwhile.
     let error = result.err();
@@ -137,6 +144,18 @@ pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut 
     {
         crate::log!(Error, "session {}: transcript write failed: {e}", req.session_key);
     }
+    let outcome = match &error {
+        None => crate::metrics::Outcome::Completed,
+        Some(RunError::Timeout) => crate::metrics::Outcome::Timeout,
+        Some(RunError::Backend(_)) => crate::metrics::Outcome::BackendError,
+        Some(RunError::Cancelled) => crate::metrics::Outcome::Cancelled,
+    };
+    agent.stats.record_run(
+        outcome,
+        started.elapsed(),
+        rec.first.map(|f| f.duration_since(started)),
+        (usage.prompt_tokens, usage.completion_tokens),
+    );
     crate::log!(
         Debug,
         "run {} agent={} session={} finish={} error={:?} tokens={}+{}",

@@ -91,6 +91,23 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     /// SSE heartbeat interval; zero disables it.
     pub keepalive: Duration,
+    /// `gateway.metrics.public`: `/metrics` without authentication.
+    pub metrics_public: bool,
+    /// `gateway.http.cors.allowOrigins`: exact origins, or `*`; empty = CORS off.
+    pub cors_origins: Vec<String>,
+    /// `gateway.log`.
+    pub log: LogConfig,
+}
+
+/// `gateway.log`: the file's logging settings (`GATELET_LOG` / `GATELET_LOG_FORMAT` win).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    /// `level`: error, warn, info, debug, trace.
+    pub level: Option<crate::log::Level>,
+    /// `format`: "text" or "json".
+    pub format: Option<String>,
+    /// `accessLog`: one line per request at `info` (default true).
+    pub access: bool,
 }
 
 /// How an agent produces replies.
@@ -371,7 +388,18 @@ impl Validator {
         let gw = self.object(
             root.get("gateway"),
             "gateway",
-            &["port", "bind", "auth", "http", "workers", "maxQueuedRuns", "maxConnections", "keepaliveSeconds"],
+            &[
+                "port",
+                "bind",
+                "auth",
+                "http",
+                "workers",
+                "maxQueuedRuns",
+                "maxConnections",
+                "keepaliveSeconds",
+                "metrics",
+                "log",
+            ],
         );
 
         // Port: --port > GATELET_GATEWAY_PORT > gateway.port > default.
@@ -403,7 +431,7 @@ impl Validator {
         let auth = self.auth(gw.get("auth"), bind, ov, env);
 
         let http =
-            self.object(gw.get("http"), "gateway.http", &["endpoints", "headerTimeoutSeconds", "idleTimeoutSeconds"]);
+            self.object(gw.get("http"), "gateway.http", &["endpoints", "headerTimeoutSeconds", "idleTimeoutSeconds", "cors"]);
         let eps = self.object(http.get("endpoints"), "gateway.http.endpoints", &["chatCompletions"]);
         let cc = self.object(
             eps.get("chatCompletions"),
@@ -428,6 +456,12 @@ impl Validator {
             max_queued_runs: self.uint(gw, "gateway", "maxQueuedRuns", 64, 0, 1_000_000) as usize,
             max_connections: self.uint(gw, "gateway", "maxConnections", 10_000, 1, 1_000_000) as usize,
             keepalive: Duration::from_secs(self.uint(gw, "gateway", "keepaliveSeconds", 15, 0, 86400)),
+            metrics_public: {
+                let m = self.object(gw.get("metrics"), "gateway.metrics", &["public"]);
+                self.bool(m, "gateway.metrics", "public", false)
+            },
+            cors_origins: self.cors(http.get("cors")),
+            log: self.log(gw.get("log")),
         };
 
         let (agents, default_agent, implicit_echo) = self.agents(root.get("agents"))?;
@@ -445,6 +479,57 @@ impl Validator {
             implicit_echo,
             warnings: Vec::new(),
         })
+    }
+
+    fn cors(&mut self, v: Option<&Value>) -> Vec<String> {
+        let p = "gateway.http.cors.allowOrigins";
+        let c = self.object(v, "gateway.http.cors", &["allowOrigins"]);
+        let list = match c.get("allowOrigins") {
+            None | Some(Value::Null) => return Vec::new(),
+            Some(Value::Array(l)) => l,
+            Some(_) => {
+                self.problem(p, "expected an array of origins, e.g. [\"https://app.example\"] or [\"*\"]");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for (i, o) in list.iter().enumerate() {
+            match o.as_str() {
+                // An origin is `scheme://host[:port]`, serialized without a path or a trailing slash.
+                Some(s) if s == "*" || (s.contains("://") && !s.ends_with('/') && s.bytes().all(|b| b.is_ascii_graphic())) => {
+                    out.push(s.to_string())
+                }
+                _ => self.problem(
+                    &format!("{p}[{i}]"),
+                    format!("expected \"*\" or an origin like \"https://app.example\" (no path, no trailing slash), got {o}"),
+                ),
+            }
+        }
+        out
+    }
+
+    fn log(&mut self, v: Option<&Value>) -> LogConfig {
+        let p = "gateway.log";
+        let m = self.object(v, p, &["level", "format", "accessLog"]);
+        let level = match self.string(m, p, "level") {
+            None => None,
+            Some(l) => match crate::log::Level::parse(&l) {
+                Some(l) => Some(l),
+                None => {
+                    self.problem(&format!("{p}.level"), format!("expected error, warn, info, debug or trace, got {l:?}"));
+                    None
+                }
+            },
+        };
+        let format = match self.string(m, p, "format") {
+            None => None,
+            Some(f) if f == "text" || f == "json" => Some(f),
+            Some(f) => {
+                self.problem(&format!("{p}.format"), format!("expected \"text\" or \"json\", got {f:?}"));
+                None
+            }
+        };
+        LogConfig { level, format, access: self.bool(m, p, "accessLog", true) }
     }
 
     fn auth(&mut self, v: Option<&Value>, bind: IpAddr, ov: &Overrides, env: EnvFn<'_>) -> Option<AuthConfig> {
@@ -706,9 +791,12 @@ impl Config {
                               "maxAttempts": r.max_attempts, "windowMs": r.window.as_millis() as u64,
                               "lockoutMs": r.lockout.as_millis() as u64, "exemptLoopback": r.exempt_loopback })) },
                 "http": { "headerTimeoutSeconds": g.header_timeout.as_secs(), "idleTimeoutSeconds": g.idle_timeout.as_secs(),
-                          "endpoints": { "chatCompletions": { "enabled": g.chat_completions, "maxBodyBytes": g.max_body_bytes } } },
+                          "endpoints": { "chatCompletions": { "enabled": g.chat_completions, "maxBodyBytes": g.max_body_bytes } },
+                          "cors": { "allowOrigins": g.cors_origins } },
                 "workers": g.workers, "maxQueuedRuns": g.max_queued_runs, "maxConnections": g.max_connections,
                 "keepaliveSeconds": g.keepalive.as_secs(),
+                "metrics": { "public": g.metrics_public },
+                "log": { "level": g.log.level.map(|l| l.as_str()), "format": g.log.format, "accessLog": g.log.access },
             },
             "agents": { "list": agents },
             "session": { "persist": self.persist_sessions },
