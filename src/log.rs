@@ -328,9 +328,8 @@ pub fn access(a: &Access<'_>) {
         emit(s);
     } else {
         // Printable ASCII only: a crafted path cannot forge a second line or a field.
-        let clean = |v: &str| -> String {
-            v.chars().map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect::<String>()
-        };
+        let clean =
+            |v: &str| -> String { v.chars().map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect::<String>() };
         emit(format!(
             "gatelet: info: access method={} path={} status={} bytes={} duration_ms={ms:.3} agent={} session={} request_id={}",
             clean(a.method),

@@ -206,8 +206,12 @@ pub static METRICS: std::sync::LazyLock<Metrics> = std::sync::LazyLock::new(|| M
 });
 
 /// Where the upstream connection pool reports.
-pub static UPSTREAM: UpstreamStats =
-    UpstreamStats { wired: AtomicBool::new(false), idle: AtomicI64::new(0), opened: AtomicU64::new(0), reused: AtomicU64::new(0) };
+pub static UPSTREAM: UpstreamStats = UpstreamStats {
+    wired: AtomicBool::new(false),
+    idle: AtomicI64::new(0),
+    opened: AtomicU64::new(0),
+    reused: AtomicU64::new(0),
+};
 
 /// Count one answered request.
 pub fn request(route: RouteLabel, status: u16) {
@@ -329,8 +333,12 @@ pub fn render(gw: &Gateway) -> String {
     head(&mut out, "gatelet_runs_total", "counter", "Agent runs finished, by agent and outcome.");
     for a in &agents {
         for (i, o) in OUTCOMES.iter().enumerate() {
-            let _ =
-                writeln!(out, "gatelet_runs_total{{agent=\"{}\",outcome=\"{o}\"}} {}", esc(&a.id), a.runs[i].load(Relaxed));
+            let _ = writeln!(
+                out,
+                "gatelet_runs_total{{agent=\"{}\",outcome=\"{o}\"}} {}",
+                esc(&a.id),
+                a.runs[i].load(Relaxed)
+            );
         }
     }
     head(&mut out, "gatelet_runs_rejected_total", "counter", "Runs refused with 503 because the run queue was full.");
@@ -351,7 +359,8 @@ pub fn render(gw: &Gateway) -> String {
     head(&mut out, "gatelet_tokens_total", "counter", "Tokens of finished runs, by agent and direction (in = prompt).");
     for a in &agents {
         let id = esc(&a.id);
-        let _ = writeln!(out, "gatelet_tokens_total{{agent=\"{id}\",direction=\"in\"}} {}", a.prompt_tokens.load(Relaxed));
+        let _ =
+            writeln!(out, "gatelet_tokens_total{{agent=\"{id}\",direction=\"in\"}} {}", a.prompt_tokens.load(Relaxed));
         let _ = writeln!(
             out,
             "gatelet_tokens_total{{agent=\"{id}\",direction=\"out\"}} {}",

@@ -430,8 +430,11 @@ impl Validator {
 
         let auth = self.auth(gw.get("auth"), bind, ov, env);
 
-        let http =
-            self.object(gw.get("http"), "gateway.http", &["endpoints", "headerTimeoutSeconds", "idleTimeoutSeconds", "cors"]);
+        let http = self.object(
+            gw.get("http"),
+            "gateway.http",
+            &["endpoints", "headerTimeoutSeconds", "idleTimeoutSeconds", "cors"],
+        );
         let eps = self.object(http.get("endpoints"), "gateway.http.endpoints", &["chatCompletions"]);
         let cc = self.object(
             eps.get("chatCompletions"),
@@ -496,12 +499,17 @@ impl Validator {
         for (i, o) in list.iter().enumerate() {
             match o.as_str() {
                 // An origin is `scheme://host[:port]`, serialized without a path or a trailing slash.
-                Some(s) if s == "*" || (s.contains("://") && !s.ends_with('/') && s.bytes().all(|b| b.is_ascii_graphic())) => {
+                Some(s)
+                    if s == "*"
+                        || (s.contains("://") && !s.ends_with('/') && s.bytes().all(|b| b.is_ascii_graphic())) =>
+                {
                     out.push(s.to_string())
                 }
                 _ => self.problem(
                     &format!("{p}[{i}]"),
-                    format!("expected \"*\" or an origin like \"https://app.example\" (no path, no trailing slash), got {o}"),
+                    format!(
+                        "expected \"*\" or an origin like \"https://app.example\" (no path, no trailing slash), got {o}"
+                    ),
                 ),
             }
         }
@@ -516,7 +524,10 @@ impl Validator {
             Some(l) => match crate::log::Level::parse(&l) {
                 Some(l) => Some(l),
                 None => {
-                    self.problem(&format!("{p}.level"), format!("expected error, warn, info, debug or trace, got {l:?}"));
+                    self.problem(
+                        &format!("{p}.level"),
+                        format!("expected error, warn, info, debug or trace, got {l:?}"),
+                    );
                     None
                 }
             },

@@ -53,9 +53,9 @@ pub fn headers(gw: &Gateway, head: &Head) -> Vec<(&'static str, String)> {
 
 fn token_list(v: &str) -> bool {
     v.len() <= 1024
-        && v.split(',').map(str::trim).all(|t| {
-            !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-        })
+        && v.split(',')
+            .map(str::trim)
+            .all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)))
 }
 
 /// The answer to `OPTIONS` on an API route whose methods are `methods`, before authentication.
@@ -64,10 +64,7 @@ pub fn preflight(gw: &Gateway, head: &Head, methods: &'static str) -> Response {
         let mut r = ApiError::invalid(
             403,
             "cors_origin_not_allowed",
-            format!(
-                "Origin {:?} is not in gateway.http.cors.allowOrigins",
-                head.origin.as_deref().unwrap_or("(none)")
-            ),
+            format!("Origin {:?} is not in gateway.http.cors.allowOrigins", head.origin.as_deref().unwrap_or("(none)")),
         )
         .response();
         for (k, v) in headers(gw, head) {

@@ -211,7 +211,10 @@ impl Server {
         poll.registry().register(&mut signals, SIGNAL, Interest::READABLE)?;
         // SIGHUP (reload) on its own pair: a registered handler also keeps it from killing us.
         let (mut hup, hup_tx) = mio::net::UnixStream::pair()?;
-        signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, std::os::unix::net::UnixStream::from(hup_tx))?;
+        signal_hook::low_level::pipe::register(
+            signal_hook::consts::SIGHUP,
+            std::os::unix::net::UnixStream::from(hup_tx),
+        )?;
         poll.registry().register(&mut hup, RELOAD, Interest::READABLE)?;
         let (tx, rx) = channel();
         Ok(Server {
