@@ -192,7 +192,7 @@ fn emit(mut line: String) {
             cut -= 1;
         }
         line.truncate(cut);
-        line.push_str("…");
+        line.push('…');
     }
     line.push('\n');
     let Some(tx) = WRITER.get() else {

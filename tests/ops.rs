@@ -256,7 +256,7 @@ fn free_port() -> u16 {
 #[test]
 fn json_log_format_makes_every_line_a_json_object() {
     let port = free_port();
-    let (mut child, dir) = spawn(&config("", ""), &[("GATELET_LOG", "debug"), ("GATELET_LOG_FORMAT", "json")], port);
+    let (child, dir) = spawn(&config("", ""), &[("GATELET_LOG", "debug"), ("GATELET_LOG_FORMAT", "json")], port);
     let gw_addr = format!("127.0.0.1:{port}");
     let end = Instant::now() + Duration::from_secs(20);
     let mut s = loop {
@@ -373,8 +373,7 @@ fn reload_rotates_the_token_while_a_stream_opened_before_it_finishes() {
     assert_eq!(r.status, 200, "{}", r.text());
 
     // The stream that started under the old config runs to its end.
-    let rest: Vec<String> =
-        stream.rest().iter().map(|r| r.strip_prefix("data: ").unwrap_or(r).to_string()).collect();
+    let rest: Vec<String> = stream.rest().iter().map(|r| r.strip_prefix("data: ").unwrap_or(r).to_string()).collect();
     assert_eq!(rest.last().map(String::as_str), Some("[DONE]"), "{rest:?}");
     let text: String = rest
         .iter()

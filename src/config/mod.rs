@@ -97,6 +97,9 @@ pub struct GatewayConfig {
     pub cors_origins: Vec<String>,
     /// `gateway.log`.
     pub log: LogConfig,
+    /// `gateway.drainTimeoutSeconds`: how long runs and streams may take to finish after
+    /// SIGTERM/SIGINT.
+    pub drain_timeout: Duration,
 }
 
 /// `gateway.log`: the file's logging settings (`GATELET_LOG` / `GATELET_LOG_FORMAT` win).
@@ -399,6 +402,7 @@ impl Validator {
                 "keepaliveSeconds",
                 "metrics",
                 "log",
+                "drainTimeoutSeconds",
             ],
         );
 
@@ -465,6 +469,7 @@ impl Validator {
             },
             cors_origins: self.cors(http.get("cors")),
             log: self.log(gw.get("log")),
+            drain_timeout: Duration::from_secs(self.uint(gw, "gateway", "drainTimeoutSeconds", 10, 1, 86400)),
         };
 
         let (agents, default_agent, implicit_echo) = self.agents(root.get("agents"))?;
@@ -808,6 +813,7 @@ impl Config {
                 "keepaliveSeconds": g.keepalive.as_secs(),
                 "metrics": { "public": g.metrics_public },
                 "log": { "level": g.log.level.map(|l| l.as_str()), "format": g.log.format, "accessLog": g.log.access },
+                "drainTimeoutSeconds": g.drain_timeout.as_secs(),
             },
             "agents": { "list": agents },
             "session": { "persist": self.persist_sessions },

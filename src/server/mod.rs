@@ -35,8 +35,6 @@ const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNAL: Token = Token(usize::MAX);
 const RELOAD: Token = Token(usize::MAX - 1);
-/// How long in-flight runs and WebSocket clients get to finish after SIGTERM/SIGINT.
-const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// Pipelined bytes buffered while a run is in flight; the rest waits in the kernel.
 const READ_CAP: usize = 64 * 1024;
 /// Responses queued for a client that is not reading them: beyond this, no more requests are
@@ -159,7 +157,8 @@ struct Conn {
 /// The listening gateway.
 pub struct Server {
     poll: Poll,
-    listener: TcpListener,
+    /// Closed (`None`) once draining starts.
+    listener: Option<TcpListener>,
     gw: Arc<Gateway>,
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
@@ -219,7 +218,7 @@ impl Server {
         let (tx, rx) = channel();
         Ok(Server {
             poll,
-            listener,
+            listener: Some(listener),
             gw,
             conns: Vec::new(),
             free: Vec::new(),
@@ -287,7 +286,10 @@ impl Server {
 
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match &self.listener {
+            Some(l) => l.local_addr(),
+            None => Err(io::Error::new(io::ErrorKind::NotConnected, "no longer listening")),
+        }
     }
 
     /// Run the loop until a stop signal has drained the gateway.
@@ -349,10 +351,16 @@ impl Server {
 
     /// Stop accepting, tell WebSocket clients, close idle connections, let runs finish.
     fn start_drain(&mut self) {
-        crate::log!(Info, "stop signal: draining (up to {} s; send again to exit now)", DRAIN_GRACE.as_secs());
+        let grace = self.gw.config.gateway.drain_timeout;
+        crate::log!(Info, "stop signal: draining (up to {} s; send again to exit now)", grace.as_secs());
         self.gw.set_ready(false);
-        self.draining = Some(Instant::now() + DRAIN_GRACE);
-        let _ = self.poll.registry().deregister(&mut self.listener);
+        self.draining = Some(Instant::now() + grace);
+        // Stop listening at once rather than only stop accepting: new connections are refused,
+        // so a load balancer moves them to another instance at the first try instead of
+        // leaving them in a backlog nobody serves.
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
         for slot in 0..self.conns.len() {
             let Some(conn) = self.conns[slot].as_mut() else { continue };
             match &mut conn.phase {
@@ -381,7 +389,8 @@ impl Server {
                 self.accept_paused = true;
                 return;
             }
-            match self.listener.accept() {
+            let Some(listener) = &self.listener else { return };
+            match listener.accept() {
                 Ok((mut stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let slot = self.free.pop().unwrap_or_else(|| {
