@@ -129,7 +129,10 @@ def chat(base, text, session=None, model="gatelet", **kw):
     headers = {"x-gatelet-session-key": session} if session else {}
     body = {"model": model, "messages": [{"role": "user", "content": text}]}
     status, h, raw = request(base, "/v1/chat/completions", body, headers, **kw)
-    return status, h, json.loads(raw)
+    try:
+        return status, h, json.loads(raw)
+    except ValueError:  # e.g. nginx's own HTML error page
+        return status, h, {"not_json": raw.decode(errors="replace")[:300]}
 
 
 def served_by(gws, request_id):
