@@ -88,7 +88,8 @@ pub fn apply(level: Option<Level>, format: Option<&str>, access: bool) {
         level.unwrap_or(Level::Info)
     } else {
         Level::parse(&env_level).unwrap_or_else(|| {
-            eprintln!("gatelet: warn: GATELET_LOG={env_level:?} is not error/warn/info/debug/trace; using info");
+            let msg = format!("GATELET_LOG={env_level:?} is not error/warn/info/debug/trace; using info");
+            write(Level::Warn, format_args!("{msg}"));
             Level::Info
         })
     };
@@ -99,8 +100,8 @@ pub fn apply(level: Option<Level>, format: Option<&str>, access: bool) {
         "json" => JSON.store(true, Relaxed),
         "text" => JSON.store(false, Relaxed),
         other => {
-            eprintln!("gatelet: warn: GATELET_LOG_FORMAT={other:?} is not text/json; using text");
             JSON.store(false, Relaxed);
+            write(Level::Warn, format_args!("GATELET_LOG_FORMAT={other:?} is not text/json; using text"));
         }
     }
     ACCESS.store(access, Relaxed);

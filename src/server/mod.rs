@@ -240,11 +240,6 @@ impl Server {
         self.reloader = Some(r);
     }
 
-    /// The gateway new requests are served with (it changes on reload).
-    pub fn gateway(&self) -> Arc<Gateway> {
-        self.gw.clone()
-    }
-
     /// SIGHUP: validate the file; on success new requests get the new config, while work in
     /// flight keeps the gateway it started with; on failure the old config stays.
     fn reload(&mut self) {

@@ -3,7 +3,8 @@
 Checks what the page promises: a sticky session stays on one instance and keeps its history,
 ephemeral requests spread over both, a drain (SIGTERM) lets an open stream finish while new
 requests go to the other instance, a SIGHUP reload takes effect, and /metrics passes through.
-Skipped when nginx is not installed; .ci/run installs it, so CI always runs it.
+Skipped when nginx (or, for the HAProxy recipe, haproxy) is not installed; .ci/run installs
+both, so CI always runs them.
 """
 
 import json
@@ -241,3 +242,59 @@ def test_two_instances_behind_nginx(cluster):
     assert any("drained; exiting" in l for l in drained.lines), drained.lines[-5:]
     # The stream's access line was written by the drained instance.
     assert served_by(gws, stream.headers["x-request-id"]) == home
+
+
+HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (CI installs it; locally: apt-get install haproxy)")
+def test_haproxy_recipe(start_gateway, tmp_path):
+    """The HAProxy block of docs/deploy.md: header or body `user` affinity, spread, drain."""
+    gws = [start_gateway(config_text(GATEWAY, AGENTS)) for _ in range(2)]
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    (cfg,) = re.findall(r"```haproxy\n(.*?)```", text, re.S)
+    port = free_port()
+    cfg = cfg.replace("bind :8080", f"bind 127.0.0.1:{port}")
+    cfg = cfg.replace("127.0.0.1:18789", f"127.0.0.1:{gws[0].port}").replace("127.0.0.1:18790", f"127.0.0.1:{gws[1].port}")
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(cfg)
+    check = subprocess.run([HAPROXY, "-c", "-f", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    proc = subprocess.Popen([HAPROXY, "-db", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        def up():
+            try:
+                return request(base, "/health", token=None)[0] == 200
+            except OSError:
+                return False
+
+        assert wait_until(up, 10), "haproxy did not start"
+        # Header affinity, body `user` affinity.
+        for session, user in (("alice", None), (None, "bob")):
+            homes = set()
+            for _ in range(5):
+                body = {"model": "gatelet", "messages": [{"role": "user", "content": "hi"}]}
+                if user:
+                    body["user"] = user
+                headers = {"x-gatelet-session-key": session} if session else {}
+                status, h, raw = request(base, "/v1/chat/completions", body, headers)
+                assert status == 200, raw
+                homes.add(served_by(gws, h["x-request-id"]))
+            assert len(homes) == 1, (session, user, homes)
+        seen = [0, 0]
+        for i in range(20):
+            status, h, body = chat(base, f"ephemeral {i}")
+            assert status == 200, body
+            seen[served_by(gws, h["x-request-id"])] += 1
+        assert min(seen) >= 3, seen
+        # Drain one: every request goes to the other.
+        gws[0].proc.send_signal(signal.SIGTERM)
+        assert gws[0].proc.wait(15) == 0
+        for i in range(6):
+            status, h, body = chat(base, f"after drain {i}", session="alice" if i % 2 else None)
+            assert status == 200, body
+            assert served_by(gws, h["x-request-id"]) == 1
+    finally:
+        proc.terminate()
+        proc.wait(5)
