@@ -409,7 +409,6 @@ pub fn render(gw: &Gateway) -> String {
     head(&mut out, "gatelet_config_reloads_total", "counter", "SIGHUP config reloads, by result.");
     let _ = writeln!(out, "gatelet_config_reloads_total{{result=\"ok\"}} {}", m.reload_ok.load(Relaxed));
     let _ = writeln!(out, "gatelet_config_reloads_total{{result=\"error\"}} {}", m.reload_failed.load(Relaxed));
-    gauge(&mut out, "gatelet_sessions", "Sticky sessions held.", gw.sessions.list().len() as i64);
     head(&mut out, "gatelet_build_info", "gauge", "Always 1; the version is a label.");
     let _ = writeln!(out, "gatelet_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
 

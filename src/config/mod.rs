@@ -911,6 +911,36 @@ mod tests {
     }
 
     #[test]
+    fn operations_keys() {
+        let c = parse_str(
+            "{gateway: {auth: {token: 'x'}, metrics: {public: true}, drainTimeoutSeconds: 90,
+              http: {cors: {allowOrigins: ['https://app.example', 'http://localhost:5173']}},
+              log: {level: 'debug', format: 'json', accessLog: false}}}",
+        )
+        .unwrap();
+        assert!(c.gateway.metrics_public);
+        assert_eq!(c.gateway.drain_timeout, Duration::from_secs(90));
+        assert_eq!(c.gateway.cors_origins, ["https://app.example", "http://localhost:5173"]);
+        assert_eq!(c.gateway.log.level, Some(crate::log::Level::Debug));
+        assert_eq!(c.gateway.log.format.as_deref(), Some("json"));
+        assert!(!c.gateway.log.access);
+        let d = parse_str("{gateway: {auth: {token: 'x'}}}").unwrap();
+        assert!(!d.gateway.metrics_public && d.gateway.cors_origins.is_empty() && d.gateway.log.access);
+        assert_eq!(d.gateway.drain_timeout, Duration::from_secs(10));
+        for (bad, path) in [
+            ("http: {cors: {allowOrigins: ['https://a.example/']}}", "gateway.http.cors.allowOrigins[0]"),
+            ("http: {cors: {allowOrigins: ['*', 'app.example']}}", "gateway.http.cors.allowOrigins[1]"),
+            ("http: {cors: {allowOrigins: 'https://a.example'}}", "gateway.http.cors.allowOrigins"),
+            ("log: {level: 'loud'}", "gateway.log.level"),
+            ("log: {format: 'xml'}", "gateway.log.format"),
+            ("metrics: {public: 'yes'}", "gateway.metrics.public"),
+        ] {
+            let e = parse_str(&format!("{{gateway: {{auth: {{token: 'x'}}, {bad}}}}}")).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{path}`")), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn agent_defaults_apply() {
         let c = parse_str(
             "{gateway:{auth:{token:'x'}}, agents: {defaults: {timeoutSeconds: 5, systemPrompt: 'S', backend: {kind: 'echo', tokenDelayMs: 3}},
