@@ -771,7 +771,7 @@ def render(res, servers, conns, a):
         f"idle conns: {a.idle_conns:,} opened by the driver, measured once connected and again after one request "
         "each (sent one connection at a time); kernel socket memory is not in RSS: /proc/net/sockstat TCP mem "
         "(pages) before / connected / after-request: "
-        + "; ".join(f"{name} {sockmem(res[name])}" for name, _, _ in servers),
+        + "; ".join(f"{name} {sockmem(res[name])}" for name, _, _ in servers if "idle_conns" in res[name]),
     ]
     if res["missing"]:
         lines.append("MISSING: " + ", ".join(res["missing"]) + " (install with apt-get install -y "
