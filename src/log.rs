@@ -146,10 +146,34 @@ pub fn start_writer() {
     }));
 }
 
+/// While lines keep coming, the logger thread collects them for this long between writes
+/// instead of being woken for each one: a wake-up per line (a futex call and a context switch)
+/// would cost the serving threads more than the line itself.
+const BATCH_WAIT: Duration = Duration::from_millis(10);
+
 fn writer(rx: Receiver<Msg>) {
     use std::io::Write;
     let mut buf = Vec::with_capacity(64 * 1024);
-    while let Ok(first) = rx.recv() {
+    let mut busy = false;
+    loop {
+        let first = if busy {
+            // Sleeping (not blocked in `recv`) means senders find no waiter to wake.
+            std::thread::sleep(BATCH_WAIT);
+            match rx.try_recv() {
+                Ok(m) => m,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    busy = false;
+                    continue;
+                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(m) => m,
+                Err(_) => return,
+            }
+        };
+        busy = true;
         let mut acks = Vec::new();
         let mut next = Some(first);
         // Batch what is already queued into one write.
