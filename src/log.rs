@@ -69,7 +69,8 @@ const QUEUE_BYTES: usize = 1 << 20;
 const MAX_LINE: usize = 16 * 1024;
 
 enum Msg {
-    Line(String),
+    /// One line, UTF-8, newline included.
+    Line(Vec<u8>),
     Flush(SyncSender<()>),
 }
 
@@ -181,7 +182,7 @@ fn writer(rx: Receiver<Msg>) {
             match m {
                 Msg::Line(l) => {
                     QUEUED.fetch_sub(l.len(), Relaxed);
-                    buf.extend_from_slice(l.as_bytes());
+                    buf.extend_from_slice(&l);
                 }
                 Msg::Flush(ack) => acks.push(ack),
             }
@@ -210,18 +211,20 @@ pub fn flush(timeout: Duration) {
     }
 }
 
-fn emit(mut line: String) {
+/// Queue one line (UTF-8, without its newline).
+fn emit(mut line: Vec<u8>) {
     if line.len() > MAX_LINE {
         let mut cut = MAX_LINE;
-        while !line.is_char_boundary(cut) {
+        // Back to a character boundary: continuation bytes are 0b10xxxxxx.
+        while cut > 0 && line[cut] & 0xC0 == 0x80 {
             cut -= 1;
         }
         line.truncate(cut);
-        line.push('…');
+        line.extend_from_slice("…".as_bytes());
     }
-    line.push('\n');
+    line.push(b'\n');
     let Some(tx) = WRITER.get() else {
-        eprint!("{line}");
+        eprint!("{}", String::from_utf8_lossy(&line));
         return;
     };
     let n = line.len();
@@ -266,29 +269,38 @@ fn timestamp(out: &mut String) {
     );
 }
 
-fn json_prefix(l: Level) -> String {
-    let mut s = String::with_capacity(256);
+fn json_prefix(l: Level) -> Vec<u8> {
+    let mut s = String::with_capacity(64);
     s.push_str("{\"ts\":\"");
     timestamp(&mut s);
     let _ = write!(s, "\",\"level\":\"{}\"", l.as_str());
-    s
+    let mut v = Vec::with_capacity(320);
+    v.extend_from_slice(s.as_bytes());
+    v
 }
 
-fn push_json_str(out: &mut String, v: &str) {
+fn push_json_str(out: &mut Vec<u8>, v: &str) {
     // serde_json's string escaping; a `&str` cannot fail to serialize.
-    out.push_str(&serde_json::to_string(v).unwrap_or_else(|_| "\"\"".into()));
+    if serde_json::to_writer(&mut *out, v).is_err() {
+        out.extend_from_slice(b"\"\"");
+    }
+}
+
+/// Printable ASCII only: a crafted path or header cannot forge a second line or a field.
+fn push_clean(out: &mut Vec<u8>, v: &str) {
+    out.extend(v.bytes().map(|b| if b.is_ascii_graphic() { b } else { b'?' }));
 }
 
 /// Write one line.
 pub fn write(l: Level, args: std::fmt::Arguments<'_>) {
     if JSON.load(Relaxed) {
         let mut s = json_prefix(l);
-        s.push_str(",\"msg\":");
+        s.extend_from_slice(b",\"msg\":");
         push_json_str(&mut s, &args.to_string());
-        s.push('}');
+        s.push(b'}');
         emit(s);
     } else {
-        emit(format!("gatelet: {}: {args}", l.as_str()));
+        emit(format!("gatelet: {}: {args}", l.as_str()).into_bytes());
     }
 }
 
@@ -315,15 +327,31 @@ pub struct Access<'a> {
 
 /// Short SHA-256 prefix of a session key: correlates lines without writing the key itself.
 pub fn session_hash(key: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let d = Sha256::digest(key.as_bytes());
-    d[..6].iter().fold(String::with_capacity(12), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    let mut v = Vec::with_capacity(12);
+    push_session_hash(&mut v, key);
+    String::from_utf8_lossy(&v).into_owned()
 }
 
-/// Write an access-log line at `info` (when the access log is on).
+fn push_session_hash(out: &mut Vec<u8>, key: &str) {
+    use sha2::{Digest, Sha256};
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in &Sha256::digest(key.as_bytes())[..6] {
+        out.push(HEX[(b >> 4) as usize]);
+        out.push(HEX[(b & 15) as usize]);
+    }
+}
+
+/// `<ms>.<µs>` without going through float formatting.
+fn push_millis(out: &mut Vec<u8>, d: Duration) {
+    let us = d.as_micros().min(u64::MAX as u128) as u64;
+    crate::util::push_decimal(out, us / 1000);
+    out.push(b'.');
+    let frac = us % 1000;
+    out.extend_from_slice(&[b'0' + (frac / 100) as u8, b'0' + (frac / 10 % 10) as u8, b'0' + (frac % 10) as u8]);
+}
+
+/// Write an access-log line at `info` (when the access log is on). Built by hand into one
+/// buffer: this runs once per request.
 pub fn access(a: &Access<'_>) {
     if !access_enabled() {
         return;
@@ -333,38 +361,61 @@ pub fn access(a: &Access<'_>) {
         cut -= 1;
     }
     let path = &a.path[..cut];
-    let ms = a.duration.as_secs_f64() * 1000.0;
-    let session = a.session_key.map(session_hash);
     if JSON.load(Relaxed) {
         let mut s = json_prefix(Level::Info);
-        s.push_str(",\"msg\":\"access\",\"method\":");
+        s.extend_from_slice(b",\"msg\":\"access\",\"method\":");
         push_json_str(&mut s, a.method);
-        s.push_str(",\"path\":");
+        s.extend_from_slice(b",\"path\":");
         push_json_str(&mut s, path);
-        let _ = write!(s, ",\"status\":{},\"bytes\":{},\"duration_ms\":{ms:.3}", a.status, a.bytes);
-        for (k, v) in [("agent", a.agent), ("session", session.as_deref()), ("request_id", a.request_id)] {
-            let _ = write!(s, ",\"{k}\":");
-            match v {
-                Some(v) => push_json_str(&mut s, v),
-                None => s.push_str("null"),
-            }
+        s.extend_from_slice(b",\"status\":");
+        crate::util::push_decimal(&mut s, a.status.into());
+        s.extend_from_slice(b",\"bytes\":");
+        crate::util::push_decimal(&mut s, a.bytes);
+        s.extend_from_slice(b",\"duration_ms\":");
+        push_millis(&mut s, a.duration);
+        s.extend_from_slice(b",\"agent\":");
+        match a.agent {
+            Some(v) => push_json_str(&mut s, v),
+            None => s.extend_from_slice(b"null"),
         }
-        s.push('}');
+        s.extend_from_slice(b",\"session\":");
+        match a.session_key {
+            Some(k) => {
+                s.push(b'"');
+                push_session_hash(&mut s, k);
+                s.push(b'"');
+            }
+            None => s.extend_from_slice(b"null"),
+        }
+        s.extend_from_slice(b",\"request_id\":");
+        match a.request_id {
+            Some(v) => push_json_str(&mut s, v),
+            None => s.extend_from_slice(b"null"),
+        }
+        s.push(b'}');
         emit(s);
     } else {
-        // Printable ASCII only: a crafted path cannot forge a second line or a field.
-        let clean =
-            |v: &str| -> String { v.chars().map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect::<String>() };
-        emit(format!(
-            "gatelet: info: access method={} path={} status={} bytes={} duration_ms={ms:.3} agent={} session={} request_id={}",
-            clean(a.method),
-            clean(path),
-            a.status,
-            a.bytes,
-            a.agent.map_or("-".into(), clean),
-            session.as_deref().unwrap_or("-"),
-            a.request_id.map_or("-".into(), clean),
-        ));
+        let mut s = Vec::with_capacity(256);
+        s.extend_from_slice(b"gatelet: info: access method=");
+        push_clean(&mut s, a.method);
+        s.extend_from_slice(b" path=");
+        push_clean(&mut s, path);
+        s.extend_from_slice(b" status=");
+        crate::util::push_decimal(&mut s, a.status.into());
+        s.extend_from_slice(b" bytes=");
+        crate::util::push_decimal(&mut s, a.bytes);
+        s.extend_from_slice(b" duration_ms=");
+        push_millis(&mut s, a.duration);
+        s.extend_from_slice(b" agent=");
+        push_clean(&mut s, a.agent.unwrap_or("-"));
+        s.extend_from_slice(b" session=");
+        match a.session_key {
+            Some(k) => push_session_hash(&mut s, k),
+            None => s.push(b'-'),
+        }
+        s.extend_from_slice(b" request_id=");
+        push_clean(&mut s, a.request_id.unwrap_or("-"));
+        emit(s);
     }
 }
 
@@ -397,6 +448,23 @@ mod tests {
         assert_ne!(session_hash("agent:main:x"), session_hash("agent:main:y"));
         assert_eq!(session_hash("k").len(), 12);
         assert!(session_hash("k").bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn millis_have_three_decimals() {
+        let mut v = Vec::new();
+        push_millis(&mut v, Duration::from_micros(1_234_567));
+        assert_eq!(v, b"1234.567");
+        v.clear();
+        push_millis(&mut v, Duration::from_micros(5));
+        assert_eq!(v, b"0.005");
+    }
+
+    #[test]
+    fn text_fields_cannot_forge_lines() {
+        let mut v = Vec::new();
+        push_clean(&mut v, "/a b\nx=1\u{e9}");
+        assert_eq!(v, b"/a?b?x=1??");
     }
 
     #[test]

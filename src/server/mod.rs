@@ -892,7 +892,7 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
         Ok(r) => r,
         Err(e) => return chat_error(conn, e, &h, gw),
     };
-    if let Some(a) = conn.access.as_mut() {
+    if let Some(a) = conn.access.as_mut().filter(|_| crate::log::access_enabled()) {
         a.agent = Some(gw.agents[run.agent].cfg.id.clone());
         a.session_key = Some(run.session_key.clone());
         a.request_id = Some(run.run_id.clone());
