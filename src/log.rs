@@ -2,16 +2,18 @@
 //! as text or, with `GATELET_LOG_FORMAT=json` (or `gateway.log.format: "json"`), one JSON object
 //! per line.
 //!
-//! Once [`start_writer`] has run (the gateway does it), lines go through a bounded queue to a
-//! logger thread that does the blocking writes: a stderr pipe nobody reads fills the queue, and
-//! further lines are dropped and counted ([`dropped`], exported in `/metrics`) instead of
-//! stalling the event loop. Before that (CLI commands, tests) lines are written directly.
+//! Once [`start_writer`] has run (the gateway does it), lines are appended to a bounded buffer
+//! that a logger thread swaps out and writes: the only thing a serving thread waits for is a
+//! `memcpy` under a mutex the logger holds just long enough to swap buffers. A stderr pipe
+//! nobody reads fills the buffer, and further lines are dropped and counted ([`dropped`],
+//! exported in `/metrics`) instead of stalling the event loop. Before that (CLI commands,
+//! tests) lines are written directly.
 
+use std::cell::RefCell;
 use std::fmt::Write as _;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// Severity, most severe first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -57,21 +59,25 @@ static LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
 static JSON: AtomicBool = AtomicBool::new(false);
 static ACCESS: AtomicBool = AtomicBool::new(true);
 static DROPPED: AtomicU64 = AtomicU64::new(0);
-/// Bytes waiting in the queue; lines beyond [`QUEUE_BYTES`] are dropped.
-static QUEUED: AtomicUsize = AtomicUsize::new(0);
-static WRITER: OnceLock<SyncSender<Msg>> = OnceLock::new();
+static WRITER: OnceLock<Queue> = OnceLock::new();
 
-/// Most lines waiting for the logger thread.
-const QUEUE_LINES: usize = 8192;
-/// Most bytes waiting for the logger thread.
+/// Most bytes waiting for the logger thread; lines beyond are dropped.
 const QUEUE_BYTES: usize = 1 << 20;
 /// Longest line kept; longer ones are cut (a log line is not a transport).
 const MAX_LINE: usize = 16 * 1024;
 
-enum Msg {
-    /// One line, UTF-8, newline included.
-    Line(Vec<u8>),
-    Flush(SyncSender<()>),
+/// Lines waiting for the logger thread.
+struct Queue {
+    buf: Mutex<Vec<u8>>,
+    wake: Condvar,
+    /// The logger thread waits on `wake` (set under `buf`'s lock): only then does a writer
+    /// need to notify it.
+    idle: AtomicBool,
+}
+
+thread_local! {
+    /// Per-thread scratch for building a line without allocating.
+    static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
 }
 
 /// Set the level and format from `GATELET_LOG` / `GATELET_LOG_FORMAT` (defaults `info`, text).
@@ -126,11 +132,12 @@ pub fn dropped() -> u64 {
 /// Start the logger thread: from now on lines are queued, never written by the caller. Panics
 /// are logged through it too, so a panic message cannot block on a full stderr either.
 pub fn start_writer() {
-    let (tx, rx) = sync_channel(QUEUE_LINES);
-    if WRITER.set(tx).is_err() {
+    let q =
+        Queue { buf: Mutex::new(Vec::with_capacity(64 * 1024)), wake: Condvar::new(), idle: AtomicBool::new(false) };
+    if WRITER.set(q).is_err() {
         return;
     }
-    let spawned = std::thread::Builder::new().name("gatelet-log".into()).spawn(move || writer(rx));
+    let spawned = std::thread::Builder::new().name("gatelet-log".into()).spawn(writer);
     if spawned.is_err() {
         eprintln!("gatelet: warn: cannot start the logger thread; log lines will be dropped");
     }
@@ -152,95 +159,92 @@ pub fn start_writer() {
 /// would cost the serving threads more than the line itself.
 const BATCH_WAIT: Duration = Duration::from_millis(10);
 
-fn writer(rx: Receiver<Msg>) {
+fn writer() {
     use std::io::Write;
-    let mut buf = Vec::with_capacity(64 * 1024);
-    let mut busy = false;
+    let Some(q) = WRITER.get() else { return };
+    let mut out = Vec::with_capacity(64 * 1024);
     loop {
-        let first = if busy {
-            // Sleeping (not blocked in `recv`) means senders find no waiter to wake.
-            std::thread::sleep(BATCH_WAIT);
-            match rx.try_recv() {
-                Ok(m) => m,
-                Err(std::sync::mpsc::TryRecvError::Empty) => {
-                    busy = false;
-                    continue;
-                }
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+        {
+            let mut b = q.buf.lock().unwrap_or_else(|e| e.into_inner());
+            while b.is_empty() {
+                q.idle.store(true, Relaxed);
+                b = q.wake.wait(b).unwrap_or_else(|e| e.into_inner());
             }
-        } else {
-            match rx.recv() {
-                Ok(m) => m,
-                Err(_) => return,
-            }
-        };
-        busy = true;
-        let mut acks = Vec::new();
-        let mut next = Some(first);
-        // Batch what is already queued into one write.
-        while let Some(m) = next {
-            match m {
-                Msg::Line(l) => {
-                    QUEUED.fetch_sub(l.len(), Relaxed);
-                    buf.extend_from_slice(&l);
-                }
-                Msg::Flush(ack) => acks.push(ack),
-            }
-            next = if buf.len() < 256 * 1024 { rx.try_recv().ok() } else { None };
+            q.idle.store(false, Relaxed);
+            std::mem::swap(&mut *b, &mut out);
         }
         let mut err = std::io::stderr().lock();
-        let _ = err.write_all(&buf);
+        let _ = err.write_all(&out);
         let _ = err.flush();
         drop(err);
-        buf.clear();
-        if buf.capacity() > 1 << 20 {
-            buf.shrink_to(64 * 1024);
+        out.clear();
+        if out.capacity() > 1 << 20 {
+            out.shrink_to(64 * 1024);
         }
-        for a in acks {
-            let _ = a.send(());
-        }
+        std::thread::sleep(BATCH_WAIT);
     }
 }
 
 /// Wait (at most `timeout`) until queued lines are written: call before exiting.
 pub fn flush(timeout: Duration) {
-    let Some(tx) = WRITER.get() else { return };
-    let (ack_tx, ack_rx) = sync_channel(1);
-    if tx.try_send(Msg::Flush(ack_tx)).is_ok() {
-        let _ = ack_rx.recv_timeout(timeout);
+    let Some(q) = WRITER.get() else { return };
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        let empty = q.buf.lock().map(|b| b.is_empty()).unwrap_or(true);
+        if empty && q.idle.load(Relaxed) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
 /// Queue one line (UTF-8, without its newline).
-fn emit(mut line: Vec<u8>) {
-    if line.len() > MAX_LINE {
-        let mut cut = MAX_LINE;
-        // Back to a character boundary: continuation bytes are 0b10xxxxxx.
-        while cut > 0 && line[cut] & 0xC0 == 0x80 {
-            cut -= 1;
-        }
-        line.truncate(cut);
-        line.extend_from_slice("…".as_bytes());
+fn emit(line: &[u8]) {
+    let mut cut = line.len().min(MAX_LINE);
+    // Back to a character boundary: continuation bytes are 0b10xxxxxx.
+    while cut < line.len() && cut > 0 && line[cut] & 0xC0 == 0x80 {
+        cut -= 1;
     }
-    line.push(b'\n');
-    let Some(tx) = WRITER.get() else {
-        eprint!("{}", String::from_utf8_lossy(&line));
+    let (line, ellipsis) = (&line[..cut], cut < line.len());
+    let Some(q) = WRITER.get() else {
+        eprintln!("{}{}", String::from_utf8_lossy(line), if ellipsis { "…" } else { "" });
         return;
     };
-    let n = line.len();
-    if QUEUED.fetch_add(n, Relaxed) + n > QUEUE_BYTES {
-        QUEUED.fetch_sub(n, Relaxed);
+    let mut b = q.buf.lock().unwrap_or_else(|e| e.into_inner());
+    if b.len() + line.len() + 4 > QUEUE_BYTES {
+        drop(b);
         DROPPED.fetch_add(1, Relaxed);
         return;
     }
-    match tx.try_send(Msg::Line(line)) {
-        Ok(()) => {}
-        Err(TrySendError::Full(Msg::Line(l)) | TrySendError::Disconnected(Msg::Line(l))) => {
-            QUEUED.fetch_sub(l.len(), Relaxed);
-            DROPPED.fetch_add(1, Relaxed);
-        }
-        Err(_) => {}
+    b.extend_from_slice(line);
+    if ellipsis {
+        b.extend_from_slice("…".as_bytes());
     }
+    b.push(b'\n');
+    drop(b);
+    if q.idle.load(Relaxed) {
+        q.wake.notify_one();
+    }
+}
+
+/// Build a line in this thread's scratch buffer and queue it.
+fn with_line(f: impl FnOnce(&mut Vec<u8>)) {
+    LINE.with(|l| match l.try_borrow_mut() {
+        Ok(mut v) => {
+            v.clear();
+            f(&mut v);
+            emit(&v);
+            if v.capacity() > 64 * 1024 {
+                v.shrink_to(512);
+            }
+        }
+        // Re-entered (a panic while a line was being built): use a fresh buffer.
+        Err(_) => {
+            let mut v = Vec::new();
+            f(&mut v);
+            emit(&v);
+        }
+    });
 }
 
 /// `2026-01-02T03:04:05.678Z` for now.
@@ -269,14 +273,12 @@ fn timestamp(out: &mut String) {
     );
 }
 
-fn json_prefix(l: Level) -> Vec<u8> {
+fn json_prefix(out: &mut Vec<u8>, l: Level) {
     let mut s = String::with_capacity(64);
     s.push_str("{\"ts\":\"");
     timestamp(&mut s);
     let _ = write!(s, "\",\"level\":\"{}\"", l.as_str());
-    let mut v = Vec::with_capacity(320);
-    v.extend_from_slice(s.as_bytes());
-    v
+    out.extend_from_slice(s.as_bytes());
 }
 
 fn push_json_str(out: &mut Vec<u8>, v: &str) {
@@ -293,15 +295,20 @@ fn push_clean(out: &mut Vec<u8>, v: &str) {
 
 /// Write one line.
 pub fn write(l: Level, args: std::fmt::Arguments<'_>) {
-    if JSON.load(Relaxed) {
-        let mut s = json_prefix(l);
-        s.extend_from_slice(b",\"msg\":");
-        push_json_str(&mut s, &args.to_string());
-        s.push(b'}');
-        emit(s);
-    } else {
-        emit(format!("gatelet: {}: {args}", l.as_str()).into_bytes());
-    }
+    let msg = args.to_string();
+    with_line(|s| {
+        if JSON.load(Relaxed) {
+            json_prefix(s, l);
+            s.extend_from_slice(b",\"msg\":");
+            push_json_str(s, &msg);
+            s.push(b'}');
+        } else {
+            s.extend_from_slice(b"gatelet: ");
+            s.extend_from_slice(l.as_str().as_bytes());
+            s.extend_from_slice(b": ");
+            s.extend_from_slice(msg.as_bytes());
+        }
+    });
 }
 
 /// One access-log record (SPEC §9).
@@ -361,61 +368,62 @@ pub fn access(a: &Access<'_>) {
         cut -= 1;
     }
     let path = &a.path[..cut];
+    with_line(|s| access_line(s, a, path));
+}
+
+fn access_line(s: &mut Vec<u8>, a: &Access<'_>, path: &str) {
     if JSON.load(Relaxed) {
-        let mut s = json_prefix(Level::Info);
+        json_prefix(s, Level::Info);
         s.extend_from_slice(b",\"msg\":\"access\",\"method\":");
-        push_json_str(&mut s, a.method);
+        push_json_str(s, a.method);
         s.extend_from_slice(b",\"path\":");
-        push_json_str(&mut s, path);
+        push_json_str(s, path);
         s.extend_from_slice(b",\"status\":");
-        crate::util::push_decimal(&mut s, a.status.into());
+        crate::util::push_decimal(s, a.status.into());
         s.extend_from_slice(b",\"bytes\":");
-        crate::util::push_decimal(&mut s, a.bytes);
+        crate::util::push_decimal(s, a.bytes);
         s.extend_from_slice(b",\"duration_ms\":");
-        push_millis(&mut s, a.duration);
+        push_millis(s, a.duration);
         s.extend_from_slice(b",\"agent\":");
         match a.agent {
-            Some(v) => push_json_str(&mut s, v),
+            Some(v) => push_json_str(s, v),
             None => s.extend_from_slice(b"null"),
         }
         s.extend_from_slice(b",\"session\":");
         match a.session_key {
             Some(k) => {
                 s.push(b'"');
-                push_session_hash(&mut s, k);
+                push_session_hash(s, k);
                 s.push(b'"');
             }
             None => s.extend_from_slice(b"null"),
         }
         s.extend_from_slice(b",\"request_id\":");
         match a.request_id {
-            Some(v) => push_json_str(&mut s, v),
+            Some(v) => push_json_str(s, v),
             None => s.extend_from_slice(b"null"),
         }
         s.push(b'}');
-        emit(s);
     } else {
-        let mut s = Vec::with_capacity(256);
         s.extend_from_slice(b"gatelet: info: access method=");
-        push_clean(&mut s, a.method);
+        push_clean(s, a.method);
         s.extend_from_slice(b" path=");
-        push_clean(&mut s, path);
+        push_clean(s, path);
         s.extend_from_slice(b" status=");
-        crate::util::push_decimal(&mut s, a.status.into());
+        crate::util::push_decimal(s, a.status.into());
         s.extend_from_slice(b" bytes=");
-        crate::util::push_decimal(&mut s, a.bytes);
+        crate::util::push_decimal(s, a.bytes);
         s.extend_from_slice(b" duration_ms=");
-        push_millis(&mut s, a.duration);
+        push_millis(s, a.duration);
         s.extend_from_slice(b" agent=");
-        push_clean(&mut s, a.agent.unwrap_or("-"));
+        push_clean(s, a.agent.unwrap_or("-"));
         s.extend_from_slice(b" session=");
         match a.session_key {
-            Some(k) => push_session_hash(&mut s, k),
+            Some(k) => push_session_hash(s, k),
             None => s.push(b'-'),
         }
         s.extend_from_slice(b" request_id=");
-        push_clean(&mut s, a.request_id.unwrap_or("-"));
-        emit(s);
+        push_clean(s, a.request_id.unwrap_or("-"));
     }
 }
 
