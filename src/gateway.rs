@@ -44,7 +44,8 @@ impl Gateway {
         let agents =
             config.agents.iter().map(|a| Agent { cfg: a.clone(), backend: backend::build(&a.backend) }).collect();
         let (sessions, warnings) = SessionStore::open(&config.state_dir, config.persist_sessions);
-        let pool = Pool::new(config.gateway.workers, config.gateway.max_queued_runs);
+        let g = &config.gateway;
+        let pool = Pool::new(g.workers, g.max_queued_runs, g.max_runs_per_ip);
         let auth = Authorizer::new(&config.gateway.auth);
         (
             Gateway { config, agents, sessions, pool, auth, runs: Registry::new(), ready: AtomicBool::new(false) },

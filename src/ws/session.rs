@@ -17,6 +17,7 @@ use super::frame::{self, Decoder, Message, OpCode, close};
 use super::protocol::{self, ErrorCode, ErrorShape, PROTOCOL, Request};
 use super::run::{Kind, Link, WsRun};
 use crate::agent::CancelToken;
+use crate::agent::pool::Refused;
 use crate::agent::registry::{Start, Wait};
 use crate::agent::run::RunRequest;
 use crate::auth::AuthResult;
@@ -454,11 +455,20 @@ impl Session {
             Start::Existing(id) => return self.duplicate(req, &id, &kind, out, ctx),
             Start::New => {}
         }
-        let Some(admission) = gw.pool.admit() else {
-            gw.runs.forget(&run.run_id);
-            let e = ErrorShape::new(ErrorCode::Unavailable, "the gateway is overloaded: the run queue is full")
-                .with_details(json!({ "retryable": true, "retryAfterMs": 1000 }));
-            return send_text(out, &protocol::res_err(Some(&req.id), &e));
+        let admission = match gw.pool.admit_from(Some(ctx.ip.to_canonical())) {
+            Ok(a) => a,
+            Err(refused) => {
+                gw.runs.forget(&run.run_id);
+                let msg = match refused {
+                    Refused::Full => "the gateway is overloaded: the run queue is full".to_string(),
+                    Refused::PerIp(n) => {
+                        format!("too many concurrent runs from this address (gateway.maxRunsPerIp is {n})")
+                    }
+                };
+                let e = ErrorShape::new(ErrorCode::Unavailable, msg)
+                    .with_details(json!({ "retryable": true, "retryAfterMs": 1000 }));
+                return send_text(out, &protocol::res_err(Some(&req.id), &e));
+            }
         };
         let accepted_at = now_ms();
         let first = match kind {
