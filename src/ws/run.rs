@@ -6,7 +6,7 @@
 //!
 //! Output is bounded per run, not per token: `agent` assistant events are coalesced to at most
 //! one per [`AGENT_EVENT_EVERY`] (each carries the `delta` since the previous one and the
-//! cumulative `text`, SPEC §8), `chat` deltas to one per [`CHAT_DELTA_EVERY`], and while the
+//! cumulative `text`, SPEC §8), `chat` deltas to one per `CHAT_DELTA_EVERY`, and while the
 //! connection has more than its bound on the way to the client ([`Link::congested`]) both wait
 //! and merge into the next event, so a client that reads slowly gets fewer, larger events
 //! instead of a growing queue.
