@@ -52,6 +52,8 @@ const ACCEPT_BUDGET: usize = 256;
 const READ_BUDGET: usize = 256 * 1024;
 /// Worker messages handled per loop turn.
 const DONE_BUDGET: usize = 1024;
+/// Send buffer asked for a socket lent to a streaming run (Linux doubles it).
+const STREAM_SNDBUF: usize = 256 * 1024;
 /// Bytes a connection's runs may have on their way to its socket (queued for the loop, or
 /// framed and unsent) before they hold back their mergeable events (see [`Notifier::congested`]).
 pub const OUTBOUND_BOUND: usize = 256 * 1024;
@@ -1047,6 +1049,9 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     let Some(mut mio_stream) = conn.stream.take() else { return };
     let _ = ctx.registry.deregister(&mut mio_stream);
     let std_stream: std::net::TcpStream = mio_stream.into();
+    // Token streams need little bandwidth; left to autotuning, the kernel would keep up to
+    // 4 MiB per socket for a client that does not read (and the stall would show that late).
+    let _ = socket2::SockRef::from(&std_stream).set_send_buffer_size(STREAM_SNDBUF);
     let watch = std_stream.try_clone().map(TcpStream::from_std);
     if let Ok(mut w) = watch
         && ctx.registry.register(&mut w, Token(slot + 2), Interest::READABLE).is_ok()
