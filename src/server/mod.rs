@@ -996,6 +996,10 @@ fn chat_error(conn: &mut Conn, e: ApiError, close: bool, gw: &Gateway) {
 /// A complete chat completion request: validate, resolve, admit, and hand to a worker.
 fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     let gw = ctx.gw;
+    // The body came through the read buffer: do not keep its size for as long as the run lasts.
+    if conn.rbuf.capacity() > 4096 {
+        conn.rbuf.shrink_to(conn.rbuf.len());
+    }
     let req = match chat::parse(&body) {
         Ok(r) => r,
         Err(e) => return chat_error(conn, e, h.close, gw),
