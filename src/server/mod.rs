@@ -1074,3 +1074,44 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
         notifier.send(Done::Return { slot, id, stream: reuse.then_some(sock) });
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(len: usize) -> Done {
+        Done::Ws { slot: 0, id: 1, msg: ws::Outgoing::Event { name: "agent", payload: "x".repeat(len) } }
+    }
+
+    #[test]
+    fn a_connection_is_congested_while_its_outbound_bytes_exceed_the_bound() {
+        let poll = Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).unwrap());
+        let (tx, rx) = channel();
+        let shared = Notifier { tx, waker, backlog: None };
+        let conn = shared.for_connection();
+        // The loop's own notifier counts nothing.
+        shared.send(event(OUTBOUND_BOUND + 1));
+        assert!(!shared.congested());
+        let _ = rx.try_recv();
+        // Queued and not yet taken by the loop.
+        conn.send(event(OUTBOUND_BOUND / 2));
+        assert!(!conn.congested());
+        conn.send(event(OUTBOUND_BOUND / 2 + 1));
+        assert!(conn.congested());
+        // Taken by the loop and framed, but not yet written: still on its way.
+        for _ in 0..2 {
+            let Ok(Done::Ws { msg, .. }) = rx.try_recv() else { panic!("message lost") };
+            conn.taken(ws_len(&msg));
+        }
+        assert!(!conn.congested());
+        conn.unsent(OUTBOUND_BOUND + 1);
+        assert!(conn.congested());
+        conn.unsent(0);
+        assert!(!conn.congested());
+        // A copy (a run's link) shares the count.
+        let link = conn.clone();
+        link.send(event(OUTBOUND_BOUND + 1));
+        assert!(conn.congested());
+    }
+}
