@@ -810,6 +810,29 @@ mod tests {
     }
 
     #[test]
+    fn fairness_limits_defaults_and_overrides() {
+        let g = parse_str("{gateway: {auth: {token: 'x'}}}").unwrap().gateway;
+        assert_eq!(g.workers, DEFAULT_WORKERS);
+        assert_eq!(g.max_connections_per_ip, 256);
+        assert_eq!(g.max_runs_per_ip, DEFAULT_WORKERS / 2);
+        assert_eq!(g.stall_timeout, Duration::from_secs(10));
+        assert_eq!(g.listen_backlog, default_backlog());
+        // The run limit follows the pool size unless set; 0 turns the limits off.
+        let g = parse_str("{gateway: {auth: {token: 'x'}, workers: 1}}").unwrap().gateway;
+        assert_eq!(g.max_runs_per_ip, 1);
+        let g = parse_str(
+            "{gateway: {auth: {token: 'x'}, workers: 8, maxRunsPerIp: 0, maxConnectionsPerIp: 0, listenBacklog: 64, \
+             http: {stallTimeoutSeconds: 3}}}",
+        )
+        .unwrap();
+        assert!(g.warnings.is_empty(), "{:?}", g.warnings);
+        let g = g.gateway;
+        assert_eq!((g.max_runs_per_ip, g.max_connections_per_ip, g.listen_backlog), (0, 0, 64));
+        assert_eq!(g.stall_timeout, Duration::from_secs(3));
+        assert!(parse_str("{gateway: {auth: {token: 'x'}, http: {stallTimeoutSeconds: 0}}}").is_err());
+    }
+
+    #[test]
     fn unknown_keys_warn() {
         let c = parse_str("{gateway: {auth: {token: 'x'}, portt: 1}}").unwrap();
         assert_eq!(c.warnings.len(), 1);
