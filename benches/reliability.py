@@ -346,7 +346,7 @@ def slowloris(quick):
             stop.set()
             t.join(10)
             check("slowloris", "%s: %d attackers, probes answered" % (label, count),
-                  "%d/%d" % (len(lat), len(lat) + len(fails)), not fails and len(lat) > 20, "all")
+                  "%d/%d %s" % (len(lat), len(lat) + len(fails), fails[:1] or ""), not fails and len(lat) > 20, "all")
             check("slowloris", "%s: probe p99 (connect + response)" % label, ms(p99(lat)),
                   p99(lat) < 0.05 * SLACK, "< %s" % ms(0.05 * SLACK))
             time.sleep(1)

@@ -63,6 +63,36 @@ fn when_full_a_newcomer_replaces_the_oldest_connection_without_a_request() {
     assert_eq!(health(&mut kept), 200);
 }
 
+/// A connection from another loopback address (Linux routes all of 127.0.0.0/8 to lo).
+fn connect_from(gw: &Gateway, source: &str) -> std::net::TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let src: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+    sock.bind(&src.into()).unwrap();
+    let dst: std::net::SocketAddr = gw.addr().parse().unwrap();
+    sock.connect(&dst.into()).unwrap();
+    let s: std::net::TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+#[test]
+fn when_full_the_address_holding_most_connections_loses_one_of_its_own() {
+    let gw = Gateway::with_config(&config("maxConnections: 3", ""));
+    // Oldest: a silent newcomer from another address (its request might still be on its way).
+    let mut other = connect_from(&gw, "127.0.0.2");
+    std::thread::sleep(Duration::from_millis(200));
+    let mut a = gw.connect();
+    std::thread::sleep(Duration::from_millis(200));
+    let _b = gw.connect();
+    std::thread::sleep(Duration::from_millis(200));
+    // 127.0.0.1 holds two of three: its own oldest silent connection makes room.
+    let mut c = gw.connect();
+    assert_eq!(health(&mut c), 200);
+    assert!(closed_within(&mut a, Duration::from_secs(5)), "the flooding address kept its oldest");
+    assert!(!closed_within(&mut other, Duration::from_millis(1500)), "the other address lost its connection");
+    assert_eq!(health(&mut other), 200);
+}
+
 #[test]
 fn a_silent_newcomer_gets_the_head_deadline_a_served_connection_the_idle_one() {
     let gw = Gateway::with_config(&config(

@@ -9,7 +9,8 @@
 pub mod handler;
 pub mod stream;
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -232,7 +233,9 @@ pub struct Server {
     listener: TcpListener,
     gw: Arc<Gateway>,
     conns: Vec<Option<Conn>>,
-    free: Vec<usize>,
+    /// Free slots, lowest first: new connections fill the table from the bottom, so that its
+    /// tail empties after a burst and can be given back.
+    free: BinaryHeap<Reverse<usize>>,
     live: usize,
     next_id: u64,
     notifier: Notifier,
@@ -299,7 +302,7 @@ impl Server {
             listener,
             gw,
             conns: Vec::new(),
-            free: Vec::new(),
+            free: BinaryHeap::new(),
             live: 0,
             next_id: 1,
             notifier: Notifier { tx, waker, backlog: None },
@@ -343,7 +346,8 @@ impl Server {
             let timeout = if done_more || self.accept_more || !self.again.is_empty() {
                 // Work left over from the last turn: look at new events, then do it.
                 Some(Duration::ZERO)
-            } else if self.live > 0 {
+            } else if self.live > 0 || !self.conns.is_empty() {
+                // Timers, and (with no connection left) one more turn to give the table back.
                 Some(Duration::from_millis(250))
             } else {
                 None
@@ -451,7 +455,7 @@ impl Server {
                         self.close(v);
                     }
                     let _ = stream.set_nodelay(true);
-                    let slot = self.free.pop().unwrap_or_else(|| {
+                    let slot = self.free.pop().map(|Reverse(s)| s).unwrap_or_else(|| {
                         self.conns.push(None);
                         self.conns.len() - 1
                     });
@@ -462,7 +466,7 @@ impl Server {
                         .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
                         .is_err()
                     {
-                        self.free.push(slot);
+                        self.free.push(Reverse(slot));
                         continue;
                     }
                     let id = self.next_id;
@@ -515,19 +519,38 @@ impl Server {
         self.conns.get(slot).and_then(Option::as_ref).map_or(0, |c| c.id)
     }
 
-    /// The connection to close for a newcomer when full: the oldest that has not completed a
-    /// request head, else the keep-alive connection idle the longest (nearest idle deadline).
+    /// The connection to close for a newcomer when full: one that has not completed a request
+    /// head — the oldest of those from the address holding the most connections (so a flood
+    /// from one address churns its own connections, never a newcomer from elsewhere whose
+    /// request is still on its way), else the oldest of any address — and failing those the
+    /// keep-alive connection idle the longest (nearest idle deadline).
     fn victim(&mut self) -> Option<usize> {
+        fn candidate(conns: &[Option<Conn>], id: u64, slot: usize) -> Option<&Conn> {
+            conns.get(slot).and_then(Option::as_ref).filter(|c| {
+                c.id == id
+                    && !c.served
+                    && c.stream.is_some()
+                    && matches!(c.phase, Phase::Idle | Phase::Head | Phase::Closing)
+            })
+        }
+        // Entries that stopped being candidates never become candidates again.
         while let Some((&id, &slot)) = self.fresh.first_key_value() {
-            match self.conns.get(slot).and_then(Option::as_ref) {
-                Some(c) if c.id == id && !c.served && c.stream.is_some() => {
-                    if matches!(c.phase, Phase::Idle | Phase::Head | Phase::Closing) {
-                        return Some(slot);
-                    }
-                }
-                _ => {}
+            if candidate(&self.conns, id, slot).is_some() {
+                break;
             }
             self.fresh.pop_first();
+        }
+        if let Some((_, &oldest)) = self.fresh.first_key_value() {
+            let top = self.per_ip.iter().max_by_key(|(_, n)| **n).map(|(ip, _)| *ip);
+            // Bounded look: past it, the oldest of any address will do.
+            for (&id, &slot) in self.fresh.iter().take(256) {
+                if let Some(c) = candidate(&self.conns, id, slot)
+                    && Some(c.peer.ip().to_canonical()) == top
+                {
+                    return Some(slot);
+                }
+            }
+            return Some(oldest);
         }
         self.conns
             .iter()
@@ -749,7 +772,7 @@ impl Server {
             let _ = self.poll.registry().deregister(&mut w);
         }
         crate::log!(Trace, "closed #{}", conn.id);
-        self.free.push(slot);
+        self.free.push(Reverse(slot));
         self.live -= 1;
         let ip = conn.peer.ip().to_canonical();
         if let Some(n) = self.per_ip.get_mut(&ip) {
@@ -779,10 +802,10 @@ impl Server {
             }
         }
         let used = self.conns.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
-        if self.conns.len() > used + 64 && self.conns.len() > 2 * used {
+        if (used == 0 && !self.conns.is_empty()) || (self.conns.len() > used + 64 && self.conns.len() > 2 * used) {
             self.conns.truncate(used);
             self.conns.shrink_to(used.max(16));
-            self.free.retain(|&s| s < used);
+            self.free.retain(|&Reverse(s)| s < used);
             self.free.shrink_to(self.free.len().max(16));
         }
         if self.per_ip.capacity() > 4 * self.per_ip.len() + 64 {
