@@ -347,6 +347,8 @@ def slowloris(quick):
             t.join(10)
             check("slowloris", "%s: %d attackers, probes answered" % (label, count),
                   "%d/%d %s" % (len(lat), len(lat) + len(fails), fails[:1] or ""), not fails and len(lat) > 20, "all")
+            srt = sorted(lat) or [0]
+            print("     p50 %s p90 %s max %s" % (ms(srt[len(srt) // 2]), ms(srt[int(len(srt) * 0.9)]), ms(srt[-1])))
             check("slowloris", "%s: probe p99 (connect + response)" % label, ms(p99(lat)),
                   p99(lat) < 0.05 * SLACK, "< %s" % ms(0.05 * SLACK))
             time.sleep(1)
