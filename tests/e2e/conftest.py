@@ -123,3 +123,77 @@ def wait_until(pred, timeout=5.0, step=0.05):
             return True
         time.sleep(step)
     return False
+
+
+# ---- tool round trips: the targets every tool-calling client is run against ----
+
+FAKE_UPSTREAM_KEY = "sk-fake-upstream"
+
+
+@pytest.fixture(scope="session")
+def fake_upstream():
+    """A fake OpenAI-compatible upstream that calls tools (fake_upstream.py)."""
+    from fake_upstream import FakeUpstream
+
+    up = FakeUpstream(api_key=FAKE_UPSTREAM_KEY)
+    yield up
+    up.close()
+
+
+@pytest.fixture(scope="session")
+def tools_gateway(fake_upstream, tmp_path_factory):
+    """A gateway with an `echo` agent (tool mode) and `openai` agents in front of the fake upstream:
+    `fake` (streamed answers) and `fakejson` (an upstream that answers streaming requests with a
+    whole `chat.completion`)."""
+    backend = "kind: 'openai', baseUrl: '%s', apiKey: '%s'" % (fake_upstream.url, FAKE_UPSTREAM_KEY)
+    gw = Gateway(
+        config_text(
+            extra="agents: { list: [ { id: 'echo', default: true }, "
+            "{ id: 'fake', backend: { %s, model: 'fake-gpt' } }, "
+            "{ id: 'fakejson', backend: { %s, model: 'fake-json' } } ] }" % (backend, backend)
+        ),
+        tmp_path_factory.mktemp("gw-tools"),
+    )
+    yield gw
+    gw.stop()
+
+
+class ToolTarget:
+    """Where a client sends its requests for one tool round trip.
+
+    `fake` is the fake upstream when it answers (through gatelet's `openai` backend, or directly),
+    else None (gatelet's `echo` agent). `parallel` says whether the model can make two calls in one
+    answer (the echo tool mode makes exactly one).
+    """
+
+    def __init__(self, name, base_url, api_key, model, fake):
+        self.name = name
+        self.base_url = base_url
+        self.api_key = api_key
+        self.model = model
+        self.fake = fake
+        self.parallel = fake is not None
+        self.through_gatelet = name != "direct"
+
+    def __repr__(self):
+        return f"ToolTarget({self.name})"
+
+
+TOOL_TARGETS = [t.strip() for t in os.environ.get("E2E_TOOL_TARGETS", "echo,fake").split(",") if t.strip()]
+
+
+@pytest.fixture(params=TOOL_TARGETS)
+def tool_target(request, fake_upstream):
+    """Each tool round trip runs against gatelet's echo tool mode (`echo`) and gatelet's `openai`
+    backend in front of the fake upstream (`fake`). `E2E_TOOL_TARGETS=direct` points the clients at
+    the fake upstream itself, to check the tests and the fake without gatelet."""
+    fake_upstream.reset()
+    name = request.param
+    if name == "direct":
+        return ToolTarget(name, fake_upstream.url, FAKE_UPSTREAM_KEY, "fake-gpt", fake_upstream)
+    gw = request.getfixturevalue("tools_gateway")
+    if name == "echo":
+        return ToolTarget(name, gw.base_url, TOKEN, "gatelet/echo", None)
+    if name == "fake":
+        return ToolTarget(name, gw.base_url, TOKEN, "gatelet/fake", fake_upstream)
+    raise ValueError(f"unknown tool target {name!r} in E2E_TOOL_TARGETS")
