@@ -82,6 +82,11 @@ class Gateway:
                 self.proc.wait(5)
 
 
+def pytest_configure(config):
+    # LiteLLM's own types trip this pydantic warning on import; it says nothing about gatelet.
+    config.addinivalue_line("filterwarnings", "ignore:.*is using the `ReadOnly` qualifier:UserWarning")
+
+
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory):
     """A shared gateway with two echo agents: `main` (default) and `slow` (200 ms per word)."""
@@ -162,8 +167,7 @@ class ToolTarget:
     """Where a client sends its requests for one tool round trip.
 
     `fake` is the fake upstream when it answers (through gatelet's `openai` backend, or directly),
-    else None (gatelet's `echo` agent). `parallel` says whether the model can make two calls in one
-    answer (the echo tool mode makes exactly one).
+    else None (gatelet's `echo` agent, whose tool mode makes exactly one call per answer).
     """
 
     def __init__(self, name, base_url, api_key, model, fake):
@@ -172,7 +176,6 @@ class ToolTarget:
         self.api_key = api_key
         self.model = model
         self.fake = fake
-        self.parallel = fake is not None
         self.through_gatelet = name != "direct"
 
     def __repr__(self):
@@ -197,3 +200,22 @@ def tool_target(request, fake_upstream):
     if name == "fake":
         return ToolTarget(name, gw.base_url, TOKEN, "gatelet/fake", fake_upstream)
     raise ValueError(f"unknown tool target {name!r} in E2E_TOOL_TARGETS")
+
+
+@pytest.fixture(params=[t for t in TOOL_TARGETS if t != "echo"] or ["fake"])
+def fake_target(request, fake_upstream):
+    """The targets where the fake upstream answers (it can make parallel calls and shows what it
+    received): gatelet's `openai` backend in front of it, or the fake itself under
+    `E2E_TOOL_TARGETS=direct`."""
+    fake_upstream.reset()
+    if request.param == "direct":
+        return ToolTarget("direct", fake_upstream.url, FAKE_UPSTREAM_KEY, "fake-gpt", fake_upstream)
+    gw = request.getfixturevalue("tools_gateway")
+    return ToolTarget("fake", gw.base_url, TOKEN, "gatelet/fake", fake_upstream)
+
+
+@pytest.fixture
+def gatelet_fake_target(fake_upstream, tools_gateway):
+    """gatelet's `openai` backend in front of the fake upstream, whatever E2E_TOOL_TARGETS says."""
+    fake_upstream.reset()
+    return ToolTarget("fake", tools_gateway.base_url, TOKEN, "gatelet/fake", fake_upstream)

@@ -22,6 +22,7 @@ reached the upstream.
 """
 
 import json
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -73,6 +74,16 @@ def decide(body):
 
 def split(s, size):
     return [s[i:i + size] for i in range(0, len(s), size)] or [""]
+
+
+class QuietServer(ThreadingHTTPServer):
+    """Clients that close a kept-alive connection are normal, not worth a traceback."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class FakeUpstream:
@@ -148,8 +159,7 @@ class FakeUpstream:
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
