@@ -213,6 +213,9 @@ pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut 
                 rec.finish = FinishReason::Length;
             } else if !theirs.is_empty() {
                 rec.finish = FinishReason::ToolCalls;
+            } else if rec.finish == FinishReason::ToolCalls {
+                // An upstream that says `tool_calls` but sent none: a plain end.
+                rec.finish = FinishReason::Stop;
             }
             produced.push(if theirs.is_empty() {
                 ChatMessage::new(Role::Assistant, rec.step_text.clone())
