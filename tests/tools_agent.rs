@@ -206,7 +206,7 @@ fn mixed_agent_and_client_tools_return_only_the_client_call() {
         {"role":"assistant","content":null,"tool_calls":[{"id":"call_m1_1","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Rome\"}"}}]},
         {"role":"tool","tool_call_id":"call_m1_1","content":"sunny"}]});
     let r = gw.one(&chat_request_with(&["x-gatelet-session-key: mixed"], &follow.to_string()));
-    assert_eq!(reply(&r), ("final: call 1\n | sunny".into(), "stop".into()));
+    assert_eq!(reply(&r), ("final: call 1 | sunny".into(), "stop".into()));
 }
 
 #[test]
@@ -255,7 +255,7 @@ fn http_streams_keep_alive_while_a_tool_runs() {
     assert!(ka < answer, "{text}");
     let data = util::sse_json(text.as_bytes());
     let content: String = data.iter().filter_map(|v| v["choices"][0]["delta"]["content"].as_str()).collect();
-    assert_eq!(content, "tool said: slow result\n");
+    assert_eq!(content, "tool said: slow result");
 }
 
 #[test]
