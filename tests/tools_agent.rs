@@ -160,7 +160,7 @@ fn too_many_tool_steps_end_with_length() {
     let gw = gateway(
         &model(),
         &[tool("again", "tool_count.sh", &format!("env: {{ COUNT_FILE: '{}' }}", count.display()))],
-        "maxToolSteps: 3,",
+        "maxToolSteps: 3, timeoutSeconds: 30,",
         "",
     );
     let r = ask(&gw, "loop again", "");
@@ -206,7 +206,7 @@ fn mixed_agent_and_client_tools_return_only_the_client_call() {
         {"role":"assistant","content":null,"tool_calls":[{"id":"call_m1_1","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Rome\"}"}}]},
         {"role":"tool","tool_call_id":"call_m1_1","content":"sunny"}]});
     let r = gw.one(&chat_request_with(&["x-gatelet-session-key: mixed"], &follow.to_string()));
-    assert_eq!(reply(&r), ("final: call 1\n | sunny".into(), "stop".into()));
+    assert_eq!(reply(&r), ("final: call 1 | sunny".into(), "stop".into()));
 }
 
 #[test]
@@ -255,7 +255,7 @@ fn http_streams_keep_alive_while_a_tool_runs() {
     assert!(ka < answer, "{text}");
     let data = util::sse_json(text.as_bytes());
     let content: String = data.iter().filter_map(|v| v["choices"][0]["delta"]["content"].as_str()).collect();
-    assert_eq!(content, "tool said: slow result\n");
+    assert_eq!(content, "tool said: slow result");
 }
 
 #[test]
@@ -359,4 +359,49 @@ fn a_command_backend_is_read_no_faster_than_the_client() {
     }
     assert!(got > 0, "the stream flowed");
     assert!(peak < 64 * 1024, "gateway RSS reached {peak} KiB while a slow client read {got} bytes");
+}
+
+#[test]
+fn agent_tool_steps_are_recorded_in_the_sticky_transcript() {
+    let dir = temp_dir("tool-transcript");
+    let cfg = config(
+        "",
+        &format!(
+            "agents: {{ list: [{{ id: 'main', default: true, backend: {{ kind: 'echo' }}, tools: [{}] }}] }}",
+            tool("lookup", "tool_args.sh", "")
+        ),
+    );
+    let gw = Gateway::in_dir(&cfg, &dir);
+    let body = r#"{"model":"gatelet","user":"ann","messages":[{"role":"user","content":"/tool lookup {\"q\":2}"}]}"#;
+    assert_eq!(gw.one(&chat_request(body)).status, 200);
+    let file = std::fs::read_dir(dir.join("agents/main/sessions"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
+        .unwrap()
+        .path();
+    let lines: Vec<Value> =
+        std::fs::read_to_string(file).unwrap().lines().skip(1).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let roles: Vec<&str> = lines.iter().map(|l| l["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["user", "assistant", "tool", "assistant"]);
+    let call = &lines[1]["tool"]["tool_calls"][0];
+    assert_eq!(call["function"], json!({"name":"lookup","arguments":"{\"q\":2}"}));
+    assert_eq!(lines[2]["tool"]["tool_call_id"], call["id"]);
+    assert!(lines[2]["content"].as_str().unwrap().starts_with(r#"args were {"q":2}"#));
+    assert!(lines[1].get("usage").is_none() && lines[3].get("usage").is_some(), "usage on the reply only");
+}
+
+#[test]
+fn chat_send_final_events_carry_client_tool_calls() {
+    let gw = gateway(&model(), &[], "", "");
+    let mut ws = Ws::connected(&gw);
+    let r = ws.call(
+        "c1",
+        "chat.send",
+        json!({"sessionKey": "agent:main:ws-tools", "message": r#"call get_weather {"city":"Oslo"}"#, "idempotencyKey": "i1"}),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    let fin = ws.until_event(|e| e["event"] == "chat" && e["payload"]["state"] == "final");
+    assert_eq!(fin["payload"]["stopReason"], "tool_calls", "{fin}");
+    assert_eq!(fin["payload"]["toolCalls"][0]["function"]["name"], "get_weather");
 }

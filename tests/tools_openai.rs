@@ -268,3 +268,30 @@ fn a_sticky_tool_round_trip_sends_the_history_once_in_order() {
         ])
     );
 }
+
+#[test]
+fn an_ephemeral_follow_up_keeps_content_null_and_tool_fields() {
+    let upstream = Upstream::start(|_| up::stream_reply(&[up::content("ok"), up::finish("stop"), up::DONE.into()]));
+    let gw = gateway(&upstream.base_url());
+    let history = json!([
+        {"role":"user","content":"weather?"},
+        {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"get_weather","arguments":"{}"}}]},
+        {"role":"tool","tool_call_id":"call_1","content":"sunny"},
+        {"role":"assistant","content":"","tool_calls":[{"id":"call_2","type":"function","function":{"name":"get_time","arguments":"{}"}}]},
+        {"role":"tool","tool_call_id":"call_2","content":[{"type":"text","text":"noon"}]},
+    ]);
+    let body = json!({"model":"gatelet","messages":history});
+    assert_eq!(gw.one(&chat_request(&body.to_string())).status, 200);
+    // Verbatim: `null` stays null, "" stays "", parts stay parts.
+    assert_eq!(upstream.requests()[0].json()["messages"], history);
+}
+
+#[test]
+fn tool_calls_finish_without_calls_is_a_plain_stop() {
+    let upstream =
+        Upstream::start(|_| up::stream_reply(&[up::content("done"), up::finish("tool_calls"), up::DONE.into()]));
+    let gw = gateway(&upstream.base_url());
+    let v = gw.one(&chat_request(r#"{"model":"gatelet","messages":[{"role":"user","content":"x"}]}"#)).json();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["choices"][0]["message"], json!({"role":"assistant","content":"done"}));
+}

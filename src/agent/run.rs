@@ -213,6 +213,9 @@ pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut 
                 rec.finish = FinishReason::Length;
             } else if !theirs.is_empty() {
                 rec.finish = FinishReason::ToolCalls;
+            } else if rec.finish == FinishReason::ToolCalls {
+                // An upstream that says `tool_calls` but sent none: a plain end.
+                rec.finish = FinishReason::Stop;
             }
             produced.push(if theirs.is_empty() {
                 ChatMessage::new(Role::Assistant, rec.step_text.clone())
@@ -229,6 +232,11 @@ pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut 
         let mut stopped = None;
         for c in &mine {
             let Some(tool) = agent.cfg.tools.iter().find(|t| t.name == c.name) else { continue };
+            if let Some(e) = &stopped {
+                // Every call keeps a result, so the stored history stays valid for upstreams.
+                produced.push(ChatMessage::tool_result(&c.id, format!("tool {} did not run: {e}", c.name)));
+                continue;
+            }
             rec.tool_event(&ToolEvent::Start { id: &c.id, name: &c.name, args: &c.arguments });
             let result = match tool_exec::run(tool, &c.arguments, &ctl, &mut rec) {
                 Ok(Ok(out)) => {
@@ -240,8 +248,9 @@ pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut 
                     err
                 }
                 Err(e) => {
+                    produced.push(ChatMessage::tool_result(&c.id, format!("tool {} was stopped: {e}", c.name)));
                     stopped = Some(e);
-                    break;
+                    continue;
                 }
             };
             let msg = ChatMessage::tool_result(&c.id, result);

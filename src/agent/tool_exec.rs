@@ -3,6 +3,8 @@
 //! exit, timeout, cannot start) is not a run error: it goes back to the model as the result, with
 //! the exit status and the tail of stderr, so the model can react.
 //!
+//! One trailing line end of the output is dropped (most programs end with one).
+//!
 //! The program runs in a process group of its own. On cancel, the run's deadline or the tool's
 //! `timeoutSeconds`, the whole group is killed (`kill -KILL -<pgid>`, run as a separate program
 //! because the crate forbids `unsafe` and std has no `killpg`), so whatever the tool started goes
@@ -155,7 +157,9 @@ pub fn run(
             Ok(Err(m))
         }
         Some(st) if st.success() => {
-            let mut r = stdout;
+            // The line end most programs finish with is not part of the result.
+            let mut r =
+                stdout.strip_suffix('\n').map(|s| s.strip_suffix('\r').unwrap_or(s)).unwrap_or(&stdout).to_string();
             if c.truncated {
                 r.push_str(&format!("\n[output truncated at {MAX_RESULT} bytes]"));
             }
@@ -221,7 +225,7 @@ mod tests {
     #[test]
     fn arguments_in_result_out() {
         let r = run(&tool("read -r a; echo \"got $a\"", 10), "{\"x\":1}", &ctl(), &mut Quiet).unwrap();
-        assert_eq!(r, Ok("got {\"x\":1}\n".to_string()));
+        assert_eq!(r, Ok("got {\"x\":1}".to_string()));
     }
 
     #[test]

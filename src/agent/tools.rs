@@ -132,8 +132,8 @@ impl Calls {
 /// Normalises the tool-call pieces of one upstream reply (see the module docs).
 #[derive(Debug, Default)]
 pub struct Assembler {
-    /// Upstream index → our index, in order of first appearance.
-    seen: Vec<u64>,
+    /// Per call, in order of appearance: the upstream's index and the call's id.
+    seen: Vec<(u64, String)>,
     bytes: usize,
 }
 
@@ -151,17 +151,23 @@ impl Assembler {
         if self.bytes > MAX_ARGUMENT_BYTES {
             return Err(format!("tool call arguments longer than {MAX_ARGUMENT_BYTES} bytes"));
         }
-        if let Some(ours) = self.seen.iter().position(|&i| i == index) {
-            return Ok(ToolCallPiece { index: ours, id: None, name: None, arguments: arguments.to_string() });
+        let name = name.filter(|n| !n.is_empty());
+        let id = id.filter(|i| !i.is_empty());
+        if let Some(ours) = self.seen.iter().rposition(|(i, _)| *i == index) {
+            // Some proxies number every call 0; a named piece with another id is a new call.
+            let new_call = name.is_some() && id.is_some_and(|id| id != self.seen[ours].1);
+            if !new_call {
+                return Ok(ToolCallPiece { index: ours, id: None, name: None, arguments: arguments.to_string() });
+            }
         }
-        let Some(name) = name.filter(|n| !n.is_empty()) else {
+        let Some(name) = name else {
             return Err(format!("tool call {index} starts without a function name"));
         };
         if self.seen.len() >= MAX_CALLS {
             return Err(format!("more than {MAX_CALLS} tool calls in one reply"));
         }
-        self.seen.push(index);
-        let id = id.filter(|i| !i.is_empty()).map_or_else(new_call_id, String::from);
+        let id = id.map_or_else(new_call_id, String::from);
+        self.seen.push((index, id.clone()));
         Ok(ToolCallPiece {
             index: self.seen.len() - 1,
             id: Some(id),
@@ -216,6 +222,11 @@ mod tests {
         // Later pieces carry only arguments, even when the upstream repeats id and name.
         let p = a.push(5, Some("c5"), Some("f"), "{}").unwrap();
         assert_eq!(p, ToolCallPiece { index: 0, id: None, name: None, arguments: "{}".into() });
+        // A proxy that numbers every call 0: another id with a name starts a new call.
+        let p = a.push(5, Some("c6"), Some("h"), "{").unwrap();
+        assert_eq!((p.index, p.id.as_deref()), (2, Some("c6")));
+        let p = a.push(5, None, None, "}").unwrap();
+        assert_eq!(p.index, 2, "later pieces go to the newest call with that index");
         assert!(a.push(9, Some("x"), None, "{}").unwrap_err().contains("without a function name"));
         assert!(a.push(9, Some("x"), Some(""), "{}").is_err());
     }

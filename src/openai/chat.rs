@@ -124,8 +124,12 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
                 .iter()
                 .filter_map(|k| mo.get(*k).filter(|v| !v.is_null()).map(|v| (k.to_string(), v.clone())))
                 .collect();
-            // Parts and an explicit `null` travel as sent; an absent content is text "".
-            let raw_content = mo.get("content").filter(|c| !c.is_string()).cloned();
+            // Parts and an explicit `null` travel as sent. An assistant message without
+            // `content` (SDKs drop a null one) is a tool-call message: sent on as `null`.
+            let raw_content = match mo.get("content") {
+                None if role == Role::Assistant => Some(Value::Null),
+                c => c.filter(|c| !c.is_string()).cloned(),
+            };
             messages.push(ChatMessage { role, content: text, raw_content, tool: (!tool.is_empty()).then_some(tool) });
         }
     }

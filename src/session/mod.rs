@@ -22,7 +22,7 @@ pub struct StoredMessage {
     /// Text.
     pub content: String,
     /// The content as sent when it was not plain text (parts, or `null` beside tool calls).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "rawContent", skip_serializing_if = "Option::is_none")]
     pub raw_content: Option<serde_json::Value>,
     /// Unix milliseconds.
     pub timestamp: u64,

@@ -299,6 +299,35 @@ mod tests {
     }
 
     #[test]
+    fn tool_calls_parts_and_null_content_survive_a_reload() {
+        let dir = tmpdir("toolcalls");
+        let key = "agent:main:k";
+        let mut user = ChatMessage::new(Role::User, "look");
+        user.raw_content =
+            Some(serde_json::json!([{"type":"text","text":"look"},{"type":"image_url","image_url":{"url":"data:,"}}]));
+        let call = crate::agent::tools::ToolCall { id: "call_1".into(), name: "f".into(), arguments: "{}".into() };
+        let produced = [
+            ChatMessage::assistant_calls("", &[call]),
+            ChatMessage::tool_result("call_1", "42"),
+            ChatMessage::new(Role::Assistant, "done"),
+        ];
+        {
+            let (s, _) = SessionStore::open(&dir, true);
+            s.append_turn(key, "main", &[user.clone()], &produced, Usage::default(), false).unwrap();
+        }
+        let (s, w) = SessionStore::open(&dir, true);
+        assert!(w.is_empty(), "{w:?}");
+        let mut want = vec![user];
+        want.extend(produced);
+        assert_eq!(s.history(key), want);
+        // Usage goes on the last assistant message only.
+        let t = s.transcript(key, None).unwrap();
+        assert_eq!(t.iter().filter(|m| m.usage.is_some()).count(), 1);
+        assert!(t[3].usage.is_some());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn two_transcripts_for_one_key_load_the_newest() {
         let dir = tmpdir("dupkey");
         let sdir = dir.join("agents/main/sessions");

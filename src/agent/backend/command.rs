@@ -455,6 +455,45 @@ mod tests {
         assert_eq!(parse_line("[1]"), t("[1]"));
     }
 
+    #[test]
+    fn tool_call_lines() {
+        assert_eq!(
+            parse_line(r#"{"tool_call":{"id":"c1","name":"get_weather","arguments":"{\"city\":\"Rome\"}"}}"#),
+            vec![LineEvent::ToolCall {
+                id: Some("c1".into()),
+                name: "get_weather".into(),
+                arguments: r#"{"city":"Rome"}"#.into()
+            }]
+        );
+        // Arguments given as an object are sent as its JSON text; absent ones as `{}`.
+        assert_eq!(
+            parse_line(r#"{"tool_call":{"name":"f","arguments":{"a":1}}}"#),
+            vec![LineEvent::ToolCall { id: None, name: "f".into(), arguments: r#"{"a":1}"#.into() }]
+        );
+        assert_eq!(
+            parse_line(r#"{"tool_call":{"name":"f"}}"#),
+            vec![LineEvent::ToolCall { id: None, name: "f".into(), arguments: "{}".into() }]
+        );
+        assert!(matches!(parse_line(r#"{"tool_call":{"name":"bad name"}}"#)[..], [LineEvent::BadToolCall(_)]));
+        assert!(matches!(parse_line(r#"{"tool_call":{}}"#)[..], [LineEvent::BadToolCall(_)]));
+    }
+
+    #[test]
+    fn run_json_carries_tools_parts_and_tool_fields() {
+        let mut i = input();
+        let parts = json!([{"type":"text","text":"hi"},{"type":"image_url","image_url":{"url":"data:,"}}]);
+        i.messages[0].raw_content = Some(parts.clone());
+        i.messages.push(crate::agent::ChatMessage::tool_result("c1", "42"));
+        i.options.tools = vec![json!({"type":"function","function":{"name":"f"}})];
+        i.options.tool_choice = Some(json!("auto"));
+        let v = run_json(&i);
+        assert_eq!(v["messages"][0], json!({"role":"user","content":"hi","parts":parts}));
+        assert_eq!(v["messages"][1], json!({"role":"tool","content":"42","tool_call_id":"c1"}));
+        assert_eq!(v["tools"][0]["function"]["name"], "f");
+        assert_eq!(v["toolChoice"], "auto");
+        assert!(run_json(&input()).get("tools").is_none());
+    }
+
     fn input() -> RunInput {
         RunInput {
             run_id: "r1".into(),

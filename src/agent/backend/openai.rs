@@ -12,7 +12,7 @@ use std::fmt;
 use serde_json::{Value, json};
 
 use super::upstream::{self, BaseUrl, BodyDecoder, Conn, Stop, UpstreamError, UrlError};
-use crate::agent::tools::Assembler;
+use crate::agent::tools::{Assembler, Calls, ToolCall, ToolCallPiece};
 use crate::agent::{Backend, EventSink, FinishReason, Role, RunControl, RunError, RunInput, Usage};
 use crate::config::OpenAiBackendConfig;
 use crate::sse::{Event, SseDecoder, SseError};
@@ -395,6 +395,71 @@ pub fn apply(chunk: Chunk, p: &mut Progress, out: &mut dyn EventSink) -> Result<
     Ok(())
 }
 
+/// What an event-stream body says, decoded exactly as the backend decodes a live stream: for
+/// tests and fuzzing, which feed it in arbitrary parts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decoded {
+    /// The reply text.
+    pub text: String,
+    /// The tool calls, whole.
+    pub calls: Vec<ToolCall>,
+    /// The finish reason, if one came.
+    pub finish: Option<FinishReason>,
+    /// `[DONE]` arrived (decoding stops there, as the backend does).
+    pub done: bool,
+}
+
+struct Collect<'a>(&'a mut Decoded, Calls);
+
+impl EventSink for Collect<'_> {
+    fn delta(&mut self, text: &str) -> Result<(), RunError> {
+        self.0.text.push_str(text);
+        Ok(())
+    }
+    fn tool_call(&mut self, piece: &ToolCallPiece) -> Result<(), RunError> {
+        self.1.add(piece).map_err(RunError::Backend)
+    }
+    fn usage(&mut self, _: Usage) {}
+    fn finish(&mut self, reason: FinishReason) {
+        self.0.finish = Some(reason);
+    }
+}
+
+/// Decode an event-stream body given in `parts`; the error is the message a run would fail with.
+pub fn decode_body(parts: &[&[u8]]) -> Result<Decoded, String> {
+    let mut d = Decoded::default();
+    let mut sink = Collect(&mut d, Calls::default());
+    let mut dec = SseDecoder::default();
+    let mut p = Progress::default();
+    let mut events = Vec::new();
+    let fail = |e: Fail| match e {
+        Fail::Api(e) => e.to_string(),
+        Fail::Run(e) => e.to_string(),
+    };
+    // Events decoded before a stream error still count, and nothing after `[DONE]` does, so
+    // the result does not depend on how the body was cut.
+    for part in parts.iter().map(Some).chain([None]) {
+        let r = match part {
+            Some(b) => dec.feed(b, &mut events),
+            None => dec.finish(&mut events),
+        };
+        for ev in events.drain(..) {
+            apply(parse_event(&ev).map_err(|e| e.to_string())?, &mut p, &mut sink).map_err(fail)?;
+            if p.done {
+                break;
+            }
+        }
+        if p.done {
+            break;
+        }
+        r.map_err(|e| OpenAiError::Sse(e).to_string())?;
+    }
+    let calls = sink.1.take();
+    d.calls = calls;
+    d.done = p.done;
+    Ok(d)
+}
+
 impl OpenAi {
     fn exchange(&self, url: &BaseUrl, input: &RunInput, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), Fail> {
         let model = self.cfg.model.as_deref().unwrap_or(&input.agent_id);
@@ -529,7 +594,6 @@ impl Backend for OpenAi {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::tools::{Calls, ToolCall, ToolCallPiece};
     use crate::agent::{ChatMessage, RunOptions};
 
     fn ev(data: &str) -> Event {
