@@ -148,14 +148,20 @@ def fake_upstream():
 @pytest.fixture(scope="session")
 def tools_gateway(fake_upstream, tmp_path_factory):
     """A gateway with an `echo` agent (tool mode) and `openai` agents in front of the fake upstream:
-    `fake` (streamed answers) and `fakejson` (an upstream that answers streaming requests with a
-    whole `chat.completion`)."""
+    `fake` (streamed answers), `fakejson` (an upstream that answers streaming requests with a
+    whole `chat.completion`), `fakebroken` and `fakebrokenjson` (malformed tool calls), `fakeobjargs` and `fakeobjargsjson`
+    (arguments as objects)."""
     backend = "kind: 'openai', baseUrl: '%s', apiKey: '%s'" % (fake_upstream.url, FAKE_UPSTREAM_KEY)
     gw = Gateway(
         config_text(
             extra="agents: { list: [ { id: 'echo', default: true }, "
             "{ id: 'fake', backend: { %s, model: 'fake-gpt' } }, "
-            "{ id: 'fakejson', backend: { %s, model: 'fake-json' } } ] }" % (backend, backend)
+            "{ id: 'fakejson', backend: { %s, model: 'fake-json' } }, "
+            "{ id: 'fakebroken', backend: { %s, model: 'fake-broken' } }, "
+            "{ id: 'fakebrokenjson', backend: { %s, model: 'fake-broken-json' } }, "
+            "{ id: 'fakeobjargs', backend: { %s, model: 'fake-objargs' } }, "
+            "{ id: 'fakeobjargsjson', backend: { %s, model: 'fake-objargs-json' } } ] }"
+            % ((backend,) * 6)
         ),
         tmp_path_factory.mktemp("gw-tools"),
     )

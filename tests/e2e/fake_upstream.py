@@ -15,7 +15,12 @@ Streaming follows OpenAI's shape exactly: the first delta of each call carries
 `index`/`id`/`type`/`function.name` and empty arguments, the arguments follow in pieces of at most
 `piece` bytes carrying only `index` and `function.arguments`, then `finish_reason: "tool_calls"`,
 the usage chunk when `stream_options.include_usage` is set, and `[DONE]`. The model named
-`fake-json` answers with a whole `chat.completion` even when asked to stream (some servers do).
+A model whose name ends in `-json` (`fake-json`) answers with a whole `chat.completion` even when
+asked to stream (some servers do). Models named `fake-broken…` make malformed calls: streamed,
+arguments for a call that never got a name; whole, `tool_calls` an object instead of an array.
+Models named `fake-objargs…` send each call whole with its `arguments` an object, as Ollama does.
+When `gate` is set (a `threading.Event`), a streamed call waits after its first arguments piece
+until the test sets it, so a test can check that piece reached the client on its own.
 
 Every request is recorded (`requests`: path, headers, parsed body) so tests can check what
 reached the upstream.
@@ -94,6 +99,7 @@ class FakeUpstream:
         self.piece = piece
         self.delay = delay
         self.requests = []
+        self.gate = None
         self.lock = threading.Lock()
         fake = self
 
@@ -131,7 +137,7 @@ class FakeUpstream:
                                                      "code": "invalid_api_key"}})
                 kind, what = decide(body)
                 model = body.get("model") or "fake-gpt"
-                if body.get("stream") and model != "fake-json":
+                if body.get("stream") and not model.endswith("-json"):
                     self.stream(body, model, kind, what)
                 else:
                     self.json(200, fake.completion(model, kind, what))
@@ -181,7 +187,15 @@ class FakeUpstream:
         return {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}
 
     def completion(self, model, kind, what):
-        if kind == "tools":
+        if kind == "tools" and model.startswith("fake-broken"):
+            message = {"role": "assistant", "content": None, "tool_calls": {"id": what[0][0]}}
+            finish = "tool_calls"
+        elif kind == "tools" and model.startswith("fake-objargs"):
+            message = {"role": "assistant", "content": None, "tool_calls": [
+                {"id": cid, "type": "function", "function": {"name": name, "arguments": json.loads(args)}}
+                for cid, name, args in what]}
+            finish = "tool_calls"
+        elif kind == "tools":
             message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [
                 {"id": cid, "type": "function", "function": {"name": name, "arguments": args}}
                 for cid, name, args in what]}
@@ -206,7 +220,17 @@ class FakeUpstream:
                 c["usage"] = None
             return json.dumps(c).encode()
 
-        if kind == "tools":
+        if kind == "tools" and model.startswith("fake-broken"):
+            yield chunk({"role": "assistant", "content": None})
+            yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": what[0][2]}}]})
+            yield chunk({}, "tool_calls")
+        elif kind == "tools" and model.startswith("fake-objargs"):
+            # Ollama's way: each call whole in one delta, its arguments an object.
+            yield chunk({"role": "assistant", "content": None, "tool_calls": [
+                {"index": i, "id": cid, "type": "function", "function": {"name": name, "arguments": json.loads(args)}}
+                for i, (cid, name, args) in enumerate(what)]})
+            yield chunk({}, "tool_calls")
+        elif kind == "tools":
             first = True
             for index, (cid, name, args) in enumerate(what):
                 head = {"index": index, "id": cid, "type": "function",
@@ -216,8 +240,10 @@ class FakeUpstream:
                     delta = {"role": "assistant", "content": None, "tool_calls": [head], "refusal": None}
                     first = False
                 yield chunk(delta)
-                for piece in split(args, self.piece):
+                for n, piece in enumerate(split(args, self.piece)):
                     yield chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+                    if n == 0 and self.gate is not None:
+                        self.gate.wait(20)
             yield chunk({}, "tool_calls")
         else:
             yield chunk({"role": "assistant", "content": "", "refusal": None})

@@ -312,3 +312,71 @@ def test_output_fields_reach_the_upstream_verbatim(fake_target):
     assert with_fields["tools"] == [WEATHER_TOOL]
     assert not set(sent) & set(without), without
     assert "tools" not in without
+
+
+def test_argument_pieces_reach_the_client_as_they_arrive(gatelet_fake_target):
+    """The upstream holds the rest of the call back until the client has seen the first
+    arguments piece: had gatelet buffered the call, that piece would never arrive on its own."""
+    import threading
+
+    fake = gatelet_fake_target.fake
+    fake.gate = threading.Event()
+    try:
+        stream = sync_client(gatelet_fake_target).chat.completions.create(
+            model=gatelet_fake_target.model, messages=[{"role": "user", "content": PROMPT}],
+            tools=[WEATHER_TOOL], stream=True)
+        pieces = []
+        for chunk in stream:
+            for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                if tc.function and tc.function.arguments:
+                    assert fake.gate.is_set() == bool(pieces), "a piece arrived only after the gate opened"
+                    pieces.append(tc.function.arguments)
+                    fake.gate.set()
+        assert len(pieces) >= 2 and json.loads("".join(pieces)) == {"city": "Paris"}
+    finally:
+        fake.gate.set()
+        fake.gate = None
+
+
+@pytest.mark.parametrize("agent", ["fakebroken", "fakebrokenjson"])
+@pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
+def test_a_malformed_upstream_call_is_a_backend_error(tools_gateway, agent, stream):
+    """An upstream call without a name (streamed) or a `tool_calls` that is not an array (whole)
+    reaches the SDK as a `backend_error` naming the upstream, never as an empty answer or a hang."""
+    client = tools_gateway.client()
+    with pytest.raises(openai.APIError) as e:
+        r = client.chat.completions.create(model=f"gatelet/{agent}", messages=[{"role": "user", "content": PROMPT}],
+                                           tools=[WEATHER_TOOL], stream=stream)
+        if stream:
+            for _ in r:
+                pass
+    err = e.value.body if isinstance(e.value.body, dict) else {}
+    if isinstance(e.value, openai.APIStatusError):
+        assert e.value.status_code == 502
+        assert e.value.code == "backend_error"
+    assert "malformed" in str(e.value), (str(e.value), err)
+    assert "upstream http://127.0.0.1:" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("agent", ["fakeobjargs", "fakeobjargsjson"])
+@pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
+def test_object_arguments_reach_the_client_as_json_text(tools_gateway, agent, stream):
+    """An upstream that sends `arguments` as an object (Ollama does): the SDK still gets the JSON
+    text OpenAI's clients expect, and the round trip completes."""
+    client = tools_gateway.client()
+    messages = [{"role": "user", "content": PROMPT}]
+    kw = dict(model=f"gatelet/{agent}", tools=[WEATHER_TOOL])
+    if stream:
+        calls, _, finishes, _ = collect_stream(client.chat.completions.create(messages=messages, stream=True, **kw))
+        assert finishes == ["tool_calls"]
+        call = {"id": calls[0]["id"], "type": "function",
+                "function": {"name": calls[0]["name"], "arguments": calls[0]["arguments"]}}
+    else:
+        r = client.chat.completions.create(messages=messages, **kw)
+        check_first_answer(r)
+        call = r.choices[0].message.tool_calls[0].model_dump()
+    assert isinstance(call["function"]["arguments"], str)
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call]},
+                 {"role": "tool", "tool_call_id": call["id"], "content": get_weather("Paris")}]
+    assert client.chat.completions.create(messages=messages, **kw).choices[0].message.content == final_for("Paris")
