@@ -24,7 +24,7 @@ def run_node(script, target, stream, prompt=PROMPT):
     cfg = {"baseURL": target.base_url, "apiKey": target.api_key, "model": target.model,
            "prompt": prompt, "stream": stream}
     p = subprocess.run([node, str(NODE_DIR / script), json.dumps(cfg)], cwd=NODE_DIR,
-                       capture_output=True, text=True, timeout=60, check=False)
+                       capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 0, f"{script} failed ({p.returncode}):\n{p.stderr}\n{p.stdout}"
     return json.loads(p.stdout.strip().splitlines()[-1])
 

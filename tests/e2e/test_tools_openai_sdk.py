@@ -16,6 +16,7 @@ from tools_common import (
     assert_upstream_round_trip,
     final_for,
     get_weather,
+    tool_text,
 )
 
 
@@ -380,3 +381,48 @@ def test_object_arguments_reach_the_client_as_json_text(tools_gateway, agent, st
     messages += [{"role": "assistant", "content": None, "tool_calls": [call]},
                  {"role": "tool", "tool_call_id": call["id"], "content": get_weather("Paris")}]
     assert client.chat.completions.create(messages=messages, **kw).choices[0].message.content == final_for("Paris")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
+def test_agent_tool_runs_in_gatelet_and_the_client_sees_only_the_answer(start_gateway, fake_upstream, tmp_path,
+                                                                        stream):
+    """An agent tool (a script gatelet runs) called by the fake upstream: the SDK client sends no
+    tools and gets only the final answer; the upstream saw the agent's tool offered, then the call
+    and the script's output in the history."""
+    import sys
+
+    from conftest import FAKE_UPSTREAM_KEY, config_text
+
+    script = tmp_path / "weather_tool.py"
+    script.write_text(
+        "import json, sys\n"
+        "args = json.load(sys.stdin)\n"
+        "print(f\"sunny, 21 C in {args['city']}\")\n"
+    )
+    tool = {"name": "get_weather", "description": "Current weather in a city.",
+            "parameters": WEATHER_TOOL["function"]["parameters"],
+            "command": {"argv": [sys.executable, str(script)], "timeoutSeconds": 20}}
+    agent = {"id": "runner", "default": True, "tools": [tool],
+             "backend": {"kind": "openai", "baseUrl": fake_upstream.url, "apiKey": FAKE_UPSTREAM_KEY,
+                         "model": "fake-gpt"}}
+    gw = start_gateway(config_text(extra="agents: { list: [ %s ] }" % json.dumps(agent)))
+    fake_upstream.reset()
+    client = gw.client()
+    messages = [{"role": "user", "content": PROMPT}]
+    if stream:
+        calls, text, finishes, _ = collect_stream(client.chat.completions.create(
+            model="gatelet/runner", messages=messages, stream=True))
+        assert calls == {}
+    else:
+        r = client.chat.completions.create(model="gatelet/runner", messages=messages)
+        assert r.choices[0].message.tool_calls is None
+        text, finishes = r.choices[0].message.content, [r.choices[0].finish_reason]
+    assert (text, finishes) == (final_for("Paris"), ["stop"])
+    first, second = fake_upstream.bodies()
+    assert [t["function"]["name"] for t in first["tools"]] == ["get_weather"]
+    assert "command" not in json.dumps(first["tools"])
+    convo = [m for m in second["messages"] if m["role"] != "system"]
+    assert [m["role"] for m in convo] == ["user", "assistant", "tool"]
+    assert convo[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert convo[2]["tool_call_id"] == convo[1]["tool_calls"][0]["id"]
+    assert tool_text(convo[2]["content"]) == get_weather("Paris")

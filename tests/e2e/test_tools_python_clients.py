@@ -146,7 +146,7 @@ def test_llm_cli_functions(tool_target, stream, tmp_path):
     argv = [str(exe), "prompt", "-m", "gatelet-tools", "--no-log", "--functions", LLM_FUNCTIONS, "--td", PROMPT]
     if not stream:
         argv.insert(2, "--no-stream")
-    p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 0, p.stderr + p.stdout
     out = p.stdout + p.stderr
     # --td shows (on stderr) the call with its parsed arguments and the tool's output; stdout ends
