@@ -206,6 +206,32 @@ def test_stream_helper_round_trip(tool_target):
         assert all(b["tools"][0]["function"].get("strict") is True for b in tool_target.fake.bodies())
 
 
+def test_async_stream_helper_round_trip(tool_target):
+    """`AsyncOpenAI().chat.completions.stream()`: the same round trip through the async helper."""
+    tool = openai.pydantic_function_tool(GetWeather, name="get_weather")
+
+    async def go():
+        client = async_client(tool_target)
+        messages = [{"role": "user", "content": PROMPT}]
+        async with client.chat.completions.stream(model=tool_target.model, messages=messages, tools=[tool]) as s:
+            final = await s.get_final_completion()
+        call = final.choices[0].message.tool_calls[0]
+        assert final.choices[0].finish_reason == "tool_calls"
+        messages += [
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+            {"role": "tool", "tool_call_id": call.id, "content": get_weather(call.function.parsed_arguments.city)},
+        ]
+        async with client.chat.completions.stream(model=tool_target.model, messages=messages, tools=[tool]) as s:
+            text = "".join([ev.delta async for ev in s if ev.type == "content.delta"])
+        await client.close()
+        return text
+
+    assert asyncio.run(go()) == final_for("Paris")
+    assert_upstream_round_trip(tool_target)
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
 def test_parallel_calls_round_trip(fake_target, stream):
     tool_target = fake_target
