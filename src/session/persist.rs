@@ -656,3 +656,263 @@ impl StateLock {
         Ok(StateLock { _file: f })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::super::{SessionStore, StoreOptions};
+    use crate::agent::{ChatMessage, Role, Usage};
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("gatelet-persist-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn open(dir: &Path) -> (SessionStore, Vec<String>) {
+        SessionStore::open_with(dir, StoreOptions { persist: true, background: false, ..StoreOptions::default() })
+    }
+
+    fn turn(s: &SessionStore, key: &str, text: &str) {
+        let u = Usage { prompt_tokens: 2, completion_tokens: 1 };
+        s.append_turn(key, "main", &[ChatMessage::new(Role::User, text)], &format!("re: {text}"), u, false).unwrap();
+    }
+
+    fn texts(s: &SessionStore, key: &str) -> Vec<String> {
+        s.history(key).into_iter().map(|m| m.content).collect()
+    }
+
+    fn transcript_of(dir: &Path, s: &SessionStore, key: &str) -> PathBuf {
+        let id = s.info(key).unwrap().session_id;
+        dir.join(format!("agents/main/sessions/{id}.jsonl"))
+    }
+
+    fn append(path: &Path, bytes: &[u8]) {
+        let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+        std::io::Write::write_all(&mut f, bytes).unwrap();
+    }
+
+    #[test]
+    fn survives_reopen_and_torn_last_line() {
+        let dir = tmpdir("reopen");
+        let key = "agent:main:openai-user:bob";
+        let file;
+        {
+            let (s, w) = open(&dir);
+            assert!(w.is_empty());
+            let u = Usage { prompt_tokens: 2, completion_tokens: 1 };
+            s.append_turn(key, "main", &[ChatMessage::new(Role::User, "one")], "one", u, false).unwrap();
+            let mut tool_msg = ChatMessage::new(Role::Tool, "two");
+            tool_msg.tool = Some([("tool_call_id".to_string(), serde_json::json!("c1"))].into_iter().collect());
+            s.append_turn(key, "main", &[tool_msg], "tw", u, true).unwrap();
+            file = transcript_of(&dir, &s, key);
+        }
+        // A crash in the middle of a transcript line.
+        append(&file, b"{\"type\":\"message\",\"role\":\"us");
+        let (s, w) = open(&dir);
+        assert!(w.is_empty(), "the index is read, not the transcript: {w:?}");
+        assert_eq!(s.list()[0].input_tokens, 4);
+        let t = s.transcript(key, None).unwrap();
+        assert_eq!(t.len(), 4);
+        assert!(t[3].aborted);
+        assert_eq!(t[2].tool.as_ref().unwrap()["tool_call_id"], "c1", "tool fields survive a reload");
+        assert!(std::fs::read(&file).unwrap().ends_with(b"\n"), "the torn line is cut off");
+        turn(&s, key, "three");
+        // Delete removes the file and the index entry.
+        assert!(s.delete(key).unwrap());
+        assert!(!file.exists());
+        let (s, w) = open(&dir);
+        assert!(s.list().is_empty(), "{w:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn start_up_reads_the_index_not_the_transcripts() {
+        let dir = tmpdir("lazy");
+        let (s, _) = open(&dir);
+        turn(&s, "agent:main:a", "one");
+        turn(&s, "agent:main:b", "two");
+        let file = transcript_of(&dir, &s, "agent:main:a");
+        drop(s);
+        // If start-up read transcripts, this one would now show up broken (no header).
+        std::fs::write(&file, b"not json\n").unwrap();
+        let (s, w) = open(&dir);
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(s.info("agent:main:a").unwrap().message_count, 2, "from the index");
+        // First use reads it: the damage is found then, and the session goes on empty.
+        assert!(s.history("agent:main:a").is_empty());
+        assert_eq!(texts(&s, "agent:main:b"), ["two", "re: two"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_torn_last_journal_entry_is_skipped_and_cut_off() {
+        let dir = tmpdir("journal");
+        let (s, _) = open(&dir);
+        turn(&s, "agent:main:a", "one");
+        turn(&s, "agent:main:b", "two");
+        drop(s);
+        let journal = dir.join("agents/main/sessions/sessions.journal");
+        assert!(!dir.join("agents/main/sessions/sessions.json").exists(), "no snapshot per turn");
+        append(&journal, b"{\"op\":\"put\",\"key\":\"agent:main:c\",\"entry\":{\"sessionId\":\"ab");
+        let (s, w) = open(&dir);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("unreadable journal line skipped"), "{w:?}");
+        assert_eq!(s.count(), 2);
+        assert!(std::fs::read(&journal).unwrap().ends_with(b"\n"), "the torn entry is cut off");
+        // The next entry starts on a line of its own, so the journal reads back clean.
+        turn(&s, "agent:main:c", "three");
+        drop(s);
+        let (s, w) = open(&dir);
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(s.count(), 3);
+        assert_eq!(texts(&s, "agent:main:c"), ["three", "re: three"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_crash_during_a_snapshot_loses_nothing() {
+        let dir = tmpdir("snapcrash");
+        let sdir = dir.join("agents/main/sessions");
+        let (s, _) = open(&dir);
+        turn(&s, "agent:main:a", "one");
+        s.flush().unwrap();
+        turn(&s, "agent:main:a", "two");
+        turn(&s, "agent:main:b", "three");
+        drop(s);
+        let old_snapshot = std::fs::read(sdir.join("sessions.json")).unwrap();
+
+        // Killed after rotating the journal, half-way through writing the new snapshot.
+        std::fs::rename(sdir.join("sessions.journal"), sdir.join("sessions.journal.7")).unwrap();
+        std::fs::write(sdir.join("sessions.json.tmp"), &old_snapshot[..old_snapshot.len() / 2]).unwrap();
+        let (s, w) = open(&dir);
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(texts(&s, "agent:main:a"), ["one", "re: one", "two", "re: two"]);
+        assert_eq!(s.info("agent:main:a").unwrap().message_count, 4);
+        assert_eq!(s.info("agent:main:b").unwrap().message_count, 2);
+        // Changes after the rotation go to a new live journal.
+        turn(&s, "agent:main:b", "four");
+        drop(s);
+
+        let (s, _) = open(&dir);
+        turn(&s, "agent:main:c", "five");
+        s.flush().unwrap();
+        let left: Vec<String> = std::fs::read_dir(&sdir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("sessions.journal."))
+            .collect();
+        assert!(left.is_empty(), "rotated journals are deleted once a snapshot covers them: {left:?}");
+        drop(s);
+        let (s, w) = open(&dir);
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(texts(&s, "agent:main:b"), ["three", "re: three", "four", "re: four"]);
+        assert_eq!(texts(&s, "agent:main:c"), ["five", "re: five"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn rotated_journals_replay_over_the_snapshot_that_contains_them() {
+        let dir = tmpdir("replay");
+        let sdir = dir.join("agents/main/sessions");
+        let (s, _) = open(&dir);
+        turn(&s, "agent:main:a", "one");
+        turn(&s, "agent:main:a", "two");
+        // The journal as it stands is what the snapshot is about to cover.
+        let journal = std::fs::read(sdir.join("sessions.journal")).unwrap();
+        s.flush().unwrap();
+        assert!(!sdir.join("sessions.journal").exists());
+        turn(&s, "agent:main:a", "three");
+        drop(s);
+        // The rotated copy was not deleted (a crash right after the rename of the snapshot).
+        std::fs::write(sdir.join("sessions.journal.0"), journal).unwrap();
+        let (s, w) = open(&dir);
+        assert!(w.is_empty(), "{w:?}");
+        let a = s.info("agent:main:a").unwrap();
+        assert_eq!((a.message_count, a.input_tokens), (6, 6), "the newest state wins, nothing counted twice");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_old_state_dir_loads_and_is_converted() {
+        let dir = tmpdir("oldlayout");
+        let sdir = dir.join("agents/main/sessions");
+        std::fs::create_dir_all(&sdir).unwrap();
+        // The layout before the journal: transcripts plus an advisory index without message
+        // counts, whose token figures may lag the transcript.
+        let header = |id: &str, key: &str| {
+            format!(r#"{{"type":"session","version":1,"id":"{id}","key":"{key}","agentId":"main","timestamp":1000}}"#)
+        };
+        let m = |role: &str, text: &str, ts: u64| {
+            format!(
+                r#"{{"type":"message","role":"{role}","content":"{text}","timestamp":{ts},"usage":{{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}}}"#
+            )
+        };
+        std::fs::write(
+            sdir.join("aaa.jsonl"),
+            format!("{}\n{}\n{}\n", header("aaa", "agent:main:bob"), m("user", "hi", 1000), m("assistant", "yo", 2000)),
+        )
+        .unwrap();
+        std::fs::write(
+            sdir.join("bbb.jsonl"),
+            format!("{}\n{}\n", header("bbb", "agent:main:carol"), m("user", "x", 1500)),
+        )
+        .unwrap();
+        std::fs::write(
+            sdir.join("sessions.json"),
+            r#"{ "agent:main:bob": { "sessionId": "aaa", "updatedAt": 1000, "inputTokens": 3, "outputTokens": 2 } }"#,
+        )
+        .unwrap();
+        let (s, w) = open(&dir);
+        assert!(w.is_empty(), "{w:?}");
+        let bob = s.info("agent:main:bob").unwrap();
+        assert_eq!((bob.message_count, bob.input_tokens, bob.updated_at), (2, 6, 2000));
+        assert_eq!(s.info("agent:main:carol").unwrap().message_count, 1, "a transcript missing from the index");
+        assert_eq!(texts(&s, "agent:main:bob"), ["hi", "yo"]);
+        // Converted: the next snapshot carries message counts, so the next start reads no transcript.
+        s.snapshot_if_due();
+        let snap: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(sdir.join("sessions.json")).unwrap()).unwrap();
+        assert_eq!(snap["agent:main:bob"]["messageCount"], 2, "{snap}");
+        assert_eq!(snap["agent:main:carol"]["sessionId"], "bbb", "{snap}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn two_transcripts_for_one_key_load_the_newest() {
+        let dir = tmpdir("dupkey");
+        let sdir = dir.join("agents/main/sessions");
+        std::fs::create_dir_all(&sdir).unwrap();
+        let key = "agent:main:k";
+        let file = |id: &str, ts: u64, text: &str| {
+            let header = format!(
+                r#"{{"type":"session","version":1,"id":"{id}","key":"{key}","agentId":"main","timestamp":{ts}}}"#
+            );
+            let msg = format!(r#"{{"type":"message","role":"user","content":"{text}","timestamp":{ts}}}"#);
+            std::fs::write(sdir.join(format!("{id}.jsonl")), format!("{header}\n{msg}\n")).unwrap();
+        };
+        // Whatever order the directory lists them in, the newer one wins.
+        file("aaa", 2000, "new");
+        file("zzz", 1000, "old");
+        file("mmm", 1500, "middle");
+        let (s, w) = open(&dir);
+        assert_eq!(s.history(key), vec![ChatMessage::new(Role::User, "new")]);
+        assert_eq!(w.len(), 2, "{w:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_state_dir_lock_is_exclusive() {
+        let dir = tmpdir("lock");
+        let first = super::StateLock::acquire(&dir).unwrap();
+        match super::StateLock::acquire(&dir) {
+            Err(super::LockError::Held(pid)) => assert_eq!(pid, Some(std::process::id())),
+            other => panic!("second lock: {other:?}"),
+        }
+        drop(first);
+        assert!(super::StateLock::acquire(&dir).is_ok(), "released with its holder");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
