@@ -148,7 +148,10 @@ fn gateway(mut args: Args) -> Result<i32, i32> {
             Ok(l) => Some(l),
             Err(crate::session::persist::LockError::Held(pid)) => {
                 let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
-                eprintln!("gatelet: another gateway{who} is running on state dir {}", cfg.state_dir.display());
+                eprintln!(
+                    "gatelet: another gatelet process{who} is using state dir {} (a gateway already running?)",
+                    cfg.state_dir.display()
+                );
                 return Err(1);
             }
             Err(crate::session::persist::LockError::Io(e)) => {

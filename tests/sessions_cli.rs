@@ -150,7 +150,7 @@ fn refuses_to_race_a_running_gateway() {
         let o = gatelet(&dir, args);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", out(&o));
         let e = err(&o);
-        assert!(e.contains("is running on state dir"), "{e}");
+        assert!(e.contains("is using state dir") && e.contains("running gateway"), "{e}");
         assert!(e.contains(&format!("pid {}", gw.child.id())), "{e}");
     }
     // A second gateway on the same state dir refuses too.
@@ -160,7 +160,7 @@ fn refuses_to_race_a_running_gateway() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(err(&o).contains("another gateway"), "{}", err(&o));
+    assert!(err(&o).contains("another gatelet process"), "{}", err(&o));
     // Stopped (even by SIGKILL), the lock is gone with it.
     gw.kill();
     let list = ok_json(&dir, &["sessions", "list", "--json", "--config", conf]);

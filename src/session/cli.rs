@@ -104,8 +104,8 @@ pub fn main(argv: Vec<String>) -> i32 {
         Err(LockError::Held(pid)) => {
             let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
             eprintln!(
-                "gatelet: a gateway{who} is running on state dir {}; stop it first, or use the WebSocket \
-                 sessions.* methods",
+                "gatelet: another gatelet process{who} is using state dir {}: a running gateway? Stop it \
+                 first, or use the WebSocket sessions.* methods",
                 cfg.state_dir.display()
             );
             return 1;

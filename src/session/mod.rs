@@ -174,6 +174,7 @@ impl SessionStore {
         let mut map = HashMap::new();
         let mut warnings = Vec::new();
         let disk = if opts.persist {
+            let t0 = Instant::now();
             let (disk, found, w) = persist::Disk::open(state_dir);
             warnings = w;
             for f in found {
@@ -184,6 +185,7 @@ impl SessionStore {
                 };
                 map.insert(slot.key.clone(), Arc::new(slot));
             }
+            crate::log!(Debug, "sessions: {} loaded in {} ms", map.len(), t0.elapsed().as_millis());
             Some(disk)
         } else {
             None
@@ -503,8 +505,10 @@ fn background_loop(inner: Weak<Inner>) {
     loop {
         let Some(strong) = inner.upgrade() else { return };
         {
-            let stop = lock(&strong.wake.0);
-            let (stop, _) = strong.wake.1.wait_timeout(stop, BACKGROUND_TICK).unwrap_or_else(|e| e.into_inner());
+            let mut stop = lock(&strong.wake.0);
+            if !*stop {
+                stop = strong.wake.1.wait_timeout(stop, BACKGROUND_TICK).unwrap_or_else(|e| e.into_inner()).0;
+            }
             if *stop {
                 return;
             }

@@ -364,14 +364,14 @@ fn load_agent(idx: &AgentIndex, agent_id: &str, found: &mut Vec<Found>, warnings
     }
 
     // Rotated journals (a snapshot that did not finish), oldest first, then the live one.
-    let mut transcripts = HashSet::new();
+    let mut transcripts: HashSet<Box<str>> = HashSet::new();
     let mut rotated = Vec::new();
     if let Ok(files) = fs::read_dir(dir) {
         for f in files.flatten() {
             let name = f.file_name();
             let Some(name) = name.to_str() else { continue };
             if let Some(id) = name.strip_suffix(".jsonl") {
-                transcripts.insert(id.to_string());
+                transcripts.insert(id.into());
             } else if let Some(Ok(n)) =
                 name.strip_prefix(JOURNAL).and_then(|r| r.strip_prefix('.')).map(str::parse::<u64>)
             {
@@ -390,18 +390,17 @@ fn load_agent(idx: &AgentIndex, agent_id: &str, found: &mut Vec<Found>, warnings
     *lock(&idx.snapshots) = rotated;
     st.lines = replay(&dir.join(JOURNAL), &mut st, warnings, true);
 
-    // Entries whose transcript is gone (a delete that stopped between its two steps).
-    let mut described: HashMap<String, String> = HashMap::new();
-    let mut live: HashMap<String, Found> = HashMap::new();
-    let entries = std::mem::take(&mut st.entries);
-    for (key, e) in entries {
-        if !transcripts.contains(&e.session_id) {
+    // Entries whose transcript is gone (a delete that stopped between its two steps) are
+    // dropped; what is left in `transcripts` afterwards is the undescribed ones.
+    let first = found.len();
+    let mut dropped = Vec::new();
+    for (key, e) in &st.entries {
+        if !transcripts.remove(e.session_id.as_str()) {
             warnings
                 .push(format!("session {key}: transcript {}.jsonl is missing; dropped from the index", e.session_id));
-            st.dirty = true;
+            dropped.push(key.clone());
             continue;
         }
-        described.insert(e.session_id.clone(), key.clone());
         let info = SessionInfo {
             key: key.clone(),
             agent_id: agent_id.to_string(),
@@ -411,22 +410,43 @@ fn load_agent(idx: &AgentIndex, agent_id: &str, found: &mut Vec<Found>, warnings
             output_tokens: e.output_tokens,
             message_count: e.message_count.unwrap_or(0) as usize,
         };
-        if e.message_count.is_none() {
-            // An index from before the journal: its figures are advisory, the transcript decides.
-            st.dirty = true;
-            match load_one(&dir.join(format!("{}.jsonl", e.session_id)), warnings) {
-                Some((info, messages)) if info.key == key => {
-                    live.insert(key, Found { info, messages: Some(messages) });
-                }
-                _ => warnings.push(format!("session {key}: transcript {}.jsonl unreadable; skipped", e.session_id)),
-            }
+        if e.message_count.is_some() {
+            found.push(Found { info, messages: None });
             continue;
         }
-        live.insert(key, Found { info, messages: None });
+        // An index from before the journal: its figures are advisory, the transcript decides.
+        match load_one(&dir.join(format!("{}.jsonl", e.session_id)), warnings) {
+            Some((mut info, messages)) if info.key == *key => {
+                info.agent_id = agent_id.to_string();
+                found.push(Found { info, messages: Some(messages) });
+            }
+            _ => {
+                warnings.push(format!("session {key}: transcript {}.jsonl unreadable; skipped", e.session_id));
+                dropped.push(key.clone());
+            }
+        }
+    }
+    for key in dropped {
+        st.entries.remove(&key);
+        st.dirty = true;
+    }
+    if st.entries.values().any(|e| e.message_count.is_none()) {
+        st.dirty = true;
     }
 
     // Transcripts the index does not describe: read them to rebuild their entries.
-    let mut orphans: Vec<&String> = transcripts.iter().filter(|id| !described.contains_key(*id)).collect();
+    if transcripts.is_empty() {
+        for f in &found[first..] {
+            if f.messages.is_some() {
+                st.entries.insert(f.info.key.clone(), Entry::of(&f.info));
+            }
+        }
+        return;
+    }
+    st.dirty = true;
+    let mut at: HashMap<String, usize> =
+        found[first..].iter().enumerate().map(|(i, f)| (f.info.key.clone(), first + i)).collect();
+    let mut orphans: Vec<Box<str>> = transcripts.into_iter().collect();
     orphans.sort();
     for id in orphans {
         let path = dir.join(format!("{id}.jsonl"));
@@ -434,24 +454,28 @@ fn load_agent(idx: &AgentIndex, agent_id: &str, found: &mut Vec<Found>, warnings
             warnings.push(format!("{}: no session header, file skipped", path.display()));
             continue;
         };
-        st.dirty = true;
         info.agent_id = agent_id.to_string();
         // Two transcripts for one key (a delete whose file removal failed, then a new session):
         // the most recently updated one is the live session.
-        match live.get(&info.key) {
-            Some(old) if old.info.updated_at >= info.updated_at => {
+        match at.get(&info.key) {
+            Some(&i) if found[i].info.updated_at >= info.updated_at => {
                 warnings.push(format!("session {}: older transcript {} ignored", info.key, info.session_id));
             }
-            old => {
-                if let Some(old) = old {
-                    warnings.push(format!("session {}: older transcript {} ignored", info.key, old.info.session_id));
-                }
-                live.insert(info.key.clone(), Found { info, messages: Some(messages) });
+            Some(&i) => {
+                warnings.push(format!("session {}: older transcript {} ignored", info.key, found[i].info.session_id));
+                found[i] = Found { info, messages: Some(messages) };
+            }
+            None => {
+                at.insert(info.key.clone(), found.len());
+                found.push(Found { info, messages: Some(messages) });
             }
         }
     }
-    st.entries = live.values().map(|f| (f.info.key.clone(), Entry::of(&f.info))).collect();
-    found.extend(live.into_values());
+    for f in &found[first..] {
+        if f.messages.is_some() {
+            st.entries.insert(f.info.key.clone(), Entry::of(&f.info));
+        }
+    }
 }
 
 /// Apply the lines of a journal file; returns how many it had. A torn or unreadable line is
