@@ -236,9 +236,19 @@ impl SessionStore {
                     body.messages = Some(messages);
                 }
                 None => {
-                    crate::log!(Warn, "session {}: transcript unreadable; continuing with an empty history", slot.key);
+                    // Kept aside for a human, not appended to: a transcript without a readable
+                    // header would lose every later turn too.
+                    let aside = self.inner.disk.as_ref().and_then(|d| d.set_aside(&info));
+                    let kept = aside.map(|p| format!(" (kept as {})", p.display())).unwrap_or_default();
+                    crate::log!(
+                        Warn,
+                        "session {}: transcript missing or unreadable{kept}; continuing with an empty history",
+                        slot.key
+                    );
                     body.on_disk = false;
                     body.messages = Some(Vec::new());
+                    let mut i = lock(&slot.info);
+                    (i.message_count, i.input_tokens, i.output_tokens) = (0, 0, 0);
                 }
             }
         }

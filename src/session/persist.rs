@@ -298,6 +298,15 @@ impl Disk {
         }
     }
 
+    /// Rename an unreadable transcript to `<id>.jsonl.unreadable`; its path, if there was one.
+    pub(crate) fn set_aside(&self, info: &SessionInfo) -> Option<PathBuf> {
+        let path = self.file(info);
+        let mut aside = path.clone().into_os_string();
+        aside.push(".unreadable");
+        let aside = PathBuf::from(aside);
+        fs::rename(&path, &aside).ok().map(|_| aside)
+    }
+
     /// Record the new state of a session in the journal.
     pub(crate) fn put(&self, info: &SessionInfo) -> Result<(), String> {
         let rec = Record { op: Op::Put, key: info.key.clone(), entry: Some(Entry::of(info)) };
@@ -764,8 +773,18 @@ mod tests {
         let (s, w) = open(&dir);
         assert!(w.is_empty(), "{w:?}");
         assert_eq!(s.info("agent:main:a").unwrap().message_count, 2, "from the index");
-        // First use reads it: the damage is found then, and the session goes on empty.
+        // First use reads it: the damage is found then, the file is set aside, and the session
+        // goes on empty, with a transcript that loads again.
         assert!(s.history("agent:main:a").is_empty());
+        let mut aside = file.clone().into_os_string();
+        aside.push(".unreadable");
+        assert_eq!(std::fs::read(&aside).unwrap(), b"not json\n");
+        turn(&s, "agent:main:a", "again");
+        assert_eq!(s.info("agent:main:a").unwrap().message_count, 2);
+        drop(s);
+        let (s, w) = open(&dir);
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(texts(&s, "agent:main:a"), ["again", "re: again"]);
         assert_eq!(texts(&s, "agent:main:b"), ["two", "re: two"]);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -812,9 +831,10 @@ mod tests {
         std::fs::write(sdir.join("sessions.json.tmp"), &old_snapshot[..old_snapshot.len() / 2]).unwrap();
         let (s, w) = open(&dir);
         assert!(w.is_empty(), "{w:?}");
-        assert_eq!(texts(&s, "agent:main:a"), ["one", "re: one", "two", "re: two"]);
+        // The index alone (before any transcript is read) is up to date.
         assert_eq!(s.info("agent:main:a").unwrap().message_count, 4);
         assert_eq!(s.info("agent:main:b").unwrap().message_count, 2);
+        assert_eq!(texts(&s, "agent:main:a"), ["one", "re: one", "two", "re: two"]);
         // Changes after the rotation go to a new live journal.
         turn(&s, "agent:main:b", "four");
         drop(s);
