@@ -429,7 +429,12 @@ fn load_agent(idx: &AgentIndex, agent_id: &str, found: &mut Vec<Found>, warnings
                 info.agent_id = agent_id.to_string();
                 found.push(Found { info, messages: Some(messages) });
             }
-            _ => {
+            Some(_) => {
+                // The file belongs to another key: it is read again below as undescribed.
+                transcripts.insert(e.session_id.as_str().into());
+                dropped.push(key.clone());
+            }
+            None => {
                 warnings.push(format!("session {key}: transcript {}.jsonl unreadable; skipped", e.session_id));
                 dropped.push(key.clone());
             }
