@@ -394,3 +394,39 @@ fn idle_sessions_are_removed_in_the_background() {
     gw.terminate();
     assert_eq!(listed_keys(&dir), ["agent:up:openai-user:fresh", "agent:up:openai-user:recent"]);
 }
+
+#[test]
+fn a_state_dir_from_before_the_journal_keeps_working() {
+    let gate = Gate::new();
+    let up = upstream(gate);
+    let dir = temp_dir("sessions-oldlayout");
+    let sdir = dir.join("agents/up/sessions");
+    // What an older gatelet left: transcripts plus a pretty-printed sessions.json without message
+    // counts (advisory: its token figures lag one turn behind dave's transcript here).
+    write_old_transcript(&dir, "0a0a0a", "dave", 1_700_000_000_000);
+    write_old_transcript(&dir, "0b0b0b", "erin", 1_700_000_001_000);
+    let old_index = json!({
+        "agent:up:openai-user:dave": { "sessionId": "0a0a0a", "updatedAt": 1_700_000_000_000u64,
+                                       "inputTokens": 0, "outputTokens": 0 },
+        "agent:up:openai-user:erin": { "sessionId": "0b0b0b", "updatedAt": 1_700_000_001_000u64,
+                                       "inputTokens": 2, "outputTokens": 2 },
+    });
+    std::fs::write(sdir.join("sessions.json"), serde_json::to_vec_pretty(&old_index).unwrap()).unwrap();
+    let mut gw = Gateway::in_dir(&cfg(&up.base_url()), &dir);
+    assert_eq!(turn(&gw, "dave", "still there?"), "re: still there?");
+    assert_eq!(
+        conversation(up.requests().last().unwrap()),
+        vec![pair("user", "old question"), pair("assistant", "old answer"), pair("user", "still there?")]
+    );
+    gw.terminate();
+    let list = listed(&dir);
+    let dave = list["sessions"].as_array().unwrap().iter().find(|s| s["key"] == "agent:up:openai-user:dave").unwrap();
+    assert_eq!(dave["messageCount"], 4, "{list}");
+    assert_eq!(list["count"], 2, "{list}");
+    // The snapshot is in the new form now.
+    let index: Value = serde_json::from_slice(&std::fs::read(sdir.join("sessions.json")).unwrap()).unwrap();
+    assert_eq!(index["agent:up:openai-user:erin"]["messageCount"], 2, "{index}");
+    // From the transcript (2), not the stale index (0), plus this turn's prompt as the gateway
+    // counts it when the upstream reports no usage: "Be brief." + the three messages, 8 words.
+    assert_eq!(index["agent:up:openai-user:dave"]["inputTokens"], 2 + 8, "{index}");
+}
