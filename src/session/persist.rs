@@ -94,11 +94,14 @@ pub(crate) struct Found {
 
 #[derive(Debug, Default)]
 struct IndexState {
-    entries: HashMap<String, Entry>,
+    /// The index as of the last snapshot (or load); a snapshot being written shares it.
+    base: Arc<HashMap<String, Entry>>,
+    /// Changes since `base` (`None`: deleted), so that starting a snapshot copies nothing.
+    delta: HashMap<String, Option<Entry>>,
     journal: Option<File>,
     lines: usize,
     next_rotation: u64,
-    /// The snapshot is known to differ from `entries` beyond what the journal says (load
+    /// The snapshot is known to differ from the index beyond what the journal says (load
     /// repaired something): write one soon.
     dirty: bool,
 }
@@ -122,16 +125,7 @@ impl AgentIndex {
         let mut line = serde_json::to_vec(rec).map_err(|e| e.to_string())?;
         line.push(b'\n');
         let mut st = lock(&self.state);
-        match rec.op {
-            Op::Put => {
-                if let Some(e) = &rec.entry {
-                    st.entries.insert(rec.key.clone(), e.clone());
-                }
-            }
-            Op::Del => {
-                st.entries.remove(&rec.key);
-            }
-        }
+        st.delta.insert(rec.key.clone(), if rec.op == Op::Put { rec.entry.clone() } else { None });
         let path = self.dir.join(JOURNAL);
         if st.journal.is_none() {
             let _ = fs::create_dir_all(&self.dir);
@@ -152,13 +146,13 @@ impl AgentIndex {
 
     fn due(&self) -> bool {
         let st = lock(&self.state);
-        st.dirty || (st.lines >= JOURNAL_MIN_LINES && st.lines >= st.entries.len() / 4)
+        st.dirty || (st.lines >= JOURNAL_MIN_LINES && st.lines >= (st.base.len() + st.delta.len()) / 4)
     }
 
     /// Write a snapshot of the index and drop the journal it covers.
     fn snapshot(&self, pause: Option<Duration>) -> Result<(), String> {
         let mut rotated = lock(&self.snapshots);
-        let entries = {
+        let (base, delta) = {
             let mut st = lock(&self.state);
             if st.lines == 0 && !st.dirty {
                 return Ok(());
@@ -176,8 +170,17 @@ impl AgentIndex {
             }
             st.lines = 0;
             st.dirty = false;
-            st.entries.clone()
+            (st.base.clone(), std::mem::take(&mut st.delta))
         };
+        // The copy is made here, outside the lock turns take.
+        let mut entries = (*base).clone();
+        drop(base);
+        for (k, e) in delta {
+            match e {
+                Some(e) => entries.insert(k, e),
+                None => entries.remove(&k),
+            };
+        }
         let sorted: BTreeMap<&String, &Entry> = entries.iter().collect();
         let mut buf = Vec::with_capacity(entries.len() * 160 + 4);
         buf.extend_from_slice(b"{");
@@ -188,11 +191,18 @@ impl AgentIndex {
             let _ = serde_json::to_writer(&mut buf, e);
         }
         buf.extend_from_slice(b"\n}\n");
+        drop(sorted);
         let path = self.dir.join(SNAPSHOT);
-        if let Err(e) = atomic_write_paused(&path, &buf, pause) {
-            lock(&self.state).dirty = true;
-            return Err(e);
+        let written = atomic_write_paused(&path, &buf, pause);
+        {
+            // Changes made meanwhile are in the new delta, on top of exactly this state.
+            let mut st = lock(&self.state);
+            st.base = Arc::new(entries);
+            if written.is_err() {
+                st.dirty = true;
+            }
         }
+        written?;
         for n in rotated.drain(..) {
             let _ = fs::remove_file(self.dir.join(format!("{JOURNAL}.{n}")));
         }
@@ -352,10 +362,11 @@ impl Disk {
 fn load_agent(idx: &AgentIndex, agent_id: &str, found: &mut Vec<Found>, warnings: &mut Vec<String>) {
     let dir = &idx.dir;
     let mut st = lock(&idx.state);
+    let mut entries: HashMap<String, Entry> = HashMap::new();
     let snap_path = dir.join(SNAPSHOT);
     match fs::read(&snap_path) {
         Ok(b) => match serde_json::from_slice::<HashMap<String, Entry>>(&b) {
-            Ok(m) => st.entries = m,
+            Ok(m) => entries = m,
             Err(e) => {
                 // Rebuilt from the transcripts below (every one is then "undescribed").
                 warnings.push(format!(
@@ -390,20 +401,20 @@ fn load_agent(idx: &AgentIndex, agent_id: &str, found: &mut Vec<Found>, warnings
     }
     rotated.sort_unstable();
     for &n in &rotated {
-        replay(&dir.join(format!("{JOURNAL}.{n}")), &mut st, warnings, false);
+        replay(&dir.join(format!("{JOURNAL}.{n}")), &mut entries, &mut st.dirty, warnings, false);
     }
     if !rotated.is_empty() {
         st.dirty = true;
     }
     st.next_rotation = rotated.last().map_or(0, |n| n + 1);
     *lock(&idx.snapshots) = rotated;
-    st.lines = replay(&dir.join(JOURNAL), &mut st, warnings, true);
+    st.lines = replay(&dir.join(JOURNAL), &mut entries, &mut st.dirty, warnings, true);
 
     // Entries whose transcript is gone (a delete that stopped between its two steps) are
     // dropped; what is left in `transcripts` afterwards is the undescribed ones.
     let first = found.len();
     let mut dropped = Vec::new();
-    for (key, e) in &st.entries {
+    for (key, e) in &entries {
         if !transcripts.remove(e.session_id.as_str()) {
             warnings
                 .push(format!("session {key}: transcript {}.jsonl is missing; dropped from the index", e.session_id));
@@ -441,10 +452,10 @@ fn load_agent(idx: &AgentIndex, agent_id: &str, found: &mut Vec<Found>, warnings
         }
     }
     for key in dropped {
-        st.entries.remove(&key);
+        entries.remove(&key);
         st.dirty = true;
     }
-    if st.entries.values().any(|e| e.message_count.is_none()) {
+    if entries.values().any(|e| e.message_count.is_none()) {
         st.dirty = true;
     }
 
@@ -452,9 +463,10 @@ fn load_agent(idx: &AgentIndex, agent_id: &str, found: &mut Vec<Found>, warnings
     if transcripts.is_empty() {
         for f in &found[first..] {
             if f.messages.is_some() {
-                st.entries.insert(f.info.key.clone(), Entry::of(&f.info));
+                entries.insert(f.info.key.clone(), Entry::of(&f.info));
             }
         }
+        st.base = Arc::new(entries);
         return;
     }
     st.dirty = true;
@@ -487,20 +499,27 @@ fn load_agent(idx: &AgentIndex, agent_id: &str, found: &mut Vec<Found>, warnings
     }
     for f in &found[first..] {
         if f.messages.is_some() {
-            st.entries.insert(f.info.key.clone(), Entry::of(&f.info));
+            entries.insert(f.info.key.clone(), Entry::of(&f.info));
         }
     }
+    st.base = Arc::new(entries);
 }
 
 /// Apply the lines of a journal file; returns how many it had. A torn or unreadable line is
 /// skipped with a warning; a torn last line of the live journal is cut off so appends start clean.
-fn replay(path: &Path, st: &mut IndexState, warnings: &mut Vec<String>, live: bool) -> usize {
+fn replay(
+    path: &Path,
+    entries: &mut HashMap<String, Entry>,
+    dirty: &mut bool,
+    warnings: &mut Vec<String>,
+    live: bool,
+) -> usize {
     let bytes = match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
         Err(e) => {
             warnings.push(format!("{}: {e}", path.display()));
-            st.dirty = true;
+            *dirty = true;
             return 0;
         }
     };
@@ -519,14 +538,14 @@ fn replay(path: &Path, st: &mut IndexState, warnings: &mut Vec<String>, live: bo
         n += 1;
         match serde_json::from_slice::<Record>(line) {
             Ok(Record { op: Op::Put, key, entry: Some(e) }) => {
-                st.entries.insert(key, e);
+                entries.insert(key, e);
             }
             Ok(Record { op: Op::Del, key, .. }) => {
-                st.entries.remove(&key);
+                entries.remove(&key);
             }
             _ => {
                 warnings.push(format!("{}:{}: unreadable journal line skipped", path.display(), i + 1));
-                st.dirty = true;
+                *dirty = true;
             }
         }
     }
@@ -859,6 +878,55 @@ mod tests {
         assert!(w.is_empty(), "{w:?}");
         assert_eq!(texts(&s, "agent:main:b"), ["three", "re: three", "four", "re: four"]);
         assert_eq!(texts(&s, "agent:main:c"), ["five", "re: five"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn turns_during_snapshots_are_all_in_the_index() {
+        let dir = tmpdir("concurrent");
+        let (s, _) = open(&dir);
+        let s = std::sync::Arc::new(s);
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let snapshots = {
+            let (s, done) = (s.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    s.flush().unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        for i in 0..300 {
+            turn(&s, &format!("agent:main:k{}", i % 30), "x");
+            if i % 100 == 99 {
+                assert!(s.delete(&format!("agent:main:k{}", i % 30)).unwrap());
+            }
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(snapshots.join().unwrap() > 0);
+        drop(s);
+        let (s, w) = open(&dir);
+        assert!(w.is_empty(), "{w:?}");
+        // From the index alone: ten turns each, except k9, k19 and k29, deleted after turn 99,
+        // 199 and 299 (their 4th, 7th and 10th), which then had 6, 3 and no turns more.
+        let mut counts: Vec<(String, usize)> = s.list().into_iter().map(|i| (i.key, i.message_count)).collect();
+        counts.sort();
+        let mut want: Vec<(String, usize)> = (0..29)
+            .map(|k| {
+                (
+                    format!("agent:main:k{k}"),
+                    match k {
+                        9 => 12,
+                        19 => 6,
+                        _ => 20,
+                    },
+                )
+            })
+            .collect();
+        want.sort();
+        assert_eq!(counts, want);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
