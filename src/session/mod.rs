@@ -29,6 +29,9 @@ pub struct StoredMessage {
     pub role: Role,
     /// Text.
     pub content: String,
+    /// The content as sent when it was not plain text (parts, or `null` beside tool calls).
+    #[serde(rename = "rawContent", skip_serializing_if = "Option::is_none")]
+    pub raw_content: Option<serde_json::Value>,
     /// Unix milliseconds.
     pub timestamp: u64,
     /// Usage of the turn (on assistant messages).
@@ -281,16 +284,21 @@ impl SessionStore {
         out
     }
 
-    /// Append a finished (or aborted) turn: the new request messages, then the reply.
+    /// Append a finished (or aborted) turn: the new request messages, then what the run produced
+    /// (agent-tool calls and their results, then the reply; an empty reply when `produced` is
+    /// empty). The last assistant message carries the usage and the `aborted` flag.
     pub fn append_turn(
         &self,
         key: &str,
         agent_id: &str,
         turn: &[ChatMessage],
-        reply: &str,
+        produced: &[ChatMessage],
         usage: Usage,
         aborted: bool,
     ) -> Result<(), String> {
+        let empty = [ChatMessage::new(Role::Assistant, "")];
+        let produced = if produced.is_empty() { &empty[..] } else { produced };
+        let last = turn.len() + produced.iter().rposition(|m| m.role == Role::Assistant).unwrap_or(produced.len() - 1);
         loop {
             let now = self.now();
             let slot = lock(&self.inner.slots)
@@ -317,25 +325,23 @@ impl SessionStore {
                 continue;
             }
             self.ensure_loaded(&slot, &mut body);
-            let mut new: Vec<StoredMessage> = turn
+            let new: Vec<StoredMessage> = turn
                 .iter()
-                .map(|m| StoredMessage {
-                    role: m.role,
-                    content: m.content.clone(),
-                    timestamp: now,
-                    usage: None,
-                    tool: m.tool.clone(),
-                    aborted: false,
+                .chain(produced)
+                .enumerate()
+                .map(|(i, m)| {
+                    let mine = i == last;
+                    StoredMessage {
+                        role: m.role,
+                        content: m.content.clone(),
+                        raw_content: m.raw_content.clone(),
+                        timestamp: now,
+                        usage: mine.then_some(usage),
+                        tool: m.tool.clone(),
+                        aborted: mine && aborted,
+                    }
                 })
                 .collect();
-            new.push(StoredMessage {
-                role: Role::Assistant,
-                content: reply.to_string(),
-                timestamp: now,
-                usage: Some(usage),
-                tool: None,
-                aborted,
-            });
             let info = {
                 let mut i = lock(&slot.info);
                 i.updated_at = now;
@@ -586,7 +592,12 @@ pub fn history_start(len: usize, max: usize, role: impl Fn(usize) -> Role) -> us
 
 impl StoredMessage {
     fn to_chat(&self) -> ChatMessage {
-        ChatMessage { role: self.role, content: self.content.clone(), tool: self.tool.clone() }
+        ChatMessage {
+            role: self.role,
+            content: self.content.clone(),
+            raw_content: self.raw_content.clone(),
+            tool: self.tool.clone(),
+        }
     }
 }
 
@@ -626,7 +637,15 @@ mod tests {
     fn turns_are_stored() {
         let s = SessionStore::in_memory();
         let turn = [ChatMessage::new(Role::User, "hi")];
-        s.append_turn("agent:main:openai-user:bob", "main", &turn, "hi", Usage::default(), false).unwrap();
+        s.append_turn(
+            "agent:main:openai-user:bob",
+            "main",
+            &turn,
+            &[ChatMessage::new(Role::Assistant, "hi")],
+            Usage::default(),
+            false,
+        )
+        .unwrap();
         assert_eq!(s.list().len(), 1);
         assert_eq!(s.history("agent:main:openai-user:bob").len(), 2);
     }
@@ -635,8 +654,15 @@ mod tests {
     fn reset_keeps_key_delete_removes_it() {
         let s = SessionStore::in_memory();
         let turn = [ChatMessage::new(Role::User, "hi")];
-        s.append_turn("agent:main:k", "main", &turn, "yo", Usage { prompt_tokens: 1, completion_tokens: 1 }, false)
-            .unwrap();
+        s.append_turn(
+            "agent:main:k",
+            "main",
+            &turn,
+            &[ChatMessage::new(Role::Assistant, "yo")],
+            Usage { prompt_tokens: 1, completion_tokens: 1 },
+            false,
+        )
+        .unwrap();
         assert!(s.reset("agent:main:k").unwrap());
         assert_eq!(s.list()[0].message_count, 0);
         assert!(s.history("agent:main:k").is_empty());
@@ -681,12 +707,13 @@ mod tests {
         let s = SessionStore::open_with(Path::new(""), StoreOptions { max_history: 4, ..StoreOptions::default() }).0;
         let key = "agent:main:k";
         let u = Usage::default();
-        s.append_turn(key, "main", &[msg(Role::User, "q1")], "a1", u, false).unwrap();
+        s.append_turn(key, "main", &[msg(Role::User, "q1")], &[ChatMessage::new(Role::Assistant, "a1")], u, false)
+            .unwrap();
         let mut call = msg(Role::Tool, "r1");
         call.tool = Some([("tool_call_id".to_string(), serde_json::json!("c1"))].into_iter().collect());
         let mut call2 = call.clone();
         call2.content = "r2".into();
-        s.append_turn(key, "main", &[call, call2], "a2", u, false).unwrap();
+        s.append_turn(key, "main", &[call, call2], &[ChatMessage::new(Role::Assistant, "a2")], u, false).unwrap();
         // Stored: q1 a1 r1 r2 a2; with q3 that is six, the newest four would start on r2.
         let ctx = s.context_for_run(key, &[msg(Role::User, "q3")]);
         let texts: Vec<&str> = ctx.iter().map(|m| m.content.as_str()).collect();
@@ -718,13 +745,37 @@ mod tests {
         let (s, _) = SessionStore::open_with(&dir, opts.clone());
         let u = Usage::default();
         for k in ["agent:main:old", "agent:main:touched", "agent:other:old2"] {
-            s.append_turn(k, agent_of(k).unwrap(), &[msg(Role::User, "hi")], "yo", u, false).unwrap();
+            s.append_turn(
+                k,
+                agent_of(k).unwrap(),
+                &[msg(Role::User, "hi")],
+                &[ChatMessage::new(Role::Assistant, "yo")],
+                u,
+                false,
+            )
+            .unwrap();
         }
         now.fetch_add(day, Ordering::SeqCst);
-        s.append_turn("agent:main:new", "main", &[msg(Role::User, "hi")], "yo", u, false).unwrap();
+        s.append_turn(
+            "agent:main:new",
+            "main",
+            &[msg(Role::User, "hi")],
+            &[ChatMessage::new(Role::Assistant, "yo")],
+            u,
+            false,
+        )
+        .unwrap();
         assert_eq!(s.sweep_idle(), 0, "nothing is two days old yet");
         now.fetch_add(day + 1, Ordering::SeqCst);
-        s.append_turn("agent:main:touched", "main", &[msg(Role::User, "again")], "yo", u, false).unwrap();
+        s.append_turn(
+            "agent:main:touched",
+            "main",
+            &[msg(Role::User, "again")],
+            &[ChatMessage::new(Role::Assistant, "yo")],
+            u,
+            false,
+        )
+        .unwrap();
         assert_eq!(s.sweep_idle(), 2);
         let mut keys: Vec<String> = s.list().into_iter().map(|i| i.key).collect();
         keys.sort();
@@ -753,14 +804,30 @@ mod tests {
         let (s, _) = SessionStore::open_with(&dir, StoreOptions { persist: true, ..StoreOptions::default() });
         let s = Arc::new(s);
         let u = Usage::default();
-        s.append_turn("agent:main:a", "main", &[msg(Role::User, "hi")], "yo", u, false).unwrap();
+        s.append_turn(
+            "agent:main:a",
+            "main",
+            &[msg(Role::User, "hi")],
+            &[ChatMessage::new(Role::Assistant, "yo")],
+            u,
+            false,
+        )
+        .unwrap();
         // Session a is "in the middle of a disk write" for as long as this guard lives.
         let slot_a = s.slot("agent:main:a").unwrap();
         let guard = lock(&slot_a.body);
         let (tx, rx) = std::sync::mpsc::channel();
         let s2 = s.clone();
         std::thread::spawn(move || {
-            s2.append_turn("agent:main:b", "main", &[msg(Role::User, "hi")], "yo", u, false).unwrap();
+            s2.append_turn(
+                "agent:main:b",
+                "main",
+                &[msg(Role::User, "hi")],
+                &[ChatMessage::new(Role::Assistant, "yo")],
+                u,
+                false,
+            )
+            .unwrap();
             let listed = s2.list().len();
             let history = s2.history("agent:main:b").len();
             let _ = tx.send((listed, history, s2.count()));
