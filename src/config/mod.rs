@@ -231,6 +231,10 @@ pub struct Config {
     pub default_agent: usize,
     /// `session.persist`.
     pub persist_sessions: bool,
+    /// `session.maxHistoryMessages` (0 = no bound).
+    pub session_max_history: usize,
+    /// `session.idleDays` (`None` = keep sessions forever).
+    pub session_idle_days: Option<u64>,
     /// True when no backend was configured anywhere (echo is used).
     pub implicit_echo: bool,
     /// Non-fatal findings (unknown keys).
@@ -511,8 +515,10 @@ impl Validator {
 
         let (agents, default_agent, implicit_echo) = self.agents(root.get("agents"))?;
 
-        let session = self.object(root.get("session"), "session", &["persist"]);
+        let session = self.object(root.get("session"), "session", &["persist", "maxHistoryMessages", "idleDays"]);
         let persist_sessions = self.bool(session, "session", "persist", true);
+        let session_max_history = self.uint(session, "session", "maxHistoryMessages", 200, 0, 1_000_000) as usize;
+        let session_idle_days = Some(self.uint(session, "session", "idleDays", 0, 0, 36_500)).filter(|d| *d > 0);
 
         Some(Config {
             source,
@@ -521,6 +527,8 @@ impl Validator {
             agents,
             default_agent,
             persist_sessions,
+            session_max_history,
+            session_idle_days,
             implicit_echo,
             warnings: Vec::new(),
         })
@@ -882,7 +890,8 @@ impl Config {
                 "listenBacklog": g.listen_backlog,
             },
             "agents": { "list": agents },
-            "session": { "persist": self.persist_sessions },
+            "session": { "persist": self.persist_sessions, "maxHistoryMessages": self.session_max_history,
+                         "idleDays": self.session_idle_days },
         })
     }
 }
