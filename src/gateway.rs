@@ -48,9 +48,20 @@ pub struct Gateway {
 impl Gateway {
     /// Build the gateway; returns warnings from loading sessions.
     pub fn new(config: Config) -> (Self, Vec<String>) {
+        Self::with_store_writer(config, true)
+    }
+
+    /// Build the gateway; `owner` is false for a process that shares the state dir with a
+    /// running gateway (`gatelet agent` while one runs): it appends turns but never rewrites the
+    /// session index snapshot or removes idle sessions.
+    pub fn with_store_writer(config: Config, owner: bool) -> (Self, Vec<String>) {
         let agents = build_agents(&config, &[]);
-        let (sessions, warnings) = SessionStore::open(&config.state_dir, config.persist_sessions);
-        let pool = Pool::new(config.gateway.workers, config.gateway.max_queued_runs);
+        let (sessions, warnings) = SessionStore::open_with(
+            &config.state_dir,
+            crate::session::StoreOptions { background: owner, ..crate::session::options(&config) },
+        );
+        let g = &config.gateway;
+        let pool = Pool::new(g.workers, g.max_queued_runs, g.max_runs_per_ip);
         let auth = Authorizer::new(&config.gateway.auth);
         let gw = Gateway {
             config,
@@ -80,7 +91,11 @@ impl Gateway {
         if old.state_dir != new.state_dir || old.persist_sessions != new.persist_sessions {
             restart.push("the state directory / session.persist");
         }
+        if (old.session_max_history, old.session_idle_days) != (new.session_max_history, new.session_idle_days) {
+            restart.push("session.maxHistoryMessages / session.idleDays");
+        }
         self.pool.set_max_queued(new.gateway.max_queued_runs);
+        self.pool.set_max_per_ip(new.gateway.max_runs_per_ip);
         let gw = Gateway {
             agents: build_agents(&config, &self.agents),
             auth: Authorizer::reloaded(&config.gateway.auth, &self.auth),

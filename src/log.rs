@@ -154,10 +154,13 @@ pub fn start_writer() {
     }));
 }
 
-/// While lines keep coming, the logger thread collects them for this long between writes
+/// While lines come fast, the logger thread collects them for this long between writes
 /// instead of being woken for each one: a wake-up per line (a futex call and a context switch)
 /// would cost the serving threads more than the line itself.
 const BATCH_WAIT: Duration = Duration::from_millis(10);
+/// A batch at least this big means lines are coming fast: collect for [`BATCH_WAIT`] before the
+/// next write. Smaller ones are written as they come, so a quiet gateway's lines appear at once.
+const BUSY_BATCH: usize = 4096;
 
 fn writer() {
     use std::io::Write;
@@ -177,11 +180,14 @@ fn writer() {
         let _ = err.write_all(&out);
         let _ = err.flush();
         drop(err);
+        let busy = out.len() >= BUSY_BATCH;
         out.clear();
         if out.capacity() > 1 << 20 {
             out.shrink_to(64 * 1024);
         }
-        std::thread::sleep(BATCH_WAIT);
+        if busy {
+            std::thread::sleep(BATCH_WAIT);
+        }
     }
 }
 

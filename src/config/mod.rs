@@ -18,6 +18,20 @@ use locate::Locations;
 /// Default port of the gateway.
 pub const DEFAULT_PORT: u16 = 18789;
 
+/// Default `gateway.workers`: runs mostly wait on upstreams and clients, not on the CPU, so the
+/// pool is sized for concurrency (threads start on demand and idle ones exit).
+pub const DEFAULT_WORKERS: usize = 256;
+
+/// Default `gateway.listenBacklog`: the host's `net.core.somaxconn` (the kernel caps the backlog
+/// there anyway), else 1024.
+pub fn default_backlog() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(1024)
+}
+
 /// How callers authenticate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {
@@ -89,6 +103,14 @@ pub struct GatewayConfig {
     pub max_queued_runs: usize,
     /// Open connections before new ones wait in the backlog.
     pub max_connections: usize,
+    /// `gateway.maxConnectionsPerIp`: connections one address may hold; 0 = no limit.
+    pub max_connections_per_ip: usize,
+    /// `gateway.maxRunsPerIp`: runs (running or queued) one address may have; 0 = no limit.
+    pub max_runs_per_ip: usize,
+    /// `gateway.http.stallTimeoutSeconds`: a stream whose client takes no bytes this long is cut.
+    pub stall_timeout: Duration,
+    /// `gateway.listenBacklog`: the listen queue length (the host's `somaxconn` by default).
+    pub listen_backlog: u32,
     /// SSE heartbeat interval; zero disables it.
     pub keepalive: Duration,
     /// `gateway.metrics.public`: `/metrics` without authentication.
@@ -178,6 +200,40 @@ pub struct AgentConfig {
     pub timeout: Duration,
     /// How replies are produced.
     pub backend: BackendConfig,
+    /// Tools the gateway runs itself when the model calls them.
+    pub tools: Vec<AgentToolConfig>,
+    /// Most agent-tool rounds per run before it ends with `length`.
+    pub max_tool_steps: u32,
+}
+
+/// One agent tool: `{name, description, parameters, command: {argv, cwd?, env?, timeoutSeconds?}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentToolConfig {
+    /// Function name offered to the model (`[A-Za-z0-9_-]{1,64}`).
+    pub name: String,
+    /// What the tool does, for the model.
+    pub description: Option<String>,
+    /// JSON Schema of the arguments.
+    pub parameters: Option<Value>,
+    /// The program run per call (arguments JSON on stdin, result on stdout).
+    pub command: CommandBackendConfig,
+    /// Longest one call may run.
+    pub timeout: Duration,
+}
+
+impl AgentToolConfig {
+    /// The `tools` entry offered to the model.
+    pub fn to_json(&self) -> Value {
+        let mut f = Map::new();
+        f.insert("name".into(), Value::from(self.name.clone()));
+        if let Some(d) = &self.description {
+            f.insert("description".into(), Value::from(d.clone()));
+        }
+        if let Some(p) = &self.parameters {
+            f.insert("parameters".into(), p.clone());
+        }
+        serde_json::json!({ "type": "function", "function": f })
+    }
 }
 
 /// The whole validated configuration.
@@ -195,6 +251,10 @@ pub struct Config {
     pub default_agent: usize,
     /// `session.persist`.
     pub persist_sessions: bool,
+    /// `session.maxHistoryMessages` (0 = no bound).
+    pub session_max_history: usize,
+    /// `session.idleDays` (`None` = keep sessions forever).
+    pub session_idle_days: Option<u64>,
     /// True when no backend was configured anywhere (echo is used).
     pub implicit_echo: bool,
     /// Non-fatal findings (unknown keys).
@@ -400,6 +460,9 @@ impl Validator {
                 "maxQueuedRuns",
                 "maxConnections",
                 "keepaliveSeconds",
+                "maxConnectionsPerIp",
+                "maxRunsPerIp",
+                "listenBacklog",
                 "metrics",
                 "log",
                 "drainTimeoutSeconds",
@@ -437,7 +500,7 @@ impl Validator {
         let http = self.object(
             gw.get("http"),
             "gateway.http",
-            &["endpoints", "headerTimeoutSeconds", "idleTimeoutSeconds", "cors"],
+            &["endpoints", "headerTimeoutSeconds", "idleTimeoutSeconds", "stallTimeoutSeconds", "cors"],
         );
         let eps = self.object(http.get("endpoints"), "gateway.http.endpoints", &["chatCompletions"]);
         let cc = self.object(
@@ -450,6 +513,8 @@ impl Validator {
         let max_body_bytes = self.uint(cc, ccp, "maxBodyBytes", 20 * 1024 * 1024, 1, 1 << 40);
         let header_timeout = self.uint(http, "gateway.http", "headerTimeoutSeconds", 30, 1, 3600);
         let idle_timeout = self.uint(http, "gateway.http", "idleTimeoutSeconds", 60, 1, 86400);
+        let stall_timeout = self.uint(http, "gateway.http", "stallTimeoutSeconds", 10, 1, 3600);
+        let workers = self.uint(gw, "gateway", "workers", DEFAULT_WORKERS as u64, 1, 4096) as usize;
 
         let gateway = GatewayConfig {
             port,
@@ -459,10 +524,16 @@ impl Validator {
             max_body_bytes,
             header_timeout: Duration::from_secs(header_timeout),
             idle_timeout: Duration::from_secs(idle_timeout),
-            workers: self.uint(gw, "gateway", "workers", 4, 1, 1024) as usize,
+            workers,
             max_queued_runs: self.uint(gw, "gateway", "maxQueuedRuns", 64, 0, 1_000_000) as usize,
             max_connections: self.uint(gw, "gateway", "maxConnections", 10_000, 1, 1_000_000) as usize,
             keepalive: Duration::from_secs(self.uint(gw, "gateway", "keepaliveSeconds", 15, 0, 86400)),
+            max_connections_per_ip: self.uint(gw, "gateway", "maxConnectionsPerIp", 256, 0, 1_000_000) as usize,
+            // Half the pool: one address can use a lot of it, never all of it.
+            max_runs_per_ip: self.uint(gw, "gateway", "maxRunsPerIp", (workers as u64 / 2).max(1), 0, 1_000_000)
+                as usize,
+            stall_timeout: Duration::from_secs(stall_timeout),
+            listen_backlog: self.uint(gw, "gateway", "listenBacklog", default_backlog() as u64, 1, 1 << 20) as u32,
             metrics_public: {
                 let m = self.object(gw.get("metrics"), "gateway.metrics", &["public"]);
                 self.bool(m, "gateway.metrics", "public", false)
@@ -474,8 +545,10 @@ impl Validator {
 
         let (agents, default_agent, implicit_echo) = self.agents(root.get("agents"))?;
 
-        let session = self.object(root.get("session"), "session", &["persist"]);
+        let session = self.object(root.get("session"), "session", &["persist", "maxHistoryMessages", "idleDays"]);
         let persist_sessions = self.bool(session, "session", "persist", true);
+        let session_max_history = self.uint(session, "session", "maxHistoryMessages", 200, 0, 1_000_000) as usize;
+        let session_idle_days = Some(self.uint(session, "session", "idleDays", 0, 0, 36_500)).filter(|d| *d > 0);
 
         Some(Config {
             source,
@@ -484,6 +557,8 @@ impl Validator {
             agents,
             default_agent,
             persist_sessions,
+            session_max_history,
+            session_idle_days,
             implicit_echo,
             warnings: Vec::new(),
         })
@@ -606,9 +681,15 @@ impl Validator {
 
     fn agents(&mut self, v: Option<&Value>) -> Option<(Vec<AgentConfig>, usize, bool)> {
         let a = self.object(v, "agents", &["defaults", "list"]);
-        let d = self.object(a.get("defaults"), "agents.defaults", &["timeoutSeconds", "backend", "systemPrompt"]);
+        let d = self.object(
+            a.get("defaults"),
+            "agents.defaults",
+            &["timeoutSeconds", "backend", "systemPrompt", "tools", "maxToolSteps"],
+        );
         let d_timeout = self.uint(d, "agents.defaults", "timeoutSeconds", 600, 1, 86_400 * 7);
         let d_prompt = self.string(d, "agents.defaults", "systemPrompt").unwrap_or_default();
+        let d_tools = self.tools(d.get("tools"), "agents.defaults.tools");
+        let d_steps = self.uint(d, "agents.defaults", "maxToolSteps", 8, 0, 1000) as u32;
         let d_backend = d.get("backend").filter(|b| !b.is_null()).map(|b| self.backend(b, "agents.defaults.backend"));
         let mut implicit_echo = d_backend.is_none();
         let d_backend =
@@ -630,12 +711,18 @@ impl Validator {
                 system_prompt: d_prompt.clone(),
                 timeout: Duration::from_secs(d_timeout),
                 backend: d_backend.clone()?,
+                tools: d_tools.clone(),
+                max_tool_steps: d_steps,
             });
             default_agent = Some(0);
         }
         for (i, item) in list.iter().enumerate() {
             let p = format!("agents.list[{i}]");
-            let m = self.object(Some(item), &p, &["id", "default", "systemPrompt", "timeoutSeconds", "backend"]);
+            let m = self.object(
+                Some(item),
+                &p,
+                &["id", "default", "systemPrompt", "timeoutSeconds", "backend", "tools", "maxToolSteps"],
+            );
             let id = match self.string(m, &p, "id") {
                 Some(id) if valid_agent_id(&id) => id,
                 Some(id) => {
@@ -666,14 +753,112 @@ impl Validator {
             };
             let timeout = self.uint(m, &p, "timeoutSeconds", d_timeout, 1, 86_400 * 7);
             let system_prompt = self.string(m, &p, "systemPrompt").unwrap_or_else(|| d_prompt.clone());
+            let tools = match m.get("tools").filter(|t| !t.is_null()) {
+                Some(t) => self.tools(Some(t), &format!("{p}.tools")),
+                None => d_tools.clone(),
+            };
+            let max_tool_steps = self.uint(m, &p, "maxToolSteps", d_steps as u64, 0, 1000) as u32;
             if let Some(backend) = backend {
-                agents.push(AgentConfig { id, system_prompt, timeout: Duration::from_secs(timeout), backend });
+                agents.push(AgentConfig {
+                    id,
+                    system_prompt,
+                    timeout: Duration::from_secs(timeout),
+                    backend,
+                    tools,
+                    max_tool_steps,
+                });
             }
         }
         if !self.problems.is_empty() {
             return None;
         }
         Some((agents, default_agent.unwrap_or(0), implicit_echo))
+    }
+
+    /// `tools: [{name, description, parameters, command: {argv, cwd?, env?, timeoutSeconds?}}]`.
+    fn tools(&mut self, v: Option<&Value>, p: &str) -> Vec<AgentToolConfig> {
+        let list = match v {
+            None | Some(Value::Null) => return Vec::new(),
+            Some(Value::Array(l)) => l,
+            Some(_) => {
+                self.problem(p, "expected an array of tools");
+                return Vec::new();
+            }
+        };
+        let mut tools: Vec<AgentToolConfig> = Vec::new();
+        for (i, t) in list.iter().enumerate() {
+            let tp = format!("{p}[{i}]");
+            let m = self.object(Some(t), &tp, &["name", "description", "parameters", "command"]);
+            let name = match self.string(m, &tp, "name") {
+                Some(n) if crate::agent::tools::valid_tool_name(&n) => n,
+                Some(n) => {
+                    self.problem(&format!("{tp}.name"), format!("tool name {n:?} must match [A-Za-z0-9_-]{{1,64}}"));
+                    continue;
+                }
+                None => {
+                    self.problem(&tp, "tool needs a `name`");
+                    continue;
+                }
+            };
+            if tools.iter().any(|x| x.name == name) {
+                self.problem(&format!("{tp}.name"), format!("duplicate tool name {name:?}"));
+                continue;
+            }
+            let description = self.string(m, &tp, "description");
+            let parameters = match m.get("parameters") {
+                None | Some(Value::Null) => None,
+                Some(v @ Value::Object(_)) => Some(v.clone()),
+                Some(_) => {
+                    self.problem(&format!("{tp}.parameters"), "expected a JSON Schema object");
+                    None
+                }
+            };
+            let cp = format!("{tp}.command");
+            let Some(cv) = m.get("command").filter(|c| c.is_object()) else {
+                self.problem(&cp, "tool needs a `command` object with `argv`");
+                continue;
+            };
+            let cm = self.object(Some(cv), &cp, &["argv", "cwd", "env", "timeoutSeconds"]);
+            let timeout = self.uint(cm, &cp, "timeoutSeconds", 30, 1, 86_400);
+            let command = self.command(cm, &cp);
+            tools.push(AgentToolConfig {
+                name,
+                description,
+                parameters,
+                command,
+                timeout: Duration::from_secs(timeout),
+            });
+        }
+        tools
+    }
+
+    /// `argv`, `cwd` and `env` of a program to run (command backend, agent tools).
+    fn command(&mut self, m: &Map<String, Value>, p: &str) -> CommandBackendConfig {
+        let argv: Vec<String> = match m.get("argv") {
+            Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => {
+                a.iter().filter_map(|s| s.as_str().map(String::from)).collect()
+            }
+            _ => {
+                self.problem(&format!("{p}.argv"), "expected a non-empty array of strings");
+                Vec::new()
+            }
+        };
+        let mut env = BTreeMap::new();
+        match m.get("env") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(e)) => {
+                for (k, val) in e {
+                    match val.as_str() {
+                        Some(s) => {
+                            env.insert(k.clone(), s.to_string());
+                        }
+                        None => self.problem(&format!("{p}.env.{k}"), "expected a string"),
+                    }
+                }
+            }
+            Some(_) => self.problem(&format!("{p}.env"), "expected an object of strings"),
+        }
+        CommandBackendConfig { argv, cwd: self.string(m, p, "cwd").map(PathBuf::from), env }
     }
 
     fn backend(&mut self, v: &Value, p: &str) -> Option<BackendConfig> {
@@ -720,35 +905,7 @@ impl Validator {
             }
             "command" => {
                 let m = self.object(Some(v), p, &["kind", "argv", "cwd", "env"]);
-                let argv: Vec<String> = match m.get("argv") {
-                    Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => {
-                        a.iter().filter_map(|s| s.as_str().map(String::from)).collect()
-                    }
-                    _ => {
-                        self.problem(&format!("{p}.argv"), "expected a non-empty array of strings");
-                        Vec::new()
-                    }
-                };
-                let mut env = BTreeMap::new();
-                match m.get("env") {
-                    None | Some(Value::Null) => {}
-                    Some(Value::Object(e)) => {
-                        for (k, val) in e {
-                            match val.as_str() {
-                                Some(s) => {
-                                    env.insert(k.clone(), s.to_string());
-                                }
-                                None => self.problem(&format!("{p}.env.{k}"), "expected a string"),
-                            }
-                        }
-                    }
-                    Some(_) => self.problem(&format!("{p}.env"), "expected an object of strings"),
-                }
-                BackendConfig::Command(CommandBackendConfig {
-                    argv,
-                    cwd: self.string(m, p, "cwd").map(PathBuf::from),
-                    env,
-                })
+                BackendConfig::Command(self.command(m, p))
             }
             other => {
                 self.problem(
@@ -792,8 +949,15 @@ impl Config {
                         "kind": "command", "argv": c.argv, "cwd": c.cwd.as_ref().map(|p| p.display().to_string()),
                         "env": c.env.keys().map(|k| (k.clone(), Value::from("<redacted>"))).collect::<Map<_, _>>() }),
                 };
+                let tools: Vec<Value> = a.tools.iter().map(|t| serde_json::json!({
+                    "name": t.name, "description": t.description, "parameters": t.parameters,
+                    "command": { "argv": t.command.argv,
+                                 "cwd": t.command.cwd.as_ref().map(|p| p.display().to_string()),
+                                 "env": t.command.env.keys().map(|k| (k.clone(), Value::from("<redacted>"))).collect::<Map<_, _>>(),
+                                 "timeoutSeconds": t.timeout.as_secs() } })).collect();
                 serde_json::json!({ "id": a.id, "default": i == self.default_agent, "systemPrompt": a.system_prompt,
-                    "timeoutSeconds": a.timeout.as_secs(), "backend": backend })
+                    "timeoutSeconds": a.timeout.as_secs(), "backend": backend, "tools": tools,
+                    "maxToolSteps": a.max_tool_steps })
             })
             .collect();
         serde_json::json!({
@@ -807,16 +971,20 @@ impl Config {
                               "maxAttempts": r.max_attempts, "windowMs": r.window.as_millis() as u64,
                               "lockoutMs": r.lockout.as_millis() as u64, "exemptLoopback": r.exempt_loopback })) },
                 "http": { "headerTimeoutSeconds": g.header_timeout.as_secs(), "idleTimeoutSeconds": g.idle_timeout.as_secs(),
+                          "stallTimeoutSeconds": g.stall_timeout.as_secs(),
                           "endpoints": { "chatCompletions": { "enabled": g.chat_completions, "maxBodyBytes": g.max_body_bytes } },
                           "cors": { "allowOrigins": g.cors_origins } },
                 "workers": g.workers, "maxQueuedRuns": g.max_queued_runs, "maxConnections": g.max_connections,
                 "keepaliveSeconds": g.keepalive.as_secs(),
+                "maxConnectionsPerIp": g.max_connections_per_ip, "maxRunsPerIp": g.max_runs_per_ip,
+                "listenBacklog": g.listen_backlog,
                 "metrics": { "public": g.metrics_public },
                 "log": { "level": g.log.level.map(|l| l.as_str()), "format": g.log.format, "accessLog": g.log.access },
                 "drainTimeoutSeconds": g.drain_timeout.as_secs(),
             },
             "agents": { "list": agents },
-            "session": { "persist": self.persist_sessions },
+            "session": { "persist": self.persist_sessions, "maxHistoryMessages": self.session_max_history,
+                         "idleDays": self.session_idle_days },
         })
     }
 }
@@ -864,6 +1032,29 @@ mod tests {
     fn bad_value_names_file_line_col_and_path() {
         let e = parse_str("{\n gateway: {\n  auth: { mode: 'tokn', token: 'x' }\n }\n}").unwrap_err().to_string();
         assert!(e.contains("cfg.json5:3:11: `gateway.auth.mode`"), "{e}");
+    }
+
+    #[test]
+    fn fairness_limits_defaults_and_overrides() {
+        let g = parse_str("{gateway: {auth: {token: 'x'}}}").unwrap().gateway;
+        assert_eq!(g.workers, DEFAULT_WORKERS);
+        assert_eq!(g.max_connections_per_ip, 256);
+        assert_eq!(g.max_runs_per_ip, DEFAULT_WORKERS / 2);
+        assert_eq!(g.stall_timeout, Duration::from_secs(10));
+        assert_eq!(g.listen_backlog, default_backlog());
+        // The run limit follows the pool size unless set; 0 turns the limits off.
+        let g = parse_str("{gateway: {auth: {token: 'x'}, workers: 1}}").unwrap().gateway;
+        assert_eq!(g.max_runs_per_ip, 1);
+        let g = parse_str(
+            "{gateway: {auth: {token: 'x'}, workers: 8, maxRunsPerIp: 0, maxConnectionsPerIp: 0, listenBacklog: 64, \
+             http: {stallTimeoutSeconds: 3}}}",
+        )
+        .unwrap();
+        assert!(g.warnings.is_empty(), "{:?}", g.warnings);
+        let g = g.gateway;
+        assert_eq!((g.max_runs_per_ip, g.max_connections_per_ip, g.listen_backlog), (0, 0, 64));
+        assert_eq!(g.stall_timeout, Duration::from_secs(3));
+        assert!(parse_str("{gateway: {auth: {token: 'x'}, http: {stallTimeoutSeconds: 0}}}").is_err());
     }
 
     #[test]

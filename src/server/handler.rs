@@ -21,7 +21,7 @@ pub enum HeadAction {
     /// Answer now. The request body (if any) is not read, so the connection closes when one was
     /// announced.
     Respond(Response),
-    /// Read the body, then dispatch it. `continue_100` asks for `100 Continue` first.
+    /// Read the body, then validate it and start the run. `continue_100` asks for `100 Continue` first.
     ReadBody {
         /// The body limit.
         limit: u64,
@@ -180,6 +180,23 @@ pub fn with_headers(mut resp: Response, headers: Vec<(&'static str, String)>) ->
 /// 413 for a body over the limit.
 pub fn too_large(limit: u64) -> ApiError {
     ApiError::invalid(413, "payload_too_large", format!("Request body is larger than maxBodyBytes ({limit} bytes)"))
+}
+
+/// 429 for a client address that already has `limit` runs going or queued
+/// (`gateway.maxRunsPerIp`): a per-client limit, not a server fault, so it is a 429 as nginx's
+/// and HAProxy's rate limits are usually configured — retried by clients after `Retry-After`,
+/// and not counted by a load balancer as a failing instance the way a 503 would be.
+pub fn too_many_runs(limit: usize) -> ApiError {
+    ApiError {
+        status: 429,
+        kind: "rate_limit_error",
+        code: Some("rate_limit_exceeded"),
+        message: format!(
+            "Too many concurrent runs from this address (gateway.maxRunsPerIp is {limit}); retry when one has finished"
+        ),
+        param: None,
+        headers: vec![("Retry-After", "1".to_string())],
+    }
 }
 
 /// 408 for a request that did not arrive in time.

@@ -32,7 +32,8 @@ AGENTS = (
     "agents: { list: [ { id: 'main', default: true }, "
     "{ id: 'slow', backend: { kind: 'echo', tokenDelayMs: 150 } } ] }"
 )
-GATEWAY = "drainTimeoutSeconds: 60"
+# As docs/deploy.md says for instances behind a balancer (every client has nginx's address).
+GATEWAY = "drainTimeoutSeconds: 60, maxRunsPerIp: 0, maxConnectionsPerIp: 0"
 
 
 def recipe():
