@@ -111,7 +111,8 @@ pub enum Verdict {
 pub enum StrictRule {
     /// A line ending in LF without CR: RFC 9112 §2.2 lets a recipient accept it; we refuse.
     BareLf,
-    /// An empty `Host` (allowed by RFC 9112 §3.2 for targets without authority) or one with a
+    /// A `Host` with an empty `uri-host` (an empty value, allowed by RFC 9112 §3.2 for targets
+    /// without authority, or a port alone, `:80`; RFC 3986's `reg-name` may be empty) or with a
     /// comma (a `reg-name` sub-delimiter): refused.
     HostEmptyOrComma,
     /// Size limits: a target over 8 KiB (414), a head over 16 KiB or more than 64 fields (431).
@@ -292,12 +293,14 @@ fn strict_rule(data: &[u8], e: HeadError, len: usize) -> Option<StrictRule> {
             bare.then_some(StrictRule::BareLf)
         }
         HeadError::HostValue => {
-            let mut h = [httparse::EMPTY_HEADER; 256];
-            let mut r = httparse::Request::new(&mut h);
-            let _ = r.parse(head);
-            let odd = r.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host")).any(|h| {
-                let v = trim_ows(h.value);
-                v.is_empty() || v.contains(&b',')
+            // The field lines as written (the request line may say a later minor, which
+            // httparse would not parse).
+            let odd = head.split(|&b| b == b'\n').skip(1).any(|line| {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"host:") && {
+                    let v = trim_ows(&line[5..]);
+                    v.is_empty() || v[0] == b':' || v.contains(&b',')
+                }
             });
             odd.then_some(StrictRule::HostEmptyOrComma)
         }

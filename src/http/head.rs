@@ -230,10 +230,11 @@ fn classify_version(buf: &[u8]) -> Version {
 /// where `uri-host` is RFC 3986's `host` (§3.2.2: `IP-literal / IPv4address / reg-name`) and
 /// `port = *DIGIT` (§3.2.3).
 ///
-/// Stricter than the grammar, deliberately: the value must not be empty (RFC 9112 §3.2 lets a
-/// client send an empty Host for a target without authority; no client of this server does), and
-/// a comma is refused although `reg-name` allows it as a sub-delimiter, because
-/// `a, b` is how a second Host hides in one field (a proxy may pick either).
+/// Stricter than the grammar, deliberately: the host must not be empty — neither an empty value
+/// (RFC 9112 §3.2 lets a client send one for a target without authority; no client of this
+/// server does) nor a port alone (`:80`, an empty `reg-name`) — and a comma is refused although
+/// `reg-name` allows it as a sub-delimiter, because `a, b` is how a second Host hides in one field
+/// (a proxy may pick either).
 pub fn valid_host(v: &[u8]) -> bool {
     let (host, port) = if v.first() == Some(&b'[') {
         let Some(close) = v.iter().position(|&b| b == b']') else { return false };

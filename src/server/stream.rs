@@ -27,7 +27,7 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// `setsockopt` per SSE record, at the cost of overshooting a deadline by at most this much.
 const TIMEOUT_SLACK: Duration = Duration::from_secs(1);
 
-/// Write all of `buf` to a blocking socket before `deadline` (within [`TIMEOUT_SLACK`]); false on
+/// Write all of `buf` to a blocking socket before `deadline` (within `TIMEOUT_SLACK`); false on
 /// error or when time runs out. `current` is the write timeout the socket has now (`None` when
 /// unknown) and is kept up to date. Each `write` gets only the time left, so partial progress
 /// does not extend the bound.
