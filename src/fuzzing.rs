@@ -38,6 +38,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("chat_request", chat_request),
     ("sse_decode", sse_decode),
     ("ws_frame", ws_frame),
+    ("ws_conn", ws_conn),
     ("ws_handshake", ws_handshake),
     ("upstream_response", upstream_response),
     ("rpc_request", rpc_request),
@@ -473,6 +474,87 @@ pub fn ws_frame(data: &[u8], depth: Depth) {
     }
     for (how, parts) in ways {
         assert_eq!(whole, ws_run(&parts), "{how}");
+    }
+}
+
+// ---- WebSocket connection -------------------------------------------------------------------
+
+/// Feed `parts` to a connection as the event loop does (unconsumed bytes stay buffered); the
+/// events and every byte it queued to send.
+fn ws_conn_run(parts: &[&[u8]]) -> (Vec<crate::ws::conn::Incoming>, Vec<u8>, bool) {
+    let now = std::time::Instant::now();
+    let mut c = crate::ws::conn::Conn::new(WS_MAX);
+    let (mut events, mut out, mut buf) = (Vec::new(), Vec::new(), Vec::new());
+    for p in parts {
+        buf.extend_from_slice(p);
+        loop {
+            let (n, ev) = c.feed(&buf, now, &mut out);
+            assert!(n <= buf.len());
+            buf.drain(..n);
+            match ev {
+                Some(e) => events.push(e),
+                None => break,
+            }
+        }
+        if c.is_closed() {
+            break;
+        }
+    }
+    (events, out, c.is_closed())
+}
+
+/// `ws::conn::Conn` (limit 4096): any split gives the same events and the same bytes to send
+/// (and, unless the connection failed, the same closed state);
+/// what it sends is well-formed unmasked server frames (pongs echo their ping, at most one close
+/// frame, nothing after it); a failure sends a close with the failure's code; nothing follows a
+/// close.
+pub fn ws_conn(data: &[u8], depth: Depth) {
+    use crate::ws::conn::Incoming;
+    let Some((cut, input)) = cut_input(data) else { return };
+    let whole = ws_conn_run(&[input]);
+    let failed = whole.0.iter().any(|e| matches!(e, Incoming::Failed { .. }));
+    for (how, parts) in splits(input, cut, depth) {
+        let split = ws_conn_run(&parts);
+        assert_eq!((&whole.0, &whole.1), (&split.0, &split.1), "{how}");
+        // After a failure the peer's bytes are unframed garbage, looked at only for its close
+        // frame: where the reads fall may decide whether one is seen (else the close timer ends
+        // the connection), but never what is sent.
+        if !failed {
+            assert_eq!(whole.2, split.2, "closed, {how}");
+        }
+    }
+    let (events, out, _) = &whole;
+    let mut frames = Vec::new();
+    let mut pos = 0;
+    while pos < out.len() {
+        let (h, n) = crate::ws::frame::parse_header(&out[pos..]).expect("valid header").expect("complete header");
+        assert!(h.fin && h.rsv == 0 && h.mask.is_none());
+        let end = pos + n + h.len as usize;
+        assert!(end <= out.len());
+        frames.push((h.opcode, out[pos + n..end].to_vec()));
+        pos = end;
+    }
+    let closes = frames.iter().filter(|f| f.0 == 0x8).count();
+    assert!(closes <= 1, "{closes} close frames");
+    if closes == 1 {
+        assert_eq!(frames.last().map(|f| f.0), Some(0x8), "a frame after the close");
+    }
+    let pongs: Vec<&Vec<u8>> = frames.iter().filter(|f| f.0 == 0xA).map(|f| &f.1).collect();
+    assert_eq!(pongs.len(), events.iter().filter(|e| **e == Incoming::Ping).count());
+    for (i, e) in events.iter().enumerate() {
+        let last = i + 1 == events.len();
+        match e {
+            Incoming::Failed { code, .. } => {
+                assert!(last && matches!(code, 1002 | 1007 | 1009));
+                assert_eq!(frames.last().map(|f| &f.1[..2]), Some(&code.to_be_bytes()[..]));
+            }
+            Incoming::Closed(code) => {
+                assert!(last);
+                let body = &frames.last().expect("close echoed").1;
+                assert_eq!(code.map(|c| c.to_be_bytes().to_vec()).unwrap_or_default(), body.get(..2).unwrap_or(&[]));
+            }
+            _ => {}
+        }
     }
 }
 

@@ -91,6 +91,11 @@ fn ws_frame_seeds() {
 }
 
 #[test]
+fn ws_conn_seeds() {
+    replay("ws_conn");
+}
+
+#[test]
 fn ws_handshake_seeds() {
     replay("ws_handshake");
 }
