@@ -716,9 +716,11 @@ mod tests {
         let f = frames(&out);
         assert_eq!(event_name(&f[0].1), "connect.challenge");
         out.clear();
+        assert_eq!(s.deadline(), Some(t0 + HANDSHAKE_TIMEOUT));
         s.on_timer(t0 + Duration::from_secs(9), &mut out);
         assert!(out.is_empty());
         s.on_timer(t0 + HANDSHAKE_TIMEOUT, &mut out);
+        assert_eq!(s.deadline(), Some(t0 + HANDSHAKE_TIMEOUT + CLOSE_TIMEOUT));
         let f = frames(&out);
         assert_eq!((f[0].0, close_code(&f[0].1)), (0x8, 1008));
         assert!(!s.is_closed(), "waits for the client's close frame first");
@@ -735,6 +737,7 @@ mod tests {
         s.state = State::Open;
         s.next_tick = Some(t0 + TICK_INTERVAL);
         out.clear();
+        assert_eq!(s.deadline(), Some(t0 + TICK_INTERVAL));
         s.on_timer(t0 + Duration::from_secs(29), &mut out);
         assert!(out.is_empty());
         s.on_timer(t0 + TICK_INTERVAL, &mut out);
