@@ -41,6 +41,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("ws_conn", ws_conn),
     ("ws_handshake", ws_handshake),
     ("upstream_response", upstream_response),
+    ("tool_calls", tool_calls),
     ("rpc_request", rpc_request),
     ("command_line", command_line),
 ];
@@ -647,6 +648,41 @@ pub fn upstream_response(data: &[u8], depth: Depth) {
         // A head split across reads may be refused as too large only once it is complete, which
         // is the same either way; compare everything.
         assert_eq!(whole, upstream_run(&parts), "{how}");
+    }
+}
+
+// ---- upstream tool calls ------------------------------------------------------------------
+
+/// What must not depend on how the body was cut (ids made up for id-less calls differ).
+type ToolCallsView = Result<(String, Vec<(String, String)>, Option<&'static str>, bool), String>;
+
+/// The split-independent part of a decoded tool-call stream.
+pub fn tool_calls_view(r: &Result<crate::agent::backend::openai::Decoded, String>) -> ToolCallsView {
+    r.as_ref().map_err(Clone::clone).map(|d| {
+        let calls = d.calls.iter().map(|c| (c.name.clone(), c.arguments.clone())).collect();
+        (d.text.clone(), calls, d.finish.map(|f| f.as_str()), d.done)
+    })
+}
+
+/// `agent::backend::openai::decode_body` (an `openai` upstream's event stream): never panics;
+/// every decoded call has an id and a non-empty name, and the calls respect the per-reply bounds;
+/// any split gives the same text, calls, finish and error as one feed.
+pub fn tool_calls(data: &[u8], depth: Depth) {
+    use crate::agent::backend::openai::decode_body;
+    use crate::agent::tools::{MAX_ARGUMENT_BYTES, MAX_CALLS};
+    let Some((&sel, input)) = data.split_first() else { return };
+    let cut = (sel as usize).min(input.len());
+    let whole = decode_body(&[input]);
+    if let Ok(d) = &whole {
+        assert!(d.calls.len() <= MAX_CALLS);
+        assert!(d.calls.iter().map(|c| c.arguments.len()).sum::<usize>() <= MAX_ARGUMENT_BYTES);
+        for c in &d.calls {
+            assert!(!c.id.is_empty() && !c.name.is_empty(), "{c:?}");
+        }
+    }
+    let want = tool_calls_view(&whole);
+    for (how, parts) in splits(input, cut, depth) {
+        assert_eq!(want, tool_calls_view(&decode_body(&parts)), "{how}");
     }
 }
 

@@ -114,3 +114,21 @@ fn rpc_request_seeds() {
 fn command_line_seeds() {
     replay("command_line");
 }
+
+#[test]
+fn tool_calls_seeds() {
+    use gatelet::fuzzing::tool_calls_view;
+    replay("tool_calls");
+    // The hand-written seeds decode to what they were written to hold.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/tool_calls");
+    let decode = |name: &str| gatelet::agent::backend::openai::decode_body(&[&fs::read(dir.join(name)).unwrap()[1..]]);
+    let d = decode("interleaved").unwrap();
+    let calls: Vec<(&str, &str)> = d.calls.iter().map(|c| (c.name.as_str(), c.arguments.as_str())).collect();
+    assert_eq!(calls, [("get_weather", r#"{"city":"Paris"}"#), ("get_time", r#"{"tz":"CET"}"#)]);
+    assert_eq!(d.finish.map(|f| f.as_str()), Some("tool_calls"));
+    assert_eq!(tool_calls_view(&decode("crlf_split")), tool_calls_view(&Ok(d)));
+    assert!(decode("no_name").unwrap_err().contains("without a function name"));
+    assert!(decode("bad_index").unwrap_err().contains("`index`"));
+    assert!(decode("not_array").unwrap_err().contains("must be an array"));
+    assert!(decode("after_done").unwrap().done);
+}
