@@ -86,6 +86,12 @@ impl EventSink for Recorder<'_> {
     fn tick(&mut self) -> Result<(), RunError> {
         self.inner.tick()
     }
+    fn batch_begin(&mut self) {
+        self.inner.batch_begin()
+    }
+    fn batch_end(&mut self) -> Result<(), RunError> {
+        self.inner.batch_end()
+    }
 }
 
 /// The messages of a request that form its new turn: those after its last `assistant` message.

@@ -122,6 +122,18 @@ pub struct OpenAiBackendConfig {
     pub connect_timeout: Duration,
     /// Longest silence tolerated from the upstream.
     pub read_timeout: Duration,
+    /// `headers`: extra request headers, in file order.
+    pub headers: Vec<(String, String)>,
+    /// `maxIdleConnections`: keep-alive connections kept idle (0: none).
+    pub max_idle: usize,
+    /// `idleTimeoutMs`: idle connections are closed after this.
+    pub idle_timeout: Duration,
+    /// `caFile`, and the DER certificates read from it at start-up.
+    pub ca_file: Option<PathBuf>,
+    /// The certificates of `caFile` (DER), trusted instead of the bundled roots.
+    pub ca_certs: Vec<Vec<u8>>,
+    /// `fallbacks`: tried in order when this upstream fails before its first delta.
+    pub fallbacks: Vec<OpenAiBackendConfig>,
 }
 
 impl fmt::Debug for OpenAiBackendConfig {
@@ -132,6 +144,11 @@ impl fmt::Debug for OpenAiBackendConfig {
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("connect_timeout", &self.connect_timeout)
             .field("read_timeout", &self.read_timeout)
+            .field("headers", &self.headers.iter().map(|(k, _)| (k, "<redacted>")).collect::<Vec<_>>())
+            .field("max_idle", &self.max_idle)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("ca_file", &self.ca_file)
+            .field("fallbacks", &self.fallbacks)
             .finish()
     }
 }
@@ -430,7 +447,7 @@ impl Validator {
             keepalive: Duration::from_secs(self.uint(gw, "gateway", "keepaliveSeconds", 15, 0, 86400)),
         };
 
-        let (agents, default_agent, implicit_echo) = self.agents(root.get("agents"))?;
+        let (agents, default_agent, implicit_echo) = self.agents(root.get("agents"), env)?;
 
         let session = self.object(root.get("session"), "session", &["persist"]);
         let persist_sessions = self.bool(session, "session", "persist", true);
@@ -503,12 +520,13 @@ impl Validator {
         Some(AuthConfig { mode, token, password, rate_limit })
     }
 
-    fn agents(&mut self, v: Option<&Value>) -> Option<(Vec<AgentConfig>, usize, bool)> {
+    fn agents(&mut self, v: Option<&Value>, env: EnvFn<'_>) -> Option<(Vec<AgentConfig>, usize, bool)> {
         let a = self.object(v, "agents", &["defaults", "list"]);
         let d = self.object(a.get("defaults"), "agents.defaults", &["timeoutSeconds", "backend", "systemPrompt"]);
         let d_timeout = self.uint(d, "agents.defaults", "timeoutSeconds", 600, 1, 86_400 * 7);
         let d_prompt = self.string(d, "agents.defaults", "systemPrompt").unwrap_or_default();
-        let d_backend = d.get("backend").filter(|b| !b.is_null()).map(|b| self.backend(b, "agents.defaults.backend"));
+        let d_backend =
+            d.get("backend").filter(|b| !b.is_null()).map(|b| self.backend(b, "agents.defaults.backend", env));
         let mut implicit_echo = d_backend.is_none();
         let d_backend =
             d_backend.unwrap_or(Some(BackendConfig::Echo { token_delay: Duration::ZERO, max_tokens: None }));
@@ -559,7 +577,7 @@ impl Validator {
             let backend = match m.get("backend").filter(|b| !b.is_null()) {
                 Some(b) => {
                     implicit_echo = false;
-                    self.backend(b, &format!("{p}.backend"))
+                    self.backend(b, &format!("{p}.backend"), env)
                 }
                 None => d_backend.clone(),
             };
@@ -575,7 +593,7 @@ impl Validator {
         Some((agents, default_agent.unwrap_or(0), implicit_echo))
     }
 
-    fn backend(&mut self, v: &Value, p: &str) -> Option<BackendConfig> {
+    fn backend(&mut self, v: &Value, p: &str, env: EnvFn<'_>) -> Option<BackendConfig> {
         let kind = match v.get("kind") {
             Some(Value::String(k)) => k.clone(),
             _ => {
@@ -594,29 +612,7 @@ impl Validator {
                     .map(|_| self.uint(m, p, "maxTokens", 0, 0, u32::MAX as u64));
                 BackendConfig::Echo { token_delay: Duration::from_millis(delay), max_tokens: max }
             }
-            "openai" => {
-                let m = self.object(
-                    Some(v),
-                    p,
-                    &["kind", "baseUrl", "model", "apiKey", "connectTimeoutMs", "readTimeoutMs"],
-                );
-                let base_url = self.string(m, p, "baseUrl").unwrap_or_default();
-                if base_url.starts_with("https://") {
-                    self.problem(
-                        &format!("{p}.baseUrl"),
-                        "https:// upstreams need TLS, which this build does not include: use an http:// URL on loopback or a TLS-terminating proxy",
-                    );
-                } else if let Err(e) = crate::agent::backend::upstream::BaseUrl::parse(&base_url) {
-                    self.problem(&format!("{p}.baseUrl"), format!("{e}, got {base_url:?}"));
-                }
-                BackendConfig::OpenAi(OpenAiBackendConfig {
-                    base_url,
-                    model: self.string(m, p, "model"),
-                    api_key: self.string(m, p, "apiKey"),
-                    connect_timeout: Duration::from_millis(self.uint(m, p, "connectTimeoutMs", 5_000, 1, 600_000)),
-                    read_timeout: Duration::from_millis(self.uint(m, p, "readTimeoutMs", 300_000, 1, 86_400_000)),
-                })
-            }
+            "openai" => BackendConfig::OpenAi(self.openai(v, p, env, true)),
             "command" => {
                 let m = self.object(Some(v), p, &["kind", "argv", "cwd", "env"]);
                 let argv: Vec<String> = match m.get("argv") {
@@ -659,6 +655,155 @@ impl Validator {
         };
         (self.problems.len() == before).then_some(b)
     }
+
+    /// An `openai` backend at `p` (`fallbacks` allowed when `top`).
+    fn openai(&mut self, v: &Value, p: &str, env: EnvFn<'_>, top: bool) -> OpenAiBackendConfig {
+        let m = self.object(
+            Some(v),
+            p,
+            &[
+                "kind",
+                "baseUrl",
+                "model",
+                "apiKey",
+                "connectTimeoutMs",
+                "readTimeoutMs",
+                "headers",
+                "apiKeyEnv",
+                "maxIdleConnections",
+                "idleTimeoutMs",
+                "caFile",
+                "fallbacks",
+            ],
+        );
+        let base_url = self.string(m, p, "baseUrl").unwrap_or_default();
+        let url = crate::agent::backend::upstream::BaseUrl::parse(&base_url);
+        match &url {
+            Ok(u) if u.tls && !cfg!(feature = "tls") => self.problem(
+                &format!("{p}.baseUrl"),
+                "https:// upstreams need TLS, which this build does not include (built without the `tls` feature): use an http:// URL on loopback or a TLS-terminating proxy",
+            ),
+            Ok(_) => {}
+            Err(e) => self.problem(&format!("{p}.baseUrl"), format!("{e}, got {base_url:?}")),
+        }
+        let mut api_key = self.string(m, p, "apiKey");
+        if let Some(name) = self.string(m, p, "apiKeyEnv") {
+            if api_key.is_some() {
+                self.problem(&format!("{p}.apiKeyEnv"), "set either apiKey or apiKeyEnv, not both");
+            }
+            match env(&name) {
+                Some(k) => api_key = Some(k),
+                None => self.problem(
+                    &format!("{p}.apiKeyEnv"),
+                    format!("the environment variable {name} (the upstream's API key) is not set or empty"),
+                ),
+            }
+        }
+        let headers = self.upstream_headers(m, p);
+        let (ca_file, ca_certs) = match self.string(m, p, "caFile") {
+            None => (None, Vec::new()),
+            Some(f) => {
+                let certs = self.ca_file(&f, &format!("{p}.caFile"));
+                (Some(PathBuf::from(f)), certs)
+            }
+        };
+        let mut fallbacks = Vec::new();
+        match m.get("fallbacks") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(list)) if top => {
+                for (i, f) in list.iter().enumerate() {
+                    let fp = format!("{p}.fallbacks[{i}]");
+                    match f.get("kind") {
+                        Some(Value::String(k)) if k == "openai" => {}
+                        _ => {
+                            self.problem(
+                                &format!("{fp}.kind"),
+                                "a fallback is an `openai` backend: set kind: \"openai\"",
+                            );
+                            continue;
+                        }
+                    }
+                    fallbacks.push(self.openai(f, &fp, env, false));
+                }
+            }
+            Some(Value::Array(_)) => self.problem(
+                &format!("{p}.fallbacks"),
+                "fallbacks cannot have fallbacks: list them all on the first backend",
+            ),
+            Some(_) => self.problem(&format!("{p}.fallbacks"), "expected an array of backends"),
+        }
+        OpenAiBackendConfig {
+            base_url,
+            model: self.string(m, p, "model"),
+            api_key,
+            connect_timeout: Duration::from_millis(self.uint(m, p, "connectTimeoutMs", 5_000, 1, 600_000)),
+            read_timeout: Duration::from_millis(self.uint(m, p, "readTimeoutMs", 300_000, 1, 86_400_000)),
+            headers,
+            max_idle: self.uint(m, p, "maxIdleConnections", 16, 0, 4096) as usize,
+            idle_timeout: Duration::from_millis(self.uint(m, p, "idleTimeoutMs", 30_000, 1, 86_400_000)),
+            ca_file,
+            ca_certs,
+            fallbacks,
+        }
+    }
+
+    /// `headers: {name: value}`: names are HTTP tokens, values have no control characters, and
+    /// the headers that frame the request are left to the gateway.
+    fn upstream_headers(&mut self, m: &Map<String, Value>, p: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        match m.get("headers") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(h)) => {
+                for (k, val) in h {
+                    let hp = format!("{p}.headers.{k}");
+                    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+                    if k.is_empty() || !k.bytes().all(token) {
+                        self.problem(&hp, "not a valid header name");
+                        continue;
+                    }
+                    const RESERVED: &[&str] =
+                        &["host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer"];
+                    if RESERVED.iter().any(|r| k.eq_ignore_ascii_case(r)) {
+                        self.problem(&hp, "this header is set by the gateway and cannot be configured");
+                        continue;
+                    }
+                    match val.as_str() {
+                        Some(s) if s.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f)) => {
+                            out.push((k.clone(), s.trim().to_string()))
+                        }
+                        Some(_) => self.problem(&hp, "header values cannot contain control characters"),
+                        None => self.problem(&hp, "expected a string"),
+                    }
+                }
+            }
+            Some(_) => self.problem(&format!("{p}.headers"), "expected an object of header names to strings"),
+        }
+        out
+    }
+
+    /// The certificates of a `caFile`, read now so that a bad file stops start-up.
+    fn ca_file(&mut self, file: &str, path: &str) -> Vec<Vec<u8>> {
+        let pem = match std::fs::read(file) {
+            Ok(b) => b,
+            Err(e) => {
+                self.problem(path, format!("cannot read {file}: {e}"));
+                return Vec::new();
+            }
+        };
+        #[cfg(feature = "tls")]
+        match crate::agent::backend::client::parse_ca_pem(&pem) {
+            Ok(c) => c,
+            Err(e) => {
+                self.problem(path, format!("{file}: {e}"));
+                Vec::new()
+            }
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            drop(pem);
+            Vec::new()
+        }
+    }
 }
 
 /// Agent ids: `[a-z0-9][a-z0-9_-]{0,63}`.
@@ -686,7 +831,12 @@ impl Config {
                     BackendConfig::OpenAi(o) => serde_json::json!({
                         "kind": "openai", "baseUrl": o.base_url, "model": o.model, "apiKey": secret(&o.api_key),
                         "connectTimeoutMs": o.connect_timeout.as_millis() as u64,
-                        "readTimeoutMs": o.read_timeout.as_millis() as u64 }),
+                        "readTimeoutMs": o.read_timeout.as_millis() as u64,
+                        "headers": o.headers.iter().map(|(k, _)| (k.clone(), Value::from("<redacted>"))).collect::<Map<_, _>>(),
+                        "maxIdleConnections": o.max_idle, "idleTimeoutMs": o.idle_timeout.as_millis() as u64,
+                        "caFile": o.ca_file.as_ref().map(|p| p.display().to_string()),
+                        "fallbacks": o.fallbacks.iter().map(|f| serde_json::json!({
+                            "baseUrl": f.base_url, "model": f.model, "apiKey": secret(&f.api_key) })).collect::<Vec<_>>() }),
                     BackendConfig::Command(c) => serde_json::json!({
                         "kind": "command", "argv": c.argv, "cwd": c.cwd.as_ref().map(|p| p.display().to_string()),
                         "env": c.env.keys().map(|k| (k.clone(), Value::from("<redacted>"))).collect::<Map<_, _>>() }),

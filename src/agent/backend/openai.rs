@@ -1,17 +1,20 @@
 //! The `openai` backend: an upstream OpenAI-compatible server (llama.cpp `llama-server`, Ollama,
 //! vLLM, LM Studio, LiteLLM…), always called with `stream: true`.
 //!
-//! One run is one HTTP/1.1 request on a fresh connection ([`upstream`]), its SSE body decoded
+//! One run is one HTTP/1.1 request on a kept-alive connection ([`client`]), its SSE body decoded
 //! incrementally ([`crate::sse`]) and each content delta forwarded the moment its record is
-//! complete. Upstream usage and finish reasons are mapped; every failure becomes a
-//! [`RunError::Backend`] whose message starts with `upstream <baseUrl>:`. A cancel or the run's
-//! deadline drops the connection at once, which is how the upstream learns to stop generating.
+//! complete (the records of one upstream read leave together). Upstream usage and finish reasons
+//! are mapped; every failure becomes a [`RunError::Backend`] whose message starts with
+//! `upstream <baseUrl>:`. A cancel or the run's deadline drops the connection at once, which is
+//! how the upstream learns to stop generating. `fallbacks` are tried in order when an upstream
+//! fails before its first delta.
 
 use std::fmt;
 
 use serde_json::{Value, json};
 
-use super::upstream::{self, BaseUrl, BodyDecoder, Conn, Stop, UpstreamError, UrlError};
+use super::client::{Client, ClientOptions, Exchange};
+use super::upstream::{self, BaseUrl, Stop, UpstreamError};
 use crate::agent::{Backend, EventSink, FinishReason, Role, RunControl, RunError, RunInput, Usage};
 use crate::config::OpenAiBackendConfig;
 use crate::sse::{Event, SseDecoder, SseError};
@@ -99,22 +102,115 @@ impl From<RunError> for Fail {
     }
 }
 
-/// Upstream OpenAI-compatible server.
+/// Upstream OpenAI-compatible server, with its fallbacks.
 #[derive(Debug)]
 pub struct OpenAi {
+    /// The upstream first, then its fallbacks in order.
+    targets: Vec<Target>,
+}
+
+/// One upstream: its settings, its client (connection pool) and its fixed request headers.
+#[derive(Debug)]
+struct Target {
     cfg: OpenAiBackendConfig,
-    url: Result<BaseUrl, UrlError>,
+    client: Result<Client, String>,
+    headers: Vec<(String, String)>,
+}
+
+impl Target {
+    fn new(cfg: OpenAiBackendConfig) -> Target {
+        let opts = ClientOptions {
+            connect_timeout: cfg.connect_timeout,
+            read_timeout: cfg.read_timeout,
+            max_idle: cfg.max_idle,
+            idle_timeout: cfg.idle_timeout,
+            ca_certs: cfg.ca_certs.clone(),
+        };
+        let client = BaseUrl::parse(&cfg.base_url).map_err(|e| e.to_string()).and_then(|u| Client::new(u, opts));
+        let mut headers: Vec<(String, String)> = vec![
+            ("Content-Type".into(), "application/json".into()),
+            ("Accept".into(), "text/event-stream".into()),
+            ("User-Agent".into(), concat!("gatelet/", env!("CARGO_PKG_VERSION")).into()),
+        ];
+        // Configured headers win over the defaults, `Authorization` included.
+        headers.retain(|(k, _)| !cfg.headers.iter().any(|(c, _)| c.eq_ignore_ascii_case(k)));
+        if let Some(k) = &cfg.api_key
+            && !cfg.headers.iter().any(|(c, _)| c.eq_ignore_ascii_case("authorization"))
+        {
+            headers.push(("Authorization".into(), format!("Bearer {k}")));
+        }
+        headers.extend(cfg.headers.iter().cloned());
+        Target { cfg, client, headers }
+    }
+
+    fn label(&self, e: impl fmt::Display) -> String {
+        format!("upstream {}: {e}", self.cfg.base_url)
+    }
 }
 
 impl OpenAi {
-    /// A backend for `cfg` (its `baseUrl` was checked when the config was loaded).
+    /// A backend for `cfg` and its fallbacks (their `baseUrl`s were checked when the config was
+    /// loaded).
     pub fn new(cfg: OpenAiBackendConfig) -> Self {
-        let url = BaseUrl::parse(&cfg.base_url);
-        OpenAi { cfg, url }
+        let mut targets = vec![];
+        let fallbacks = cfg.fallbacks.clone();
+        targets.push(Target::new(OpenAiBackendConfig { fallbacks: Vec::new(), ..cfg }));
+        targets.extend(fallbacks.into_iter().map(Target::new));
+        OpenAi { targets }
     }
 
-    fn fail(&self, e: impl fmt::Display) -> RunError {
-        RunError::Backend(format!("upstream {}: {e}", self.cfg.base_url))
+    /// Idle pooled connections of the first upstream (for tests and diagnostics).
+    pub fn idle_connections(&self) -> usize {
+        self.targets[0].client.as_ref().map_or(0, Client::idle_count)
+    }
+}
+
+/// Whether a failure before the first delta moves the run to the next upstream: the upstream was
+/// unreachable, too slow or overloaded (5xx, 429). A request the upstream refuses as such (other
+/// 4xx) or a malformed answer would fail the same way elsewhere.
+fn falls_back(e: &OpenAiError) -> bool {
+    match e {
+        OpenAiError::Upstream(u) => matches!(
+            u,
+            UpstreamError::Resolve(_)
+                | UpstreamError::Connect(_)
+                | UpstreamError::ConnectTimeout(_)
+                | UpstreamError::Write(_)
+                | UpstreamError::Read(_)
+                | UpstreamError::ReadTimeout(_)
+                | UpstreamError::ClosedBeforeHead
+                | UpstreamError::Tls(_)
+        ),
+        OpenAiError::Status { code, .. } => *code >= 500 || *code == 429,
+        _ => false,
+    }
+}
+
+/// Forwards events, noting whether a delta went out (after which nothing falls back).
+struct Watch<'a> {
+    inner: &'a mut dyn EventSink,
+    delta: bool,
+}
+
+impl EventSink for Watch<'_> {
+    fn delta(&mut self, text: &str) -> Result<(), RunError> {
+        self.delta = true;
+        self.inner.delta(text)
+    }
+    fn usage(&mut self, usage: Usage) {
+        self.inner.usage(usage)
+    }
+    fn finish(&mut self, reason: FinishReason) {
+        self.inner.finish(reason)
+    }
+    fn tick(&mut self) -> Result<(), RunError> {
+        self.inner.tick()
+    }
+    fn batch_begin(&mut self) {
+        self.inner.batch_begin()
+    }
+    fn batch_end(&mut self) -> Result<(), RunError> {
+        self.inner.batch_end()
     }
 }
 
@@ -280,120 +376,103 @@ fn apply(chunk: Chunk, p: &mut Progress, out: &mut dyn EventSink) -> Result<(), 
     Ok(())
 }
 
-impl OpenAi {
-    fn exchange(&self, url: &BaseUrl, input: &RunInput, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), Fail> {
+impl Target {
+    fn exchange(&self, input: &RunInput, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), Fail> {
+        let client = match &self.client {
+            Ok(c) => c,
+            Err(e) => return Err(Fail::Run(RunError::Backend(self.label(e)))),
+        };
         let model = self.cfg.model.as_deref().unwrap_or(&input.agent_id);
         let body = serde_json::to_vec(&request_body(model, input)).unwrap_or_default();
-        let auth = self.cfg.api_key.as_ref().map(|k| format!("Bearer {k}"));
-        let mut headers = vec![
-            ("Content-Type", "application/json"),
-            ("Accept", "text/event-stream"),
-            ("User-Agent", concat!("gatelet/", env!("CARGO_PKG_VERSION"))),
-        ];
-        if let Some(a) = &auth {
-            headers.push(("Authorization", a));
-        }
         let mut req = Vec::with_capacity(body.len() + 512);
-        upstream::encode_request(&mut req, url, "/chat/completions", &headers, &body);
+        let headers = self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        upstream::encode_request(&mut req, client.url(), "/chat/completions", headers, &body);
         drop(body);
 
-        let mut conn = upstream::connect(url, self.cfg.connect_timeout, self.cfg.read_timeout, ctl, out)?;
-        conn.send(&req, ctl, out)?;
+        let mut ex = client.send(&req, ctl, out)?;
         drop(req);
-
-        let mut buf = Vec::with_capacity(16 * 1024);
-        let head = loop {
-            if let Some((head, n)) = upstream::parse_head(&buf)? {
-                buf.drain(..n);
-                break head;
-            }
-            if conn.recv(&mut buf, ctl, out)? == 0 {
-                return Err(UpstreamError::ClosedBeforeHead.into());
-            }
-        };
-        let mut body = BodyDecoder::new(head.framing);
-        if !(200..300).contains(&head.status) {
-            let text = read_capped(&mut conn, &mut body, buf, MAX_ERROR_BODY, ctl, out);
+        if !(200..300).contains(&ex.head.status) {
+            let text = read_capped(&mut ex, MAX_ERROR_BODY, ctl, out);
             let message = match serde_json::from_slice::<Value>(&text) {
                 Ok(v) => error_message(&v),
                 Err(_) => snippet(&String::from_utf8_lossy(&text)),
             };
-            return Err(OpenAiError::Status { code: head.status, message }.into());
+            let code = ex.head.status;
+            client.release(ex);
+            return Err(OpenAiError::Status { code, message }.into());
         }
-        if head.content_type.as_deref().is_some_and(|t| t == "application/json" || t.ends_with("+json")) {
-            let text = read_capped(&mut conn, &mut body, buf, MAX_JSON_BODY, ctl, out);
-            let chunk = parse_completion(&text)?;
-            return Ok(apply(chunk, &mut Progress::default(), out)?);
+        if ex.head.content_type.as_deref().is_some_and(|t| t == "application/json" || t.ends_with("+json")) {
+            let text = read_capped(&mut ex, MAX_JSON_BODY, ctl, out);
+            let complete = ex.is_done();
+            client.release(ex);
+            let chunk = parse_completion(&text);
+            if chunk.is_err() && !complete {
+                return Err(UpstreamError::ClosedMidBody.into());
+            }
+            return Ok(apply(chunk?, &mut Progress::default(), out)?);
         }
-        self.stream(conn, body, buf, ctl, out)
-    }
-
-    fn stream(
-        &self,
-        mut conn: Conn,
-        mut body: BodyDecoder,
-        mut buf: Vec<u8>,
-        ctl: &RunControl,
-        out: &mut dyn EventSink,
-    ) -> Result<(), Fail> {
-        let mut dec = SseDecoder::default();
-        let mut plain = Vec::with_capacity(16 * 1024);
-        let mut events = Vec::new();
-        let mut p = Progress::default();
-        let eof = loop {
-            plain.clear();
-            let used = body.decode(&buf, &mut plain)?;
-            buf.drain(..used);
-            dec.feed(&plain, &mut events)?;
-            for ev in events.drain(..) {
-                apply(parse_event(&ev)?, &mut p, out)?;
-                if p.done {
-                    // Nothing after `[DONE]` matters; close at once rather than wait for the end.
-                    conn.close();
-                    return Ok(());
-                }
-            }
-            if body.is_done() {
-                break Ok(());
-            }
-            if conn.recv(&mut buf, ctl, out)? == 0 {
-                break body.eof();
-            }
-        };
-        // An unterminated last record counts only when the body itself ended cleanly.
-        if eof.is_ok() {
-            dec.finish(&mut events)?;
-            for ev in events.drain(..) {
-                apply(parse_event(&ev)?, &mut p, out)?;
-            }
-        }
-        // A finish reason means the reply is whole even when `[DONE]` never came.
-        if p.done || p.finished {
-            return Ok(());
-        }
-        eof?;
-        Err(OpenAiError::EndedEarly.into())
+        stream(client, ex, ctl, out)
     }
 }
 
-/// Read the rest of a body, at most `cap` bytes (best effort: a read error ends it).
-fn read_capped(
-    conn: &mut Conn,
-    body: &mut BodyDecoder,
-    mut buf: Vec<u8>,
-    cap: usize,
-    ctl: &RunControl,
-    out: &mut dyn EventSink,
-) -> Vec<u8> {
-    let mut text = Vec::new();
-    while let Ok(used) = body.decode(&buf, &mut text) {
-        buf.drain(..used);
-        if body.is_done() || text.len() >= cap {
-            break;
+fn stream(client: &Client, mut ex: Exchange, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), Fail> {
+    let mut dec = SseDecoder::default();
+    let mut plain = Vec::with_capacity(16 * 1024);
+    let mut events = Vec::new();
+    let mut p = Progress::default();
+    let eof = loop {
+        plain.clear();
+        let more = match ex.read_body(&mut plain, ctl, out) {
+            Ok(more) => more,
+            Err(Stop::Upstream(e @ UpstreamError::ClosedMidBody)) => break Err(e),
+            Err(e) => return Err(e.into()),
+        };
+        dec.feed(&plain, &mut events)?;
+        // The records of one read leave together, and at once: nothing waits for the next read.
+        out.batch_begin();
+        let mut applied = Ok(());
+        for ev in events.drain(..) {
+            applied = parse_event(&ev).map_err(Fail::from).and_then(|c| apply(c, &mut p, out).map_err(Fail::from));
+            if applied.is_err() || p.done {
+                break;
+            }
         }
-        match conn.recv(&mut buf, ctl, out) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+        out.batch_end()?;
+        applied?;
+        if p.done {
+            // Nothing after `[DONE]` matters: keep the connection when the body ends right
+            // after it, else close it rather than wait.
+            if ex.finish_quietly(MAX_ERROR_BODY, ctl, out) {
+                client.release(ex);
+            }
+            return Ok(());
+        }
+        if !more {
+            break Ok(());
+        }
+    };
+    // An unterminated last record counts only when the body itself ended cleanly.
+    if eof.is_ok() {
+        dec.finish(&mut events)?;
+        for ev in events.drain(..) {
+            apply(parse_event(&ev)?, &mut p, out)?;
+        }
+        client.release(ex);
+    }
+    // A finish reason means the reply is whole even when `[DONE]` never came.
+    if p.done || p.finished {
+        return Ok(());
+    }
+    eof?;
+    Err(OpenAiError::EndedEarly.into())
+}
+
+/// Read the rest of a body, at most `cap` bytes (best effort: a read error ends it).
+fn read_capped(ex: &mut Exchange, cap: usize, ctl: &RunControl, out: &mut dyn EventSink) -> Vec<u8> {
+    let mut text = Vec::new();
+    while let Ok(true) = ex.read_body(&mut text, ctl, out) {
+        if text.len() >= cap {
+            break;
         }
     }
     text.truncate(cap);
@@ -402,12 +481,23 @@ fn read_capped(
 
 impl Backend for OpenAi {
     fn run(&self, input: &RunInput, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), RunError> {
-        let url = self.url.as_ref().map_err(|e| self.fail(e))?;
-        match self.exchange(url, input, ctl, out) {
-            Ok(()) => Ok(()),
-            Err(Fail::Run(e)) => Err(e),
-            Err(Fail::Api(e)) => Err(self.fail(e)),
+        let mut tried: Vec<String> = Vec::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            let mut watch = Watch { inner: out, delta: false };
+            let e = match t.exchange(input, ctl, &mut watch) {
+                Ok(()) => return Ok(()),
+                Err(Fail::Run(e)) => return Err(e),
+                Err(Fail::Api(e)) => e,
+            };
+            let last = i + 1 == self.targets.len();
+            let go_on = !last && !watch.delta && falls_back(&e);
+            tried.push(t.label(&e));
+            if !go_on {
+                break;
+            }
+            crate::log!(Warn, "{}; trying the next fallback", t.label(&e));
         }
+        Err(RunError::Backend(tried.join("; then ")))
     }
 }
 
