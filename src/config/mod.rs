@@ -927,9 +927,15 @@ mod tests {
         assert!(e.to_string().contains("agents.list[0].id"), "{e}");
         let e = parse_str("{gateway:{auth:{token:'x'}}, agents: {list: [{id: 'a'}, {id: 'a'}]}}").unwrap_err();
         assert!(e.to_string().contains("duplicate"), "{e}");
-        let e = parse_str("{gateway:{auth:{token:'x'}}, agents: {list: [{id: 'a', backend: {kind: 'openai', baseUrl: 'https://x'}}]}}")
-            .unwrap_err();
-        assert!(e.to_string().contains("TLS"), "{e}");
+        let https = parse_str(
+            "{gateway:{auth:{token:'x'}}, agents: {list: [{id: 'a', backend: {kind: 'openai', baseUrl: 'https://x'}}]}}",
+        );
+        if cfg!(feature = "tls") {
+            assert!(https.is_ok(), "{https:?}");
+        } else {
+            let e = https.unwrap_err().to_string();
+            assert!(e.contains("agents.list[0].backend.baseUrl") && e.contains("`tls` feature"), "{e}");
+        }
         let e = parse_str("{gateway:{auth:{token:'x'}}, agents: {list: [{id: 'a', backend: {kind: 'openai', baseUrl: 'http://u:p@h/v1'}}]}}")
             .unwrap_err();
         assert!(e.to_string().contains("agents.list[0].backend.baseUrl") && e.to_string().contains("apiKey"), "{e}");
@@ -972,5 +978,73 @@ mod tests {
         assert_eq!(c.agents[1].timeout, Duration::from_secs(9));
         assert!(matches!(c.agents[1].backend, BackendConfig::Command(_)));
         assert!(!c.implicit_echo);
+    }
+
+    fn upstream(backend: &str, env: EnvFn<'_>) -> Result<OpenAiBackendConfig, ConfigError> {
+        let text = format!(
+            "{{gateway: {{auth: {{token: 'x'}}}},\nagents: {{list: [{{id: 'a', backend: {{kind: 'openai',\n{backend}}}}}]}}}}"
+        );
+        let c = parse(&text, Some("cfg.json5".into()), "/tmp/st".into(), &Overrides::default(), env)?;
+        match &c.agents[0].backend {
+            BackendConfig::OpenAi(o) => Ok(o.clone()),
+            b => panic!("{b:?}"),
+        }
+    }
+
+    #[test]
+    fn upstream_pool_headers_key_from_env_and_fallbacks() {
+        let env = |k: &str| (k == "UP_KEY").then(|| "sk-env".to_string());
+        let o = upstream(
+            "baseUrl: 'http://h/v1', apiKeyEnv: 'UP_KEY', headers: {'HTTP-Referer': 'https://me', 'X-Title': 'gl'},
+             maxIdleConnections: 4, idleTimeoutMs: 1000,
+             fallbacks: [{kind: 'openai', baseUrl: 'http://f/v1', model: 'm2'}]",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(o.api_key.as_deref(), Some("sk-env"));
+        assert_eq!(o.headers, vec![("HTTP-Referer".into(), "https://me".into()), ("X-Title".into(), "gl".into())]);
+        assert_eq!((o.max_idle, o.idle_timeout), (4, Duration::from_millis(1000)));
+        assert_eq!(o.fallbacks.len(), 1);
+        assert_eq!((o.fallbacks[0].base_url.as_str(), o.fallbacks[0].model.as_deref()), ("http://f/v1", Some("m2")));
+        assert_eq!(o.fallbacks[0].max_idle, 16);
+        let d = upstream("baseUrl: 'http://h/v1'", &env_none).unwrap();
+        assert_eq!((d.max_idle, d.idle_timeout, d.fallbacks.len()), (16, Duration::from_secs(30), 0));
+        // Secrets stay out of `config check`.
+        let c = parse_str(
+            "{gateway:{auth:{token:'x'}}, agents: {list: [{id: 'a', backend: {kind: 'openai', baseUrl: 'http://h',
+              headers: {'X-Key': 'secret'}, fallbacks: [{kind: 'openai', baseUrl: 'http://f', apiKey: 'sk-f'}]}}]}}",
+        )
+        .unwrap();
+        let shown = c.redacted_json().to_string();
+        assert!(!shown.contains("secret") && !shown.contains("sk-f"), "{shown}");
+    }
+
+    #[test]
+    fn upstream_config_errors_name_file_line_col_and_path() {
+        let e = upstream("baseUrl: 'http://h/v1', apiKeyEnv: 'NOPE_KEY'", &env_none).unwrap_err().to_string();
+        assert!(e.starts_with("cfg.json5:3:25: `agents.list[0].backend.apiKeyEnv`") && e.contains("NOPE_KEY"), "{e}");
+        let e = upstream("baseUrl: 'http://h', headers: {Host: 'x'}", &env_none).unwrap_err().to_string();
+        assert!(e.contains("cfg.json5:3:") && e.contains("`agents.list[0].backend.headers.Host`"), "{e}");
+        let e = upstream("baseUrl: 'http://h', headers: {'X-A': 'a\\u0001b'}", &env_none).unwrap_err().to_string();
+        assert!(e.contains("`agents.list[0].backend.headers.X-A`") && e.contains("control"), "{e}");
+        let e = upstream("baseUrl: 'http://h', headers: {'Bad Name': 'a'}", &env_none).unwrap_err().to_string();
+        assert!(e.contains("not a valid header name"), "{e}");
+        let e = upstream("baseUrl: 'http://h', fallbacks: [{kind: 'echo'}]", &env_none).unwrap_err().to_string();
+        assert!(e.contains("`agents.list[0].backend.fallbacks[0].kind`"), "{e}");
+        let e = upstream("baseUrl: 'http://h', fallbacks: [{kind: 'openai', baseUrl: 'ftp://f'}]", &env_none)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`agents.list[0].backend.fallbacks[0].baseUrl`"), "{e}");
+        let e = upstream(
+            "baseUrl: 'http://h', fallbacks: [{kind: 'openai', baseUrl: 'http://f', fallbacks: []}]",
+            &env_none,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`agents.list[0].backend.fallbacks[0].fallbacks`"), "{e}");
+        let e = upstream("baseUrl: 'http://h', apiKey: 'k', apiKeyEnv: 'K'", &|_| Some("v".into())).unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
+        let e = upstream("baseUrl: 'http://h', maxIdleConnections: -1", &env_none).unwrap_err();
+        assert!(e.to_string().contains("maxIdleConnections"), "{e}");
     }
 }

@@ -514,6 +514,14 @@ impl Conn {
         }
     }
 
+    fn sock_mut(&mut self) -> &mut TcpStream {
+        match &mut self.stream {
+            Stream::Plain(s) => s,
+            #[cfg(feature = "tls")]
+            Stream::Tls(t) => &mut t.sock,
+        }
+    }
+
     /// An idle connection with nothing to read is alive; one the upstream closed (or that holds
     /// unexpected bytes) is not.
     fn looks_alive(&self) -> bool {
@@ -544,8 +552,7 @@ impl Conn {
             Stream::Tls(_) => return self.send_tls(buf, ctl, out),
         }
         while !buf.is_empty() {
-            let Stream::Plain(sock) = &mut self.stream else { unreachable!() };
-            match sock.write(buf) {
+            match self.sock_mut().write(buf) {
                 Ok(0) => return Err(UpstreamError::Write(io::ErrorKind::WriteZero.into()).into()),
                 Ok(n) => {
                     buf = &buf[n..];
@@ -570,8 +577,7 @@ impl Conn {
         let start = buf.len();
         buf.resize(start + READ_SIZE, 0);
         loop {
-            let Stream::Plain(sock) = &mut self.stream else { unreachable!() };
-            match sock.read(&mut buf[start..]) {
+            match self.sock_mut().read(&mut buf[start..]) {
                 Ok(n) => {
                     buf.truncate(start + n);
                     self.last_byte = Instant::now();

@@ -432,7 +432,7 @@ mod tests {
     fn request_bytes() {
         let u = BaseUrl::parse("http://h:1/v1").unwrap();
         let mut out = Vec::new();
-        encode_request(&mut out, &u, "/chat/completions", &[("Accept", "text/event-stream")], b"{}");
+        encode_request(&mut out, &u, "/chat/completions", [("Accept", "text/event-stream")], b"{}");
         assert_eq!(
             out,
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: h:1\r\nAccept: text/event-stream\r\n\
