@@ -9,6 +9,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use gatelet::agent::backend::upstream::{BodyDecoder, Framing, parse_head};
 use gatelet::http::chunked::{ChunkError, ChunkedDecoder};
 use gatelet::sse::{Event, SseDecoder, SseError};
 use gatelet::ws::frame::{Decoder, Message, ProtocolError};
@@ -235,4 +236,53 @@ fn check_ws(data: &[u8]) {
 #[test]
 fn ws_frame_seeds() {
     replay("ws_frame", check_ws);
+}
+
+// ---- upstream_response ----
+
+type UpstreamOutcome = Result<(Vec<u8>, usize, bool), String>;
+
+fn upstream_run(framing: Framing, parts: &[&[u8]]) -> UpstreamOutcome {
+    let mut d = BodyDecoder::new(framing);
+    let mut out = Vec::new();
+    let mut used = 0;
+    for p in parts {
+        let n = d.decode(p, &mut out).map_err(|e| e.to_string())?;
+        assert!(n <= p.len());
+        used += n;
+        if n < p.len() {
+            assert!(d.is_done(), "bytes left unconsumed before the end of the body");
+            break;
+        }
+    }
+    Ok((out, used, d.is_done()))
+}
+
+/// As `fuzz/fuzz_targets/upstream_response.rs`, plus every split point and byte-by-byte.
+fn check_upstream_response(data: &[u8]) {
+    let Some((&sel, input)) = data.split_first() else { return };
+    let Ok(Some((head, n))) = parse_head(input) else { return };
+    assert!(n <= input.len());
+    let body = &input[n..];
+    let cut = sel as usize % (body.len() + 1);
+    let whole = upstream_run(head.framing, &[body]);
+    for (how, parts) in splits(body, cut) {
+        assert_eq!(upstream_run(head.framing, &parts), whole, "{how}");
+    }
+    if let (Framing::Length(k), Ok((out, _, done))) = (head.framing, &whole) {
+        assert!(out.len() as u64 <= k);
+        assert_eq!(*done, out.len() as u64 == k);
+    }
+}
+
+#[test]
+fn upstream_response_seeds() {
+    replay("upstream_response", check_upstream_response);
+    // The seeds reach a complete body through each framing.
+    let framings: Vec<Framing> = seeds("upstream_response")
+        .iter()
+        .filter_map(|(_, d)| parse_head(&d[1..]).ok().flatten().map(|(h, _)| h.framing))
+        .collect();
+    assert!(framings.contains(&Framing::Chunked) && framings.contains(&Framing::Close));
+    assert!(framings.iter().any(|f| matches!(f, Framing::Length(n) if *n > 0)));
 }
