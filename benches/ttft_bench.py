@@ -44,7 +44,6 @@ class Upstream(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("Connection", "close")
         self.end_headers()
         base = {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": "m"}
 
@@ -59,7 +58,6 @@ class Upstream(BaseHTTPRequestHandler):
         self.chunk(b"data: [DONE]\n\n")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
-        self.close_connection = True
 
 
 def free_port():
@@ -190,7 +188,8 @@ def main():
     ms = lambda x: f"{x * 1000:.3f} ms"
     md, mg = statistics.median(d), statistics.median(g)
     pd, pg = pct(d, 99), pct(g, 99)
-    print(f"ttft_bench: N={a.n} per side, interleaved, new TCP connection per request, loopback")
+    print(f"ttft_bench: N={a.n} per side, interleaved, loopback; the client opens a new TCP connection per")
+    print("request on both sides; the upstream keeps connections alive, so gatelet reuses its pooled one")
     print(f"machine: {platform.platform()}, {os.cpu_count()} cpus, python {platform.python_version()}")
     print(f"binary: {a.bin}")
     print(f"{'':16}{'median':>14}{'p99':>14}")
