@@ -309,3 +309,24 @@ fn a_failure_after_the_first_delta_does_not_move_on() {
     assert!(msg.starts_with(&format!("upstream {}:", primary.base_url())) && !msg.contains("then"), "{msg}");
     assert!(fallback.requests().is_empty(), "nothing falls back after the first delta");
 }
+
+#[test]
+fn a_body_that_does_not_end_after_done_is_not_waited_for() {
+    // `[DONE]` arrives, the chunked body never ends: the reply is complete, the run must not sit
+    // out the read timeout, and the connection cannot be reused.
+    let up = Upstream::keep_alive(|_| {
+        vec![
+            up::sse_head(),
+            up::chunk(up::content("done").as_bytes()),
+            up::chunk(up::DONE.as_bytes()),
+            Step::Sleep(Duration::from_secs(30)),
+        ]
+    });
+    let gw = gateway(&up.base_url(), "readTimeoutMs: 60000,");
+    let t = std::time::Instant::now();
+    assert_eq!(ask(&gw), (200, "done".into()));
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert!(up.wait_hangup(Duration::from_secs(10)).is_some(), "the unfinished connection was closed");
+    assert_eq!(ask(&gw), (200, "done".into()));
+    assert_eq!(up.connections(), 2);
+}

@@ -144,6 +144,12 @@ impl Exchange {
     /// be reused: at most `max_bytes` more and one wait of at most [`TICK`]. False when it did not
     /// end in that budget (the connection is then closed by the caller dropping it).
     pub fn finish_quietly(&mut self, max_bytes: usize, ctl: &RunControl, out: &mut dyn EventSink) -> bool {
+        if self.body.is_done() {
+            return true;
+        }
+        // One silent step is all the wait allowed: the reply is complete already.
+        let idle = std::mem::replace(&mut self.conn.idle, TICK);
+        self.conn.last_byte = Instant::now();
         let start = Instant::now();
         let mut sink = Vec::new();
         while !self.body.is_done() {
@@ -151,11 +157,13 @@ impl Exchange {
                 return false;
             }
             match self.read_body(&mut sink, ctl, out) {
-                Ok(_) => {}
+                Ok(true) => {}
+                Ok(false) => break,
                 Err(_) => return false,
             }
         }
-        true
+        self.conn.idle = idle;
+        self.body.is_done()
     }
 }
 
