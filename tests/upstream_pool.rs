@@ -330,3 +330,60 @@ fn a_body_that_does_not_end_after_done_is_not_waited_for() {
     assert_eq!(ask(&gw), (200, "done".into()));
     assert_eq!(up.connections(), 2);
 }
+
+// ---- the proxied hot path ----
+
+/// The data payloads in each HTTP chunk of a raw chunked SSE response.
+fn records_per_chunk(raw: &[u8]) -> Vec<Vec<String>> {
+    let body_at = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
+    let mut rest = &raw[body_at..];
+    let mut out = Vec::new();
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        let data = String::from_utf8(rest[line_end + 2..line_end + 2 + size].to_vec()).unwrap();
+        out.push(data.lines().filter_map(|l| l.strip_prefix("data: ")).map(String::from).collect());
+        rest = &rest[line_end + 2 + size + 2..];
+    }
+}
+
+#[test]
+fn records_from_one_upstream_read_leave_in_one_chunk() {
+    // Five deltas in one upstream write, then a pause, then one more: the five go out together,
+    // at once, and the last one on its own.
+    let gate = Gate::new();
+    let g = gate.clone();
+    let up = Upstream::keep_alive(move |_| {
+        let five: String = (0..5).map(|i| up::content(&format!("w{i} "))).collect();
+        vec![
+            up::sse_head(),
+            up::chunk(five.as_bytes()),
+            Step::Wait(g.clone()),
+            up::chunk(up::content("last").as_bytes()),
+            up::chunk((up::finish("stop") + up::DONE).as_bytes()),
+            up::end_chunks(),
+        ]
+    });
+    let gw = gateway(&up.base_url(), "");
+    let mut s = gw.connect();
+    std::io::Write::write_all(&mut s, &chat_request(STREAM_BODY)).unwrap();
+    // All five arrive while the upstream is still holding the rest back.
+    let early = util::read_to_close_or(&mut s, b"w4 ", Duration::from_secs(10));
+    assert!(String::from_utf8_lossy(&early).contains("w4 "), "{}", String::from_utf8_lossy(&early));
+    gate.open();
+    let mut raw = early;
+    raw.extend(util::read_to_close_or(&mut s, b"\r\n0\r\n\r\n", Duration::from_secs(10)));
+    let chunks = records_per_chunk(&raw);
+    let content = |d: &String| -> Option<String> {
+        let v: Value = serde_json::from_str(d).ok()?;
+        v["choices"][0]["delta"]["content"].as_str().map(String::from)
+    };
+    let with_five = chunks.iter().find(|c| c.iter().any(|d| content(d).as_deref() == Some("w0 "))).unwrap();
+    let texts: Vec<String> = with_five.iter().filter_map(content).collect();
+    assert!(texts.ends_with(&["w0 ", "w1 ", "w2 ", "w3 ", "w4 "].map(String::from)), "{chunks:?}");
+    let with_last = chunks.iter().find(|c| c.iter().any(|d| content(d).as_deref() == Some("last"))).unwrap();
+    assert!(!with_last.iter().any(|d| content(d).as_deref() == Some("w4 ")), "{chunks:?}");
+}
