@@ -78,6 +78,10 @@ struct TlsUpstream {
 
 impl TlsUpstream {
     fn start(cert: &Path, key: &Path) -> TlsUpstream {
+        Self::spawn(cert, key, false)
+    }
+
+    fn spawn(cert: &Path, key: &Path, silent: bool) -> TlsUpstream {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let certs: Vec<CertificateDer<'static>> =
@@ -101,14 +105,14 @@ impl TlsUpstream {
                 let Ok(s) = s else { return };
                 c.fetch_add(1, Ordering::SeqCst);
                 let (cfg, r) = (cfg.clone(), r.clone());
-                std::thread::spawn(move || serve(s, cfg, &r));
+                std::thread::spawn(move || serve(s, cfg, &r, silent));
             }
         });
         TlsUpstream { port, connections, requests }
     }
 }
 
-fn serve(s: TcpStream, cfg: Arc<rustls::ServerConfig>, requests: &AtomicUsize) {
+fn serve(s: TcpStream, cfg: Arc<rustls::ServerConfig>, requests: &AtomicUsize, silent: bool) {
     s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
     let conn = rustls::ServerConnection::new(cfg).unwrap();
     let mut tls = rustls::StreamOwned::new(conn, s);
@@ -138,6 +142,11 @@ fn serve(s: TcpStream, cfg: Arc<rustls::ServerConfig>, requests: &AtomicUsize) {
         }
         buf.drain(..head_end + len);
         requests.fetch_add(1, Ordering::SeqCst);
+        if silent {
+            // Hold the connection until the client closes it.
+            let _ = tls.read(&mut tmp);
+            return;
+        }
         let mut out =
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
         for rec in [up::content("secure"), up::content(" hello"), up::finish("stop"), up::DONE.into()] {
@@ -225,5 +234,46 @@ fn a_ca_file_that_is_not_pem_is_a_config_error() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("cannot read") && e.contains("missing.pem"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn deadlines_and_the_connect_budget_hold_through_tls() {
+    let dir = util::temp_dir("tls-slow");
+    let (ca, cert, key) = make_certs(&dir);
+    let ca_file = format!("caFile: '{}',", ca.display());
+
+    // A server that accepts TCP but never says a TLS word: the handshake is in the connect budget.
+    let mute = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_port = mute.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let held: Vec<_> = mute.incoming().take(4).collect();
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        drop(held);
+    });
+    let gw = gateway(&format!("https://localhost:{mute_port}/v1"), &format!("{ca_file} connectTimeoutMs: 700,"));
+    let t = std::time::Instant::now();
+    let (status, v) = ask(&gw);
+    assert_eq!(status, 502, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("no connection within 700 ms"), "{v}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(15), "{:?}", t.elapsed());
+    drop(gw);
+
+    // A TLS upstream that takes the request and never answers: the run's deadline ends it.
+    let up = TlsUpstream::spawn(&cert, &key, true);
+    let gw = Gateway::with_config(&config(
+        "",
+        &format!(
+            "agents: {{ list: [{{ id: 'up', default: true, timeoutSeconds: 1, backend: {{ kind: 'openai', \
+             baseUrl: 'https://localhost:{}/v1', {ca_file} }} }}] }}",
+            up.port
+        ),
+    ));
+    let t = std::time::Instant::now();
+    let (status, v) = ask(&gw);
+    assert_eq!(status, 504, "{v}");
+    assert_eq!(v["error"]["code"], "agent_timeout");
+    assert!(t.elapsed() < std::time::Duration::from_secs(15), "{:?}", t.elapsed());
+    assert_eq!(up.requests.load(Ordering::SeqCst), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
