@@ -542,6 +542,19 @@ impl Conn {
         back && matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
+    /// Acknowledge what arrived at once rather than after the delayed-ACK timer. An upstream
+    /// that writes small pieces with Nagle on (no `TCP_NODELAY`: Python's http.server, cpp-httplib
+    /// as in llama.cpp by default) holds each piece until the previous one is acknowledged; on a
+    /// kept-alive connection (out of the kernel's initial quick-ACK phase) every such wait would
+    /// cost up to 40 ms. The kernel clears the flag as it goes, so it is set again after each read.
+    fn ack_now(&self) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::linux::net::TcpStreamExt;
+            let _ = self.sock().set_quickack(true);
+        }
+    }
+
     /// A step of waiting: fail on cancel, deadline or too long a silence; tick the sink.
     fn waited(&self, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), Stop> {
         ctl.check()?;
@@ -589,6 +602,7 @@ impl Conn {
                 Ok(n) => {
                     buf.truncate(start + n);
                     self.last_byte = Instant::now();
+                    self.ack_now();
                     // A check per read too, so a flood of data cannot outrun a cancel.
                     ctl.check()?;
                     return Ok(n);
@@ -648,6 +662,7 @@ impl Conn {
             Ok(0) => Ok(false),
             Ok(_) => {
                 self.last_byte = Instant::now();
+                self.ack_now();
                 if let Err(e) = self.tls().tls.process_new_packets() {
                     // Tell the upstream why (best effort), then fail.
                     let t = self.tls();
