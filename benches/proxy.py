@@ -9,8 +9,8 @@ keep-alive pool. For each cell `wrk -t1` drives the upstream directly and then g
 alternating between cells), in the same run, and the table shows both and gatelet/direct.
 
 Cells: non-streaming at 1, 8 and 32 connections (the client asks gatelet without `stream`; gatelet
-asks the upstream with `stream: true` and gets the JSON completion), and the 64-delta stream at 8
-connections (streams/s: the client asks with `stream: true`). Servers are pinned to CPU 0 and wrk
+asks the upstream with `stream: true` and gets the JSON completion), and the 64-delta stream at 1
+and 8 connections (streams/s: the client asks with `stream: true`). Servers are pinned to CPU 0 and wrk
 to CPU 1 when there are 2 CPUs. Stdlib only; loopback only; every child is killed at exit.
 
     cargo build --release && python3 benches/proxy.py [--duration 8] [--bin target/release/gatelet]
@@ -134,6 +134,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--no-pin", action="store_true")
+    ap.add_argument("--only", default="", help="run only the cells whose name contains this (e.g. delta)")
     ap.add_argument("--command", default="python3 benches/proxy.py")
     a = ap.parse_args()
     for tool in ("wrk", "nginx"):
@@ -204,8 +205,10 @@ http {{
         ("non-streaming, 1 conn", 1, (direct_json, plain), (via, plain_gw), "req/s"),
         ("non-streaming, 8 conns", 8, (direct_json, plain), (via, plain_gw), "req/s"),
         ("non-streaming, 32 conns", 32, (direct_json, plain), (via, plain_gw), "req/s"),
+        (f"{DELTAS}-delta stream, 1 conn", 1, (direct_sse, stream), (via, stream_gw), "streams/s"),
         (f"{DELTAS}-delta stream, 8 conns", 8, (direct_sse, stream), (via, stream_gw), "streams/s"),
     ]
+    cells = [c for c in cells if a.only in c[0]]
     # Warm both paths (and gatelet's upstream pool).
     wrk(via, plain_gw, 32, a.warmup, cli_cpu)
     wrk(via, stream_gw, 8, a.warmup, cli_cpu)

@@ -432,6 +432,14 @@ fn stream(client: &Client, mut ex: Exchange, ctl: &RunControl, out: &mut dyn Eve
         out.batch_begin();
         let mut applied = Ok(());
         for ev in events.drain(..) {
+            if let Some(text) = plain_content(&ev) {
+                // The common record, read without building a JSON tree.
+                applied = if text.is_empty() { Ok(()) } else { out.delta(&text).map_err(Fail::from) };
+                if applied.is_err() {
+                    break;
+                }
+                continue;
+            }
             applied = parse_event(&ev).map_err(Fail::from).and_then(|c| apply(c, &mut p, out).map_err(Fail::from));
             if applied.is_err() || p.done {
                 break;
@@ -465,6 +473,54 @@ fn stream(client: &Client, mut ex: Exchange, ctl: &RunControl, out: &mut dyn Eve
     }
     eof?;
     Err(OpenAiError::EndedEarly.into())
+}
+
+/// The text of a record that is nothing but a content delta of the first choice (no finish
+/// reason, usage, error, role change matters not, no tool or function call), read straight into
+/// borrowed strings; `None` for any other record, which [`parse_event`] then reads in full. The
+/// same meaning as `parse_event` for the records it accepts, at a fraction of the cost per token.
+fn plain_content(ev: &Event) -> Option<std::borrow::Cow<'_, str>> {
+    use serde::Deserialize;
+    use serde::de::IgnoredAny;
+    use std::borrow::Cow;
+
+    #[derive(Deserialize)]
+    struct Record<'a> {
+        #[serde(borrow)]
+        choices: Vec<Choice<'a>>,
+        usage: Option<IgnoredAny>,
+        error: Option<IgnoredAny>,
+    }
+    #[derive(Deserialize)]
+    struct Choice<'a> {
+        index: Option<u64>,
+        #[serde(borrow)]
+        delta: Delta<'a>,
+        finish_reason: Option<IgnoredAny>,
+    }
+    #[derive(Deserialize)]
+    struct Delta<'a> {
+        #[serde(borrow)]
+        content: Option<Cow<'a, str>>,
+        tool_calls: Option<IgnoredAny>,
+        function_call: Option<IgnoredAny>,
+    }
+
+    if ev.event.is_some() || !ev.data.trim_start().starts_with('{') {
+        return None;
+    }
+    let r: Record<'_> = serde_json::from_str(&ev.data).ok()?;
+    let [c] = <[Choice<'_>; 1]>::try_from(r.choices).ok()?;
+    let plain = r.usage.is_none()
+        && r.error.is_none()
+        && c.index.is_none_or(|i| i == 0)
+        && c.finish_reason.is_none()
+        && c.delta.tool_calls.is_none()
+        && c.delta.function_call.is_none();
+    if !plain {
+        return None;
+    }
+    c.delta.content
 }
 
 /// Read the rest of a body, at most `cap` bytes (best effort: a read error ends it).
@@ -603,6 +659,39 @@ mod tests {
         }
         let named = Event { event: Some("error".into()), data: r#"{"message":"overloaded"}"#.into() };
         assert_eq!(parse_event(&named).unwrap_err().to_string(), "error in stream: overloaded");
+    }
+
+    #[test]
+    fn plain_content_records_match_the_full_reader() {
+        let cases = [
+            (r#"{"id":"x","choices":[{"index":0,"delta":{"content":"Hi \"q\" \u00e9"},"finish_reason":null}]}"#, true),
+            (r#"{"choices":[{"delta":{"role":"assistant","content":"a"},"logprobs":null}],"usage":null}"#, true),
+            (r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":null}}]}"#, false),
+            (r#"{"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":"stop"}]}"#, false),
+            (
+                r#"{"choices":[{"index":0,"delta":{"content":"x"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
+                false,
+            ),
+            (r#"{"choices":[{"index":1,"delta":{"content":"x"}}]}"#, false),
+            (r#"{"choices":[{"index":1,"delta":{"content":"B"}},{"index":0,"delta":{"content":"A"}}]}"#, false),
+            (r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}}]}"#, false),
+            (r#"{"choices":[{"index":0,"delta":{"content":"x"}}],"error":{"message":"boom"}}"#, false),
+            (r#"{"choices":[]}"#, false),
+            ("[DONE]", false),
+            ("not json", false),
+        ];
+        for (data, fast) in cases {
+            let e = ev(data);
+            let got = plain_content(&e);
+            assert_eq!(got.is_some(), fast, "{data}");
+            if let Some(text) = got {
+                let full = parse_event(&ev(data)).unwrap();
+                assert_eq!(full.content.unwrap_or_default(), text, "{data}");
+                assert!(full.finish.is_none() && full.usage.is_none() && !full.done, "{data}");
+            }
+        }
+        let named = Event { event: Some("error".into()), data: r#"{"choices":[{"delta":{"content":"x"}}]}"#.into() };
+        assert!(plain_content(&named).is_none());
     }
 
     #[test]
