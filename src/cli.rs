@@ -198,6 +198,9 @@ impl EventSink for Printer {
         }
         Ok(())
     }
+    fn tool_call(&mut self, _: &crate::agent::tools::ToolCallPiece) -> Result<(), RunError> {
+        Ok(())
+    }
     fn usage(&mut self, _: Usage) {}
     fn finish(&mut self, _: FinishReason) {}
 }
@@ -254,6 +257,10 @@ fn agent(mut args: Args) -> Result<i32, i32> {
             "sessionKey": run.session_key, "agentId": gw.agents[agent].cfg.id,
             "error": out.error.as_ref().map(|e| e.to_string()),
         });
+        let mut v = v;
+        if !out.tool_calls.is_empty() {
+            v["toolCalls"] = out.tool_calls.iter().map(crate::agent::tools::ToolCall::to_json).collect();
+        }
         println!("{v}");
     } else if stream {
         println!();

@@ -238,6 +238,59 @@ fn ws_frame_seeds() {
     replay("ws_frame", check_ws);
 }
 
+// ---- tool_calls ---------------------------------------------------------------------------
+
+/// What must not depend on how the body was cut (ids made up for id-less calls differ).
+type ToolCallsView = Result<(String, Vec<(String, String)>, Option<&'static str>, bool), String>;
+
+fn tool_calls_view(r: &Result<gatelet::agent::backend::openai::Decoded, String>) -> ToolCallsView {
+    r.as_ref().map_err(Clone::clone).map(|d| {
+        let calls = d.calls.iter().map(|c| (c.name.clone(), c.arguments.clone())).collect();
+        (d.text.clone(), calls, d.finish.map(|f| f.as_str()), d.done)
+    })
+}
+
+/// `fuzz_targets/tool_calls.rs`: never panics; whole calls have an id and a name and respect the
+/// bounds; any split gives the same text, calls, finish and error as one feed.
+fn check_tool_calls(data: &[u8]) {
+    use gatelet::agent::backend::openai::decode_body;
+    use gatelet::agent::tools::{MAX_ARGUMENT_BYTES, MAX_CALLS};
+    if data.is_empty() {
+        return;
+    }
+    let input = &data[1..];
+    let cut = (data[0] as usize).min(input.len());
+    let whole = decode_body(&[input]);
+    if let Ok(d) = &whole {
+        assert!(d.calls.len() <= MAX_CALLS);
+        assert!(d.calls.iter().map(|c| c.arguments.len()).sum::<usize>() <= MAX_ARGUMENT_BYTES);
+        for c in &d.calls {
+            assert!(!c.id.is_empty() && !c.name.is_empty(), "{c:?}");
+        }
+    }
+    let want = tool_calls_view(&whole);
+    for (how, parts) in splits(input, cut) {
+        assert_eq!(want, tool_calls_view(&decode_body(&parts)), "{how}");
+    }
+}
+
+#[test]
+fn tool_calls_seeds() {
+    replay("tool_calls", check_tool_calls);
+    // The hand-written seeds decode to what they were written to hold.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/tool_calls");
+    let decode = |name: &str| gatelet::agent::backend::openai::decode_body(&[&fs::read(dir.join(name)).unwrap()[1..]]);
+    let d = decode("interleaved").unwrap();
+    let calls: Vec<(&str, &str)> = d.calls.iter().map(|c| (c.name.as_str(), c.arguments.as_str())).collect();
+    assert_eq!(calls, [("get_weather", r#"{"city":"Paris"}"#), ("get_time", r#"{"tz":"CET"}"#)]);
+    assert_eq!(d.finish.map(|f| f.as_str()), Some("tool_calls"));
+    assert_eq!(tool_calls_view(&decode("crlf_split")), tool_calls_view(&Ok(d)));
+    assert!(decode("no_name").unwrap_err().contains("without a function name"));
+    assert!(decode("bad_index").unwrap_err().contains("`index`"));
+    assert!(decode("not_array").unwrap_err().contains("must be an array"));
+    assert!(decode("after_done").unwrap().done);
+}
+
 // ---- upstream_response ----
 
 type UpstreamOutcome = Result<(Vec<u8>, usize, bool), String>;

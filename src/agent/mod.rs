@@ -9,6 +9,8 @@ pub mod backend;
 pub mod pool;
 pub mod registry;
 pub mod run;
+pub mod tool_exec;
+pub mod tools;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,13 +49,18 @@ impl Role {
 /// that an upstream that checks them accepts the history.
 pub type ToolFields = serde_json::Map<String, serde_json::Value>;
 
-/// One message of a conversation, reduced to its text (plus its tool-calling fields).
+/// One message of a conversation: its text, the content exactly as sent when that was not a
+/// plain string (an array of parts, or `null`), and its tool-calling fields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     /// Who said it.
     pub role: Role,
-    /// What was said (text parts joined).
+    /// What was said (text parts joined): what `echo`, `command` and token estimates work on.
     pub content: String,
+    /// The original `content` when it was an array of parts (images, audio, files…) or `null`;
+    /// upstreams that understand parts get this instead of the text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_content: Option<serde_json::Value>,
     /// Tool-calling fields, when the message had any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool: Option<ToolFields>,
@@ -62,7 +69,36 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with `role` and `content`.
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        ChatMessage { role, content: content.into(), tool: None }
+        ChatMessage { role, content: content.into(), raw_content: None, tool: None }
+    }
+
+    /// An assistant message that calls `calls` (content `null` when `text` is empty, as OpenAI
+    /// sends it).
+    pub fn assistant_calls(text: &str, calls: &[tools::ToolCall]) -> Self {
+        let mut m = ChatMessage::new(Role::Assistant, text);
+        if text.is_empty() {
+            m.raw_content = Some(serde_json::Value::Null);
+        }
+        if !calls.is_empty() {
+            let v = calls.iter().map(tools::ToolCall::to_json).collect();
+            m.tool = Some([("tool_calls".to_string(), serde_json::Value::Array(v))].into_iter().collect());
+        }
+        m
+    }
+
+    /// A `tool` message answering call `id`.
+    pub fn tool_result(id: &str, content: impl Into<String>) -> Self {
+        let mut m = ChatMessage::new(Role::Tool, content);
+        m.tool = Some([("tool_call_id".to_string(), serde_json::Value::from(id))].into_iter().collect());
+        m
+    }
+
+    /// The `content` as it goes to an upstream that takes OpenAI messages.
+    pub fn wire_content(&self) -> serde_json::Value {
+        match &self.raw_content {
+            Some(v) => v.clone(),
+            None => serde_json::Value::String(self.content.clone()),
+        }
     }
 }
 
@@ -77,6 +113,16 @@ pub struct RunOptions {
     pub top_p: Option<f64>,
     /// Stop sequences.
     pub stop: Vec<String>,
+    /// Function tools offered to the model (`tools`, validated; the agent's own tools are added
+    /// when the run starts).
+    pub tools: Vec<serde_json::Value>,
+    /// `tool_choice`, as sent.
+    pub tool_choice: Option<serde_json::Value>,
+    /// `parallel_tool_calls`, as sent.
+    pub parallel_tool_calls: Option<bool>,
+    /// Output fields passed on verbatim to upstreams that take them (`response_format`, `seed`,
+    /// `presence_penalty`, …): only those the client set.
+    pub passthrough: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Everything a backend needs to produce a reply.
@@ -118,8 +164,10 @@ pub enum FinishReason {
     /// Natural end.
     #[default]
     Stop,
-    /// Token limit reached.
+    /// Token limit reached (or the agent's `maxToolSteps`).
     Length,
+    /// The reply is one or more tool calls for the client to run.
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -128,6 +176,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
         }
     }
 }
@@ -162,8 +211,14 @@ pub trait EventSink {
     fn delta(&mut self, text: &str) -> Result<(), RunError>;
     /// Token counts reported by the backend (the last report wins).
     fn usage(&mut self, usage: Usage);
+    /// A piece of a tool call. The first piece of each call carries its `id` and `name`; calls
+    /// are numbered 0, 1, 2… in the order they start. An error means: stop with it.
+    fn tool_call(&mut self, piece: &tools::ToolCallPiece) -> Result<(), RunError>;
     /// The finish reason reported by the backend (default `stop`).
     fn finish(&mut self, reason: FinishReason);
+    /// An agent tool started or ended (the gateway runs those itself; clients never see them as
+    /// reply content).
+    fn tool_event(&mut self, _ev: &tools::ToolEvent<'_>) {}
     /// Called by backends at least every half second while they wait for something (an
     /// upstream, a child process, a delay), so that a streaming consumer can send heartbeats
     /// and notice a dead client. An error means: stop with it.

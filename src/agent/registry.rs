@@ -38,12 +38,21 @@ pub struct RunSummary {
     pub ended_at: u64,
     /// The reply (partial when the run failed).
     pub text: String,
+    /// Calls to client tools the reply ends with.
+    pub tool_calls: Vec<crate::agent::tools::ToolCall>,
     /// Finish reason of a successful run.
     pub finish: FinishReason,
     /// Token counts.
     pub usage: Usage,
     /// Why the run failed, if it did.
     pub error: Option<RunError>,
+}
+
+impl RunSummary {
+    /// Bytes of reply this summary holds (text and tool-call arguments).
+    pub fn held_bytes(&self) -> usize {
+        self.text.len() + self.tool_calls.iter().map(|c| c.arguments.len() + c.name.len() + c.id.len()).sum::<usize>()
+    }
 }
 
 /// Called once with the summary when a run ends.
@@ -76,7 +85,7 @@ impl Inner {
                 break;
             }
             if let Some(e) = self.runs.remove(id) {
-                self.finished_bytes -= e.done.map_or(0, |d| d.text.len());
+                self.finished_bytes -= e.done.map_or(0, |d| d.held_bytes());
             }
             self.finished.pop_front();
         }
@@ -185,7 +194,7 @@ impl Registry {
             let Some(e) = g.runs.get_mut(&summary.run_id) else { return };
             let w = std::mem::take(&mut e.waiters);
             e.done = Some(summary.clone());
-            g.finished_bytes += summary.text.len();
+            g.finished_bytes += summary.held_bytes();
             g.finished.push_back((now, summary.run_id.clone()));
             g.prune(now);
             w
@@ -255,6 +264,7 @@ mod tests {
             started_at: 1,
             ended_at: 2,
             text: text.into(),
+            tool_calls: Vec::new(),
             finish: FinishReason::Stop,
             usage: Usage::default(),
             error: None,

@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
+use super::tools::{Calls, ToolCall, ToolCallPiece, ToolEvent};
 use super::{
     CancelToken, ChatMessage, EventSink, FinishReason, Role, RunControl, RunError, RunInput, RunOptions, Usage,
-    count_words,
+    count_words, tool_exec,
 };
+use crate::config::AgentToolConfig;
 use crate::gateway::Gateway;
 
 /// A resolved request for one agent turn.
@@ -52,6 +54,8 @@ impl RunRequest {
 pub struct RunOutcome {
     /// The reply text (partial when the run failed).
     pub text: String,
+    /// Calls to the client's tools the reply ends with (finish `tool_calls`).
+    pub tool_calls: Vec<ToolCall>,
     /// Token counts (reported by the backend, else word counts).
     pub usage: Usage,
     /// Finish reason when the run succeeded.
@@ -60,11 +64,30 @@ pub struct RunOutcome {
     pub error: Option<RunError>,
 }
 
+/// Sits between the backend and the surface's sink for one backend call (a step): keeps the
+/// text and the calls, forwards text and the pieces of calls to the client's tools (numbered
+/// among themselves), and holds back the pieces of calls to the agent's own tools.
 struct Recorder<'a> {
     inner: &'a mut dyn EventSink,
+    agent_tools: &'a [AgentToolConfig],
     text: String,
+    step_text: String,
     usage: Option<Usage>,
     finish: FinishReason,
+    calls: Calls,
+    /// Per call of this step: its index among the client's calls, `None` for agent tools.
+    routes: Vec<Option<usize>>,
+    client_calls: usize,
+}
+
+impl Recorder<'_> {
+    fn next_step(&mut self) {
+        self.step_text.clear();
+        self.calls = Calls::default();
+        self.routes.clear();
+        self.client_calls = 0;
+        self.finish = FinishReason::Stop;
+    }
 }
 
 impl EventSink for Recorder<'_> {
@@ -73,7 +96,20 @@ impl EventSink for Recorder<'_> {
             return Ok(());
         }
         self.text.push_str(text);
+        self.step_text.push_str(text);
         self.inner.delta(text)
+    }
+    fn tool_call(&mut self, piece: &ToolCallPiece) -> Result<(), RunError> {
+        self.calls.add(piece).map_err(|e| RunError::Backend(format!("backend: {e}")))?;
+        if piece.index == self.routes.len() {
+            let agent = piece.name.as_deref().is_some_and(|n| self.agent_tools.iter().any(|t| t.name == n));
+            self.routes.push((!agent).then_some(self.client_calls));
+            self.client_calls += usize::from(!agent);
+        }
+        match self.routes.get(piece.index).copied().flatten() {
+            Some(index) => self.inner.tool_call(&ToolCallPiece { index, ..piece.clone() }),
+            None => Ok(()),
+        }
     }
     fn usage(&mut self, usage: Usage) {
         self.usage = Some(usage);
@@ -81,10 +117,12 @@ impl EventSink for Recorder<'_> {
     }
     fn finish(&mut self, reason: FinishReason) {
         self.finish = reason;
-        self.inner.finish(reason);
     }
     fn tick(&mut self) -> Result<(), RunError> {
         self.inner.tick()
+    }
+    fn tool_event(&mut self, ev: &ToolEvent<'_>) {
+        self.inner.tool_event(ev)
     }
     fn batch_begin(&mut self) {
         self.inner.batch_begin()
@@ -101,6 +139,10 @@ pub fn new_turn(messages: &[ChatMessage]) -> &[ChatMessage] {
 }
 
 /// Run `req` to completion on the calling thread, streaming events into `sink`.
+///
+/// When the backend calls the agent's own tools, they run here, their calls and results join
+/// the conversation and the backend is called again, up to the agent's `maxToolSteps` (SPEC
+/// §5.1). A call to any other tool ends the run with `tool_calls` for the client to run.
 pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut dyn EventSink) -> RunOutcome {
     let agent = &gw.agents[req.agent];
     let mut system_prompt = agent.cfg.system_prompt.clone();
@@ -119,42 +161,140 @@ pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut 
     } else {
         (req.messages.clone(), &req.messages[..])
     };
-    let input = RunInput {
+    let mut options = req.options.clone();
+    if !agent.cfg.tools.is_empty() {
+        // The agent's tools win over a client tool of the same name.
+        options.tools.retain(|t| {
+            let name = t["function"]["name"].as_str().unwrap_or("");
+            !agent.cfg.tools.iter().any(|a| a.name == name)
+        });
+        options.tools.extend(agent.cfg.tools.iter().map(AgentToolConfig::to_json));
+    }
+    let mut input = RunInput {
         run_id: req.run_id.clone(),
         agent_id: agent.cfg.id.clone(),
         session_key: req.session_key.clone(),
         system_prompt,
         messages,
-        options: req.options.clone(),
+        options,
     };
+    let prompt_words =
+        count_words(&input.system_prompt) + input.messages.iter().map(|m| count_words(&m.content)).sum::<u64>();
     let ctl = RunControl::new(cancel.clone(), req.timeout.unwrap_or(agent.cfg.timeout));
-    let mut rec = Recorder { inner: sink, text: String::new(), usage: None, finish: FinishReason::Stop };
-    let result = ctl.check().and_then(|_| agent.backend.run(&input, &ctl, &mut rec));
-    // A backend that noticed nothing still loses to a cancel or deadline that fired meanwhile.
+    let mut rec = Recorder {
+        inner: sink,
+        agent_tools: &agent.cfg.tools,
+        text: String::new(),
+        step_text: String::new(),
+        usage: None,
+        finish: FinishReason::Stop,
+        calls: Calls::default(),
+        routes: Vec::new(),
+        client_calls: 0,
+    };
+    // What the run adds to the conversation: agent-tool steps, then the reply.
+    let mut produced: Vec<ChatMessage> = Vec::new();
+    let mut reported: Option<Usage> = None;
+    let mut client_calls = Vec::new();
+    let mut steps = 0u32;
+    let result = loop {
+        rec.next_step();
+        let r = ctl.check().and_then(|_| agent.backend.run(&input, &ctl, &mut rec));
+        if let Some(u) = rec.usage.take() {
+            let t = reported.get_or_insert_with(Usage::default);
+            t.prompt_tokens += u.prompt_tokens;
+            t.completion_tokens += u.completion_tokens;
+        }
+        let calls = rec.calls.take();
+        if let Err(e) = r {
+            // A cancel or deadline that fired meanwhile wins over what the backend noticed.
+            produced.push(ChatMessage::new(Role::Assistant, rec.step_text.clone()));
+            break Err(ctl.check().err().unwrap_or(e));
+        }
+        let (mine, theirs): (Vec<ToolCall>, Vec<ToolCall>) =
+            calls.iter().cloned().partition(|c| agent.cfg.tools.iter().any(|t| t.name == c.name));
+        if mine.is_empty() || steps >= agent.cfg.max_tool_steps {
+            if !mine.is_empty() {
+                crate::log!(Debug, "run {}: maxToolSteps ({}) reached", req.run_id, agent.cfg.max_tool_steps);
+                rec.finish = FinishReason::Length;
+            } else if !theirs.is_empty() {
+                rec.finish = FinishReason::ToolCalls;
+            } else if rec.finish == FinishReason::ToolCalls {
+                // An upstream that says `tool_calls` but sent none: a plain end.
+                rec.finish = FinishReason::Stop;
+            }
+            produced.push(if theirs.is_empty() {
+                ChatMessage::new(Role::Assistant, rec.step_text.clone())
+            } else {
+                ChatMessage::assistant_calls(&rec.step_text, &theirs)
+            });
+            client_calls = theirs;
+            break Ok(());
+        }
+        steps += 1;
+        let step = ChatMessage::assistant_calls(&rec.step_text, &calls);
+        input.messages.push(step.clone());
+        produced.push(step);
+        let mut stopped = None;
+        for c in &mine {
+            let Some(tool) = agent.cfg.tools.iter().find(|t| t.name == c.name) else { continue };
+            if let Some(e) = &stopped {
+                // Every call keeps a result, so the stored history stays valid for upstreams.
+                produced.push(ChatMessage::tool_result(&c.id, format!("tool {} did not run: {e}", c.name)));
+                continue;
+            }
+            rec.tool_event(&ToolEvent::Start { id: &c.id, name: &c.name, args: &c.arguments });
+            let result = match tool_exec::run(tool, &c.arguments, &ctl, &mut rec) {
+                Ok(Ok(out)) => {
+                    rec.tool_event(&ToolEvent::Result { id: &c.id, name: &c.name, result: &out });
+                    out
+                }
+                Ok(Err(err)) => {
+                    rec.tool_event(&ToolEvent::Error { id: &c.id, name: &c.name, error: &err });
+                    err
+                }
+                Err(e) => {
+                    produced.push(ChatMessage::tool_result(&c.id, format!("tool {} was stopped: {e}", c.name)));
+                    stopped = Some(e);
+                    continue;
+                }
+            };
+            let msg = ChatMessage::tool_result(&c.id, result);
+            input.messages.push(msg.clone());
+            produced.push(msg);
+        }
+        if let Some(e) = stopped {
+            break Err(e);
+        }
+        if !theirs.is_empty() {
+            rec.finish = FinishReason::ToolCalls;
+            client_calls = theirs;
+            break Ok(());
+        }
+    };
     let error = result.err();
-    let usage = rec.usage.unwrap_or_else(|| Usage {
-        prompt_tokens: count_words(&input.system_prompt)
-            + input.messages.iter().map(|m| count_words(&m.content)).sum::<u64>(),
-        completion_tokens: count_words(&rec.text),
-    });
+    let usage =
+        reported.unwrap_or_else(|| Usage { prompt_tokens: prompt_words, completion_tokens: count_words(&rec.text) });
     if sticky
         && let Err(e) =
-            gw.sessions.append_turn(&req.session_key, &agent.cfg.id, turn, &rec.text, usage, error.is_some())
+            gw.sessions.append_turn(&req.session_key, &agent.cfg.id, turn, &produced, usage, error.is_some())
     {
         crate::log!(Error, "session {}: transcript write failed: {e}", req.session_key);
     }
     crate::log!(
         Debug,
-        "run {} agent={} session={} finish={} error={:?} tokens={}+{}",
+        "run {} agent={} session={} finish={} error={:?} tokens={}+{} tool_steps={}",
         req.run_id,
         agent.cfg.id,
         req.session_key,
         rec.finish.as_str(),
         error,
         usage.prompt_tokens,
-        usage.completion_tokens
+        usage.completion_tokens,
+        steps
     );
-    RunOutcome { text: rec.text, usage, finish: rec.finish, error }
+    rec.inner.finish(rec.finish);
+    RunOutcome { text: rec.text, tool_calls: client_calls, usage, finish: rec.finish, error }
 }
 
 #[cfg(test)]

@@ -175,6 +175,40 @@ pub struct AgentConfig {
     pub timeout: Duration,
     /// How replies are produced.
     pub backend: BackendConfig,
+    /// Tools the gateway runs itself when the model calls them.
+    pub tools: Vec<AgentToolConfig>,
+    /// Most agent-tool rounds per run before it ends with `length`.
+    pub max_tool_steps: u32,
+}
+
+/// One agent tool: `{name, description, parameters, command: {argv, cwd?, env?, timeoutSeconds?}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentToolConfig {
+    /// Function name offered to the model (`[A-Za-z0-9_-]{1,64}`).
+    pub name: String,
+    /// What the tool does, for the model.
+    pub description: Option<String>,
+    /// JSON Schema of the arguments.
+    pub parameters: Option<Value>,
+    /// The program run per call (arguments JSON on stdin, result on stdout).
+    pub command: CommandBackendConfig,
+    /// Longest one call may run.
+    pub timeout: Duration,
+}
+
+impl AgentToolConfig {
+    /// The `tools` entry offered to the model.
+    pub fn to_json(&self) -> Value {
+        let mut f = Map::new();
+        f.insert("name".into(), Value::from(self.name.clone()));
+        if let Some(d) = &self.description {
+            f.insert("description".into(), Value::from(d.clone()));
+        }
+        if let Some(p) = &self.parameters {
+            f.insert("parameters".into(), p.clone());
+        }
+        serde_json::json!({ "type": "function", "function": f })
+    }
 }
 
 /// The whole validated configuration.
@@ -522,9 +556,15 @@ impl Validator {
 
     fn agents(&mut self, v: Option<&Value>, env: EnvFn<'_>) -> Option<(Vec<AgentConfig>, usize, bool)> {
         let a = self.object(v, "agents", &["defaults", "list"]);
-        let d = self.object(a.get("defaults"), "agents.defaults", &["timeoutSeconds", "backend", "systemPrompt"]);
+        let d = self.object(
+            a.get("defaults"),
+            "agents.defaults",
+            &["timeoutSeconds", "backend", "systemPrompt", "tools", "maxToolSteps"],
+        );
         let d_timeout = self.uint(d, "agents.defaults", "timeoutSeconds", 600, 1, 86_400 * 7);
         let d_prompt = self.string(d, "agents.defaults", "systemPrompt").unwrap_or_default();
+        let d_tools = self.tools(d.get("tools"), "agents.defaults.tools");
+        let d_steps = self.uint(d, "agents.defaults", "maxToolSteps", 8, 0, 1000) as u32;
         let d_backend =
             d.get("backend").filter(|b| !b.is_null()).map(|b| self.backend(b, "agents.defaults.backend", env));
         let mut implicit_echo = d_backend.is_none();
@@ -547,12 +587,18 @@ impl Validator {
                 system_prompt: d_prompt.clone(),
                 timeout: Duration::from_secs(d_timeout),
                 backend: d_backend.clone()?,
+                tools: d_tools.clone(),
+                max_tool_steps: d_steps,
             });
             default_agent = Some(0);
         }
         for (i, item) in list.iter().enumerate() {
             let p = format!("agents.list[{i}]");
-            let m = self.object(Some(item), &p, &["id", "default", "systemPrompt", "timeoutSeconds", "backend"]);
+            let m = self.object(
+                Some(item),
+                &p,
+                &["id", "default", "systemPrompt", "timeoutSeconds", "backend", "tools", "maxToolSteps"],
+            );
             let id = match self.string(m, &p, "id") {
                 Some(id) if valid_agent_id(&id) => id,
                 Some(id) => {
@@ -583,14 +629,112 @@ impl Validator {
             };
             let timeout = self.uint(m, &p, "timeoutSeconds", d_timeout, 1, 86_400 * 7);
             let system_prompt = self.string(m, &p, "systemPrompt").unwrap_or_else(|| d_prompt.clone());
+            let tools = match m.get("tools").filter(|t| !t.is_null()) {
+                Some(t) => self.tools(Some(t), &format!("{p}.tools")),
+                None => d_tools.clone(),
+            };
+            let max_tool_steps = self.uint(m, &p, "maxToolSteps", d_steps as u64, 0, 1000) as u32;
             if let Some(backend) = backend {
-                agents.push(AgentConfig { id, system_prompt, timeout: Duration::from_secs(timeout), backend });
+                agents.push(AgentConfig {
+                    id,
+                    system_prompt,
+                    timeout: Duration::from_secs(timeout),
+                    backend,
+                    tools,
+                    max_tool_steps,
+                });
             }
         }
         if !self.problems.is_empty() {
             return None;
         }
         Some((agents, default_agent.unwrap_or(0), implicit_echo))
+    }
+
+    /// `tools: [{name, description, parameters, command: {argv, cwd?, env?, timeoutSeconds?}}]`.
+    fn tools(&mut self, v: Option<&Value>, p: &str) -> Vec<AgentToolConfig> {
+        let list = match v {
+            None | Some(Value::Null) => return Vec::new(),
+            Some(Value::Array(l)) => l,
+            Some(_) => {
+                self.problem(p, "expected an array of tools");
+                return Vec::new();
+            }
+        };
+        let mut tools: Vec<AgentToolConfig> = Vec::new();
+        for (i, t) in list.iter().enumerate() {
+            let tp = format!("{p}[{i}]");
+            let m = self.object(Some(t), &tp, &["name", "description", "parameters", "command"]);
+            let name = match self.string(m, &tp, "name") {
+                Some(n) if crate::agent::tools::valid_tool_name(&n) => n,
+                Some(n) => {
+                    self.problem(&format!("{tp}.name"), format!("tool name {n:?} must match [A-Za-z0-9_-]{{1,64}}"));
+                    continue;
+                }
+                None => {
+                    self.problem(&tp, "tool needs a `name`");
+                    continue;
+                }
+            };
+            if tools.iter().any(|x| x.name == name) {
+                self.problem(&format!("{tp}.name"), format!("duplicate tool name {name:?}"));
+                continue;
+            }
+            let description = self.string(m, &tp, "description");
+            let parameters = match m.get("parameters") {
+                None | Some(Value::Null) => None,
+                Some(v @ Value::Object(_)) => Some(v.clone()),
+                Some(_) => {
+                    self.problem(&format!("{tp}.parameters"), "expected a JSON Schema object");
+                    None
+                }
+            };
+            let cp = format!("{tp}.command");
+            let Some(cv) = m.get("command").filter(|c| c.is_object()) else {
+                self.problem(&cp, "tool needs a `command` object with `argv`");
+                continue;
+            };
+            let cm = self.object(Some(cv), &cp, &["argv", "cwd", "env", "timeoutSeconds"]);
+            let timeout = self.uint(cm, &cp, "timeoutSeconds", 30, 1, 86_400);
+            let command = self.command(cm, &cp);
+            tools.push(AgentToolConfig {
+                name,
+                description,
+                parameters,
+                command,
+                timeout: Duration::from_secs(timeout),
+            });
+        }
+        tools
+    }
+
+    /// `argv`, `cwd` and `env` of a program to run (command backend, agent tools).
+    fn command(&mut self, m: &Map<String, Value>, p: &str) -> CommandBackendConfig {
+        let argv: Vec<String> = match m.get("argv") {
+            Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => {
+                a.iter().filter_map(|s| s.as_str().map(String::from)).collect()
+            }
+            _ => {
+                self.problem(&format!("{p}.argv"), "expected a non-empty array of strings");
+                Vec::new()
+            }
+        };
+        let mut env = BTreeMap::new();
+        match m.get("env") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(e)) => {
+                for (k, val) in e {
+                    match val.as_str() {
+                        Some(s) => {
+                            env.insert(k.clone(), s.to_string());
+                        }
+                        None => self.problem(&format!("{p}.env.{k}"), "expected a string"),
+                    }
+                }
+            }
+            Some(_) => self.problem(&format!("{p}.env"), "expected an object of strings"),
+        }
+        CommandBackendConfig { argv, cwd: self.string(m, p, "cwd").map(PathBuf::from), env }
     }
 
     fn backend(&mut self, v: &Value, p: &str, env: EnvFn<'_>) -> Option<BackendConfig> {
@@ -615,35 +759,7 @@ impl Validator {
             "openai" => BackendConfig::OpenAi(self.openai(v, p, env, true)),
             "command" => {
                 let m = self.object(Some(v), p, &["kind", "argv", "cwd", "env"]);
-                let argv: Vec<String> = match m.get("argv") {
-                    Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_string) => {
-                        a.iter().filter_map(|s| s.as_str().map(String::from)).collect()
-                    }
-                    _ => {
-                        self.problem(&format!("{p}.argv"), "expected a non-empty array of strings");
-                        Vec::new()
-                    }
-                };
-                let mut env = BTreeMap::new();
-                match m.get("env") {
-                    None | Some(Value::Null) => {}
-                    Some(Value::Object(e)) => {
-                        for (k, val) in e {
-                            match val.as_str() {
-                                Some(s) => {
-                                    env.insert(k.clone(), s.to_string());
-                                }
-                                None => self.problem(&format!("{p}.env.{k}"), "expected a string"),
-                            }
-                        }
-                    }
-                    Some(_) => self.problem(&format!("{p}.env"), "expected an object of strings"),
-                }
-                BackendConfig::Command(CommandBackendConfig {
-                    argv,
-                    cwd: self.string(m, p, "cwd").map(PathBuf::from),
-                    env,
-                })
+                BackendConfig::Command(self.command(m, p))
             }
             other => {
                 self.problem(
@@ -841,8 +957,15 @@ impl Config {
                         "kind": "command", "argv": c.argv, "cwd": c.cwd.as_ref().map(|p| p.display().to_string()),
                         "env": c.env.keys().map(|k| (k.clone(), Value::from("<redacted>"))).collect::<Map<_, _>>() }),
                 };
+                let tools: Vec<Value> = a.tools.iter().map(|t| serde_json::json!({
+                    "name": t.name, "description": t.description, "parameters": t.parameters,
+                    "command": { "argv": t.command.argv,
+                                 "cwd": t.command.cwd.as_ref().map(|p| p.display().to_string()),
+                                 "env": t.command.env.keys().map(|k| (k.clone(), Value::from("<redacted>"))).collect::<Map<_, _>>(),
+                                 "timeoutSeconds": t.timeout.as_secs() } })).collect();
                 serde_json::json!({ "id": a.id, "default": i == self.default_agent, "systemPrompt": a.system_prompt,
-                    "timeoutSeconds": a.timeout.as_secs(), "backend": backend })
+                    "timeoutSeconds": a.timeout.as_secs(), "backend": backend, "tools": tools,
+                    "maxToolSteps": a.max_tool_steps })
             })
             .collect();
         serde_json::json!({

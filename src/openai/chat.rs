@@ -5,6 +5,7 @@ use serde_json::{Value, json};
 
 use super::ApiError;
 use crate::agent::run::RunRequest;
+use crate::agent::tools::{MAX_TOOLS, ToolCall, ToolCallPiece, valid_tool_name};
 use crate::agent::{ChatMessage, FinishReason, Role, RunOptions, ToolFields, Usage};
 use crate::gateway::Gateway;
 
@@ -123,7 +124,13 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
                 .iter()
                 .filter_map(|k| mo.get(*k).filter(|v| !v.is_null()).map(|v| (k.to_string(), v.clone())))
                 .collect();
-            messages.push(ChatMessage { role, content: text, tool: (!tool.is_empty()).then_some(tool) });
+            // Parts and an explicit `null` travel as sent. An assistant message without
+            // `content` (SDKs drop a null one) is a tool-call message: sent on as `null`.
+            let raw_content = match mo.get("content") {
+                None if role == Role::Assistant => Some(Value::Null),
+                c => c.filter(|c| !c.is_string()).cloned(),
+            };
+            messages.push(ChatMessage { role, content: text, raw_content, tool: (!tool.is_empty()).then_some(tool) });
         }
     }
     let stream = match opt(&o, "stream") {
@@ -188,6 +195,16 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
     {
         return Err(ApiError::invalid_value("n", "agent runs produce exactly one choice: `n` must be 1"));
     }
+    let tools = parse_tools(opt(&o, "tools"))?;
+    let tool_choice = opt(&o, "tool_choice").map(check_tool_choice).transpose()?;
+    let parallel_tool_calls = match opt(&o, "parallel_tool_calls") {
+        None => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(_) => {
+            return Err(ApiError::invalid_value("parallel_tool_calls", "`parallel_tool_calls` must be a boolean"));
+        }
+    };
+    let passthrough = PASSTHROUGH.iter().filter_map(|k| opt(&o, k).map(|v| (k.to_string(), v.clone()))).collect();
     Ok(ChatRequest {
         model,
         system,
@@ -195,8 +212,97 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
         stream,
         include_usage,
         user,
-        options: RunOptions { max_tokens, temperature, top_p, stop },
+        options: RunOptions {
+            max_tokens,
+            temperature,
+            top_p,
+            stop,
+            tools,
+            tool_choice,
+            parallel_tool_calls,
+            passthrough,
+        },
     })
+}
+
+/// Request fields given to the backend exactly as sent (SPEC §5.1).
+pub const PASSTHROUGH: [&str; 9] = [
+    "response_format",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "reasoning_effort",
+    "metadata",
+];
+
+/// `tools`: an array of at most 128 `{"type":"function","function":{"name",…}}`, kept verbatim.
+fn parse_tools(v: Option<&Value>) -> Result<Vec<Value>, ApiError> {
+    let list = match v {
+        None => return Ok(Vec::new()),
+        Some(Value::Array(a)) if a.len() <= MAX_TOOLS => a,
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid_value("tools", format!("`tools` may hold at most {MAX_TOOLS} tools")));
+        }
+        Some(_) => return Err(ApiError::invalid_value("tools", "`tools` must be an array of tools")),
+    };
+    for (i, t) in list.iter().enumerate() {
+        if t.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(ApiError::invalid_value(
+                format!("tools[{i}].type"),
+                "each tool must have `type: \"function\"`",
+            ));
+        }
+        let Some(f) = t.get("function").filter(|f| f.is_object()) else {
+            return Err(ApiError::invalid_value(format!("tools[{i}].function"), "each tool needs a `function` object"));
+        };
+        match f.get("name").and_then(Value::as_str) {
+            Some(n) if valid_tool_name(n) => {}
+            _ => {
+                return Err(ApiError::invalid_value(
+                    format!("tools[{i}].function.name"),
+                    "function names must match [A-Za-z0-9_-]{1,64}",
+                ));
+            }
+        }
+        if f.get("parameters").is_some_and(|p| !p.is_object() && !p.is_null()) {
+            return Err(ApiError::invalid_value(
+                format!("tools[{i}].function.parameters"),
+                "`parameters` must be a JSON Schema object",
+            ));
+        }
+        if f.get("description").is_some_and(|d| !d.is_string() && !d.is_null()) {
+            return Err(ApiError::invalid_value(
+                format!("tools[{i}].function.description"),
+                "`description` must be a string",
+            ));
+        }
+    }
+    Ok(list.clone())
+}
+
+/// `tool_choice`: `"none"`, `"auto"`, `"required"` or `{"type":"function","function":{"name"}}`
+/// (other object types OpenAI may add pass as long as they name a `type`).
+fn check_tool_choice(v: &Value) -> Result<Value, ApiError> {
+    let ok = match v {
+        Value::String(s) => matches!(s.as_str(), "none" | "auto" | "required"),
+        Value::Object(o) => match o.get("type").and_then(Value::as_str) {
+            Some("function") => o.get("function").and_then(|f| f.get("name")).and_then(Value::as_str).is_some(),
+            Some(_) => true,
+            None => false,
+        },
+        _ => false,
+    };
+    if ok {
+        Ok(v.clone())
+    } else {
+        Err(ApiError::invalid_value(
+            "tool_choice",
+            "`tool_choice` must be \"none\", \"auto\", \"required\" or {\"type\":\"function\",\"function\":{\"name\":…}}",
+        ))
+    }
 }
 
 fn unknown_model(model: &str) -> ApiError {
@@ -281,12 +387,27 @@ fn usage_json(u: Usage) -> Value {
     json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total() })
 }
 
-/// The non-streaming `chat.completion` body.
-pub fn completion_body(id: &str, created: u64, model: &str, text: &str, finish: FinishReason, usage: Usage) -> Vec<u8> {
+/// The non-streaming `chat.completion` body. With tool calls, `content` is `null` when there is
+/// no text and `message.tool_calls` lists the calls (SPEC §5.1).
+pub fn completion_body(
+    id: &str,
+    created: u64,
+    model: &str,
+    text: &str,
+    calls: &[ToolCall],
+    finish: FinishReason,
+    usage: Usage,
+) -> Vec<u8> {
+    let mut message = json!({ "role": "assistant", "content": text });
+    if !calls.is_empty() {
+        if text.is_empty() {
+            message["content"] = Value::Null;
+        }
+        message["tool_calls"] = calls.iter().map(ToolCall::to_json).collect();
+    }
     let v = json!({
         "id": id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{ "index": 0, "message": { "role": "assistant", "content": text },
-                      "logprobs": null, "finish_reason": finish.as_str() }],
+        "choices": [{ "index": 0, "message": message, "logprobs": null, "finish_reason": finish.as_str() }],
         "usage": usage_json(usage),
     });
     serde_json::to_vec(&v).unwrap_or_default()
@@ -341,6 +462,36 @@ impl ChunkEncoder {
     /// `delta: {"content": text}`.
     pub fn content(&self, out: &mut Vec<u8>, text: &str) {
         self.choice(out, b"{\"content\":", Some(text), None);
+    }
+
+    /// A tool-call piece: the first of a call opens it with its id, name and empty arguments
+    /// (and a second record carries its arguments, if it had any); later ones carry only
+    /// `{"index","function":{"arguments"}}` (SPEC §5.1).
+    pub fn tool_call(&self, out: &mut Vec<u8>, p: &ToolCallPiece) {
+        if p.id.is_none() && p.arguments.is_empty() {
+            return;
+        }
+        let mut d = Vec::with_capacity(96 + p.arguments.len());
+        if let (Some(id), Some(name)) = (&p.id, &p.name) {
+            d.extend_from_slice(b"{\"tool_calls\":[{\"index\":");
+            crate::util::push_decimal(&mut d, p.index as u64);
+            d.extend_from_slice(b",\"id\":");
+            let _ = serde_json::to_writer(&mut d, id);
+            d.extend_from_slice(b",\"type\":\"function\",\"function\":{\"name\":");
+            let _ = serde_json::to_writer(&mut d, name);
+            d.extend_from_slice(b",\"arguments\":\"\"}}]}");
+            self.choice(out, &d, None, None);
+            if p.arguments.is_empty() {
+                return;
+            }
+            d.clear();
+        }
+        d.extend_from_slice(b"{\"tool_calls\":[{\"index\":");
+        crate::util::push_decimal(&mut d, p.index as u64);
+        d.extend_from_slice(b",\"function\":{\"arguments\":");
+        let _ = serde_json::to_writer(&mut d, &p.arguments);
+        d.extend_from_slice(b"}}]}");
+        self.choice(out, &d, None, None);
     }
 
     /// `delta: {}` with the finish reason.
@@ -436,6 +587,134 @@ mod tests {
         assert_eq!(r.messages[1].tool.as_ref().unwrap()["tool_calls"][0]["id"], "c1");
         assert_eq!(r.messages[2].tool.as_ref().unwrap()["tool_call_id"], "c1");
         assert_eq!(r.messages[3].tool, None, "null fields are absent");
+    }
+
+    #[test]
+    fn tools_are_validated_with_params() {
+        let with = |extra: &str| format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{extra}}}"#);
+        let tool = r#"{"type":"function","function":{"name":"get_weather","parameters":{"type":"object"}}}"#;
+        let many = format!(r#""tools":[{}]"#, vec![tool; 129].join(","));
+        let cases: Vec<(String, &str)> = vec![
+            (with(r#""tools":{}"#), "tools"),
+            (with(&many), "tools"),
+            (with(r#""tools":[{"type":"retrieval"}]"#), "tools[0].type"),
+            (with(&format!(r#""tools":[{tool},{{"type":"function"}}]"#)), "tools[1].function"),
+            (with(r#""tools":[{"type":"function","function":{"name":"get weather"}}]"#), "tools[0].function.name"),
+            (with(r#""tools":[{"type":"function","function":{}}]"#), "tools[0].function.name"),
+            (
+                with(&format!(r#""tools":[{{"type":"function","function":{{"name":"{}"}}}}]"#, "n".repeat(65))),
+                "tools[0].function.name",
+            ),
+            (
+                with(r#""tools":[{"type":"function","function":{"name":"f","parameters":"x"}}]"#),
+                "tools[0].function.parameters",
+            ),
+            (with(r#""tool_choice":"always""#), "tool_choice"),
+            (with(r#""tool_choice":{"type":"function"}"#), "tool_choice"),
+            (with(r#""tool_choice":5"#), "tool_choice"),
+            (with(r#""parallel_tool_calls":"yes""#), "parallel_tool_calls"),
+        ];
+        for (body, param) in cases {
+            let e = parse(body.as_bytes()).unwrap_err();
+            assert_eq!((e.status, e.code, e.param.as_deref()), (400, Some("invalid_value"), Some(param)), "{body}");
+        }
+        let ok = parse(
+            with(&format!(
+                r#""tools":[{tool}],"tool_choice":{{"type":"function","function":{{"name":"get_weather"}}}},"parallel_tool_calls":false"#
+            ))
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(ok.options.tools, vec![serde_json::from_str::<Value>(tool).unwrap()]);
+        assert_eq!(ok.options.tool_choice, Some(json!({"type":"function","function":{"name":"get_weather"}})));
+        assert_eq!(ok.options.parallel_tool_calls, Some(false));
+        let ok =
+            parse(with(&format!(r#""tools":[{}],"tool_choice":"required""#, vec![tool; 128].join(","))).as_bytes());
+        assert_eq!(ok.unwrap().options.tools.len(), 128);
+    }
+
+    #[test]
+    fn output_fields_pass_through_only_when_set() {
+        let r = parse(
+            br#"{"messages":[{"role":"user","content":"x"}],"seed":7,"response_format":{"type":"json_schema","json_schema":{"name":"s"}},
+                "presence_penalty":0.5,"frequency_penalty":-1,"logit_bias":{"50256":-100},"logprobs":true,"top_logprobs":2,
+                "reasoning_effort":"low","metadata":{"k":"v"},"top_k":3,"store":true,"user_defined":null}"#,
+        )
+        .unwrap();
+        let keys: Vec<&str> = r.options.passthrough.keys().map(String::as_str).collect();
+        let mut want = PASSTHROUGH.to_vec();
+        want.sort();
+        assert_eq!(keys, want);
+        assert_eq!(r.options.passthrough["frequency_penalty"], json!(-1));
+        assert_eq!(r.options.passthrough["logit_bias"], json!({"50256":-100}));
+        let r = parse(br#"{"messages":[{"role":"user","content":"x"}],"seed":null}"#).unwrap();
+        assert!(r.options.passthrough.is_empty());
+    }
+
+    #[test]
+    fn content_parts_and_null_are_kept() {
+        let r = parse(
+            br#"{"messages":[{"role":"user","content":[{"type":"text","text":"look: "},{"type":"image_url","image_url":{"url":"data:,x"}}]},
+                {"role":"assistant","content":null,"tool_calls":[]},{"role":"user","content":"plain"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.messages[0].content, "look: ");
+        assert_eq!(r.messages[0].raw_content.as_ref().unwrap()[1]["type"], "image_url");
+        assert_eq!(r.messages[1].raw_content, Some(Value::Null));
+        assert_eq!(r.messages[2].raw_content, None);
+    }
+
+    #[test]
+    fn tool_call_chunks() {
+        let enc = ChunkEncoder::new("c", 1, "m", false);
+        let mut out = Vec::new();
+        let first =
+            ToolCallPiece { index: 1, id: Some("call_9".into()), name: Some("f".into()), arguments: "{\"a\"".into() };
+        enc.tool_call(&mut out, &first);
+        let s = String::from_utf8(out.clone()).unwrap();
+        assert_eq!(
+            s,
+            concat!(
+                r#"data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"id":"call_9","type":"function","function":{"name":"f","arguments":""}}]},"logprobs":null,"finish_reason":null}]}"#,
+                "\n\n",
+                r#"data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"function":{"arguments":"{\"a\""}}]},"logprobs":null,"finish_reason":null}]}"#,
+                "\n\n"
+            )
+        );
+        out.clear();
+        enc.tool_call(&mut out, &ToolCallPiece { index: 0, id: None, name: None, arguments: String::new() });
+        assert!(out.is_empty(), "an empty later piece sends nothing");
+        enc.tool_call(
+            &mut out,
+            &ToolCallPiece { index: 0, id: Some("x".into()), name: Some("g".into()), arguments: String::new() },
+        );
+        assert_eq!(sse_records(&out), 1);
+        out.clear();
+        enc.stop(&mut out, FinishReason::ToolCalls);
+        assert_eq!(data(&out)["choices"][0]["finish_reason"], "tool_calls");
+    }
+
+    fn sse_records(b: &[u8]) -> usize {
+        String::from_utf8_lossy(b).matches("\n\n").count()
+    }
+
+    #[test]
+    fn completion_with_tool_calls() {
+        let calls = [ToolCall { id: "call_1".into(), name: "f".into(), arguments: "{}".into() }];
+        let b = completion_body("c", 1, "m", "", &calls, FinishReason::ToolCalls, Usage::default());
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(
+            v["choices"][0],
+            json!({"index":0,"message":{"role":"assistant","content":null,"tool_calls":[
+                {"id":"call_1","type":"function","function":{"name":"f","arguments":"{}"}}]},
+                "logprobs":null,"finish_reason":"tool_calls"})
+        );
+        let b = completion_body("c", 1, "m", "hi", &calls, FinishReason::ToolCalls, Usage::default());
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "hi");
+        let b = completion_body("c", 1, "m", "", &[], FinishReason::Stop, Usage::default());
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["choices"][0]["message"], json!({"role":"assistant","content":""}));
     }
 
     #[test]

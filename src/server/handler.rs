@@ -18,7 +18,7 @@ pub enum HeadAction {
     /// Answer now. The request body (if any) is not read, so the connection closes when one was
     /// announced.
     Respond(Response),
-    /// Read the body, then call [`body_ready`]. `continue_100` asks for `100 Continue` first.
+    /// Read the body, then validate it and start the run. `continue_100` asks for `100 Continue` first.
     ReadBody {
         /// The body limit.
         limit: u64,

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::agent::run::{RunRequest, execute};
+use crate::agent::tools::ToolCallPiece;
 use crate::agent::{CancelToken, EventSink, FinishReason, RunError, Usage};
 use crate::gateway::Gateway;
 use crate::http::response::{LAST_CHUNK, Response, push_chunk, push_header, push_status_line};
@@ -27,7 +28,7 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// `setsockopt` per SSE record, at the cost of overshooting a deadline by at most this much.
 const TIMEOUT_SLACK: Duration = Duration::from_secs(1);
 
-/// Write all of `buf` to a blocking socket before `deadline` (within [`TIMEOUT_SLACK`]); false on
+/// Write all of `buf` to a blocking socket before `deadline` (within `TIMEOUT_SLACK`); false on
 /// error or when time runs out. `current` is the write timeout the socket has now (`None` when
 /// unknown) and is kept up to date. Each `write` gets only the time left, so partial progress
 /// does not extend the bound.
@@ -96,6 +97,9 @@ impl ChatJob {
             fn delta(&mut self, _: &str) -> Result<(), RunError> {
                 Ok(())
             }
+            fn tool_call(&mut self, _: &ToolCallPiece) -> Result<(), RunError> {
+                Ok(())
+            }
             fn usage(&mut self, _: Usage) {}
             fn finish(&mut self, _: FinishReason) {}
         }
@@ -104,7 +108,15 @@ impl ChatJob {
         let mut resp = match &out.error {
             None => Response::json(
                 200,
-                completion_body(&self.run.run_id, created, &self.model, &out.text, out.finish, out.usage),
+                completion_body(
+                    &self.run.run_id,
+                    created,
+                    &self.model,
+                    &out.text,
+                    &out.tool_calls,
+                    out.finish,
+                    out.usage,
+                ),
             ),
             Some(RunError::Cancelled) => return None,
             Some(e) => run_error(e).response(),
@@ -272,6 +284,12 @@ impl EventSink for SseSink<'_> {
     fn batch_end(&mut self) -> Result<(), RunError> {
         self.batching = false;
         if self.rec.is_empty() && self.out.is_empty() { Ok(()) } else { self.send() }
+    }
+
+    fn tool_call(&mut self, piece: &ToolCallPiece) -> Result<(), RunError> {
+        self.start()?;
+        self.enc.tool_call(&mut self.rec, piece);
+        self.send()
     }
 
     fn usage(&mut self, _: Usage) {}

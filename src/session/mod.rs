@@ -21,6 +21,9 @@ pub struct StoredMessage {
     pub role: Role,
     /// Text.
     pub content: String,
+    /// The content as sent when it was not plain text (parts, or `null` beside tool calls).
+    #[serde(rename = "rawContent", skip_serializing_if = "Option::is_none")]
+    pub raw_content: Option<serde_json::Value>,
     /// Unix milliseconds.
     pub timestamp: u64,
     /// Usage of the turn (on assistant messages).
@@ -117,19 +120,26 @@ impl SessionStore {
             .map(|s| {
                 s.messages
                     .iter()
-                    .map(|m| ChatMessage { role: m.role, content: m.content.clone(), tool: m.tool.clone() })
+                    .map(|m| ChatMessage {
+                        role: m.role,
+                        content: m.content.clone(),
+                        raw_content: m.raw_content.clone(),
+                        tool: m.tool.clone(),
+                    })
                     .collect()
             })
             .unwrap_or_default()
     }
 
-    /// Append a finished (or aborted) turn: the new request messages, then the reply.
+    /// Append a finished (or aborted) turn: the new request messages, then what the run produced
+    /// (agent-tool calls and their results, then the reply; an empty reply when `produced` is
+    /// empty). The last assistant message carries the usage and the `aborted` flag.
     pub fn append_turn(
         &self,
         key: &str,
         agent_id: &str,
         turn: &[ChatMessage],
-        reply: &str,
+        produced: &[ChatMessage],
         usage: Usage,
         aborted: bool,
     ) -> Result<(), String> {
@@ -149,24 +159,21 @@ impl SessionStore {
             messages: Vec::new(),
         });
         let start = s.messages.len();
-        for m in turn {
+        let empty = [ChatMessage::new(Role::Assistant, "")];
+        let produced = if produced.is_empty() { &empty[..] } else { produced };
+        let last = turn.len() + produced.iter().rposition(|m| m.role == Role::Assistant).unwrap_or(produced.len() - 1);
+        for (i, m) in turn.iter().chain(produced).enumerate() {
+            let mine = i == last;
             s.messages.push(StoredMessage {
                 role: m.role,
                 content: m.content.clone(),
+                raw_content: m.raw_content.clone(),
                 timestamp: now,
-                usage: None,
+                usage: mine.then_some(usage),
                 tool: m.tool.clone(),
-                aborted: false,
+                aborted: mine && aborted,
             });
         }
-        s.messages.push(StoredMessage {
-            role: Role::Assistant,
-            content: reply.to_string(),
-            timestamp: now,
-            usage: Some(usage),
-            tool: None,
-            aborted,
-        });
         s.info.updated_at = now;
         s.info.input_tokens += usage.prompt_tokens;
         s.info.output_tokens += usage.completion_tokens;
@@ -226,7 +233,8 @@ mod tests {
     fn turns_are_stored() {
         let s = SessionStore::in_memory();
         let turn = [ChatMessage::new(Role::User, "hi")];
-        s.append_turn("agent:main:openai-user:bob", "main", &turn, "hi", Usage::default(), false).unwrap();
+        let reply = [ChatMessage::new(Role::Assistant, "hi")];
+        s.append_turn("agent:main:openai-user:bob", "main", &turn, &reply, Usage::default(), false).unwrap();
         assert_eq!(s.list().len(), 1);
         assert_eq!(s.history("agent:main:openai-user:bob").len(), 2);
     }
@@ -235,7 +243,8 @@ mod tests {
     fn reset_keeps_key_delete_removes_it() {
         let s = SessionStore::in_memory();
         let turn = [ChatMessage::new(Role::User, "hi")];
-        s.append_turn("agent:main:k", "main", &turn, "yo", Usage { prompt_tokens: 1, completion_tokens: 1 }, false)
+        let reply = [ChatMessage::new(Role::Assistant, "yo")];
+        s.append_turn("agent:main:k", "main", &turn, &reply, Usage { prompt_tokens: 1, completion_tokens: 1 }, false)
             .unwrap();
         assert!(s.reset("agent:main:k").unwrap());
         assert_eq!(s.list()[0].message_count, 0);

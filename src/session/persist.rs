@@ -157,6 +157,11 @@ fn message_line(m: &StoredMessage) -> Value {
         v["usage"] = json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
                              "total_tokens": u.total() });
     }
+    // `content` stays a string so that any reader of these files finds text there; parts and
+    // a `null` content live beside it.
+    if let Some(r) = &m.raw_content {
+        v["rawContent"] = r.clone();
+    }
     if let Some(t) = &m.tool {
         v["tool"] = Value::Object(t.clone());
     }
@@ -234,6 +239,7 @@ fn parse_message(v: &Value) -> Option<StoredMessage> {
     Some(StoredMessage {
         role,
         content: v["content"].as_str()?.to_string(),
+        raw_content: v.get("rawContent").cloned(),
         timestamp: v["timestamp"].as_u64().unwrap_or(0),
         usage,
         tool: v.get("tool").and_then(Value::as_object).cloned(),
@@ -260,10 +266,11 @@ mod tests {
             let (s, w) = SessionStore::open(&dir, true);
             assert!(w.is_empty());
             let u = Usage { prompt_tokens: 2, completion_tokens: 1 };
-            s.append_turn(key, "main", &[ChatMessage::new(Role::User, "one")], "one", u, false).unwrap();
+            let one = [ChatMessage::new(Role::Assistant, "one")];
+            s.append_turn(key, "main", &[ChatMessage::new(Role::User, "one")], &one, u, false).unwrap();
             let mut tool_msg = ChatMessage::new(Role::Tool, "two");
             tool_msg.tool = Some([("tool_call_id".to_string(), serde_json::json!("c1"))].into_iter().collect());
-            s.append_turn(key, "main", &[tool_msg], "tw", u, true).unwrap();
+            s.append_turn(key, "main", &[tool_msg], &[ChatMessage::new(Role::Assistant, "tw")], u, true).unwrap();
         }
         // Simulate a crash in the middle of a line.
         let sdir = dir.join("agents/main/sessions");
@@ -288,6 +295,35 @@ mod tests {
         assert!(!file.exists());
         let (s, _) = SessionStore::open(&dir, true);
         assert!(s.list().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tool_calls_parts_and_null_content_survive_a_reload() {
+        let dir = tmpdir("toolcalls");
+        let key = "agent:main:k";
+        let mut user = ChatMessage::new(Role::User, "look");
+        user.raw_content =
+            Some(serde_json::json!([{"type":"text","text":"look"},{"type":"image_url","image_url":{"url":"data:,"}}]));
+        let call = crate::agent::tools::ToolCall { id: "call_1".into(), name: "f".into(), arguments: "{}".into() };
+        let produced = [
+            ChatMessage::assistant_calls("", &[call]),
+            ChatMessage::tool_result("call_1", "42"),
+            ChatMessage::new(Role::Assistant, "done"),
+        ];
+        {
+            let (s, _) = SessionStore::open(&dir, true);
+            s.append_turn(key, "main", &[user.clone()], &produced, Usage::default(), false).unwrap();
+        }
+        let (s, w) = SessionStore::open(&dir, true);
+        assert!(w.is_empty(), "{w:?}");
+        let mut want = vec![user];
+        want.extend(produced);
+        assert_eq!(s.history(key), want);
+        // Usage goes on the last assistant message only.
+        let t = s.transcript(key, None).unwrap();
+        assert_eq!(t.iter().filter(|m| m.usage.is_some()).count(), 1);
+        assert!(t[3].usage.is_some());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -171,16 +171,21 @@ pub fn run_status(s: &RunSummary) -> &'static str {
     }
 }
 
-/// The result object of a finished run: reply text, finish reason and usage.
+/// The result object of a finished run: reply text, finish reason and usage, and the tool calls
+/// when the run ended on calls to tools the caller runs.
 pub fn run_result(s: &RunSummary) -> Value {
-    json!({
+    let mut v = json!({
         "text": s.text,
         "finishReason": if s.error.is_some() { "error" } else { s.finish.as_str() },
         "usage": { "promptTokens": s.usage.prompt_tokens, "completionTokens": s.usage.completion_tokens,
                    "totalTokens": s.usage.total() },
         "sessionKey": s.session_key,
         "agentId": s.agent_id,
-    })
+    });
+    if !s.tool_calls.is_empty() {
+        v["toolCalls"] = s.tool_calls.iter().map(crate::agent::tools::ToolCall::to_json).collect();
+    }
+    v
 }
 
 /// The second answer to an `agent` request.

@@ -13,6 +13,7 @@ use super::Outgoing;
 use super::protocol;
 use crate::agent::registry::RunSummary;
 use crate::agent::run::{RunRequest, execute};
+use crate::agent::tools::{ToolCall, ToolCallPiece, ToolEvent};
 use crate::agent::{CancelToken, EventSink, FinishReason, RunError, Usage};
 use crate::gateway::Gateway;
 use crate::server::{Done, Notifier};
@@ -126,6 +127,29 @@ impl EventSink for Sink<'_> {
         Ok(())
     }
 
+    fn tool_call(&mut self, _: &ToolCallPiece) -> Result<(), RunError> {
+        // Calls to the caller's tools arrive whole in the run's result.
+        if self.r.cancel.is_cancelled() { Err(RunError::Cancelled) } else { Ok(()) }
+    }
+
+    fn tool_event(&mut self, ev: &ToolEvent<'_>) {
+        if !matches!(self.r.kind, Kind::Agent { .. }) {
+            return;
+        }
+        let data = match ev {
+            ToolEvent::Start { id, name, args } => {
+                json!({ "phase": "start", "toolCallId": id, "name": name, "args": args })
+            }
+            ToolEvent::Result { id, name, result } => {
+                json!({ "phase": "result", "toolCallId": id, "name": name, "result": result })
+            }
+            ToolEvent::Error { id, name, error } => {
+                json!({ "phase": "error", "toolCallId": id, "name": name, "error": error })
+            }
+        };
+        self.agent_event("tool", data);
+    }
+
     fn usage(&mut self, _: Usage) {}
 
     fn finish(&mut self, _: FinishReason) {}
@@ -145,7 +169,7 @@ impl Drop for Finisher<'_> {
     fn drop(&mut self) {
         if self.armed {
             let err = Some(RunError::Backend("the run failed unexpectedly".into()));
-            let s = self.r.summary(String::new(), FinishReason::Stop, Usage::default(), err);
+            let s = self.r.summary(String::new(), Vec::new(), FinishReason::Stop, Usage::default(), err);
             self.r.gw.runs.finish(s.clone());
             self.r.answer(&s);
         }
@@ -162,7 +186,7 @@ impl WsRun {
         }
         let out = execute(&self.gw, &self.run, &self.cancel, &mut sink);
         fin.armed = false;
-        let summary = self.summary(out.text, out.finish, out.usage, out.error);
+        let summary = self.summary(out.text, out.tool_calls, out.finish, out.usage, out.error);
         // The registry learns of the end first, so that a client reacting to the final event
         // (`chat.abort`, `agent.wait`) sees the run as finished.
         self.gw.runs.finish(summary.clone());
@@ -182,7 +206,13 @@ impl WsRun {
                                     "totalTokens": s.usage.total() });
                 sink.text = s.text.clone();
                 match err {
-                    None => sink.chat_event("final", json!({ "stopReason": s.finish.as_str(), "usage": usage })),
+                    None => {
+                        let mut extra = json!({ "stopReason": s.finish.as_str(), "usage": usage });
+                        if !s.tool_calls.is_empty() {
+                            extra["toolCalls"] = s.tool_calls.iter().map(ToolCall::to_json).collect();
+                        }
+                        sink.chat_event("final", extra)
+                    }
                     Some(RunError::Cancelled) => sink.chat_event("aborted", json!({ "usage": usage })),
                     Some(e) => {
                         let shape = protocol::run_error(e);
@@ -197,7 +227,14 @@ impl WsRun {
         self.answer(s);
     }
 
-    fn summary(&self, text: String, finish: FinishReason, usage: Usage, error: Option<RunError>) -> RunSummary {
+    fn summary(
+        &self,
+        text: String,
+        tool_calls: Vec<ToolCall>,
+        finish: FinishReason,
+        usage: Usage,
+        error: Option<RunError>,
+    ) -> RunSummary {
         RunSummary {
             run_id: self.run.run_id.clone(),
             session_key: self.run.session_key.clone(),
@@ -205,6 +242,7 @@ impl WsRun {
             started_at: self.accepted_at,
             ended_at: now_ms(),
             text,
+            tool_calls,
             finish,
             usage,
             error,

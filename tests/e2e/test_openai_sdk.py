@@ -279,3 +279,33 @@ def test_curl_large_body_gets_100_continue(gateway):
     assert "HTTP/1.1 100 Continue" in err
     assert json.loads(p.stdout)["usage"]["completion_tokens"] == 600_000
     assert time.monotonic() - t0 < 15
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def test_tool_round_trip_with_the_echo_tool_mode(client):
+    messages = [{"role": "user", "content": '/tool get_weather {"city":"Paris"}'}]
+    r = client.chat.completions.create(model="gatelet", messages=messages, tools=[WEATHER_TOOL])
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls"
+    assert c.message.content is None
+    (call,) = c.message.tool_calls
+    assert (call.type, call.function.name) == ("function", "get_weather")
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    # The SDK's stream helper assembles the same call from the streamed pieces.
+    with client.chat.completions.stream(model="gatelet", messages=messages, tools=[WEATHER_TOOL]) as s:
+        final = s.get_final_completion()
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert final.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
+    messages.append(c.message.model_dump(exclude_none=True))
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": "sunny"})
+    r = client.chat.completions.create(model="gatelet", messages=messages, tools=[WEATHER_TOOL])
+    assert r.choices[0].message.content == "tool said: sunny"
+    assert r.choices[0].finish_reason == "stop"

@@ -2,14 +2,17 @@
 //!
 //! The run goes to the program's stdin as one JSON object ([`run_json`]), then stdin is closed.
 //! Every line the program writes to stdout is a piece of the reply; a line that is a JSON object
-//! with a `delta`, `usage`, `finish` or `error` key is an event instead ([`parse_line`]). Exit
-//! status 0 ends the run (`stop` unless the program said otherwise); any other status is an error
-//! carrying the last lines of stderr.
+//! with a `delta`, `usage`, `finish`, `error` or `tool_call` key is an event instead
+//! ([`parse_line`]). Exit status 0 ends the run (`stop` unless the program said otherwise, or
+//! `tool_calls` after a tool call); any other status is an error carrying the last lines of
+//! stderr.
 //!
 //! The program runs in its own process group, so a cancel, the deadline or an error kills it
 //! together with everything it started; the child is always waited for, so no zombie is left.
 //! Pipes are read on helper threads: the run's own thread waits on a channel in [`TICK`] steps,
-//! checking cancel and deadline and ticking the sink between steps.
+//! checking cancel and deadline and ticking the sink between steps. The stdout channel holds at
+//! most [`QUEUED_LINES`] lines, so a program that writes faster than the client reads is held
+//! back by the pipe instead of filling the gateway's memory.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -21,11 +24,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::agent::tools::ToolCallPiece;
 use crate::agent::{Backend, EventSink, FinishReason, RunControl, RunError, RunInput, TICK, Usage};
 use crate::config::CommandBackendConfig;
 
 /// Longest stdout line accepted.
 pub const MAX_LINE: usize = 1024 * 1024;
+/// Stdout lines read ahead of what the run has consumed.
+pub const QUEUED_LINES: usize = 8;
 /// Stderr lines kept for an error message.
 const STDERR_LINES: usize = 10;
 /// Longest stderr line kept (longer lines are cut).
@@ -33,7 +39,7 @@ const STDERR_LINE_BYTES: usize = 1000;
 /// How long stdout may stay open after the program exited (a background child holding it).
 const EXIT_GRACE: Duration = Duration::from_millis(500);
 /// Secrets of the gateway itself never reach the program unless its `env` sets them.
-const HIDDEN_ENV: [&str; 2] = ["GATELET_GATEWAY_TOKEN", "GATELET_GATEWAY_PASSWORD"];
+pub(crate) const HIDDEN_ENV: [&str; 2] = ["GATELET_GATEWAY_TOKEN", "GATELET_GATEWAY_PASSWORD"];
 
 /// A program run per turn.
 #[derive(Debug)]
@@ -56,17 +62,42 @@ impl Command {
     }
 }
 
-/// The JSON object written to the program's stdin.
+/// The JSON object written to the program's stdin: the conversation as text, each message's
+/// original content parts (`parts`) and tool-calling fields when it had any, and the tools
+/// offered (with `toolChoice` when the client set one).
 pub fn run_json(input: &RunInput) -> Value {
     let o = &input.options;
-    json!({
+    let messages: Vec<Value> = input
+        .messages
+        .iter()
+        .map(|m| {
+            let mut v = json!({"role": m.role.as_str(), "content": m.content});
+            if let Some(p @ Value::Array(_)) = &m.raw_content {
+                v["parts"] = p.clone();
+            }
+            if let Some(t) = &m.tool {
+                for (k, x) in t {
+                    v[k.as_str()] = x.clone();
+                }
+            }
+            v
+        })
+        .collect();
+    let mut v = json!({
         "runId": input.run_id,
         "agentId": input.agent_id,
         "sessionKey": input.session_key,
         "systemPrompt": input.system_prompt,
-        "messages": input.messages.iter().map(|m| json!({"role": m.role.as_str(), "content": m.content})).collect::<Vec<_>>(),
+        "messages": messages,
         "options": { "maxTokens": o.max_tokens, "temperature": o.temperature, "topP": o.top_p, "stop": o.stop },
-    })
+    });
+    if !o.tools.is_empty() {
+        v["tools"] = Value::Array(o.tools.clone());
+    }
+    if let Some(c) = &o.tool_choice {
+        v["toolChoice"] = c.clone();
+    }
+    v
 }
 
 /// What one stdout line means.
@@ -82,6 +113,18 @@ pub enum LineEvent {
     Finish(FinishReason),
     /// `{"error": "…"}`: the run fails with this message.
     Error(String),
+    /// `{"tool_call": {"id"?, "name", "arguments"}}`: one whole call (arguments a JSON text, or
+    /// an object that is serialised).
+    ToolCall {
+        /// Call id (one is made up when absent).
+        id: Option<String>,
+        /// Function name.
+        name: String,
+        /// Arguments JSON text.
+        arguments: String,
+    },
+    /// A `tool_call` event without a valid function name.
+    BadToolCall(String),
 }
 
 /// Interpret one stdout line (line end already removed). A JSON object counts as events only
@@ -105,6 +148,22 @@ pub fn parse_line(line: &str) -> Vec<LineEvent> {
         if let Some(f) = o.get("finish").and_then(Value::as_str) {
             ev.push(LineEvent::Finish(if f == "length" { FinishReason::Length } else { FinishReason::Stop }));
         }
+        if let Some(tc) = o.get("tool_call").filter(|e| !e.is_null()) {
+            let name = tc.get("name").and_then(Value::as_str).filter(|n| crate::agent::tools::valid_tool_name(n));
+            let arguments = match tc.get("arguments") {
+                None | Some(Value::Null) => "{}".to_string(),
+                Some(Value::String(s)) => s.clone(),
+                Some(v) => v.to_string(),
+            };
+            ev.push(match name {
+                Some(n) => LineEvent::ToolCall {
+                    id: tc.get("id").and_then(Value::as_str).filter(|i| !i.is_empty()).map(String::from),
+                    name: n.to_string(),
+                    arguments,
+                },
+                None => LineEvent::BadToolCall(crate::util::truncate_str(&tc.to_string(), 200).to_string()),
+            });
+        }
         if let Some(e) = o.get("error").filter(|e| !e.is_null()) {
             let msg = e.as_str().map(String::from).or_else(|| e["message"].as_str().map(String::from));
             ev.push(LineEvent::Error(msg.unwrap_or_else(|| e.to_string())));
@@ -124,7 +183,7 @@ enum Msg {
 }
 
 /// Reads `r` line by line (each at most [`MAX_LINE`] bytes) into `tx`.
-fn read_lines(r: impl Read, tx: mpsc::Sender<Msg>) {
+fn read_lines(r: impl Read, tx: mpsc::SyncSender<Msg>) {
     let mut r = BufReader::with_capacity(16 * 1024, r);
     let mut line = Vec::new();
     loop {
@@ -197,7 +256,7 @@ fn read_tail(r: impl Read, tail: Arc<Mutex<Tail>>) {
 }
 
 /// SIGKILL every process in group `pgid` (std has no killpg; `kill(1)` does it safely).
-fn kill_group(pgid: u32) {
+pub(crate) fn kill_group(pgid: u32) {
     let _ = std::process::Command::new("kill")
         .args(["-KILL", "--", &format!("-{pgid}")])
         .stdin(Stdio::null())
@@ -256,7 +315,9 @@ impl Backend for Command {
                 let _ = w.write_all(&payload).and_then(|_| w.write_all(b"\n"));
             });
         }
-        let (tx, rx) = mpsc::channel();
+        // Bounded: when the run is slow to take lines (a slow client), the reader blocks, the
+        // pipe fills and the program waits.
+        let (tx, rx) = mpsc::sync_channel(QUEUED_LINES);
         if let Some(o) = stdout {
             std::thread::spawn(move || read_lines(o, tx));
         }
@@ -267,6 +328,8 @@ impl Backend for Command {
         }
 
         let mut plain_seen = false;
+        let mut calls = 0usize;
+        let mut finished = false;
         let mut exited_at: Option<Instant> = None;
         loop {
             match rx.recv_timeout(TICK) {
@@ -283,8 +346,23 @@ impl Backend for Command {
                             }
                             LineEvent::Delta(d) => out.delta(&d)?,
                             LineEvent::Usage(u) => out.usage(u),
-                            LineEvent::Finish(f) => out.finish(f),
+                            LineEvent::Finish(f) => {
+                                finished = true;
+                                out.finish(f)
+                            }
                             LineEvent::Error(m) => return Err(self.fail(m)),
+                            LineEvent::ToolCall { id, name, arguments } => {
+                                if calls >= crate::agent::tools::MAX_CALLS {
+                                    return Err(self.fail("too many tool calls in one reply"));
+                                }
+                                let id = id.unwrap_or_else(crate::agent::tools::new_call_id);
+                                let piece = ToolCallPiece { index: calls, id: Some(id), name: Some(name), arguments };
+                                calls += 1;
+                                out.tool_call(&piece)?;
+                            }
+                            LineEvent::BadToolCall(t) => {
+                                return Err(self.fail(format!("tool_call needs a valid function `name`: {t}")));
+                            }
                         }
                     }
                     ctl.check()?;
@@ -328,6 +406,9 @@ impl Backend for Command {
             ctl.cancel.wait(Duration::from_millis(10));
         };
         if status.success() {
+            if calls > 0 && !finished {
+                out.finish(FinishReason::ToolCalls);
+            }
             return Ok(());
         }
         // Give the stderr reader a moment to collect the last lines.
@@ -374,6 +455,45 @@ mod tests {
         assert_eq!(parse_line("[1]"), t("[1]"));
     }
 
+    #[test]
+    fn tool_call_lines() {
+        assert_eq!(
+            parse_line(r#"{"tool_call":{"id":"c1","name":"get_weather","arguments":"{\"city\":\"Rome\"}"}}"#),
+            vec![LineEvent::ToolCall {
+                id: Some("c1".into()),
+                name: "get_weather".into(),
+                arguments: r#"{"city":"Rome"}"#.into()
+            }]
+        );
+        // Arguments given as an object are sent as its JSON text; absent ones as `{}`.
+        assert_eq!(
+            parse_line(r#"{"tool_call":{"name":"f","arguments":{"a":1}}}"#),
+            vec![LineEvent::ToolCall { id: None, name: "f".into(), arguments: r#"{"a":1}"#.into() }]
+        );
+        assert_eq!(
+            parse_line(r#"{"tool_call":{"name":"f"}}"#),
+            vec![LineEvent::ToolCall { id: None, name: "f".into(), arguments: "{}".into() }]
+        );
+        assert!(matches!(parse_line(r#"{"tool_call":{"name":"bad name"}}"#)[..], [LineEvent::BadToolCall(_)]));
+        assert!(matches!(parse_line(r#"{"tool_call":{}}"#)[..], [LineEvent::BadToolCall(_)]));
+    }
+
+    #[test]
+    fn run_json_carries_tools_parts_and_tool_fields() {
+        let mut i = input();
+        let parts = json!([{"type":"text","text":"hi"},{"type":"image_url","image_url":{"url":"data:,"}}]);
+        i.messages[0].raw_content = Some(parts.clone());
+        i.messages.push(crate::agent::ChatMessage::tool_result("c1", "42"));
+        i.options.tools = vec![json!({"type":"function","function":{"name":"f"}})];
+        i.options.tool_choice = Some(json!("auto"));
+        let v = run_json(&i);
+        assert_eq!(v["messages"][0], json!({"role":"user","content":"hi","parts":parts}));
+        assert_eq!(v["messages"][1], json!({"role":"tool","content":"42","tool_call_id":"c1"}));
+        assert_eq!(v["tools"][0]["function"]["name"], "f");
+        assert_eq!(v["toolChoice"], "auto");
+        assert!(run_json(&input()).get("tools").is_none());
+    }
+
     fn input() -> RunInput {
         RunInput {
             run_id: "r1".into(),
@@ -399,10 +519,15 @@ mod tests {
     struct Collect {
         text: String,
         finish: Option<FinishReason>,
+        calls: Vec<ToolCallPiece>,
     }
     impl EventSink for Collect {
         fn delta(&mut self, t: &str) -> Result<(), RunError> {
             self.text.push_str(t);
+            Ok(())
+        }
+        fn tool_call(&mut self, p: &ToolCallPiece) -> Result<(), RunError> {
+            self.calls.push(p.clone());
             Ok(())
         }
         fn usage(&mut self, _: Usage) {}

@@ -1,9 +1,33 @@
 //! The built-in `echo` backend (SPEC §6): replies with the last user message, one delta per
 //! whitespace-separated word (spaces kept), with word-count usage.
+//!
+//! Tool mode (SPEC §5.1), so that a whole tool round trip works without a model: when tools are
+//! offered and the last user message is `/tool NAME JSON`, the reply is one call to `NAME` with
+//! those arguments, streamed in pieces of at most [`ARG_PIECE`] bytes; when the last message is
+//! a tool result, the reply is `tool said: <result>`.
 
 use std::time::Duration;
 
+use crate::agent::tools::{ToolCallPiece, split_pieces};
 use crate::agent::{Backend, EventSink, FinishReason, Role, RunControl, RunError, RunInput, Usage, count_words};
+
+/// Largest argument piece of a tool call in tool mode.
+pub const ARG_PIECE: usize = 8;
+
+/// `/tool NAME JSON` → (`NAME`, `JSON`); the arguments default to `{}`.
+pub fn tool_command(text: &str) -> Option<(&str, &str)> {
+    let rest = text.trim().strip_prefix("/tool")?;
+    if !rest.starts_with(char::is_whitespace) {
+        return None;
+    }
+    let rest = rest.trim_start();
+    let (name, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    if name.is_empty() {
+        return None;
+    }
+    let args = args.trim();
+    Some((name, if args.is_empty() { "{}" } else { args }))
+}
 
 /// Deterministic echo.
 #[derive(Debug, Clone)]
@@ -47,10 +71,41 @@ pub fn split_words(text: &str) -> Vec<&str> {
 
 impl Backend for Echo {
     fn run(&self, input: &RunInput, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), RunError> {
-        let reply =
-            input.messages.iter().rev().find(|m| m.role == Role::User).map(|m| m.content.as_str()).unwrap_or("");
         let prompt_tokens =
             count_words(&input.system_prompt) + input.messages.iter().map(|m| count_words(&m.content)).sum::<u64>();
+        let last = input.messages.last();
+        let tool_said;
+        let reply = if let Some(m) = last.filter(|m| m.role == Role::Tool) {
+            tool_said = format!("tool said: {}", m.content);
+            tool_said.as_str()
+        } else {
+            let user = input.messages.iter().rev().find(|m| m.role == Role::User).map(|m| m.content.as_str());
+            let user = user.unwrap_or("");
+            if !input.options.tools.is_empty()
+                && let Some((name, args)) = tool_command(user)
+            {
+                ctl.check()?;
+                // Ids differ from turn to turn and stay the same for the same conversation.
+                let id = format!("call_{}", input.messages.len());
+                let pieces = split_pieces(args, ARG_PIECE);
+                out.tool_call(&ToolCallPiece {
+                    index: 0,
+                    id: Some(id),
+                    name: Some(name.into()),
+                    arguments: String::new(),
+                })?;
+                for (i, p) in pieces.iter().enumerate() {
+                    if i > 0 && !self.token_delay.is_zero() {
+                        ctl.sleep(self.token_delay, out)?;
+                    }
+                    out.tool_call(&ToolCallPiece { index: 0, id: None, name: None, arguments: (*p).into() })?;
+                }
+                out.usage(Usage { prompt_tokens, completion_tokens: pieces.len() as u64 });
+                out.finish(FinishReason::ToolCalls);
+                return Ok(());
+            }
+            user
+        };
         let limit = match (self.max_tokens, input.options.max_tokens) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -89,5 +144,18 @@ mod tests {
         assert_eq!(split_words("   "), vec!["   "]);
         assert_eq!(split_words("one"), vec!["one"]);
         assert_eq!(split_words("a\nb\tc"), vec!["a", "\nb", "\tc"]);
+    }
+
+    #[test]
+    fn tool_commands() {
+        assert_eq!(
+            tool_command("/tool get_weather {\"city\":\"Paris\"}"),
+            Some(("get_weather", "{\"city\":\"Paris\"}"))
+        );
+        assert_eq!(tool_command("  /tool f  "), Some(("f", "{}")));
+        assert_eq!(tool_command("/tool\tf\n{\"a\": 1}\n"), Some(("f", "{\"a\": 1}")));
+        assert_eq!(tool_command("/toolf {}"), None);
+        assert_eq!(tool_command("/tool "), None);
+        assert_eq!(tool_command("say /tool f {}"), None);
     }
 }

@@ -2,12 +2,12 @@
 //! vLLM, LM Studio, LiteLLM…), always called with `stream: true`.
 //!
 //! One run is one HTTP/1.1 request on a kept-alive connection ([`client`]), its SSE body decoded
-//! incrementally ([`crate::sse`]) and each content delta forwarded the moment its record is
-//! complete (the records of one upstream read leave together). Upstream usage and finish reasons
-//! are mapped; every failure becomes a [`RunError::Backend`] whose message starts with
-//! `upstream <baseUrl>:`. A cancel or the run's deadline drops the connection at once, which is
-//! how the upstream learns to stop generating. `fallbacks` are tried in order when an upstream
-//! fails before its first delta.
+//! incrementally ([`crate::sse`]) and each content delta and tool-call piece forwarded the moment
+//! its record is complete (tool-call pieces normalised by [`Assembler`]; the records of one
+//! upstream read leave together). Upstream usage and finish reasons are mapped; every failure
+//! becomes a [`RunError::Backend`] whose message starts with `upstream <baseUrl>:`. A cancel or
+//! the run's deadline drops the connection at once, which is how the upstream learns to stop
+//! generating. `fallbacks` are tried in order when an upstream fails before its first delta.
 
 use std::fmt;
 
@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use super::client::{Client, ClientOptions, Exchange};
 use super::upstream::{self, BaseUrl, Stop, UpstreamError};
+use crate::agent::tools::{Assembler, Calls, ToolCall, ToolCallPiece};
 use crate::agent::{Backend, EventSink, FinishReason, Role, RunControl, RunError, RunInput, Usage};
 use crate::config::OpenAiBackendConfig;
 use crate::sse::{Event, SseDecoder, SseError};
@@ -44,6 +45,8 @@ pub enum OpenAiError {
     NotJson(String),
     /// The stream ended with neither a finish reason nor `[DONE]`.
     EndedEarly,
+    /// A tool call that cannot be understood.
+    ToolCall(String),
 }
 
 impl fmt::Display for OpenAiError {
@@ -58,14 +61,19 @@ impl fmt::Display for OpenAiError {
             OpenAiError::EndedEarly => {
                 f.write_str("stream ended before the reply finished (no finish_reason, no [DONE])")
             }
+            OpenAiError::ToolCall(m) => write!(f, "malformed tool call: {m}"),
         }
     }
 }
 
 impl std::error::Error for OpenAiError {}
 
-enum Fail {
+/// Why an exchange stopped: the run's own reason, or the upstream's fault.
+#[derive(Debug)]
+pub enum Fail {
+    /// Cancel, deadline, client gone.
     Run(RunError),
+    /// The upstream failed or sent something malformed.
     Api(OpenAiError),
 }
 
@@ -186,7 +194,8 @@ fn falls_back(e: &OpenAiError) -> bool {
     }
 }
 
-/// Forwards events, noting whether a delta went out (after which nothing falls back).
+/// Forwards events, noting whether a delta or a tool-call piece went out (after which nothing
+/// falls back).
 struct Watch<'a> {
     inner: &'a mut dyn EventSink,
     delta: bool,
@@ -200,8 +209,15 @@ impl EventSink for Watch<'_> {
     fn usage(&mut self, usage: Usage) {
         self.inner.usage(usage)
     }
+    fn tool_call(&mut self, piece: &ToolCallPiece) -> Result<(), RunError> {
+        self.delta = true;
+        self.inner.tool_call(piece)
+    }
     fn finish(&mut self, reason: FinishReason) {
         self.inner.finish(reason)
+    }
+    fn tool_event(&mut self, ev: &crate::agent::tools::ToolEvent<'_>) {
+        self.inner.tool_event(ev)
     }
     fn tick(&mut self) -> Result<(), RunError> {
         self.inner.tick()
@@ -227,7 +243,7 @@ pub fn request_body(model: &str, input: &RunInput) -> Value {
             Role::Assistant => "assistant",
             Role::Tool => "tool",
         };
-        let mut msg = json!({ "role": role, "content": m.content });
+        let mut msg = json!({ "role": role, "content": m.wire_content() });
         if let (Some(t), Some(obj)) = (&m.tool, msg.as_object_mut()) {
             obj.extend(t.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
@@ -252,7 +268,101 @@ pub fn request_body(model: &str, input: &RunInput) -> Value {
     if !o.stop.is_empty() {
         body["stop"] = o.stop.clone().into();
     }
+    if !o.tools.is_empty() {
+        body["tools"] = Value::Array(o.tools.clone());
+    }
+    if let Some(c) = &o.tool_choice {
+        body["tool_choice"] = c.clone();
+    }
+    if let Some(p) = o.parallel_tool_calls {
+        body["parallel_tool_calls"] = p.into();
+    }
+    if let Some(obj) = body.as_object_mut() {
+        obj.extend(o.passthrough.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
     body
+}
+
+/// One tool-call piece as an upstream sent it (its own `index`; `id` and `name` when present).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawPiece {
+    /// The upstream's `index`.
+    pub index: u64,
+    /// `id`.
+    pub id: Option<String>,
+    /// `function.name`.
+    pub name: Option<String>,
+    /// `function.arguments` (an object is serialised; absent is empty).
+    pub arguments: String,
+}
+
+fn opt_str(v: Option<&Value>, what: &str) -> Result<Option<String>, OpenAiError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => {
+            Err(OpenAiError::ToolCall(format!("`{what}` must be a string, got {}", snippet(&other.to_string()))))
+        }
+    }
+}
+
+/// The pieces in a `tool_calls` array (`delta.tool_calls` or `message.tool_calls`). An element
+/// without `index` takes its position in the array.
+pub fn tool_pieces(v: Option<&Value>) -> Result<Vec<RawPiece>, OpenAiError> {
+    let list = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(a)) => a,
+        Some(other) => {
+            return Err(OpenAiError::ToolCall(format!(
+                "`tool_calls` must be an array, got {}",
+                snippet(&other.to_string())
+            )));
+        }
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (pos, c) in list.iter().enumerate() {
+        let Some(o) = c.as_object() else {
+            return Err(OpenAiError::ToolCall(format!("tool call must be an object, got {}", snippet(&c.to_string()))));
+        };
+        let index = match o.get("index") {
+            None | Some(Value::Null) => pos as u64,
+            Some(i) => i.as_u64().ok_or_else(|| {
+                OpenAiError::ToolCall(format!(
+                    "`index` must be a non-negative integer, got {}",
+                    snippet(&i.to_string())
+                ))
+            })?,
+        };
+        let f = match o.get("function") {
+            None | Some(Value::Null) => None,
+            Some(f @ Value::Object(_)) => Some(f),
+            Some(other) => {
+                return Err(OpenAiError::ToolCall(format!(
+                    "`function` must be an object, got {}",
+                    snippet(&other.to_string())
+                )));
+            }
+        };
+        let arguments = match f.and_then(|f| f.get("arguments")) {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            // Some servers send the arguments as an object rather than its JSON text.
+            Some(v @ Value::Object(_)) => v.to_string(),
+            Some(other) => {
+                return Err(OpenAiError::ToolCall(format!(
+                    "`arguments` must be a string, got {}",
+                    snippet(&other.to_string())
+                )));
+            }
+        };
+        out.push(RawPiece {
+            index,
+            id: opt_str(o.get("id"), "id")?,
+            name: opt_str(f.and_then(|f| f.get("name")), "function.name")?,
+            arguments,
+        });
+    }
+    Ok(out)
 }
 
 /// What one stream record says.
@@ -260,7 +370,10 @@ pub fn request_body(model: &str, input: &RunInput) -> Value {
 pub struct Chunk {
     /// `choices[0].delta.content`.
     pub content: Option<String>,
-    /// `choices[0].finish_reason`, mapped (`length` → length, any other reason → stop).
+    /// `choices[0].delta.tool_calls`.
+    pub tool_calls: Vec<RawPiece>,
+    /// `choices[0].finish_reason`, mapped (`length` → length, `tool_calls` → tool_calls, any
+    /// other reason → stop).
     pub finish: Option<FinishReason>,
     /// `usage`, when it carries the two counts.
     pub usage: Option<Usage>,
@@ -302,6 +415,7 @@ fn usage_of(v: &Value) -> Option<Usage> {
 fn finish_of(v: &Value) -> Option<FinishReason> {
     match v.as_str()? {
         "length" => Some(FinishReason::Length),
+        "tool_calls" | "function_call" => Some(FinishReason::ToolCalls),
         _ => Some(FinishReason::Stop),
     }
 }
@@ -333,6 +447,7 @@ pub fn parse_event(ev: &Event) -> Result<Chunk, OpenAiError> {
     let mut chunk = Chunk { usage: v.get("usage").and_then(usage_of), ..Chunk::default() };
     if let Some(c) = first_choice(&v) {
         chunk.content = c["delta"]["content"].as_str().map(String::from);
+        chunk.tool_calls = tool_pieces(c["delta"].get("tool_calls"))?;
         chunk.finish = finish_of(&c["finish_reason"]);
     }
     Ok(chunk)
@@ -348,6 +463,7 @@ pub fn parse_completion(body: &[u8]) -> Result<Chunk, OpenAiError> {
     let c = first_choice(&v).ok_or_else(|| OpenAiError::NotJson(snippet(&v.to_string())))?;
     Ok(Chunk {
         content: c["message"]["content"].as_str().map(String::from),
+        tool_calls: tool_pieces(c["message"].get("tool_calls"))?,
         finish: finish_of(&c["finish_reason"]).or(Some(FinishReason::Stop)),
         usage: v.get("usage").and_then(usage_of),
         done: true,
@@ -356,14 +472,21 @@ pub fn parse_completion(body: &[u8]) -> Result<Chunk, OpenAiError> {
 
 /// Where the stream stands.
 #[derive(Default)]
-struct Progress {
+pub struct Progress {
     finished: bool,
     done: bool,
+    calls: Assembler,
 }
 
-fn apply(chunk: Chunk, p: &mut Progress, out: &mut dyn EventSink) -> Result<(), RunError> {
+/// Forward what `chunk` says to `out`.
+pub fn apply(chunk: Chunk, p: &mut Progress, out: &mut dyn EventSink) -> Result<(), Fail> {
     if let Some(text) = chunk.content.as_deref().filter(|t| !t.is_empty()) {
         out.delta(text)?;
+    }
+    for r in &chunk.tool_calls {
+        let piece =
+            p.calls.push(r.index, r.id.as_deref(), r.name.as_deref(), &r.arguments).map_err(OpenAiError::ToolCall)?;
+        out.tool_call(&piece)?;
     }
     if let Some(u) = chunk.usage {
         out.usage(u);
@@ -374,6 +497,71 @@ fn apply(chunk: Chunk, p: &mut Progress, out: &mut dyn EventSink) -> Result<(), 
     }
     p.done |= chunk.done;
     Ok(())
+}
+
+/// What an event-stream body says, decoded exactly as the backend decodes a live stream: for
+/// tests and fuzzing, which feed it in arbitrary parts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decoded {
+    /// The reply text.
+    pub text: String,
+    /// The tool calls, whole.
+    pub calls: Vec<ToolCall>,
+    /// The finish reason, if one came.
+    pub finish: Option<FinishReason>,
+    /// `[DONE]` arrived (decoding stops there, as the backend does).
+    pub done: bool,
+}
+
+struct Collect<'a>(&'a mut Decoded, Calls);
+
+impl EventSink for Collect<'_> {
+    fn delta(&mut self, text: &str) -> Result<(), RunError> {
+        self.0.text.push_str(text);
+        Ok(())
+    }
+    fn tool_call(&mut self, piece: &ToolCallPiece) -> Result<(), RunError> {
+        self.1.add(piece).map_err(RunError::Backend)
+    }
+    fn usage(&mut self, _: Usage) {}
+    fn finish(&mut self, reason: FinishReason) {
+        self.0.finish = Some(reason);
+    }
+}
+
+/// Decode an event-stream body given in `parts`; the error is the message a run would fail with.
+pub fn decode_body(parts: &[&[u8]]) -> Result<Decoded, String> {
+    let mut d = Decoded::default();
+    let mut sink = Collect(&mut d, Calls::default());
+    let mut dec = SseDecoder::default();
+    let mut p = Progress::default();
+    let mut events = Vec::new();
+    let fail = |e: Fail| match e {
+        Fail::Api(e) => e.to_string(),
+        Fail::Run(e) => e.to_string(),
+    };
+    // Events decoded before a stream error still count, and nothing after `[DONE]` does, so
+    // the result does not depend on how the body was cut.
+    for part in parts.iter().map(Some).chain([None]) {
+        let r = match part {
+            Some(b) => dec.feed(b, &mut events),
+            None => dec.finish(&mut events),
+        };
+        for ev in events.drain(..) {
+            handle(&ev, &mut p, &mut sink).map_err(fail)?;
+            if p.done {
+                break;
+            }
+        }
+        if p.done {
+            break;
+        }
+        r.map_err(|e| OpenAiError::Sse(e).to_string())?;
+    }
+    let calls = sink.1.take();
+    d.calls = calls;
+    d.done = p.done;
+    Ok(d)
 }
 
 impl Target {
@@ -409,7 +597,7 @@ impl Target {
             if chunk.is_err() && !complete {
                 return Err(UpstreamError::ClosedMidBody.into());
             }
-            return Ok(apply(chunk?, &mut Progress::default(), out)?);
+            return apply(chunk?, &mut Progress::default(), out);
         }
         stream(client, ex, ctl, out)
     }
@@ -432,15 +620,7 @@ fn stream(client: &Client, mut ex: Exchange, ctl: &RunControl, out: &mut dyn Eve
         out.batch_begin();
         let mut applied = Ok(());
         for ev in events.drain(..) {
-            if let Some(text) = plain_content(&ev) {
-                // The common record, read without building a JSON tree.
-                applied = if text.is_empty() { Ok(()) } else { out.delta(&text).map_err(Fail::from) };
-                if applied.is_err() {
-                    break;
-                }
-                continue;
-            }
-            applied = parse_event(&ev).map_err(Fail::from).and_then(|c| apply(c, &mut p, out).map_err(Fail::from));
+            applied = handle(&ev, &mut p, out);
             if applied.is_err() || p.done {
                 break;
             }
@@ -463,7 +643,7 @@ fn stream(client: &Client, mut ex: Exchange, ctl: &RunControl, out: &mut dyn Eve
     if eof.is_ok() {
         dec.finish(&mut events)?;
         for ev in events.drain(..) {
-            apply(parse_event(&ev)?, &mut p, out)?;
+            handle(&ev, &mut p, out)?;
         }
         client.release(ex);
     }
@@ -473,6 +653,16 @@ fn stream(client: &Client, mut ex: Exchange, ctl: &RunControl, out: &mut dyn Eve
     }
     eof?;
     Err(OpenAiError::EndedEarly.into())
+}
+
+/// Forward one stream record: a plain content delta straight from borrowed strings (the common
+/// case, no JSON tree), any other record through [`parse_event`] and [`apply`].
+fn handle(ev: &Event, p: &mut Progress, out: &mut dyn EventSink) -> Result<(), Fail> {
+    match plain_content(ev) {
+        Some(text) if text.is_empty() => Ok(()),
+        Some(text) => Ok(out.delta(&text)?),
+        None => apply(parse_event(ev)?, p, out),
+    }
 }
 
 /// The text of a record that is nothing but a content delta of the first choice (no finish
@@ -574,7 +764,12 @@ mod tests {
             session_key: "agent:a:k".into(),
             system_prompt: "Be brief.".into(),
             messages: vec![ChatMessage::new(Role::User, "hi"), ChatMessage::new(Role::Assistant, "yo")],
-            options: RunOptions { max_tokens: Some(5), temperature: Some(0.5), top_p: None, stop: vec!["\n".into()] },
+            options: RunOptions {
+                max_tokens: Some(5),
+                temperature: Some(0.5),
+                stop: vec!["\n".into()],
+                ..Default::default()
+            },
         };
         let b = request_body("m", &input);
         assert_eq!(
@@ -613,7 +808,7 @@ mod tests {
     #[test]
     fn records() {
         let ok = |content: Option<&str>, finish, usage, done| {
-            Ok(Chunk { content: content.map(String::from), finish, usage, done })
+            Ok(Chunk { content: content.map(String::from), tool_calls: Vec::new(), finish, usage, done })
         };
         let u = Some(Usage { prompt_tokens: 3, completion_tokens: 2 });
         let cases: Vec<(&str, Result<Chunk, String>)> = vec![
@@ -629,7 +824,7 @@ mod tests {
             ),
             (
                 r#"{"choices":[{"delta":{},"finish_reason":"tool_calls"}]}"#,
-                ok(None, Some(FinishReason::Stop), None, false),
+                ok(None, Some(FinishReason::ToolCalls), None, false),
             ),
             (
                 r#"{"choices":[{"index":1,"delta":{"content":"B"}},{"index":0,"delta":{"content":"A"}}]}"#,
@@ -705,6 +900,189 @@ mod tests {
         assert_eq!(c.finish, Some(FinishReason::Stop));
         assert!(parse_completion(b"{}").is_err());
         assert!(parse_completion(br#"{"error":{"message":"no"}}"#).unwrap_err().to_string().contains("no"));
+    }
+
+    #[derive(Default)]
+    struct Seen {
+        text: String,
+        pieces: Vec<ToolCallPiece>,
+        calls: Calls,
+    }
+    impl EventSink for Seen {
+        fn delta(&mut self, t: &str) -> Result<(), RunError> {
+            self.text.push_str(t);
+            Ok(())
+        }
+        fn tool_call(&mut self, p: &ToolCallPiece) -> Result<(), RunError> {
+            self.calls.add(p).map_err(RunError::Backend)?;
+            self.pieces.push(p.clone());
+            Ok(())
+        }
+        fn usage(&mut self, _: Usage) {}
+        fn finish(&mut self, _: FinishReason) {}
+    }
+
+    /// Decode `bytes` as an SSE body fed in pieces of `step` bytes.
+    fn decode(bytes: &[u8], step: usize) -> Result<Seen, String> {
+        let mut dec = SseDecoder::default();
+        let mut events = Vec::new();
+        let mut p = Progress::default();
+        let mut seen = Seen::default();
+        for part in bytes.chunks(step) {
+            dec.feed(part, &mut events).map_err(|e| e.to_string())?;
+            for ev in events.drain(..) {
+                let chunk = parse_event(&ev).map_err(|e| e.to_string())?;
+                apply(chunk, &mut p, &mut seen).map_err(|e| match e {
+                    Fail::Api(e) => e.to_string(),
+                    Fail::Run(e) => e.to_string(),
+                })?;
+            }
+        }
+        Ok(seen)
+    }
+
+    fn rec(delta: Value) -> String {
+        format!("data: {}\n\n", json!({"choices":[{"index":0,"delta":delta,"finish_reason":null}]}))
+    }
+
+    #[test]
+    fn tool_calls_decode_whatever_the_split() {
+        let stream = [
+            rec(json!({"role":"assistant","content":null})),
+            rec(json!({"tool_calls":[{"index":0,"id":"call_a","type":"function","function":{"name":"get_weather","arguments":""}}]})),
+            rec(json!({"tool_calls":[{"index":0,"function":{"arguments":"{\"ci"}}]})),
+            // A second call starts while the first is unfinished (interleaved by index).
+            rec(json!({"tool_calls":[{"index":1,"id":"call_b","type":"function","function":{"name":"get_time","arguments":"{\"tz\""}}]})),
+            rec(json!({"tool_calls":[{"index":0,"function":{"arguments":"ty\":\"Paris\"}"}}]})),
+            rec(json!({"tool_calls":[{"index":1,"function":{"arguments":":\"CET\"}"}}]})),
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\ndata: [DONE]\n\n".to_string(),
+        ]
+        .concat();
+        let want = [
+            ToolCall { id: "call_a".into(), name: "get_weather".into(), arguments: "{\"city\":\"Paris\"}".into() },
+            ToolCall { id: "call_b".into(), name: "get_time".into(), arguments: "{\"tz\":\"CET\"}".into() },
+        ];
+        for step in [1, 2, 3, 7, 64, stream.len()] {
+            let seen = decode(stream.as_bytes(), step).unwrap();
+            assert_eq!(seen.calls.calls(), &want[..], "step {step}");
+            assert_eq!(seen.text, "");
+            // Each upstream piece is forwarded as its own piece, in arrival order.
+            let args: Vec<(usize, &str)> = seen.pieces.iter().map(|p| (p.index, p.arguments.as_str())).collect();
+            assert_eq!(
+                args,
+                vec![(0, ""), (0, "{\"ci"), (1, "{\"tz\""), (0, "ty\":\"Paris\"}"), (1, ":\"CET\"}")],
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn upstream_indexes_are_renumbered_and_ids_made_up() {
+        // Some servers number from 1, or leave out the id or the index.
+        let stream = [
+            rec(json!({"tool_calls":[{"index":3,"function":{"name":"f","arguments":"{}"}}]})),
+            rec(json!({"tool_calls":[{"function":{"name":"g","arguments":{"a":1}}}]})),
+        ]
+        .concat();
+        let seen = decode(stream.as_bytes(), 5).unwrap();
+        let c = seen.calls.calls();
+        assert_eq!((c[0].name.as_str(), c[0].arguments.as_str()), ("f", "{}"));
+        assert!(c[0].id.starts_with("call_"));
+        assert_eq!((c[1].name.as_str(), c[1].arguments.as_str()), ("g", "{\"a\":1}"));
+    }
+
+    #[test]
+    fn malformed_tool_calls_are_backend_errors() {
+        let cases = [
+            (json!({"tool_calls":{"index":0}}), "`tool_calls` must be an array"),
+            (json!({"tool_calls":[5]}), "tool call must be an object"),
+            (json!({"tool_calls":[{"index":-1,"function":{"name":"f"}}]}), "`index` must be a non-negative integer"),
+            (json!({"tool_calls":[{"index":"0","function":{"name":"f"}}]}), "`index` must be a non-negative integer"),
+            (json!({"tool_calls":[{"index":0,"function":"f"}]}), "`function` must be an object"),
+            (json!({"tool_calls":[{"index":0,"function":{"name":7}}]}), "`function.name` must be a string"),
+            (json!({"tool_calls":[{"index":0,"id":1,"function":{"name":"f"}}]}), "`id` must be a string"),
+            (
+                json!({"tool_calls":[{"index":0,"function":{"name":"f","arguments":[1]}}]}),
+                "`arguments` must be a string",
+            ),
+            // A call's first piece must name the function.
+            (
+                json!({"tool_calls":[{"index":0,"id":"c","function":{"arguments":"{}"}}]}),
+                "starts without a function name",
+            ),
+        ];
+        for (delta, want) in cases {
+            let err = decode(rec(delta.clone()).as_bytes(), 3).map(|_| ()).unwrap_err();
+            assert!(err.starts_with("malformed tool call: ") && err.contains(want), "{delta}: {err}");
+        }
+        let whole = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":"x"}}]}"#;
+        assert!(parse_completion(whole).unwrap_err().to_string().contains("`tool_calls` must be an array"));
+    }
+
+    #[test]
+    fn whole_completion_with_tool_calls() {
+        let c = parse_completion(
+            br#"{"choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[
+                {"id":"call_1","type":"function","function":{"name":"f","arguments":"{\"x\":1}"}},
+                {"id":"call_2","type":"function","function":{"name":"g","arguments":"{}"}}]},
+                "finish_reason":"tool_calls"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.finish, Some(FinishReason::ToolCalls));
+        assert_eq!(c.content, None);
+        let mut seen = Seen::default();
+        assert!(apply(c, &mut Progress::default(), &mut seen).is_ok());
+        let calls = seen.calls.calls();
+        assert_eq!(calls.len(), 2);
+        assert_eq!((calls[0].id.as_str(), calls[0].arguments.as_str()), ("call_1", "{\"x\":1}"));
+        assert_eq!(calls[1].name, "g");
+    }
+
+    #[test]
+    fn request_body_forwards_tool_and_output_fields_only_when_sent() {
+        let mut o = RunOptions::default();
+        let base = RunInput {
+            run_id: "r".into(),
+            agent_id: "a".into(),
+            session_key: "agent:a:k".into(),
+            system_prompt: String::new(),
+            messages: vec![ChatMessage::new(Role::User, "hi")],
+            options: o.clone(),
+        };
+        let keys = |b: &Value| b.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&request_body("m", &base)), vec!["messages", "model", "stream", "stream_options"]);
+        o.tools = vec![json!({"type":"function","function":{"name":"f"}})];
+        o.tool_choice = Some(json!("required"));
+        o.parallel_tool_calls = Some(false);
+        o.passthrough.insert("seed".into(), json!(7));
+        o.passthrough.insert("response_format".into(), json!({"type":"json_object"}));
+        let b = request_body("m", &RunInput { options: o, ..base });
+        assert_eq!(b["tools"], json!([{"type":"function","function":{"name":"f"}}]));
+        assert_eq!(b["tool_choice"], "required");
+        assert_eq!(b["parallel_tool_calls"], false);
+        assert_eq!(b["seed"], 7);
+        assert_eq!(b["response_format"], json!({"type":"json_object"}));
+    }
+
+    #[test]
+    fn content_parts_and_null_go_upstream_verbatim() {
+        let parts = json!([{"type":"text","text":"what is this?"},{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]);
+        let mut user = ChatMessage::new(Role::User, "what is this?");
+        user.raw_content = Some(parts.clone());
+        let asst =
+            ChatMessage::assistant_calls("", &[ToolCall { id: "c".into(), name: "f".into(), arguments: "{}".into() }]);
+        let input = RunInput {
+            run_id: "r".into(),
+            agent_id: "a".into(),
+            session_key: "agent:a:k".into(),
+            system_prompt: String::new(),
+            messages: vec![user, asst],
+            options: RunOptions::default(),
+        };
+        let b = request_body("m", &input);
+        assert_eq!(b["messages"][0]["content"], parts);
+        assert_eq!(b["messages"][1]["content"], Value::Null);
+        assert_eq!(b["messages"][1]["tool_calls"][0]["function"]["name"], "f");
     }
 
     #[test]
