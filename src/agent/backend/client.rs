@@ -4,7 +4,7 @@
 //! Everything blocks on the worker thread that owns the run, in steps of [`TICK`]: sockets carry a
 //! [`TICK`] read/write timeout, and between steps the run's cancel token and deadline are checked
 //! and the event sink is ticked. So a cancel or a deadline ends a run within a step whatever the
-//! upstream does: while resolving (on a helper thread, see [`resolve`]), connecting (non-blocking
+//! upstream does: while resolving (on a helper thread), connecting (non-blocking
 //! connect polled in steps), in the TLS handshake, or waiting for bytes.
 //!
 //! A connection goes back to the pool only after a response whose end the framing proved

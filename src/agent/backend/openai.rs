@@ -1,7 +1,7 @@
 //! The `openai` backend: an upstream OpenAI-compatible server (llama.cpp `llama-server`, Ollama,
 //! vLLM, LM Studio, LiteLLM…), always called with `stream: true`.
 //!
-//! One run is one HTTP/1.1 request on a kept-alive connection ([`client`]), its SSE body decoded
+//! One run is one HTTP/1.1 request on a kept-alive connection ([`super::client`]), its SSE body decoded
 //! incrementally ([`crate::sse`]) and each content delta and tool-call piece forwarded the moment
 //! its record is complete (tool-call pieces normalised by [`Assembler`]; the records of one
 //! upstream read leave together). Upstream usage and finish reasons are mapped; every failure

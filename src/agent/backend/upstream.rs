@@ -82,7 +82,7 @@ impl std::error::Error for UpstreamError {}
 /// Why an upstream exchange stopped early: the run's own cancel/deadline, or the upstream.
 #[derive(Debug)]
 pub enum Stop {
-    /// From [`RunControl::check`] or the event sink.
+    /// From [`crate::agent::RunControl::check`] or the event sink.
     Run(RunError),
     /// The upstream failed.
     Upstream(UpstreamError),
