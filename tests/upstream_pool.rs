@@ -387,3 +387,14 @@ fn records_from_one_upstream_read_leave_in_one_chunk() {
     let with_last = chunks.iter().find(|c| c.iter().any(|d| content(d).as_deref() == Some("last"))).unwrap();
     assert!(!with_last.iter().any(|d| content(d).as_deref() == Some("w4 ")), "{chunks:?}");
 }
+
+#[test]
+fn a_host_name_is_resolved_and_its_addresses_tried_in_turn() {
+    // `localhost` may give ::1 first; the mock listens on 127.0.0.1 only.
+    let up = Upstream::keep_alive(|_| reply());
+    let gw = gateway(&format!("http://localhost:{}/v1", up.port), "");
+    assert_eq!(ask(&gw), (200, "Hello".into()));
+    assert_eq!(ask(&gw), (200, "Hello".into()));
+    assert_eq!(up.connections(), 1);
+    assert!(up.requests()[0].header("host").is_some_and(|h| h == format!("localhost:{}", up.port)));
+}

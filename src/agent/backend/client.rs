@@ -196,11 +196,6 @@ impl Client {
         &self.url
     }
 
-    /// Idle connections now in the pool.
-    pub fn idle_count(&self) -> usize {
-        self.pool.lock().idle.len()
-    }
-
     /// Send `req` (a whole request) and read the response head: on a pooled connection when one
     /// is idle, else a fresh one. A pooled connection that turns out dead before any response byte
     /// (write error, reset, close) is dropped with every other idle one and the request goes once

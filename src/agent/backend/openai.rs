@@ -166,11 +166,6 @@ impl OpenAi {
         targets.extend(fallbacks.into_iter().map(Target::new));
         OpenAi { targets }
     }
-
-    /// Idle pooled connections of the first upstream (for tests and diagnostics).
-    pub fn idle_connections(&self) -> usize {
-        self.targets[0].client.as_ref().map_or(0, Client::idle_count)
-    }
 }
 
 /// Whether a failure before the first delta moves the run to the next upstream: the upstream was
