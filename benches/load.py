@@ -443,7 +443,7 @@ def main():
     with open(gcfg, "w") as f:
         f.write(f"""{{
   gateway: {{
-    port: {gport}, bind: "loopback", workers: 2,
+    port: {gport}, bind: "loopback", workers: 2, maxRunsPerIp: 0,
     auth: {{ mode: "token", token: "{TOKEN}" }},
     http: {{ endpoints: {{ chatCompletions: {{ enabled: true }} }} }},
   }},

@@ -132,7 +132,7 @@ def main():
     cfg = os.path.join(state, "gatelet.json5")
     with open(cfg, "w") as f:
         f.write(
-            "{ gateway: { auth: { token: '%s' }, workers: 4, http: { endpoints: { chatCompletions: { enabled: true } } } },\n"
+            "{ gateway: { auth: { token: '%s' }, workers: 4, maxRunsPerIp: 0, http: { endpoints: { chatCompletions: { enabled: true } } } },\n"
             "  session: { persist: false },\n"
             "  agents: { list: [{ id: 'up', default: true, backend: { kind: 'openai', baseUrl: 'http://127.0.0.1:%d/v1', model: 'm' } }] } }\n"
             % (TOKEN, up_port)

@@ -19,6 +19,7 @@ Usage:
   gatelet gateway [--config P] [--port N] [--bind B] [--token T]
   gatelet agent --message TEXT [--config P] [--agent ID] [--session-key K] [--stream] [--json]
   gatelet config check [--config P]
+  gatelet sessions list|show KEY|delete KEY [--config P] [--json]
   gatelet --help | --version
 
 Run `gatelet <command> --help` for details.
@@ -79,6 +80,10 @@ pub fn main(argv: Vec<String>) -> i32 {
         }
         Some("gateway") => gateway(args).unwrap_or_else(|c| c),
         Some("agent") => agent(args).unwrap_or_else(|c| c),
+        Some("sessions") => {
+            crate::log::init_from_env();
+            crate::session::cli::main(args.rest.collect())
+        }
         Some("config") => match args.rest.next().as_deref() {
             Some("check") => config_check(args).unwrap_or_else(|c| c),
             Some("--help" | "-h") | None => {
@@ -106,11 +111,11 @@ fn load(ov: &Overrides) -> Result<Config, i32> {
     }
 }
 
-fn build(cfg: Config) -> Arc<Gateway> {
+fn build(cfg: Config, store_owner: bool) -> Arc<Gateway> {
     if cfg.implicit_echo {
         crate::log!(Warn, "no backend configured: agents use the built-in echo backend");
     }
-    let (gw, warnings) = Gateway::new(cfg);
+    let (gw, warnings) = Gateway::with_store_writer(cfg, store_owner);
     for w in warnings {
         crate::log!(Warn, "{w}");
     }
@@ -136,7 +141,28 @@ fn gateway(mut args: Args) -> Result<i32, i32> {
         }
     }
     let cfg = load(&ov)?;
-    let gw = build(cfg);
+    // One gateway per state dir: a second one would overwrite the first's session index, and
+    // `gatelet sessions` checks this lock before touching the store.
+    let _state_lock = if cfg.persist_sessions {
+        match crate::session::persist::StateLock::acquire(&cfg.state_dir) {
+            Ok(l) => Some(l),
+            Err(crate::session::persist::LockError::Held(pid)) => {
+                let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+                eprintln!(
+                    "gatelet: another gatelet process{who} is using state dir {} (a gateway already running?)",
+                    cfg.state_dir.display()
+                );
+                return Err(1);
+            }
+            Err(crate::session::persist::LockError::Io(e)) => {
+                eprintln!("gatelet: cannot lock the state dir: {e}");
+                return Err(1);
+            }
+        }
+    } else {
+        None
+    };
+    let gw = build(cfg, true);
     let server = match crate::server::Server::bind(gw.clone()) {
         Ok(s) => s,
         Err(e) => {
@@ -157,6 +183,9 @@ fn gateway(mut args: Args) -> Result<i32, i32> {
         Ok(()) => {
             // Workers finish (or notice the cancel of) what they hold; transcripts are complete.
             gw.pool.shutdown();
+            if let Err(e) = gw.sessions.flush() {
+                crate::log!(Warn, "session index snapshot failed (the journal keeps the changes): {e}");
+            }
             Ok(0)
         }
         Err(e) => {
@@ -225,7 +254,11 @@ fn agent(mut args: Args) -> Result<i32, i32> {
     }
     let Some(message) = message else { return Err(usage_err("agent: --message is required")) };
     let cfg = load(&ov)?;
-    let gw = build(cfg);
+    // Alone on the state dir, this process may maintain the session index; next to a running
+    // gateway it only appends its turn.
+    let state_lock =
+        if cfg.persist_sessions { crate::session::persist::StateLock::acquire(&cfg.state_dir).ok() } else { None };
+    let gw = build(cfg, state_lock.is_some());
     let agent = match agent_id {
         Some(id) => gw.agent_index(&id).ok_or_else(|| {
             let ids: Vec<_> = gw.agents.iter().map(|a| a.cfg.id.as_str()).collect();
@@ -268,6 +301,9 @@ fn agent(mut args: Args) -> Result<i32, i32> {
         println!("{}", out.text);
     }
     gw.pool.shutdown();
+    if state_lock.is_some() {
+        gw.sessions.snapshot_if_due();
+    }
     match out.error {
         None => Ok(0),
         Some(e) => {

@@ -41,10 +41,21 @@ pub struct Gateway {
 impl Gateway {
     /// Build the gateway; returns warnings from loading sessions.
     pub fn new(config: Config) -> (Self, Vec<String>) {
+        Self::with_store_writer(config, true)
+    }
+
+    /// Build the gateway; `owner` is false for a process that shares the state dir with a
+    /// running gateway (`gatelet agent` while one runs): it appends turns but never rewrites the
+    /// session index snapshot or removes idle sessions.
+    pub fn with_store_writer(config: Config, owner: bool) -> (Self, Vec<String>) {
         let agents =
             config.agents.iter().map(|a| Agent { cfg: a.clone(), backend: backend::build(&a.backend) }).collect();
-        let (sessions, warnings) = SessionStore::open(&config.state_dir, config.persist_sessions);
-        let pool = Pool::new(config.gateway.workers, config.gateway.max_queued_runs);
+        let (sessions, warnings) = SessionStore::open_with(
+            &config.state_dir,
+            crate::session::StoreOptions { background: owner, ..crate::session::options(&config) },
+        );
+        let g = &config.gateway;
+        let pool = Pool::new(g.workers, g.max_queued_runs, g.max_runs_per_ip);
         let auth = Authorizer::new(&config.gateway.auth);
         (
             Gateway { config, agents, sessions, pool, auth, runs: Registry::new(), ready: AtomicBool::new(false) },

@@ -230,7 +230,8 @@ fn sticky_sessions_keep_history_and_ephemeral_ones_do_not() {
 #[test]
 fn runs_on_one_session_are_serialised() {
     let gw = Gateway::with_config(&config(
-        "workers: 4",
+        // Enough workers that three parallel runs from one address stay within maxRunsPerIp.
+        "workers: 8",
         "agents: { list: [ { id: 'main', backend: { kind: 'echo', tokenDelayMs: 300 } } ] }",
     ));
     let key = "x-gatelet-session-key: serial";
@@ -333,8 +334,9 @@ fn full_queue_is_503_overloaded_with_retry_after() {
 
 /// Drop the client mid-run: the only worker must be free again within about a second.
 fn disconnect_frees_the_worker(stream: bool) {
+    // No per-address limit: the next request from this address queues behind the cancelled run.
     let gw = Gateway::with_config(&config(
-        "workers: 1",
+        "workers: 1, maxRunsPerIp: 0",
         "agents: { list: [ { id: 'main', backend: { kind: 'echo', tokenDelayMs: 5000 } } ] }",
     ));
     let words: Vec<String> = (0..30).map(|i| format!("w{i}")).collect();

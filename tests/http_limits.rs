@@ -162,7 +162,7 @@ fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
 }
 
 #[test]
-fn max_connections_holds_back_extra_connections() {
+fn max_connections_holds_back_extra_connections_while_all_are_busy() {
     let gw = Gateway::with_config(&config("maxConnections: 2", ""));
     let req = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n";
     let mut a = gw.connect();
@@ -171,6 +171,17 @@ fn max_connections_holds_back_extra_connections() {
         s.write_all(req).unwrap();
         assert_eq!(read_response(s).unwrap().status, 200);
     }
+    // Both connections are busy uploading a body: neither may be closed for a newcomer.
+    let body = user_body("still here", "");
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    for s in [&mut a, &mut b] {
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&body.as_bytes()[..1]).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
     let mut c = gw.connect();
     c.write_all(req).unwrap();
     let early = read_for(&mut c, Duration::from_millis(1500));
@@ -179,9 +190,11 @@ fn max_connections_holds_back_extra_connections() {
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let r = read_response(&mut c).expect("served once a slot is free");
     assert_eq!(r.status, 200);
-    // The other connection still works.
-    b.write_all(req).unwrap();
-    assert_eq!(read_response(&mut b).unwrap().status, 200);
+    // The other connection is still there: its upload completes.
+    b.write_all(&body.as_bytes()[1..]).unwrap();
+    let r = read_response(&mut b).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "still here");
 }
 
 #[test]

@@ -1,18 +1,32 @@
-//! A fixed pool of worker threads with a bounded queue.
+//! A pool of worker threads with a bounded queue.
 //!
 //! Admission is separate from submission ([`Pool::admit`] then [`Admission::submit`]) so that a
 //! caller can answer 503 before it hands over a connection. Jobs tagged with a session key run
 //! one at a time per key, in arrival order; a job waiting for its session does not hold a worker.
+//!
+//! Runs mostly wait (on an upstream, a child process or a slow client), so the pool is sized for
+//! concurrency rather than cores: a few threads start with the pool, more start when work is
+//! queued and none is idle (up to `workers`), and those extra threads exit after a while without
+//! work. An address may be limited to a number of admitted runs so that one client cannot hold
+//! every worker.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 type Work = Box<dyn FnOnce() + Send + 'static>;
 
+/// Threads started with the pool, kept however idle.
+const CORE_THREADS: usize = 4;
+/// An extra thread with no work for this long exits.
+const IDLE_EXIT: Duration = Duration::from_secs(30);
+
 struct Job {
     session: Option<String>,
+    ip: Option<IpAddr>,
     work: Work,
 }
 
@@ -25,7 +39,27 @@ struct State {
     pending: usize,
     /// Jobs being executed.
     running: usize,
+    /// Worker threads alive, and how many of them wait for work.
+    threads: usize,
+    idle: usize,
+    /// Admitted, unfinished runs per client address.
+    per_ip: HashMap<IpAddr, usize>,
     shutdown: bool,
+}
+
+impl State {
+    fn release_ip(&mut self, ip: Option<IpAddr>) {
+        let Some(ip) = ip else { return };
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+                if self.per_ip.is_empty() && self.per_ip.capacity() > 64 {
+                    self.per_ip.shrink_to_fit();
+                }
+            }
+        }
+    }
 }
 
 struct Shared {
@@ -33,24 +67,35 @@ struct Shared {
     cv: Condvar,
     workers: usize,
     max_queued: usize,
+    max_per_ip: usize,
+    handles: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// The worker pool.
 pub struct Pool {
     shared: Arc<Shared>,
-    handles: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        write!(f, "Pool(pending={}, running={})", s.pending, s.running)
+        write!(f, "Pool(pending={}, running={}, threads={})", s.pending, s.running, s.threads)
     }
+}
+
+/// Why a run was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Every worker is busy and the queue is full (503).
+    Full,
+    /// The client's address already has its share of runs (429).
+    PerIp(usize),
 }
 
 /// A reserved place in the queue; dropping it unused gives the place back.
 pub struct Admission {
     shared: Arc<Shared>,
+    ip: Option<IpAddr>,
     used: bool,
 }
 
@@ -60,33 +105,68 @@ impl std::fmt::Debug for Admission {
     }
 }
 
+fn spawn(shared: &Arc<Shared>, s: &mut State) {
+    let sh = shared.clone();
+    let spawned = std::thread::Builder::new().name("gatelet-worker".into()).spawn(move || worker(&sh));
+    match spawned {
+        Ok(h) => {
+            s.threads += 1;
+            let mut hs = shared.handles.lock().unwrap_or_else(|e| e.into_inner());
+            hs.retain(|h| !h.is_finished());
+            hs.push(h);
+        }
+        // Out of threads: the queued job waits for a running worker instead.
+        Err(e) => crate::log!(Warn, "could not start a worker thread: {e}"),
+    }
+}
+
 impl Pool {
-    /// Start `workers` threads; at most `max_queued` runs wait beyond the ones being run.
-    pub fn new(workers: usize, max_queued: usize) -> Self {
+    /// A pool of up to `workers` threads; at most `max_queued` runs wait beyond the ones being
+    /// run, and one address may have at most `max_per_ip` runs admitted (0 = no limit).
+    pub fn new(workers: usize, max_queued: usize, max_per_ip: usize) -> Self {
         let workers = workers.max(1);
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), cv: Condvar::new(), workers, max_queued });
-        let handles = (0..workers)
-            .map(|i| {
-                let s = shared.clone();
-                std::thread::Builder::new()
-                    .name(format!("gatelet-worker-{i}"))
-                    .spawn(move || worker(&s))
-                    .expect("spawn worker thread")
-            })
-            .collect();
-        Pool { shared, handles: Mutex::new(handles) }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            cv: Condvar::new(),
+            workers,
+            max_queued,
+            max_per_ip,
+            handles: Mutex::new(Vec::new()),
+        });
+        {
+            let mut s = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            for _ in 0..workers.min(CORE_THREADS) {
+                spawn(&shared, &mut s);
+            }
+        }
+        Pool { shared }
     }
 
     /// Reserve a place for one run, or `None` when the queue is full (answer 503).
     pub fn admit(&self) -> Option<Admission> {
+        self.admit_from(None).ok()
+    }
+
+    /// Reserve a place for one run from `ip` (counted against its per-address limit).
+    pub fn admit_from(&self, ip: Option<IpAddr>) -> Result<Admission, Refused> {
         let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         // Counted against the pool's size, not against threads seen idle: a worker that is
         // still starting up or just finishing a job is capacity all the same.
         if s.shutdown || s.pending + s.running >= self.shared.workers + self.shared.max_queued {
-            return None;
+            return Err(Refused::Full);
+        }
+        let limit = self.shared.max_per_ip;
+        if let Some(ip) = ip
+            && limit > 0
+        {
+            let n = s.per_ip.entry(ip).or_insert(0);
+            if *n >= limit {
+                return Err(Refused::PerIp(limit));
+            }
+            *n += 1;
         }
         s.pending += 1;
-        Some(Admission { shared: self.shared.clone(), used: false })
+        Ok(Admission { shared: self.shared.clone(), ip: ip.filter(|_| limit > 0), used: false })
     }
 
     /// Runs admitted and not yet started.
@@ -94,11 +174,16 @@ impl Pool {
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).pending
     }
 
+    /// Worker threads alive now.
+    pub fn threads(&self) -> usize {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).threads
+    }
+
     /// Stop accepting work, let queued jobs finish and join the workers.
     pub fn shutdown(&self) {
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).shutdown = true;
         self.shared.cv.notify_all();
-        let handles = std::mem::take(&mut *self.handles.lock().unwrap_or_else(|e| e.into_inner()));
+        let handles = std::mem::take(&mut *self.shared.handles.lock().unwrap_or_else(|e| e.into_inner()));
         for h in handles {
             let _ = h.join();
         }
@@ -109,7 +194,7 @@ impl Admission {
     /// Queue `work`; with a `session`, it runs after earlier jobs of that session.
     pub fn submit(mut self, session: Option<String>, work: impl FnOnce() + Send + 'static) {
         self.used = true;
-        let job = Job { session, work: Box::new(work) };
+        let job = Job { session, ip: self.ip, work: Box::new(work) };
         let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(k) = &job.session {
             if let Some(waiting) = s.busy.get_mut(k) {
@@ -120,6 +205,9 @@ impl Admission {
             s.busy.insert(k.clone(), VecDeque::new());
         }
         s.ready.push_back(job);
+        if s.idle < s.ready.len() && s.threads < self.shared.workers && !s.shutdown {
+            spawn(&self.shared, &mut s);
+        }
         drop(s);
         self.shared.cv.notify_one();
     }
@@ -130,6 +218,7 @@ impl Drop for Admission {
         if !self.used {
             let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
             s.pending -= 1;
+            s.release_ip(self.ip);
         }
     }
 }
@@ -145,17 +234,27 @@ fn worker(shared: &Shared) {
                     break job;
                 }
                 if s.shutdown {
+                    s.threads -= 1;
                     return;
                 }
-                s = shared.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+                s.idle += 1;
+                let (g, t) = shared.cv.wait_timeout(s, IDLE_EXIT).unwrap_or_else(|e| e.into_inner());
+                s = g;
+                s.idle -= 1;
+                if t.timed_out() && s.ready.is_empty() && s.threads > CORE_THREADS.min(shared.workers) {
+                    s.threads -= 1;
+                    return;
+                }
             }
         };
         let session = job.session;
+        let ip = job.ip;
         // A panicking run must not take the worker (or the session) with it; the job's own
         // guards close its connection when they are dropped during unwinding.
         let _ = catch_unwind(AssertUnwindSafe(job.work));
         let mut s = shared.state.lock().unwrap_or_else(|e| e.into_inner());
         s.running -= 1;
+        s.release_ip(ip);
         if let Some(k) = session {
             let next = s.busy.get_mut(&k).and_then(VecDeque::pop_front);
             match next {
@@ -180,7 +279,7 @@ mod tests {
 
     #[test]
     fn queue_bound_and_release() {
-        let pool = Pool::new(1, 1);
+        let pool = Pool::new(1, 1, 0);
         std::thread::sleep(Duration::from_millis(50)); // let the worker go idle
         let (gate_tx, gate_rx) = mpsc::channel::<()>();
         pool.admit().unwrap().submit(None, move || {
@@ -199,7 +298,7 @@ mod tests {
     fn a_pool_with_no_queue_admits_before_its_workers_have_started() {
         // Regression: capacity was counted from workers seen idle, so a request arriving while
         // the threads were still starting got 503 with maxQueuedRuns: 0.
-        let pool = Pool::new(1, 0);
+        let pool = Pool::new(1, 0, 0);
         let a = pool.admit().expect("the one worker is capacity");
         assert!(pool.admit().is_none());
         let (tx, rx) = mpsc::channel();
@@ -210,7 +309,7 @@ mod tests {
 
     #[test]
     fn same_session_runs_in_order_one_at_a_time() {
-        let pool = Pool::new(4, 64);
+        let pool = Pool::new(4, 64, 0);
         let log = Arc::new(Mutex::new(Vec::new()));
         let (done_tx, done_rx) = mpsc::channel();
         for i in 0..8 {
@@ -232,8 +331,57 @@ mod tests {
     }
 
     #[test]
+    fn an_address_gets_at_most_its_share_and_gets_it_back() {
+        let pool = Pool::new(4, 4, 2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = pool.admit_from(Some(a)).unwrap();
+        let a2 = pool.admit_from(Some(a)).unwrap();
+        assert_eq!(pool.admit_from(Some(a)).unwrap_err(), Refused::PerIp(2));
+        assert!(pool.admit_from(Some(b)).is_ok(), "another address is not limited by a");
+        drop(a1);
+        let (tx, rx) = mpsc::channel();
+        pool.admit_from(Some(a)).unwrap().submit(None, move || tx.send(()).unwrap());
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        // A finished job gives its place back (after the worker has noted the end).
+        let t0 = std::time::Instant::now();
+        let again = loop {
+            match pool.admit_from(Some(a)) {
+                Ok(x) => break x,
+                Err(_) if t0.elapsed() < Duration::from_secs(5) => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => panic!("{e:?}"),
+            }
+        };
+        drop((a2, again));
+        pool.shutdown();
+    }
+
+    #[test]
+    fn threads_start_on_demand_up_to_the_pool_size() {
+        let pool = Pool::new(16, 0, 0);
+        assert_eq!(pool.threads(), CORE_THREADS);
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let gate = Arc::new(Mutex::new(gate_rx));
+        let (started_tx, started_rx) = mpsc::channel();
+        for _ in 0..10 {
+            let (gate, started) = (gate.clone(), started_tx.clone());
+            pool.admit().unwrap().submit(None, move || {
+                started.send(()).unwrap();
+                let _ = gate.lock().unwrap().recv();
+            });
+        }
+        // All ten run at once: more threads than the core ones were started.
+        for _ in 0..10 {
+            started_rx.recv_timeout(Duration::from_secs(5)).expect("every job started");
+        }
+        assert!(pool.threads() >= 10 && pool.threads() <= 16, "{}", pool.threads());
+        drop(gate_tx);
+        pool.shutdown();
+    }
+
+    #[test]
     fn a_panicking_job_keeps_the_worker() {
-        let pool = Pool::new(1, 4);
+        let pool = Pool::new(1, 4, 0);
         pool.admit().unwrap().submit(Some("s".into()), || panic!("boom"));
         let (tx, rx) = mpsc::channel();
         pool.admit().unwrap().submit(Some("s".into()), move || tx.send(42).unwrap());

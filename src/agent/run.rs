@@ -155,9 +155,7 @@ pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut 
     let sticky = req.sticky;
     let (messages, turn) = if sticky {
         let turn = new_turn(&req.messages);
-        let mut history = gw.sessions.history(&req.session_key);
-        history.extend_from_slice(turn);
-        (history, turn)
+        (gw.sessions.context_for_run(&req.session_key, turn), turn)
     } else {
         (req.messages.clone(), &req.messages[..])
     };

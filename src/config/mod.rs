@@ -18,6 +18,20 @@ use locate::Locations;
 /// Default port of the gateway.
 pub const DEFAULT_PORT: u16 = 18789;
 
+/// Default `gateway.workers`: runs mostly wait on upstreams and clients, not on the CPU, so the
+/// pool is sized for concurrency (threads start on demand and idle ones exit).
+pub const DEFAULT_WORKERS: usize = 256;
+
+/// Default `gateway.listenBacklog`: the host's `net.core.somaxconn` (the kernel caps the backlog
+/// there anyway), else 1024.
+pub fn default_backlog() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(1024)
+}
+
 /// How callers authenticate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {
@@ -89,6 +103,14 @@ pub struct GatewayConfig {
     pub max_queued_runs: usize,
     /// Open connections before new ones wait in the backlog.
     pub max_connections: usize,
+    /// `gateway.maxConnectionsPerIp`: connections one address may hold; 0 = no limit.
+    pub max_connections_per_ip: usize,
+    /// `gateway.maxRunsPerIp`: runs (running or queued) one address may have; 0 = no limit.
+    pub max_runs_per_ip: usize,
+    /// `gateway.http.stallTimeoutSeconds`: a stream whose client takes no bytes this long is cut.
+    pub stall_timeout: Duration,
+    /// `gateway.listenBacklog`: the listen queue length (the host's `somaxconn` by default).
+    pub listen_backlog: u32,
     /// SSE heartbeat interval; zero disables it.
     pub keepalive: Duration,
 }
@@ -226,6 +248,10 @@ pub struct Config {
     pub default_agent: usize,
     /// `session.persist`.
     pub persist_sessions: bool,
+    /// `session.maxHistoryMessages` (0 = no bound).
+    pub session_max_history: usize,
+    /// `session.idleDays` (`None` = keep sessions forever).
+    pub session_idle_days: Option<u64>,
     /// True when no backend was configured anywhere (echo is used).
     pub implicit_echo: bool,
     /// Non-fatal findings (unknown keys).
@@ -422,7 +448,19 @@ impl Validator {
         let gw = self.object(
             root.get("gateway"),
             "gateway",
-            &["port", "bind", "auth", "http", "workers", "maxQueuedRuns", "maxConnections", "keepaliveSeconds"],
+            &[
+                "port",
+                "bind",
+                "auth",
+                "http",
+                "workers",
+                "maxQueuedRuns",
+                "maxConnections",
+                "keepaliveSeconds",
+                "maxConnectionsPerIp",
+                "maxRunsPerIp",
+                "listenBacklog",
+            ],
         );
 
         // Port: --port > GATELET_GATEWAY_PORT > gateway.port > default.
@@ -453,8 +491,11 @@ impl Validator {
 
         let auth = self.auth(gw.get("auth"), bind, ov, env);
 
-        let http =
-            self.object(gw.get("http"), "gateway.http", &["endpoints", "headerTimeoutSeconds", "idleTimeoutSeconds"]);
+        let http = self.object(
+            gw.get("http"),
+            "gateway.http",
+            &["endpoints", "headerTimeoutSeconds", "idleTimeoutSeconds", "stallTimeoutSeconds"],
+        );
         let eps = self.object(http.get("endpoints"), "gateway.http.endpoints", &["chatCompletions"]);
         let cc = self.object(
             eps.get("chatCompletions"),
@@ -466,6 +507,8 @@ impl Validator {
         let max_body_bytes = self.uint(cc, ccp, "maxBodyBytes", 20 * 1024 * 1024, 1, 1 << 40);
         let header_timeout = self.uint(http, "gateway.http", "headerTimeoutSeconds", 30, 1, 3600);
         let idle_timeout = self.uint(http, "gateway.http", "idleTimeoutSeconds", 60, 1, 86400);
+        let stall_timeout = self.uint(http, "gateway.http", "stallTimeoutSeconds", 10, 1, 3600);
+        let workers = self.uint(gw, "gateway", "workers", DEFAULT_WORKERS as u64, 1, 4096) as usize;
 
         let gateway = GatewayConfig {
             port,
@@ -475,16 +518,24 @@ impl Validator {
             max_body_bytes,
             header_timeout: Duration::from_secs(header_timeout),
             idle_timeout: Duration::from_secs(idle_timeout),
-            workers: self.uint(gw, "gateway", "workers", 4, 1, 1024) as usize,
+            workers,
             max_queued_runs: self.uint(gw, "gateway", "maxQueuedRuns", 64, 0, 1_000_000) as usize,
             max_connections: self.uint(gw, "gateway", "maxConnections", 10_000, 1, 1_000_000) as usize,
             keepalive: Duration::from_secs(self.uint(gw, "gateway", "keepaliveSeconds", 15, 0, 86400)),
+            max_connections_per_ip: self.uint(gw, "gateway", "maxConnectionsPerIp", 256, 0, 1_000_000) as usize,
+            // Half the pool: one address can use a lot of it, never all of it.
+            max_runs_per_ip: self.uint(gw, "gateway", "maxRunsPerIp", (workers as u64 / 2).max(1), 0, 1_000_000)
+                as usize,
+            stall_timeout: Duration::from_secs(stall_timeout),
+            listen_backlog: self.uint(gw, "gateway", "listenBacklog", default_backlog() as u64, 1, 1 << 20) as u32,
         };
 
         let (agents, default_agent, implicit_echo) = self.agents(root.get("agents"), env)?;
 
-        let session = self.object(root.get("session"), "session", &["persist"]);
+        let session = self.object(root.get("session"), "session", &["persist", "maxHistoryMessages", "idleDays"]);
         let persist_sessions = self.bool(session, "session", "persist", true);
+        let session_max_history = self.uint(session, "session", "maxHistoryMessages", 200, 0, 1_000_000) as usize;
+        let session_idle_days = Some(self.uint(session, "session", "idleDays", 0, 0, 36_500)).filter(|d| *d > 0);
 
         Some(Config {
             source,
@@ -493,6 +544,8 @@ impl Validator {
             agents,
             default_agent,
             persist_sessions,
+            session_max_history,
+            session_idle_days,
             implicit_echo,
             warnings: Vec::new(),
         })
@@ -979,12 +1032,16 @@ impl Config {
                               "maxAttempts": r.max_attempts, "windowMs": r.window.as_millis() as u64,
                               "lockoutMs": r.lockout.as_millis() as u64, "exemptLoopback": r.exempt_loopback })) },
                 "http": { "headerTimeoutSeconds": g.header_timeout.as_secs(), "idleTimeoutSeconds": g.idle_timeout.as_secs(),
+                          "stallTimeoutSeconds": g.stall_timeout.as_secs(),
                           "endpoints": { "chatCompletions": { "enabled": g.chat_completions, "maxBodyBytes": g.max_body_bytes } } },
                 "workers": g.workers, "maxQueuedRuns": g.max_queued_runs, "maxConnections": g.max_connections,
                 "keepaliveSeconds": g.keepalive.as_secs(),
+                "maxConnectionsPerIp": g.max_connections_per_ip, "maxRunsPerIp": g.max_runs_per_ip,
+                "listenBacklog": g.listen_backlog,
             },
             "agents": { "list": agents },
-            "session": { "persist": self.persist_sessions },
+            "session": { "persist": self.persist_sessions, "maxHistoryMessages": self.session_max_history,
+                         "idleDays": self.session_idle_days },
         })
     }
 }
@@ -1032,6 +1089,29 @@ mod tests {
     fn bad_value_names_file_line_col_and_path() {
         let e = parse_str("{\n gateway: {\n  auth: { mode: 'tokn', token: 'x' }\n }\n}").unwrap_err().to_string();
         assert!(e.contains("cfg.json5:3:11: `gateway.auth.mode`"), "{e}");
+    }
+
+    #[test]
+    fn fairness_limits_defaults_and_overrides() {
+        let g = parse_str("{gateway: {auth: {token: 'x'}}}").unwrap().gateway;
+        assert_eq!(g.workers, DEFAULT_WORKERS);
+        assert_eq!(g.max_connections_per_ip, 256);
+        assert_eq!(g.max_runs_per_ip, DEFAULT_WORKERS / 2);
+        assert_eq!(g.stall_timeout, Duration::from_secs(10));
+        assert_eq!(g.listen_backlog, default_backlog());
+        // The run limit follows the pool size unless set; 0 turns the limits off.
+        let g = parse_str("{gateway: {auth: {token: 'x'}, workers: 1}}").unwrap().gateway;
+        assert_eq!(g.max_runs_per_ip, 1);
+        let g = parse_str(
+            "{gateway: {auth: {token: 'x'}, workers: 8, maxRunsPerIp: 0, maxConnectionsPerIp: 0, listenBacklog: 64, \
+             http: {stallTimeoutSeconds: 3}}}",
+        )
+        .unwrap();
+        assert!(g.warnings.is_empty(), "{:?}", g.warnings);
+        let g = g.gateway;
+        assert_eq!((g.max_runs_per_ip, g.max_connections_per_ip, g.listen_backlog), (0, 0, 64));
+        assert_eq!(g.stall_timeout, Duration::from_secs(3));
+        assert!(parse_str("{gateway: {auth: {token: 'x'}, http: {stallTimeoutSeconds: 0}}}").is_err());
     }
 
     #[test]

@@ -120,6 +120,23 @@ pub fn too_large(limit: u64) -> ApiError {
     ApiError::invalid(413, "payload_too_large", format!("Request body is larger than maxBodyBytes ({limit} bytes)"))
 }
 
+/// 429 for a client address that already has `limit` runs going or queued
+/// (`gateway.maxRunsPerIp`): a per-client limit, not a server fault, so it is a 429 as nginx's
+/// and HAProxy's rate limits are usually configured — retried by clients after `Retry-After`,
+/// and not counted by a load balancer as a failing instance the way a 503 would be.
+pub fn too_many_runs(limit: usize) -> ApiError {
+    ApiError {
+        status: 429,
+        kind: "rate_limit_error",
+        code: Some("rate_limit_exceeded"),
+        message: format!(
+            "Too many concurrent runs from this address (gateway.maxRunsPerIp is {limit}); retry when one has finished"
+        ),
+        param: None,
+        headers: vec![("Retry-After", "1".to_string())],
+    }
+}
+
 /// 408 for a request that did not arrive in time.
 pub fn timed_out() -> ApiError {
     ApiError::invalid(408, "request_timeout", "The request was not received in time")

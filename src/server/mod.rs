@@ -9,10 +9,13 @@
 pub mod handler;
 pub mod stream;
 
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
@@ -20,6 +23,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::agent::CancelToken;
+use crate::agent::pool::Refused;
 use crate::gateway::Gateway;
 use crate::http::chunked::{ChunkError, ChunkedDecoder};
 use crate::http::head::{self, BodyFraming, Head};
@@ -42,6 +46,18 @@ const READ_CAP: usize = 64 * 1024;
 const WRITE_CAP: usize = 64 * 1024;
 /// How long a connection may take to read its final response before it is dropped.
 const LINGER: Duration = Duration::from_secs(10);
+/// Connections accepted per loop turn, so that a connect flood cannot keep the loop from the
+/// sockets it already has (the rest are accepted on the next turn).
+const ACCEPT_BUDGET: usize = 256;
+/// Bytes read from one connection per loop turn before the other connections get theirs.
+const READ_BUDGET: usize = 256 * 1024;
+/// Worker messages handled per loop turn.
+const DONE_BUDGET: usize = 1024;
+/// Send buffer asked for a socket lent to a streaming run (Linux doubles it).
+const STREAM_SNDBUF: usize = 256 * 1024;
+/// Bytes a connection's runs may have on their way to its socket (queued for the loop, or
+/// framed and unsent) before they hold back their mergeable events (see [`Notifier::congested`]).
+pub const OUTBOUND_BOUND: usize = 256 * 1024;
 
 /// A message from a worker (or a WebSocket run) back to the loop.
 #[derive(Debug)]
@@ -79,18 +95,75 @@ pub enum Done {
     },
 }
 
-/// How workers reach the loop.
+/// Bytes on their way from a connection's runs to its socket.
+#[derive(Debug, Default)]
+struct Backlog {
+    /// Sent by producers, not yet taken by the loop.
+    queued: AtomicUsize,
+    /// Framed by the loop, not yet written to the socket.
+    unsent: AtomicUsize,
+}
+
+/// How workers reach the loop. A WebSocket connection's copy also counts the bytes its runs have
+/// on the way, so that they can hold back while the client (or the loop) is behind.
 #[derive(Debug, Clone)]
 pub struct Notifier {
     tx: Sender<Done>,
     waker: Arc<Waker>,
+    backlog: Option<Arc<Backlog>>,
+}
+
+fn ws_len(msg: &ws::Outgoing) -> usize {
+    match msg {
+        ws::Outgoing::Res(t) => t.len(),
+        ws::Outgoing::Event { payload, .. } => payload.len(),
+        ws::Outgoing::RunEnded { .. } | ws::Outgoing::Waited { .. } => 64,
+    }
 }
 
 impl Notifier {
     /// Send `d` and wake the loop.
     pub fn send(&self, d: Done) {
+        let n = match (&self.backlog, &d) {
+            (Some(b), Done::Ws { msg, .. }) => {
+                let n = ws_len(msg);
+                b.queued.fetch_add(n, Ordering::Relaxed);
+                n
+            }
+            _ => 0,
+        };
         if self.tx.send(d).is_ok() {
             let _ = self.waker.wake();
+        } else if let Some(b) = &self.backlog {
+            b.queued.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// True while this connection has more than [`OUTBOUND_BOUND`] bytes on their way to its
+    /// socket: a producer then merges what it would send into its next message instead of
+    /// queueing more, so a client that reads slowly costs fewer messages, not more memory.
+    pub fn congested(&self) -> bool {
+        self.backlog
+            .as_ref()
+            .is_some_and(|b| b.queued.load(Ordering::Relaxed) + b.unsent.load(Ordering::Relaxed) > OUTBOUND_BOUND)
+    }
+
+    /// A copy that counts one connection's outbound bytes.
+    fn for_connection(&self) -> Notifier {
+        Notifier { backlog: Some(Arc::new(Backlog::default())), ..self.clone() }
+    }
+
+    /// The loop took a message of `n` bytes from the channel.
+    fn taken(&self, n: usize) {
+        if let Some(b) = &self.backlog {
+            let _ = b.queued.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| Some(q.saturating_sub(n)));
+        }
+    }
+
+    /// The loop has `n` framed bytes not yet written.
+    fn unsent(&self, n: usize) {
+        if let Some(b) = &self.backlog {
+            b.unsent.store(n, Ordering::Relaxed);
         }
     }
 }
@@ -147,6 +220,11 @@ struct Conn {
     cancel: Option<CancelToken>,
     /// HTTP minor version of the current request (1.0 keep-alive must be confirmed).
     minor: u8,
+    /// A complete request head has arrived on this connection (it is no longer a candidate
+    /// for eviction as a slow or silent newcomer).
+    served: bool,
+    /// The connection's own notifier (WebSocket), counting what its runs send.
+    notifier: Option<Notifier>,
 }
 
 /// The listening gateway.
@@ -155,13 +233,24 @@ pub struct Server {
     listener: TcpListener,
     gw: Arc<Gateway>,
     conns: Vec<Option<Conn>>,
-    free: Vec<usize>,
+    /// Free slots, lowest first: new connections fill the table from the bottom, so that its
+    /// tail empties after a burst and can be given back.
+    free: BinaryHeap<Reverse<usize>>,
     live: usize,
     next_id: u64,
     notifier: Notifier,
     rx: Receiver<Done>,
     scratch: Vec<u8>,
     accept_paused: bool,
+    /// The accept budget ran out with connections possibly left in the backlog.
+    accept_more: bool,
+    /// Open connections per client address.
+    per_ip: HashMap<IpAddr, usize>,
+    /// Connections that have not completed a request head yet, oldest first (id → slot); may
+    /// hold stale entries, checked when used.
+    fresh: BTreeMap<u64, usize>,
+    /// Connections that stopped short of `WouldBlock` to give others a turn: driven next turn.
+    again: Vec<(usize, u64)>,
     signals: mio::net::UnixStream,
     /// Set once a stop signal arrived: the deadline for in-flight work.
     draining: Option<Instant>,
@@ -181,11 +270,23 @@ fn interrupted(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::Interrupted
 }
 
+/// A listening socket with our own backlog: std and mio fix it at 128, which makes a burst of
+/// connects wait out SYN retries (1 s, 3 s, …) although the host allows far more.
+fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(backlog.min(i32::MAX as u32) as i32)?;
+    sock.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(sock.into()))
+}
+
 impl Server {
     /// Bind the configured address.
     pub fn bind(gw: Arc<Gateway>) -> io::Result<Server> {
         let addr = SocketAddr::new(gw.config.gateway.bind, gw.config.gateway.port);
-        let mut listener = TcpListener::bind(addr)?;
+        let mut listener = listen(addr, gw.config.gateway.listen_backlog)?;
         let poll = Poll::new()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -201,13 +302,17 @@ impl Server {
             listener,
             gw,
             conns: Vec::new(),
-            free: Vec::new(),
+            free: BinaryHeap::new(),
             live: 0,
             next_id: 1,
-            notifier: Notifier { tx, waker },
+            notifier: Notifier { tx, waker, backlog: None },
             rx,
             scratch: vec![0; 16 * 1024],
             accept_paused: false,
+            accept_more: false,
+            per_ip: HashMap::new(),
+            fresh: BTreeMap::new(),
+            again: Vec::new(),
             signals,
             draining: None,
         })
@@ -222,6 +327,7 @@ impl Server {
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut last_sweep = Instant::now();
+        let mut done_more = false;
         self.gw.set_ready(true);
         loop {
             if let Some(deadline) = self.draining {
@@ -237,7 +343,15 @@ impl Server {
                     return Ok(());
                 }
             }
-            let timeout = if self.live > 0 { Some(Duration::from_millis(250)) } else { None };
+            let timeout = if done_more || self.accept_more || !self.again.is_empty() {
+                // Work left over from the last turn: look at new events, then do it.
+                Some(Duration::ZERO)
+            } else if self.live > 0 || !self.conns.is_empty() {
+                // Timers, and (with no connection left) one more turn to give the table back.
+                Some(Duration::from_millis(250))
+            } else {
+                None
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if interrupted(&e) {
                     continue;
@@ -260,12 +374,28 @@ impl Server {
                     Token(t) => self.on_event(t - 2, ev.is_read_closed() || ev.is_error()),
                 }
             }
-            while let Ok(d) = self.rx.try_recv() {
+            // Bounded per turn, like reads and accepts, so that sockets keep getting turns.
+            done_more = true;
+            for _ in 0..DONE_BUDGET {
+                let Ok(d) = self.rx.try_recv() else {
+                    done_more = false;
+                    break;
+                };
                 self.on_done(d);
+            }
+            if self.accept_more {
+                self.accept_more = false;
+                self.accept_all();
+            }
+            for (slot, id) in std::mem::take(&mut self.again) {
+                if self.conns.get(slot).and_then(Option::as_ref).is_some_and(|c| c.id == id) {
+                    self.drive(slot);
+                }
             }
             if last_sweep.elapsed() >= Duration::from_millis(250) {
                 last_sweep = Instant::now();
                 self.sweep(last_sweep);
+                self.shrink();
             }
         }
     }
@@ -294,20 +424,38 @@ impl Server {
         }
     }
 
+    /// Accept what the backlog holds (up to [`ACCEPT_BUDGET`] per turn). At `maxConnections`, a
+    /// newcomer takes the place of the oldest connection that has not sent a complete request
+    /// (a slow or silent head), else of the longest-idle keep-alive connection; only when every
+    /// connection is busy do newcomers wait in the backlog.
     fn accept_all(&mut self) {
         if self.draining.is_some() {
             return;
         }
-        loop {
-            if self.live >= self.gw.config.gateway.max_connections {
+        let per_ip_cap = self.gw.config.gateway.max_connections_per_ip;
+        for _ in 0..ACCEPT_BUDGET {
+            let full = self.live >= self.gw.config.gateway.max_connections;
+            if full && self.victim().is_none() {
                 // Leave the rest in the backlog until a connection closes.
                 self.accept_paused = true;
                 return;
             }
             match self.listener.accept() {
                 Ok((mut stream, peer)) => {
+                    let ip = peer.ip().to_canonical();
+                    let held = self.per_ip.get(&ip).copied().unwrap_or(0);
+                    if per_ip_cap > 0 && held >= per_ip_cap {
+                        crate::log!(Debug, "{ip} holds {held} connections (gateway.maxConnectionsPerIp): closed");
+                        continue;
+                    }
+                    if self.live >= self.gw.config.gateway.max_connections
+                        && let Some(v) = self.victim()
+                    {
+                        crate::log!(Debug, "at maxConnections: closing #{} for a newcomer", self.conn_id(v));
+                        self.close(v);
+                    }
                     let _ = stream.set_nodelay(true);
-                    let slot = self.free.pop().unwrap_or_else(|| {
+                    let slot = self.free.pop().map(|Reverse(s)| s).unwrap_or_else(|| {
                         self.conns.push(None);
                         self.conns.len() - 1
                     });
@@ -318,12 +466,18 @@ impl Server {
                         .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
                         .is_err()
                     {
-                        self.free.push(slot);
+                        self.free.push(Reverse(slot));
                         continue;
                     }
                     let id = self.next_id;
                     self.next_id += 1;
                     self.live += 1;
+                    *self.per_ip.entry(ip).or_insert(0) += 1;
+                    self.fresh.insert(id, slot);
+                    let g = &self.gw.config.gateway;
+                    // The first request gets the head deadline from the moment of accept: a
+                    // newcomer that stays silent is not kept as long as an idle keep-alive one.
+                    let first = g.header_timeout.min(g.idle_timeout);
                     self.conns[slot] = Some(Conn {
                         id,
                         stream: Some(stream),
@@ -332,12 +486,17 @@ impl Server {
                         rbuf: Vec::new(),
                         wbuf: Vec::new(),
                         phase: Phase::Idle,
-                        deadline: Some(Instant::now() + self.gw.config.gateway.idle_timeout),
+                        deadline: Some(Instant::now() + first),
                         eof: false,
                         cancel: None,
                         minor: 1,
+                        served: false,
+                        notifier: None,
                     });
                     crate::log!(Trace, "accepted {peer} as #{id}");
+                    // A request sent with the connection is usually waiting already: serve it
+                    // before later arrivals can make this connection the oldest newcomer.
+                    self.drive(slot);
                 }
                 Err(e) if would_block(&e) => {
                     self.accept_paused = false;
@@ -352,6 +511,57 @@ impl Server {
                 }
             }
         }
+        // Budget spent: the backlog may hold more, and no new readiness event will say so.
+        self.accept_more = true;
+    }
+
+    fn conn_id(&self, slot: usize) -> u64 {
+        self.conns.get(slot).and_then(Option::as_ref).map_or(0, |c| c.id)
+    }
+
+    /// The connection to close for a newcomer when full: one that has not completed a request
+    /// head — the oldest of those from the address holding the most connections (so a flood
+    /// from one address churns its own connections, never a newcomer from elsewhere whose
+    /// request is still on its way), else the oldest of any address — and failing those the
+    /// keep-alive connection idle the longest (nearest idle deadline).
+    fn victim(&mut self) -> Option<usize> {
+        fn candidate(conns: &[Option<Conn>], id: u64, slot: usize) -> Option<&Conn> {
+            conns.get(slot).and_then(Option::as_ref).filter(|c| {
+                c.id == id
+                    && !c.served
+                    && c.stream.is_some()
+                    && matches!(c.phase, Phase::Idle | Phase::Head | Phase::Closing)
+            })
+        }
+        // Entries that stopped being candidates never become candidates again.
+        while let Some((&id, &slot)) = self.fresh.first_key_value() {
+            if candidate(&self.conns, id, slot).is_some() {
+                break;
+            }
+            self.fresh.pop_first();
+        }
+        if let Some((_, &oldest)) = self.fresh.first_key_value() {
+            let top = self.per_ip.iter().max_by_key(|(_, n)| **n).map(|(ip, _)| *ip);
+            // Bounded look: past it, the oldest of any address will do.
+            for (&id, &slot) in self.fresh.iter().take(256) {
+                if let Some(c) = candidate(&self.conns, id, slot)
+                    && Some(c.peer.ip().to_canonical()) == top
+                {
+                    return Some(slot);
+                }
+            }
+            return Some(oldest);
+        }
+        self.conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let c = c.as_ref()?;
+                let idle = matches!(c.phase, Phase::Idle | Phase::Closing) && c.stream.is_some();
+                idle.then_some((c.deadline, i))
+            })
+            .min()
+            .map(|(_, i)| i)
     }
 
     fn on_event(&mut self, slot: usize, hangup: bool) {
@@ -371,6 +581,9 @@ impl Server {
     /// Read, process, write, and close if finished.
     fn drive(&mut self, slot: usize) {
         let gw = self.gw.clone();
+        // Bytes read this turn: past READ_BUDGET the connection waits for the next turn, so a
+        // fast sender (a pipelining flood, a large upload) cannot hold the loop.
+        let mut taken = 0;
         loop {
             let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
             let mut ctx = Ctx { gw: &gw, slot, notifier: &self.notifier, registry: self.poll.registry() };
@@ -387,6 +600,7 @@ impl Server {
                         Ok(n) => {
                             conn.rbuf.extend_from_slice(&self.scratch[..n]);
                             progressed = true;
+                            taken += n;
                         }
                         Err(e) if would_block(&e) => {}
                         Err(e) if interrupted(&e) => progressed = true,
@@ -415,7 +629,7 @@ impl Server {
                     conn.phase = Phase::Closing;
                     conn.deadline = Some(Instant::now() + LINGER);
                 }
-                if !progressed {
+                if !progressed || taken >= READ_BUDGET {
                     break;
                 }
             }
@@ -442,6 +656,12 @@ impl Server {
             }
             if flush(conn) {
                 return self.close(slot);
+            }
+            if taken >= READ_BUDGET {
+                // More may be waiting in the kernel, and edge-triggered readiness will not repeat.
+                let id = conn.id;
+                self.again.push((slot, id));
+                return;
             }
             // Reading and parsing paused while the write buffer was full. Bytes already waiting in
             // the kernel raise no new readiness event, so go on by hand once it has drained.
@@ -490,6 +710,9 @@ impl Server {
                 self.drive(slot);
             }
             Done::Ws { msg, .. } => {
+                if let Some(n) = &conn.notifier {
+                    n.taken(ws_len(&msg));
+                }
                 if let Phase::Ws(s) = &mut conn.phase {
                     s.outgoing(msg, &mut conn.wbuf);
                     if s.is_closed() {
@@ -549,10 +772,50 @@ impl Server {
             let _ = self.poll.registry().deregister(&mut w);
         }
         crate::log!(Trace, "closed #{}", conn.id);
-        self.free.push(slot);
+        self.free.push(Reverse(slot));
         self.live -= 1;
+        let ip = conn.peer.ip().to_canonical();
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+        self.fresh.remove(&conn.id);
         if self.accept_paused {
-            self.accept_all();
+            // Resumed by the loop, not from here: close() runs inside accept_all().
+            self.accept_more = true;
+        }
+    }
+
+    /// Give memory back once a burst is over: trailing free slots of the connection table, the
+    /// bookkeeping maps, and buffers of idle connections (dropped when empty).
+    fn shrink(&mut self) {
+        for c in self.conns.iter_mut().flatten() {
+            if matches!(c.phase, Phase::Idle) {
+                if c.rbuf.is_empty() && c.rbuf.capacity() > 0 {
+                    c.rbuf = Vec::new();
+                }
+                if c.wbuf.is_empty() && c.wbuf.capacity() > 0 {
+                    c.wbuf = Vec::new();
+                }
+            }
+        }
+        let used = self.conns.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
+        if (used == 0 && !self.conns.is_empty()) || (self.conns.len() > used + 64 && self.conns.len() > 2 * used) {
+            self.conns.truncate(used);
+            self.conns.shrink_to(used.max(16));
+            self.free.retain(|&Reverse(s)| s < used);
+            self.free.shrink_to(self.free.len().max(16));
+        }
+        if self.per_ip.capacity() > 4 * self.per_ip.len() + 64 {
+            self.per_ip.shrink_to(self.per_ip.len());
+        }
+        if self.again.capacity() > 1024 {
+            self.again.shrink_to(64);
+        }
+        if self.scratch.len() != 16 * 1024 {
+            self.scratch = vec![0; 16 * 1024];
         }
     }
 }
@@ -581,6 +844,9 @@ fn flush(conn: &mut Conn) -> bool {
     conn.wbuf.drain(..written);
     if conn.wbuf.is_empty() && conn.wbuf.capacity() > 64 * 1024 {
         conn.wbuf.shrink_to(4096);
+    }
+    if let Some(n) = &conn.notifier {
+        n.unsent(conn.wbuf.len());
     }
     conn.wbuf.is_empty() && matches!(conn.phase, Phase::Closing)
 }
@@ -624,7 +890,10 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
                     Ok(None) => {
                         if matches!(conn.phase, Phase::Idle) {
                             conn.phase = Phase::Head;
-                            conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.header_timeout);
+                            // A newcomer's head deadline runs from accept (set then).
+                            if conn.served {
+                                conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.header_timeout);
+                            }
                         }
                         return;
                     }
@@ -636,6 +905,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
                     }
                     Ok(Some((h, n))) => {
                         conn.rbuf.drain(..n);
+                        conn.served = true;
                         on_head(conn, ctx, h);
                     }
                 }
@@ -677,7 +947,8 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
                 dispatch_chat(conn, ctx, *head, body);
             }
             Phase::Ws(s) => {
-                let n = s.on_bytes(&conn.rbuf, &mut conn.wbuf, ctx.gw, ctx.slot, conn.id, ctx.notifier, conn.peer.ip());
+                let notifier = conn.notifier.as_ref().unwrap_or(ctx.notifier);
+                let n = s.on_bytes(&conn.rbuf, &mut conn.wbuf, ctx.gw, ctx.slot, conn.id, notifier, conn.peer.ip());
                 conn.rbuf.drain(..n);
                 if s.is_closed() {
                     conn.phase = Phase::Closing;
@@ -724,6 +995,7 @@ fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head) {
             Ok(resp_bytes) => {
                 conn.wbuf.extend_from_slice(&resp_bytes);
                 conn.deadline = None;
+                conn.notifier = Some(ctx.notifier.for_connection());
                 conn.phase = Phase::Ws(Box::new(ws::Session::new(ctx.gw, Instant::now(), &mut conn.wbuf)));
             }
             Err(resp) => {
@@ -747,6 +1019,10 @@ fn chat_error(conn: &mut Conn, e: ApiError, close: bool, gw: &Gateway) {
 /// A complete chat completion request: validate, resolve, admit, and hand to a worker.
 fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     let gw = ctx.gw;
+    // The body came through the read buffer: do not keep its size for as long as the run lasts.
+    if conn.rbuf.capacity() > 4096 {
+        conn.rbuf.shrink_to(conn.rbuf.len());
+    }
     let req = match chat::parse(&body) {
         Ok(r) => r,
         Err(e) => return chat_error(conn, e, h.close, gw),
@@ -756,9 +1032,16 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
         Ok(r) => r,
         Err(e) => return chat_error(conn, e, h.close, gw),
     };
-    let Some(admission) = gw.pool.admit() else {
-        crate::log!(Warn, "run queue full: 503 to {}", conn.peer);
-        return chat_error(conn, ApiError::overloaded(), h.close, gw);
+    let admission = match gw.pool.admit_from(Some(conn.peer.ip().to_canonical())) {
+        Ok(a) => a,
+        Err(Refused::Full) => {
+            crate::log!(Warn, "run queue full: 503 to {}", conn.peer);
+            return chat_error(conn, ApiError::overloaded(), h.close, gw);
+        }
+        Err(Refused::PerIp(limit)) => {
+            crate::log!(Debug, "{} has {limit} runs (gateway.maxRunsPerIp): 429", conn.peer);
+            return chat_error(conn, handler::too_many_runs(limit), h.close, gw);
+        }
     };
     let cancel = CancelToken::new();
     conn.cancel = Some(cancel.clone());
@@ -793,6 +1076,9 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     let Some(mut mio_stream) = conn.stream.take() else { return };
     let _ = ctx.registry.deregister(&mut mio_stream);
     let std_stream: std::net::TcpStream = mio_stream.into();
+    // Token streams need little bandwidth; left to autotuning, the kernel would keep up to
+    // 4 MiB per socket for a client that does not read (and the stall would show that late).
+    let _ = socket2::SockRef::from(&std_stream).set_send_buffer_size(STREAM_SNDBUF);
     let watch = std_stream.try_clone().map(TcpStream::from_std);
     if let Ok(mut w) = watch
         && ctx.registry.register(&mut w, Token(slot + 2), Interest::READABLE).is_ok()
@@ -805,9 +1091,50 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     admission.submit(session, move || {
         let mut sock = std_stream;
         let mut guard = ReturnGuard { notifier: notifier.clone(), slot, id, armed: true };
-        let ok = sock.set_nonblocking(false).is_ok() && sock.set_write_timeout(Some(stream::WRITE_TIMEOUT)).is_ok();
+        let ok = sock.set_nonblocking(false).is_ok() && sock.set_write_timeout(Some(stream::WRITE_STEP)).is_ok();
         let reuse = ok && job.run_streaming(&mut sock, prefix) && keep_alive;
         guard.armed = false;
         notifier.send(Done::Return { slot, id, stream: reuse.then_some(sock) });
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(len: usize) -> Done {
+        Done::Ws { slot: 0, id: 1, msg: ws::Outgoing::Event { name: "agent", payload: "x".repeat(len) } }
+    }
+
+    #[test]
+    fn a_connection_is_congested_while_its_outbound_bytes_exceed_the_bound() {
+        let poll = Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).unwrap());
+        let (tx, rx) = channel();
+        let shared = Notifier { tx, waker, backlog: None };
+        let conn = shared.for_connection();
+        // The loop's own notifier counts nothing.
+        shared.send(event(OUTBOUND_BOUND + 1));
+        assert!(!shared.congested());
+        let _ = rx.try_recv();
+        // Queued and not yet taken by the loop.
+        conn.send(event(OUTBOUND_BOUND / 2));
+        assert!(!conn.congested());
+        conn.send(event(OUTBOUND_BOUND / 2 + 1));
+        assert!(conn.congested());
+        // Taken by the loop and framed, but not yet written: still on its way.
+        for _ in 0..2 {
+            let Ok(Done::Ws { msg, .. }) = rx.try_recv() else { panic!("message lost") };
+            conn.taken(ws_len(&msg));
+        }
+        assert!(!conn.congested());
+        conn.unsent(OUTBOUND_BOUND + 1);
+        assert!(conn.congested());
+        conn.unsent(0);
+        assert!(!conn.congested());
+        // A copy (a run's link) shares the count.
+        let link = conn.clone();
+        link.send(event(OUTBOUND_BOUND + 1));
+        assert!(conn.congested());
+    }
 }

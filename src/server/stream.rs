@@ -23,32 +23,52 @@ use crate::openai::chat::{ChunkEncoder, completion_body};
 /// gone (so a trickling reader cannot hold a worker indefinitely).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The longest a single blocking `write` waits: progress (or its absence) is seen at least this
+/// often, so a stall is detected within this much of `gateway.http.stallTimeoutSeconds`. It is
+/// the socket's write timeout while a stream owns it.
+pub const WRITE_STEP: Duration = Duration::from_secs(1);
+
 /// How far the socket's write timeout may be from the time actually left before it is reset:
-/// keeps the common case (a fresh flush, timeout already at [`WRITE_TIMEOUT`]) free of an extra
-/// `setsockopt` per SSE record, at the cost of overshooting a deadline by at most this much.
+/// keeps the common case (timeout already at [`WRITE_STEP`]) free of an extra `setsockopt` per
+/// SSE record, at the cost of overshooting a deadline by at most this much.
 const TIMEOUT_SLACK: Duration = Duration::from_secs(1);
 
 /// Write all of `buf` to a blocking socket before `deadline` (within `TIMEOUT_SLACK`); false on
-/// error or when time runs out. `current` is the write timeout the socket has now (`None` when
-/// unknown) and is kept up to date. Each `write` gets only the time left, so partial progress
-/// does not extend the bound.
-pub fn write_bounded(sock: &mut TcpStream, mut buf: &[u8], deadline: Instant, current: &mut Option<Duration>) -> bool {
+/// error, when time runs out, or when the peer takes no bytes for `stall` (within
+/// [`WRITE_STEP`]). `current` is the write timeout the socket has now (`None` when unknown) and
+/// is kept up to date. Each `write` gets only the time left, so partial progress does not extend
+/// the total bound.
+pub fn write_bounded(
+    sock: &mut TcpStream,
+    mut buf: &[u8],
+    deadline: Instant,
+    stall: Duration,
+    current: &mut Option<Duration>,
+) -> bool {
+    let mut progress = Instant::now();
     while !buf.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        let left = deadline.min(progress + stall).saturating_duration_since(now);
         if left.is_zero() {
             return false;
         }
-        let off = current.is_none_or(|c| c > left + TIMEOUT_SLACK || c + TIMEOUT_SLACK < left);
+        let want = left.min(WRITE_STEP);
+        let off = current.is_none_or(|c| c > want + TIMEOUT_SLACK || c + TIMEOUT_SLACK < want);
         if off {
-            if sock.set_write_timeout(Some(left)).is_err() {
+            if sock.set_write_timeout(Some(want)).is_err() {
                 return false;
             }
-            *current = Some(left);
+            *current = Some(want);
         }
         match sock.write(buf) {
             Ok(0) => return false,
-            Ok(n) => buf = &buf[n..],
+            Ok(n) => {
+                buf = &buf[n..];
+                progress = Instant::now();
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // The write timeout passed with no byte taken: check the stall and total bounds.
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
             Err(_) => return false,
         }
     }
@@ -133,7 +153,7 @@ impl ChatJob {
         let mut sink = SseSink {
             job: self,
             sock,
-            timeout: Some(WRITE_TIMEOUT),
+            timeout: Some(WRITE_STEP),
             out: prefix,
             rec: Vec::with_capacity(512),
             enc: ChunkEncoder::new(&self.run.run_id, crate::util::now_secs(), &self.model, self.include_usage),
@@ -179,7 +199,7 @@ impl ChatJob {
 struct SseSink<'a> {
     job: &'a ChatJob,
     sock: &'a mut TcpStream,
-    /// The socket's current write timeout (the loop lends it with [`WRITE_TIMEOUT`]).
+    /// The socket's current write timeout (the loop lends it with [`WRITE_STEP`]).
     timeout: Option<Duration>,
     /// Bytes ready for the socket.
     out: Vec<u8>,
@@ -247,7 +267,8 @@ impl SseSink<'_> {
         if self.out.is_empty() {
             return true;
         }
-        let ok = write_bounded(self.sock, &self.out, Instant::now() + WRITE_TIMEOUT, &mut self.timeout);
+        let stall = self.job.gw.config.gateway.stall_timeout;
+        let ok = write_bounded(self.sock, &self.out, Instant::now() + WRITE_TIMEOUT, stall, &mut self.timeout);
         self.out.clear();
         if self.out.capacity() > 64 * 1024 {
             self.out.shrink_to(4096);
@@ -328,16 +349,30 @@ mod tests {
         let (_peer, _) = l.accept().unwrap(); // accepted, never read
         let t0 = Instant::now();
         let big = vec![b'x'; 64 << 20];
-        assert!(!write_bounded(&mut w, &big, Instant::now() + Duration::from_millis(300), &mut None));
+        let long = Duration::from_secs(60);
+        assert!(!write_bounded(&mut w, &big, Instant::now() + Duration::from_millis(300), long, &mut None));
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
         // A small write to a live peer completes.
         let (mut a, mut b) = {
             let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
             (c, l.accept().unwrap().0)
         };
-        assert!(write_bounded(&mut a, b"hello", Instant::now() + Duration::from_secs(5), &mut None));
+        assert!(write_bounded(&mut a, b"hello", Instant::now() + Duration::from_secs(5), long, &mut None));
         let mut got = [0u8; 5];
         std::io::Read::read_exact(&mut b, &mut got).unwrap();
         assert_eq!(&got, b"hello");
+    }
+
+    #[test]
+    fn a_reader_that_takes_nothing_is_cut_at_the_stall_bound_not_the_flush_bound() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut w = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (_peer, _) = l.accept().unwrap(); // accepted, never read
+        let big = vec![b'x'; 64 << 20];
+        let t0 = Instant::now();
+        let far = Instant::now() + Duration::from_secs(120);
+        assert!(!write_bounded(&mut w, &big, far, Duration::from_millis(500), &mut None));
+        // Far below the flush deadline: only the stall bound can have ended it.
+        assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
     }
 }

@@ -3,6 +3,13 @@
 //! event payloads and posts them to the connection through the loop's [`Notifier`].
 //!
 //! Payloads are rendered here, on the worker, so the event loop only frames and writes them.
+//!
+//! Output is bounded per run, not per token: `agent` assistant events are coalesced to at most
+//! one per [`AGENT_EVENT_EVERY`] (each carries the `delta` since the previous one and the
+//! cumulative `text`, SPEC §8), `chat` deltas to one per `CHAT_DELTA_EVERY`, and while the
+//! connection has more than its bound on the way to the client ([`Link::congested`]) both wait
+//! and merge into the next event, so a client that reads slowly gets fewer, larger events
+//! instead of a growing queue.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +29,8 @@ use crate::util::now_ms;
 /// Chat deltas carry the whole text so far, so they are sent at most this often (the final
 /// event always carries everything).
 const CHAT_DELTA_EVERY: Duration = Duration::from_millis(150);
+/// `agent` assistant events per run are sent at most this often (SPEC §8).
+pub const AGENT_EVENT_EVERY: Duration = Duration::from_millis(50);
 
 /// Where a connection's messages go: the loop, addressed by slot and connection id.
 #[derive(Debug, Clone)]
@@ -38,6 +47,11 @@ impl Link {
     /// Post `msg` to the connection (dropped by the loop if the connection is gone).
     pub fn send(&self, msg: Outgoing) {
         self.notifier.send(Done::Ws { slot: self.slot, id: self.id, msg });
+    }
+
+    /// Whether the connection is behind: mergeable events should wait.
+    pub fn congested(&self) -> bool {
+        self.notifier.congested()
     }
 }
 
@@ -77,6 +91,11 @@ struct Sink<'a> {
     seq: u64,
     text: String,
     last_chat: Option<Instant>,
+    /// `text` grew since the last `chat` delta event.
+    chat_dirty: bool,
+    /// Assistant text not yet sent in an `agent` event.
+    pending: String,
+    last_assistant: Option<Instant>,
 }
 
 impl Sink<'_> {
@@ -103,6 +122,34 @@ impl Sink<'_> {
         }
         self.r.link.send(Outgoing::Event { name: "chat", payload: p.to_string() });
     }
+
+    /// Send the pending assistant text as one `agent` event when one is due (always, when
+    /// `force`: before the run's last events).
+    fn flush_assistant(&mut self, force: bool) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let due = self.last_assistant.is_none_or(|t| now.duration_since(t) >= AGENT_EVENT_EVERY);
+        if !force && (!due || self.r.link.congested()) {
+            return;
+        }
+        self.last_assistant = Some(now);
+        let delta = std::mem::take(&mut self.pending);
+        let data = json!({ "text": self.text, "delta": delta });
+        self.agent_event("assistant", data);
+    }
+
+    /// Send a `chat` delta event when the text changed and one is due.
+    fn flush_chat(&mut self) {
+        let now = Instant::now();
+        let due = self.last_chat.is_none_or(|t| now.duration_since(t) >= CHAT_DELTA_EVERY);
+        if self.chat_dirty && due && !self.r.link.congested() {
+            self.last_chat = Some(now);
+            self.chat_dirty = false;
+            self.chat_event("delta", json!({}));
+        }
+    }
 }
 
 impl EventSink for Sink<'_> {
@@ -113,15 +160,12 @@ impl EventSink for Sink<'_> {
         self.text.push_str(d);
         match self.r.kind {
             Kind::Agent { .. } => {
-                let data = json!({ "text": self.text, "delta": d });
-                self.agent_event("assistant", data);
+                self.pending.push_str(d);
+                self.flush_assistant(false);
             }
             Kind::Chat => {
-                let now = Instant::now();
-                if self.last_chat.is_none_or(|t| now.duration_since(t) >= CHAT_DELTA_EVERY) {
-                    self.last_chat = Some(now);
-                    self.chat_event("delta", json!({}));
-                }
+                self.chat_dirty = true;
+                self.flush_chat();
             }
         }
         Ok(())
@@ -136,6 +180,8 @@ impl EventSink for Sink<'_> {
         if !matches!(self.r.kind, Kind::Agent { .. }) {
             return;
         }
+        // Text held back by coalescing goes out before the tool step it led to.
+        self.flush_assistant(true);
         let data = match ev {
             ToolEvent::Start { id, name, args } => {
                 json!({ "phase": "start", "toolCallId": id, "name": name, "args": args })
@@ -155,7 +201,15 @@ impl EventSink for Sink<'_> {
     fn finish(&mut self, _: FinishReason) {}
 
     fn tick(&mut self) -> Result<(), RunError> {
-        if self.r.cancel.is_cancelled() { Err(RunError::Cancelled) } else { Ok(()) }
+        if self.r.cancel.is_cancelled() {
+            return Err(RunError::Cancelled);
+        }
+        // Text held back by coalescing goes out during a pause in the reply, not at its end.
+        match self.r.kind {
+            Kind::Agent { .. } => self.flush_assistant(false),
+            Kind::Chat => self.flush_chat(),
+        }
+        Ok(())
     }
 }
 
@@ -180,12 +234,24 @@ impl WsRun {
     /// Run to completion on this (worker) thread.
     pub fn execute(self) {
         let mut fin = Finisher { r: &self, armed: true };
-        let mut sink = Sink { r: &self, seq: 0, text: String::new(), last_chat: None };
+        let mut sink = Sink {
+            r: &self,
+            seq: 0,
+            text: String::new(),
+            last_chat: None,
+            chat_dirty: false,
+            pending: String::new(),
+            last_assistant: None,
+        };
         if let Kind::Agent { .. } = self.kind {
             sink.agent_event("lifecycle", json!({ "phase": "start", "startedAt": now_ms() }));
         }
         let out = execute(&self.gw, &self.run, &self.cancel, &mut sink);
         fin.armed = false;
+        if let Kind::Agent { .. } = self.kind {
+            // The deltas sent add up to the whole reply before the run's end is reported.
+            sink.flush_assistant(true);
+        }
         let summary = self.summary(out.text, out.tool_calls, out.finish, out.usage, out.error);
         // The registry learns of the end first, so that a client reacting to the final event
         // (`chat.abort`, `agent.wait`) sees the run as finished.

@@ -17,6 +17,7 @@ use super::frame::{self, Decoder, Message, OpCode, close};
 use super::protocol::{self, ErrorCode, ErrorShape, PROTOCOL, Request};
 use super::run::{Kind, Link, WsRun};
 use crate::agent::CancelToken;
+use crate::agent::pool::Refused;
 use crate::agent::registry::{Start, Wait};
 use crate::agent::run::RunRequest;
 use crate::auth::AuthResult;
@@ -323,10 +324,9 @@ impl Session {
             "agent.wait" => return self.agent_wait(&req, out, ctx),
             "chat.send" => return self.chat_send(&req, out, ctx),
             "chat.abort" => chat_abort(ctx.gw, &req.params),
-            "chat.history" => chat_history(ctx.gw, &req.params),
-            "sessions.list" => Ok(sessions_list(ctx.gw)),
-            "sessions.reset" => sessions_change(ctx.gw, &req.params, false),
-            "sessions.delete" => sessions_change(ctx.gw, &req.params, true),
+            "chat.history" | "sessions.list" | "sessions.reset" | "sessions.delete" => {
+                return store_method(req, out, ctx);
+            }
             m => Err(ErrorShape::invalid(format!("unknown method: {m}"))),
         };
         send_text(out, &answer_text(&req.id, answer));
@@ -454,11 +454,20 @@ impl Session {
             Start::Existing(id) => return self.duplicate(req, &id, &kind, out, ctx),
             Start::New => {}
         }
-        let Some(admission) = gw.pool.admit() else {
-            gw.runs.forget(&run.run_id);
-            let e = ErrorShape::new(ErrorCode::Unavailable, "the gateway is overloaded: the run queue is full")
-                .with_details(json!({ "retryable": true, "retryAfterMs": 1000 }));
-            return send_text(out, &protocol::res_err(Some(&req.id), &e));
+        let admission = match gw.pool.admit_from(Some(ctx.ip.to_canonical())) {
+            Ok(a) => a,
+            Err(refused) => {
+                gw.runs.forget(&run.run_id);
+                let msg = match refused {
+                    Refused::Full => "the gateway is overloaded: the run queue is full".to_string(),
+                    Refused::PerIp(n) => {
+                        format!("too many concurrent runs from this address (gateway.maxRunsPerIp is {n})")
+                    }
+                };
+                let e = ErrorShape::new(ErrorCode::Unavailable, msg)
+                    .with_details(json!({ "retryable": true, "retryAfterMs": 1000 }));
+                return send_text(out, &protocol::res_err(Some(&req.id), &e));
+            }
         };
         let accepted_at = now_ms();
         let first = match kind {
@@ -558,6 +567,29 @@ impl Session {
     }
 }
 
+/// A store method, answered from the store thread: it may wait on a session's disk write or
+/// read a transcript, which the event loop must never do (SPEC §8).
+fn store_method(req: Request, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
+    let gw = ctx.gw.clone();
+    let link = ctx.link.clone();
+    let id = req.id.clone();
+    let job = Box::new(move || {
+        let p = &req.params;
+        let answer = match req.method.as_str() {
+            "chat.history" => chat_history(&gw, p),
+            "sessions.list" => Ok(sessions_list(&gw)),
+            "sessions.reset" => sessions_change(&gw, p, false),
+            _ => sessions_change(&gw, p, true),
+        };
+        link.send(Outgoing::Res(answer_text(&req.id, answer)));
+    });
+    if !crate::session::run_off_loop(job) {
+        let e = ErrorShape::new(ErrorCode::Unavailable, "the session store is busy")
+            .with_details(json!({ "retryable": true, "retryAfterMs": 1000 }));
+        send_text(out, &protocol::res_err(Some(&id), &e));
+    }
+}
+
 fn answer_text(id: &str, r: Result<Value, ErrorShape>) -> String {
     match r {
         Ok(v) => protocol::res_ok(id, &v),
@@ -621,7 +653,7 @@ fn status(gw: &Gateway) -> Value {
         "workers": gw.config.gateway.workers,
         "agents": gw.agents.iter().map(|a| a.cfg.id.as_str()).collect::<Vec<_>>(),
         "defaultAgentId": gw.agents[gw.default_agent()].cfg.id,
-        "sessions": gw.sessions.list().len(),
+        "sessions": gw.sessions.count(),
     })
 }
 
@@ -656,17 +688,7 @@ fn chat_history(gw: &Gateway, p: &Value) -> Result<Value, ErrorShape> {
 }
 
 fn sessions_list(gw: &Gateway) -> Value {
-    let list: Vec<Value> = gw
-        .sessions
-        .list()
-        .into_iter()
-        .map(|s| {
-            let total = s.input_tokens + s.output_tokens;
-            let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
-            v["totalTokens"] = total.into();
-            v
-        })
-        .collect();
+    let list: Vec<Value> = gw.sessions.list().iter().map(crate::session::cli::info_json).collect();
     json!({ "count": list.len(), "sessions": list })
 }
 

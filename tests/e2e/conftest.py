@@ -82,6 +82,11 @@ class Gateway:
                 self.proc.wait(5)
 
 
+def pytest_configure(config):
+    # LiteLLM's own types trip this pydantic warning on import; it says nothing about gatelet.
+    config.addinivalue_line("filterwarnings", "ignore:.*is using the `ReadOnly` qualifier:UserWarning")
+
+
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory):
     """A shared gateway with two echo agents: `main` (default) and `slow` (200 ms per word)."""
@@ -123,3 +128,100 @@ def wait_until(pred, timeout=5.0, step=0.05):
             return True
         time.sleep(step)
     return False
+
+
+# ---- tool round trips: the targets every tool-calling client is run against ----
+
+FAKE_UPSTREAM_KEY = "sk-fake-upstream"
+
+
+@pytest.fixture(scope="session")
+def fake_upstream():
+    """A fake OpenAI-compatible upstream that calls tools (fake_upstream.py)."""
+    from fake_upstream import FakeUpstream
+
+    up = FakeUpstream(api_key=FAKE_UPSTREAM_KEY)
+    yield up
+    up.close()
+
+
+@pytest.fixture(scope="session")
+def tools_gateway(fake_upstream, tmp_path_factory):
+    """A gateway with an `echo` agent (tool mode) and `openai` agents in front of the fake upstream:
+    `fake` (streamed answers), `fakejson` (an upstream that answers streaming requests with a
+    whole `chat.completion`), `fakebroken` and `fakebrokenjson` (malformed tool calls), `fakeobjargs` and `fakeobjargsjson`
+    (arguments as objects)."""
+    backend = "kind: 'openai', baseUrl: '%s', apiKey: '%s'" % (fake_upstream.url, FAKE_UPSTREAM_KEY)
+    gw = Gateway(
+        config_text(
+            extra="agents: { list: [ { id: 'echo', default: true }, "
+            "{ id: 'fake', backend: { %s, model: 'fake-gpt' } }, "
+            "{ id: 'fakejson', backend: { %s, model: 'fake-json' } }, "
+            "{ id: 'fakebroken', backend: { %s, model: 'fake-broken' } }, "
+            "{ id: 'fakebrokenjson', backend: { %s, model: 'fake-broken-json' } }, "
+            "{ id: 'fakeobjargs', backend: { %s, model: 'fake-objargs' } }, "
+            "{ id: 'fakeobjargsjson', backend: { %s, model: 'fake-objargs-json' } } ] }"
+            % ((backend,) * 6)
+        ),
+        tmp_path_factory.mktemp("gw-tools"),
+    )
+    yield gw
+    gw.stop()
+
+
+class ToolTarget:
+    """Where a client sends its requests for one tool round trip.
+
+    `fake` is the fake upstream when it answers (through gatelet's `openai` backend, or directly),
+    else None (gatelet's `echo` agent, whose tool mode makes exactly one call per answer).
+    """
+
+    def __init__(self, name, base_url, api_key, model, fake):
+        self.name = name
+        self.base_url = base_url
+        self.api_key = api_key
+        self.model = model
+        self.fake = fake
+        self.through_gatelet = name != "direct"
+
+    def __repr__(self):
+        return f"ToolTarget({self.name})"
+
+
+TOOL_TARGETS = [t.strip() for t in os.environ.get("E2E_TOOL_TARGETS", "echo,fake").split(",") if t.strip()]
+
+
+@pytest.fixture(params=TOOL_TARGETS)
+def tool_target(request, fake_upstream):
+    """Each tool round trip runs against gatelet's echo tool mode (`echo`) and gatelet's `openai`
+    backend in front of the fake upstream (`fake`). `E2E_TOOL_TARGETS=direct` points the clients at
+    the fake upstream itself, to check the tests and the fake without gatelet."""
+    fake_upstream.reset()
+    name = request.param
+    if name == "direct":
+        return ToolTarget(name, fake_upstream.url, FAKE_UPSTREAM_KEY, "fake-gpt", fake_upstream)
+    gw = request.getfixturevalue("tools_gateway")
+    if name == "echo":
+        return ToolTarget(name, gw.base_url, TOKEN, "gatelet/echo", None)
+    if name == "fake":
+        return ToolTarget(name, gw.base_url, TOKEN, "gatelet/fake", fake_upstream)
+    raise ValueError(f"unknown tool target {name!r} in E2E_TOOL_TARGETS")
+
+
+@pytest.fixture(params=[t for t in TOOL_TARGETS if t != "echo"] or ["fake"])
+def fake_target(request, fake_upstream):
+    """The targets where the fake upstream answers (it can make parallel calls and shows what it
+    received): gatelet's `openai` backend in front of it, or the fake itself under
+    `E2E_TOOL_TARGETS=direct`."""
+    fake_upstream.reset()
+    if request.param == "direct":
+        return ToolTarget("direct", fake_upstream.url, FAKE_UPSTREAM_KEY, "fake-gpt", fake_upstream)
+    gw = request.getfixturevalue("tools_gateway")
+    return ToolTarget("fake", gw.base_url, TOKEN, "gatelet/fake", fake_upstream)
+
+
+@pytest.fixture
+def gatelet_fake_target(fake_upstream, tools_gateway):
+    """gatelet's `openai` backend in front of the fake upstream, whatever E2E_TOOL_TARGETS says."""
+    fake_upstream.reset()
+    return ToolTarget("fake", tools_gateway.base_url, TOKEN, "gatelet/fake", fake_upstream)

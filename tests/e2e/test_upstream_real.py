@@ -22,7 +22,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import TOKEN, Gateway
+from conftest import FAKE_UPSTREAM_KEY, TOKEN, Gateway, ToolTarget
+from tools_common import PROMPT, WEATHER_TOOL, assert_upstream_round_trip, final_for, get_weather
 
 openai = pytest.importorskip("openai")
 
@@ -60,7 +61,7 @@ def stop(proc):
 
 
 @pytest.fixture(scope="module")
-def litellm_url():
+def litellm_url(fake_upstream):
     exe = shutil.which("litellm", path=str(Path(sys.executable).parent)) or shutil.which("litellm")
     if exe is None:
         pytest.fail("the litellm proxy is not installed: pip install 'litellm[proxy]'")
@@ -73,6 +74,12 @@ def litellm_url():
         "      model: openai/mock-gpt\n"
         "      api_key: unused\n"
         f"      mock_response: \"{REPLY}\"\n"
+        # A model LiteLLM serves from the fake upstream of fake_upstream.py, which calls tools.
+        "  - model_name: fake-tools\n"
+        "    litellm_params:\n"
+        "      model: openai/fake-gpt\n"
+        f"      api_base: {fake_upstream.url}\n"
+        f"      api_key: {FAKE_UPSTREAM_KEY}\n"
         "general_settings:\n"
         f"  master_key: {MASTER_KEY}\n"
     )
@@ -98,6 +105,7 @@ def gatelet_url(litellm_url, tmp_path_factory):
         {"id": "lite", "default": True, "systemPrompt": "Be brief.",
          "backend": {"kind": "openai", "baseUrl": litellm_url, "model": "mock-gpt", "apiKey": MASTER_KEY}},
         {"id": "badkey", "backend": {"kind": "openai", "baseUrl": litellm_url, "model": "mock-gpt", "apiKey": "sk-wrong"}},
+        {"id": "litetools", "backend": {"kind": "openai", "baseUrl": litellm_url, "model": "fake-tools", "apiKey": MASTER_KEY}},
         {"id": "nomodel", "backend": {"kind": "openai", "baseUrl": litellm_url, "model": "no-such-model", "apiKey": MASTER_KEY}},
     ]
     gw = Gateway(upstream_config(agents), tmp_path_factory.mktemp("gatelet-upstream"))
@@ -240,6 +248,62 @@ def test_sdk_client_gets_each_token_before_the_upstream_sends_the_next(start_gat
     finally:
         up.seen_first.set()
         up.server.shutdown()
+
+
+# ---- a tool round trip through gatelet, LiteLLM and an upstream that calls tools ----
+
+from conftest import TOOL_TARGETS  # noqa: E402
+
+VIA = ["gatelet"] + (["direct"] if "direct" in TOOL_TARGETS else [])
+
+
+@pytest.mark.parametrize("via", VIA)
+@pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
+def test_tool_round_trip_through_litellm(litellm_url, gatelet_url, fake_upstream, via, stream):
+    """client → gatelet (`openai` backend) → LiteLLM proxy → fake upstream: the call LiteLLM
+    re-streams in its own pieces reaches the client, and the result reaches the upstream."""
+    if via == "gatelet":
+        target = ToolTarget("fake", gatelet_url, TOKEN, "gatelet/litetools", fake_upstream)
+    else:
+        target = ToolTarget("direct", litellm_url, MASTER_KEY, "fake-tools", fake_upstream)
+    fake_upstream.reset()
+    c = client(target.base_url, target.api_key)
+    messages = [{"role": "user", "content": PROMPT}]
+
+    def ask():
+        if not stream:
+            r = c.chat.completions.create(model=target.model, messages=messages, tools=[WEATHER_TOOL])
+            return r.choices[0].message.model_dump(), r.choices[0].finish_reason
+        msg, finish, calls = {"content": ""}, None, {}
+        for chunk in c.chat.completions.create(model=target.model, messages=messages, tools=[WEATHER_TOOL],
+                                               stream=True):
+            if not chunk.choices:
+                continue
+            ch = chunk.choices[0]
+            finish = ch.finish_reason or finish
+            msg["content"] += ch.delta.content or ""
+            for tc in ch.delta.tool_calls or []:
+                slot = calls.setdefault(tc.index, {"id": tc.id, "type": "function",
+                                                   "function": {"name": tc.function.name, "arguments": ""}})
+                slot["function"]["arguments"] += tc.function.arguments or ""
+        msg["tool_calls"] = [calls[i] for i in sorted(calls)] or None
+        return msg, finish
+
+    msg, finish = ask()
+    assert finish == "tool_calls", msg
+    assert not msg["content"], msg
+    [call] = msg["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    args = json.loads(call["function"]["arguments"])
+    assert args == {"city": "Paris"}
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call["id"], "type": "function", "function": call["function"]}]},
+        {"role": "tool", "tool_call_id": call["id"], "content": get_weather(**args)},
+    ]
+    msg, finish = ask()
+    assert (msg["content"], finish) == (final_for("Paris"), "stop")
+    assert_upstream_round_trip(target)
 
 
 def upstream_connections(pid, port):

@@ -65,6 +65,11 @@ impl Gateway {
 
     /// Start with `cfg` using `dir` as the state dir (to restart on the same state).
     pub fn in_dir(cfg: &str, dir: &Path) -> Gateway {
+        Self::in_dir_env(cfg, dir, &[])
+    }
+
+    /// As [`Gateway::in_dir`], with extra environment variables.
+    pub fn in_dir_env(cfg: &str, dir: &Path, env: &[(&str, &str)]) -> Gateway {
         let cfg_path = dir.join("gatelet.json5");
         std::fs::write(&cfg_path, cfg).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_gatelet"))
@@ -75,6 +80,7 @@ impl Gateway {
             .env_remove("GATELET_GATEWAY_PASSWORD")
             .env_remove("GATELET_GATEWAY_PORT")
             .env("GATELET_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -131,6 +137,19 @@ impl Gateway {
         let mut s = self.connect();
         s.write_all(req).unwrap();
         read_response(&mut s).expect("a response")
+    }
+
+    /// Stop the process with SIGTERM (a drain) and wait for it to exit.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let end = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("gatelet did not exit after SIGTERM");
     }
 
     /// Kill the process hard (SIGKILL).
