@@ -180,7 +180,8 @@ http {{
     cfg = os.path.join(tmp, "gatelet.json5")
     with open(cfg, "w") as f:
         f.write(
-            "{ gateway: { auth: { token: '%s' }, workers: %d, http: { endpoints: { chatCompletions: { enabled: true } } } },\n"
+            "{ gateway: { auth: { token: '%s' }, workers: %d, maxRunsPerIp: 0, maxConnectionsPerIp: 0,\n"
+            "    http: { endpoints: { chatCompletions: { enabled: true } } } },\n"
             "  session: { persist: false },\n"
             "  agents: { list: [\n"
             "    { id: 'json', default: true, backend: { kind: 'openai', baseUrl: 'http://%s:%d/json/v1', model: 'm' } },\n"

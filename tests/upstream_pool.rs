@@ -213,7 +213,8 @@ fn idle_connections_are_bounded() {
         v.extend(reply());
         v
     });
-    let gw = gateway_for(&format!("baseUrl: '{}', maxIdleConnections: 2,", up.base_url()), "workers: 3,");
+    let gw =
+        gateway_for(&format!("baseUrl: '{}', maxIdleConnections: 2,", up.base_url()), "workers: 3, maxRunsPerIp: 0,");
     let runs: Vec<_> = (0..3)
         .map(|_| {
             let mut s = gw.connect();
