@@ -78,10 +78,15 @@ struct TlsUpstream {
 
 impl TlsUpstream {
     fn start(cert: &Path, key: &Path) -> TlsUpstream {
-        Self::spawn(cert, key, false)
+        Self::spawn(cert, key, false, &[&rustls::version::TLS13, &rustls::version::TLS12])
     }
 
-    fn spawn(cert: &Path, key: &Path, silent: bool) -> TlsUpstream {
+    fn spawn(
+        cert: &Path,
+        key: &Path,
+        silent: bool,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> TlsUpstream {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let certs: Vec<CertificateDer<'static>> =
@@ -89,7 +94,7 @@ impl TlsUpstream {
         let key = PrivateKeyDer::from_pem_file(key).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let cfg = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .unwrap()
             .with_no_client_auth()
             .with_single_cert(certs, key)
@@ -260,7 +265,7 @@ fn deadlines_and_the_connect_budget_hold_through_tls() {
     drop(gw);
 
     // A TLS upstream that takes the request and never answers: the run's deadline ends it.
-    let up = TlsUpstream::spawn(&cert, &key, true);
+    let up = TlsUpstream::spawn(&cert, &key, true, &[&rustls::version::TLS13]);
     let gw = Gateway::with_config(&config(
         "",
         &format!(
@@ -275,5 +280,20 @@ fn deadlines_and_the_connect_budget_hold_through_tls() {
     assert_eq!(v["error"]["code"], "agent_timeout");
     assert!(t.elapsed() < std::time::Duration::from_secs(15), "{:?}", t.elapsed());
     assert_eq!(up.requests.load(Ordering::SeqCst), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_tls_1_2_only_upstream_works() {
+    let dir = util::temp_dir("tls12");
+    let (ca, cert, key) = make_certs(&dir);
+    let up = TlsUpstream::spawn(&cert, &key, false, &[&rustls::version::TLS12]);
+    let gw = gateway(&format!("https://localhost:{}/v1", up.port), &format!("caFile: '{}',", ca.display()));
+    for _ in 0..2 {
+        let (status, v) = ask(&gw);
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["choices"][0]["message"]["content"], "secure hello");
+    }
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
