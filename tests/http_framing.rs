@@ -212,13 +212,89 @@ fn bare_lf_and_bad_heads_are_refused() {
         (b"GET /health HTTP/1.1\r\n\r\n", 400, "no Host"),
         (b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "two Hosts"),
         (b"GET /health HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", 400, "bare CR in a value"),
-        (b"GET /health HTTP/1.2\r\nHost: a\r\n\r\n", 505, "HTTP/1.2"),
+        (b"GET /health HTTP/2.0\r\nHost: a\r\n\r\n", 505, "HTTP/2.0"),
     ];
     for (req, status, what) in cases {
         let all = gw.raw(req);
         assert!(all.starts_with(&format!("HTTP/1.1 {status} ")), "{what}: {all:?}");
         assert_eq!(all.matches("\r\nDate: ").count(), 1, "{what}: {all:?}");
     }
+}
+
+/// The RFC 9112 grammar rules of SPEC §4, one row each: every request is followed by a second one
+/// (`GET /health`) that a server which resynchronised after the fault would answer.
+#[test]
+fn rfc9112_grammar_violations_are_refused_and_the_connection_closed() {
+    let gw = Gateway::start();
+    let port = gw.addr().rsplit(':').next().unwrap().to_string();
+    let smuggled = "GET /health HTTP/1.1\r\nHost: t\r\n\r\n";
+    // RFC 9112 §3.2 / RFC 3986 §3.2.2: `Host = uri-host [ ":" port ]`.
+    let hosts = [
+        (format!("user@127.0.0.1:{port}"), "Host with userinfo"),
+        (format!("127.0.0.1:{port}/path"), "Host with a path"),
+        (format!("127.0.0.1:{port}, other.example.com"), "Host with a second host"),
+        (String::new(), "empty Host"),
+        ("a b".to_string(), "Host with a space"),
+    ];
+    for (host, what) in &hosts {
+        let req = format!("GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n{smuggled}");
+        refused_and_closed(&gw, req.as_bytes(), 400, what);
+    }
+    // RFC 9112 §3 and §2.3: `method SP request-target SP "HTTP/" DIGIT "." DIGIT`.
+    let lines = [
+        ("GET /health HTTP/1", "version without a minor"),
+        ("GET /health HTTP/01.01", "two-digit version"),
+        ("GET /health HTTP/ 1.1", "space inside the version"),
+        ("GET /health http/1.1", "lower-case HTTP name"),
+        ("GET /pa th HTTP/1.1", "space inside the target"),
+    ];
+    for (line, what) in lines {
+        let req = format!("{line}\r\nHost: t\r\n\r\n{smuggled}");
+        refused_and_closed(&gw, req.as_bytes(), 400, what);
+    }
+    // RFC 9112 §6.1: a Transfer-Encoding with no coding frames nothing; the body must not be
+    // read as the next request.
+    let body = "0\r\n\r\n";
+    refused_and_closed(&gw, &post("Transfer-Encoding:\r\n", body), 400, "empty Transfer-Encoding");
+    refused_and_closed(&gw, &post("Transfer-Encoding: ,\r\n", body), 400, "Transfer-Encoding of empty elements");
+    // RFC 9112 §7.1 / §7.1.1: `chunk-size [ chunk-ext ] CRLF` exactly.
+    let te = "Transfer-Encoding: chunked\r\n";
+    let chunks: &[(&str, &str)] = &[
+        ("5;\r\nhello\r\n0\r\n\r\n", "chunk extension without a name"),
+        ("5;bad[=x\r\nhello\r\n0\r\n\r\n", "chunk extension name that is not a token"),
+        ("5;\x00ext\r\nhello\r\n0\r\n\r\n", "control byte in a chunk extension"),
+        ("5 \r\nhello\r\n0\r\n\r\n", "space after the chunk size"),
+        ("5 ;a\r\nhello\r\n0\r\n\r\n", "whitespace before a chunk extension"),
+        ("5;a=\"x\r\nhello\r\n0\r\n\r\n", "unterminated quoted chunk extension value"),
+    ];
+    for (chunks, what) in chunks {
+        refused_and_closed(&gw, &post(te, chunks), 400, what);
+    }
+}
+
+#[test]
+fn later_http1_minor_versions_are_served_as_http11() {
+    // RFC 9110 §2.5: a recipient answers a higher minor version as the highest it supports.
+    let gw = Gateway::start();
+    let mut s = gw.connect();
+    for minor in [2, 9] {
+        s.write_all(format!("GET /health HTTP/1.{minor}\r\nHost: t\r\n\r\n").as_bytes()).unwrap();
+        let r = read_response(&mut s).unwrap_or_else(|| panic!("HTTP/1.{minor}"));
+        assert!(r.head.starts_with("HTTP/1.1 200 "), "{}", r.head);
+        assert_eq!(r.header("connection"), None, "kept alive as 1.1: {}", r.head);
+    }
+    // A chunked body is framed as on 1.1, and the next request is read from the right place.
+    let body = user_body("one point two", "");
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.2\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n{}",
+        body.len(),
+        std::str::from_utf8(HEALTH).unwrap()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let rs = read_responses(&mut s, 2);
+    assert_eq!(rs[0].json()["choices"][0]["message"]["content"], "one point two", "{}", rs[0].text());
+    assert_eq!(rs[1].status, 200);
 }
 
 #[test]

@@ -53,6 +53,10 @@ pub struct Head {
     pub ws_version: Option<String>,
     /// Body framing.
     pub body: Option<BodyFraming>,
+    /// `Origin` (CORS).
+    pub origin: Option<String>,
+    /// `Access-Control-Request-Headers` (CORS preflight).
+    pub cors_request_headers: Option<String>,
 }
 
 impl Head {
@@ -76,8 +80,18 @@ impl Head {
 /// that maps them to HTTP statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadError {
-    /// httparse rejected the syntax (token, header name/value, version, newline).
+    /// httparse rejected the syntax (token, header name/value, newline).
     Syntax(&'static str),
+    /// The request line is not `method SP request-target SP HTTP-version` with
+    /// `HTTP-version = "HTTP/" DIGIT "." DIGIT` (RFC 9112 §3, §2.3): a version such as `HTTP/1`,
+    /// `HTTP/01.01`, `HTTP/ 1.1` or `http/1.1`, or a space inside the target.
+    RequestLine,
+    /// A well-formed version whose major is not 1 (RFC 9110 §15.6.6: 505).
+    VersionNotSupported,
+    /// A `Host` value that is not `uri-host [ ":" port ]` (RFC 9112 §3.2, RFC 3986 §3.2.2).
+    HostValue,
+    /// A `Transfer-Encoding` field with no coding in it (RFC 9112 §6.1: `1#transfer-coding`).
+    EmptyTransferEncoding,
     /// A line ended in LF without CR (RFC 9112 §2.2: we choose to reject).
     BareLf,
     /// Request target over [`MAX_TARGET_BYTES`].
@@ -105,7 +119,7 @@ impl HeadError {
             HeadError::UriTooLong => 414,
             HeadError::HeadersTooLarge => 431,
             HeadError::UnsupportedCoding => 501,
-            HeadError::Syntax("version") => 505,
+            HeadError::VersionNotSupported => 505,
             _ => 400,
         }
     }
@@ -114,8 +128,11 @@ impl HeadError {
 impl fmt::Display for HeadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = match self {
-            HeadError::Syntax("version") => "unsupported HTTP version",
             HeadError::Syntax(what) => return write!(f, "malformed request head: invalid {what}"),
+            HeadError::RequestLine => "malformed request line: expected `method SP target SP HTTP/1.x`",
+            HeadError::VersionNotSupported => "unsupported HTTP version: this server speaks HTTP/1.x",
+            HeadError::HostValue => "invalid Host: expected host[:port] (no userinfo, path, list or spaces)",
+            HeadError::EmptyTransferEncoding => "Transfer-Encoding names no transfer coding",
             HeadError::BareLf => "malformed request head: line ends in LF without CR",
             HeadError::UriTooLong => "request target is longer than 8192 bytes",
             HeadError::HeadersTooLarge => {
@@ -136,25 +153,155 @@ impl fmt::Display for HeadError {
 ///
 /// `Ok(None)` means more bytes are needed; `Ok(Some((head, len)))` consumed `len` bytes.
 pub fn parse(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
+    match parse_with(buf) {
+        // From `parse_with`, this error only ever means httparse refused the version.
+        Err(HeadError::RequestLine) => match classify_version(buf) {
+            Version::Partial => partial(buf),
+            Version::Malformed => Err(HeadError::RequestLine),
+            Version::Unsupported => Err(HeadError::VersionNotSupported),
+            Version::LaterMinor(at) => {
+                // RFC 9110 §2.5: a later 1.x minor is answered as the highest 1.x we speak. httparse
+                // knows only 1.0 and 1.1, so parse a copy that says 1.1 (the same length).
+                let mut copy = buf.to_vec();
+                copy[at] = b'1';
+                parse_with(&copy)
+            }
+        },
+        r => r,
+    }
+}
+
+/// More bytes are needed, unless the head already exceeds the limits.
+fn partial(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
+    if buf.len() > MAX_HEAD_BYTES {
+        let line_end = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+        return Err(if line_end > MAX_TARGET_BYTES { HeadError::UriTooLong } else { HeadError::HeadersTooLarge });
+    }
+    Ok(None)
+}
+
+/// What httparse's version error means for the request line.
+#[derive(Debug, PartialEq, Eq)]
+enum Version {
+    /// Not `HTTP/` DIGIT `.` DIGIT after exactly two single spaces: 400.
+    Malformed,
+    /// Well-formed so far, but the line has not ended yet.
+    Partial,
+    /// `HTTP/x.y` with x ≠ 1: 505.
+    Unsupported,
+    /// `HTTP/1.y` with y ≥ 2; the minor digit is at this offset of the buffer.
+    LaterMinor(usize),
+}
+
+/// Classify the request line of a head httparse refused for its version.
+///
+/// RFC 9112 §3: `request-line = method SP request-target SP HTTP-version`; §2.3:
+/// `HTTP-version = HTTP-name "/" DIGIT "." DIGIT`, `HTTP-name = %s"HTTP"` (case-sensitive).
+/// RFC 9110 §2.5: a recipient answers a higher minor version of its major as the highest minor it
+/// supports; a major it does not support gets 505 (§15.6.6).
+fn classify_version(buf: &[u8]) -> Version {
+    // httparse skips empty lines before the request line (RFC 9112 §2.2); so do we.
+    let mut start = 0;
+    while let Some(&b) = buf.get(start) {
+        match b {
+            b'\r' if buf.get(start + 1) == Some(&b'\n') => start += 2,
+            b'\n' => start += 1,
+            _ => break,
+        }
+    }
+    let rest = &buf[start..];
+    let end = rest.iter().position(|&b| b == b'\r' || b == b'\n');
+    let line = &rest[..end.unwrap_or(rest.len())];
+    let mut parts = line.splitn(3, |&b| b == b' ');
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
+        return if end.is_some() { Version::Malformed } else { Version::Partial };
+    };
+    const SHAPE: &[u8] = b"HTTP/0.0";
+    let fits = |i: usize, b: u8| if SHAPE[i] == b'0' { b.is_ascii_digit() } else { SHAPE[i] == b };
+    if version.len() > SHAPE.len() || !version.iter().enumerate().all(|(i, &b)| fits(i, b)) {
+        return Version::Malformed;
+    }
+    match (version.len() == SHAPE.len(), end) {
+        (false, Some(_)) => Version::Malformed,
+        (false, None) => Version::Partial,
+        (true, _) if version[5] == b'1' => Version::LaterMinor(start + method.len() + target.len() + 2 + 7),
+        (true, None) => Version::Partial,
+        (true, Some(_)) => Version::Unsupported,
+    }
+}
+
+/// Whether `v` is a valid `Host` value: `uri-host [ ":" port ]` (RFC 9112 §3.2, RFC 9110 §7.2),
+/// where `uri-host` is RFC 3986's `host` (§3.2.2: `IP-literal / IPv4address / reg-name`) and
+/// `port = *DIGIT` (§3.2.3).
+///
+/// Stricter than the grammar, deliberately: the host must not be empty — neither an empty value
+/// (RFC 9112 §3.2 lets a client send one for a target without authority; no client of this
+/// server does) nor a port alone (`:80`, an empty `reg-name`) — and a comma is refused although
+/// `reg-name` allows it as a sub-delimiter, because `a, b` is how a second Host hides in one field
+/// (a proxy may pick either).
+pub fn valid_host(v: &[u8]) -> bool {
+    let (host, port) = if v.first() == Some(&b'[') {
+        let Some(close) = v.iter().position(|&b| b == b']') else { return false };
+        if !valid_ip_literal(&v[1..close]) {
+            return false;
+        }
+        match &v[close + 1..] {
+            [] => (&v[..close + 1], None),
+            [b':', port @ ..] => (&v[..close + 1], Some(port)),
+            _ => return false,
+        }
+    } else {
+        match v.iter().position(|&b| b == b':') {
+            Some(i) => (&v[..i], Some(&v[i + 1..])),
+            None => (v, None),
+        }
+    };
+    if host.is_empty() || port.is_some_and(|p| !p.iter().all(u8::is_ascii_digit)) {
+        return false;
+    }
+    host.first() == Some(&b'[') || valid_reg_name(host)
+}
+
+/// `reg-name = *( unreserved / pct-encoded / sub-delims )` (RFC 3986 §3.2.2), without `,`
+/// (see [`valid_host`]). IPv4 addresses are reg-names too.
+fn valid_reg_name(h: &[u8]) -> bool {
+    let mut i = 0;
+    while i < h.len() {
+        match h[i] {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {}
+            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b';' | b'=' => {}
+            b'%' if h.get(i + 1..i + 3).is_some_and(|x| x.iter().all(u8::is_ascii_hexdigit)) => i += 2,
+            _ => return false,
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The inside of `IP-literal = "[" ( IPv6address / IPvFuture ) "]"` (RFC 3986 §3.2.2).
+fn valid_ip_literal(b: &[u8]) -> bool {
+    if let [b'v' | b'V', rest @ ..] = b {
+        // IPvFuture = "v" 1*HEXDIG "." 1*( unreserved / sub-delims / ":" )
+        let Some(dot) = rest.iter().position(|&c| c == b'.') else { return false };
+        let (ver, tail) = (&rest[..dot], &rest[dot + 1..]);
+        return !ver.is_empty()
+            && ver.iter().all(u8::is_ascii_hexdigit)
+            && !tail.is_empty()
+            && tail.iter().all(|&c| c == b':' || (c != b'%' && valid_reg_name(&[c])));
+    }
+    std::str::from_utf8(b).is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok())
+}
+
+fn parse_with(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => {
-            if buf.len() > MAX_HEAD_BYTES {
-                let line_end = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
-                return Err(if line_end > MAX_TARGET_BYTES {
-                    HeadError::UriTooLong
-                } else {
-                    HeadError::HeadersTooLarge
-                });
-            }
-            return Ok(None);
-        }
+        Ok(httparse::Status::Partial) => return partial(buf),
         Err(e) => {
             return Err(match e {
                 httparse::Error::TooManyHeaders => HeadError::HeadersTooLarge,
-                httparse::Error::Version => HeadError::Syntax("version"),
+                httparse::Error::Version => HeadError::RequestLine,
                 httparse::Error::HeaderName => HeadError::Syntax("header name"),
                 httparse::Error::HeaderValue => HeadError::Syntax("header value"),
                 httparse::Error::NewLine => HeadError::Syntax("line ending"),
@@ -190,6 +337,9 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
         let eq = |n: &str| name.eq_ignore_ascii_case(n);
         if eq("host") {
             hosts += 1;
+            if !valid_host(hd.value) {
+                return Err(HeadError::HostValue);
+            }
         } else if eq("content-length") {
             for part in hd.value.split(|&b| b == b',') {
                 let n = parse_digits(trim(part)).ok_or(HeadError::ContentLength)?;
@@ -199,10 +349,13 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
                 length = Some(n);
             }
         } else if eq("transfer-encoding") {
+            // RFC 9112 §6.1: `Transfer-Encoding = #transfer-coding`; RFC 9110 §5.6.1: empty list
+            // elements are ignored, but a field with no coding at all frames nothing.
             let v = value.ok_or(HeadError::UnsupportedCoding)?;
+            let before = codings.len();
             codings.extend(v.split(',').map(|c| c.trim().to_ascii_lowercase()).filter(|c| !c.is_empty()));
-            if v.trim().is_empty() {
-                return Err(HeadError::UnsupportedCoding);
+            if codings.len() == before {
+                return Err(HeadError::EmptyTransferEncoding);
             }
         } else if eq("connection") {
             for t in value.unwrap_or("").split(',').map(str::trim) {
@@ -228,6 +381,10 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
             h.ws_key = value.map(|v| v.trim().to_string());
         } else if eq("sec-websocket-version") {
             h.ws_version = value.map(|v| v.trim().to_string());
+        } else if eq("origin") {
+            h.origin = value.map(|v| v.trim().to_string());
+        } else if eq("access-control-request-headers") {
+            h.cors_request_headers = value.map(|v| v.trim().to_string());
         }
     }
     if minor == 1 && hosts != 1 || hosts > 1 {
@@ -339,12 +496,21 @@ mod tests {
             ("Transfer-Encoding: gzip", Err(HeadError::UnsupportedCoding)),
             ("Transfer-Encoding: identity", Err(HeadError::UnsupportedCoding)),
             ("Transfer-Encoding: chunkedx", Err(HeadError::UnsupportedCoding)),
+            // RFC 9112 §6.1 / RFC 9110 §5.6.1: empty elements are ignored, no coding at all is 400.
+            ("Transfer-Encoding:", Err(HeadError::EmptyTransferEncoding)),
+            ("Transfer-Encoding:  ", Err(HeadError::EmptyTransferEncoding)),
+            ("Transfer-Encoding: ,", Err(HeadError::EmptyTransferEncoding)),
+            ("Transfer-Encoding: , ,", Err(HeadError::EmptyTransferEncoding)),
+            ("Transfer-Encoding: chunked\r\nTransfer-Encoding:", Err(HeadError::EmptyTransferEncoding)),
+            ("Transfer-Encoding: , chunked,", Ok(BodyFraming::Chunked)),
+            ("Content-Length: 3\r\nTransfer-Encoding:", Err(HeadError::EmptyTransferEncoding)),
         ];
         for (hdrs, want) in cases {
             let req = format!("POST / HTTP/1.1\r\nHost: a\r\n{hdrs}\r\n\r\n");
             let got = p(&req).map(|o| o.unwrap().0.body.unwrap());
             assert_eq!(&got, want, "{hdrs}");
         }
+        assert_eq!(HeadError::EmptyTransferEncoding.status(), 400);
     }
 
     #[test]
@@ -358,7 +524,109 @@ mod tests {
         assert_eq!(p("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"), Err(HeadError::ChunkedInHttp10));
         assert_eq!(p("GET / HTTP/1.1\r\n\r\n"), Err(HeadError::Host));
         assert_eq!(p("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), Err(HeadError::Host));
-        assert_eq!(p("GET / HTTP/1.2\r\nHost: a\r\n\r\n").map_err(|e| e.status()), Err(505));
+    }
+
+    /// RFC 9112 §3 / §2.3 and RFC 9110 §2.5: every request-line shape, with the status it gets.
+    /// Each malformed line is followed by a second request that must never be parsed.
+    #[test]
+    fn request_line_table() {
+        let cases: &[(&str, Result<u8, HeadError>)] = &[
+            ("GET / HTTP/1.1", Ok(1)),
+            ("GET / HTTP/1.0", Ok(0)),
+            ("GET / HTTP/1.2", Ok(1)),
+            ("GET / HTTP/1.9", Ok(1)),
+            ("GET / HTTP/2.0", Err(HeadError::VersionNotSupported)),
+            ("GET / HTTP/0.9", Err(HeadError::VersionNotSupported)),
+            ("GET / HTTP/9.9", Err(HeadError::VersionNotSupported)),
+            ("GET / HTTP/1", Err(HeadError::RequestLine)),
+            ("GET / HTTP/01.01", Err(HeadError::RequestLine)),
+            ("GET / HTTP/1.01", Err(HeadError::Syntax("line ending"))),
+            ("GET / HTTP/1.10", Err(HeadError::Syntax("line ending"))),
+            ("GET / HTTP/ 1.1", Err(HeadError::RequestLine)),
+            ("GET / http/1.1", Err(HeadError::RequestLine)),
+            ("GET / HTTP/1.1 ", Err(HeadError::Syntax("line ending"))),
+            ("GET /pa th HTTP/1.1", Err(HeadError::RequestLine)),
+            ("GET / HTTP/2", Err(HeadError::RequestLine)),
+            ("GET / HTTPS/1.1", Err(HeadError::RequestLine)),
+            ("GET  / HTTP/1.1", Err(HeadError::Syntax("method or target"))),
+            ("GET /", Err(HeadError::Syntax("method or target"))),
+        ];
+        for (line, want) in cases {
+            let req = format!("{line}\r\nHost: a\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n");
+            let got = p(&req).map(|o| o.expect("complete").0);
+            assert_eq!(got.as_ref().map(|h| h.minor), want.as_ref().map(|m| *m), "{line}");
+            if let Ok(h) = got {
+                assert_eq!(h.target, "/", "{line}");
+            }
+        }
+        assert_eq!(HeadError::VersionNotSupported.status(), 505);
+        assert_eq!(HeadError::RequestLine.status(), 400);
+        // A version is judged only once it is complete, and a 1.x minor once the head is.
+        for partial in
+            ["GET / HTTP/2", "GET / HTTP/2.0", "GET / HTTP/1.2", "GET / HTTP/1.2\r\nHost: a\r\n", "\r\nGET / HTTP/"]
+        {
+            assert_eq!(p(partial), Ok(None), "{partial:?}");
+        }
+        // Leading empty lines are skipped before a later minor, and the offset still lands on it.
+        let h = head("\r\n\r\nPOST /v1 HTTP/1.7\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}");
+        assert_eq!((h.method.as_str(), h.target.as_str(), h.minor), ("POST", "/v1", 1));
+        assert_eq!(h.body, Some(BodyFraming::Length(2)));
+    }
+
+    /// RFC 9112 §3.2 with RFC 3986 §3.2.2–3.2.3: `Host = uri-host [ ":" port ]`, exactly one on
+    /// HTTP/1.1, plus our stricter rules (no empty value, no comma).
+    #[test]
+    fn host_table() {
+        let ok = [
+            "a",
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "example.com:",
+            "EXAMPLE.com:443",
+            "[::1]",
+            "[::1]:80",
+            "[2001:db8::7]:1",
+            "[v1.fe:x]",
+            "a%20b",
+            "xn--bcher-kva.example",
+            "a_b~c!$&'()*+;=",
+        ];
+        for v in ok {
+            assert!(p(&format!("GET / HTTP/1.1\r\nHost: {v}\r\n\r\n")).is_ok(), "{v}");
+        }
+        let bad = [
+            "",
+            "user@127.0.0.1:80",
+            "127.0.0.1:80/path",
+            "127.0.0.1:80, other.example.com",
+            "a,b",
+            "a b",
+            "a:80:90",
+            "a:8x",
+            ":80",
+            "[::1",
+            "[::1]x",
+            "[zz::1]",
+            "[v1.]",
+            "a%2",
+            "a%zz",
+            "a/",
+            "a?b",
+            "a#b",
+            "a\"b",
+            "\u{e9}",
+        ];
+        for v in bad {
+            let r = p(&format!("GET / HTTP/1.1\r\nHost: {v}\r\n\r\n"));
+            assert_eq!(r, Err(HeadError::HostValue), "{v:?}");
+            assert_eq!(HeadError::HostValue.status(), 400);
+        }
+        // HTTP/1.0 may omit Host, but one it sends is checked too.
+        assert!(p("GET / HTTP/1.0\r\n\r\n").is_ok());
+        assert_eq!(p("GET / HTTP/1.0\r\nHost: a@b\r\n\r\n"), Err(HeadError::HostValue));
+        assert_eq!(p("GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n"), Err(HeadError::Host));
+        // A later minor needs a Host like 1.1 does.
+        assert_eq!(p("GET / HTTP/1.2\r\n\r\n"), Err(HeadError::Host));
     }
 
     #[test]

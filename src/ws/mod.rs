@@ -2,10 +2,12 @@
 //! protocol (SPEC §8) spoken over it.
 //!
 //! Layers, each pure: [`handshake`] (upgrade request → `101` bytes or an HTTP error),
-//! [`frame`] and [`utf8`] (client bytes → messages, messages → server frames), [`protocol`]
+//! [`frame`] and [`utf8`] (client bytes → messages, messages → server frames), [`conn`] (one
+//! RFC 6455 connection: pings, close handshake, limits, its timer), [`protocol`]
 //! (JSON frames), [`session`] (one connection's state machine). [`run`] is the worker side of a
 //! run started over WebSocket; it reaches the connection through the event loop.
 
+pub mod conn;
 pub mod frame;
 pub mod handshake;
 pub mod protocol;

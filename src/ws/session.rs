@@ -1,9 +1,9 @@
 //! One WebSocket connection: the frame codec below, the gateway protocol (SPEC §8) above.
 //!
 //! Bytes in → frames out (into the loop's write buffer); runs go to the worker pool and come back
-//! as [`Outgoing`] messages through the loop. States: waiting for `connect` (10 s, 64 KiB
-//! messages), open (25 MiB messages, `tick` every 30 s), closing (our close frame is sent; the
-//! peer's is awaited so the socket ends with FIN, not RST, RFC 6455 §7.1.1), closed.
+//! as [`Outgoing`] messages through the loop. The RFC 6455 layer (pings, the close handshake,
+//! limits) is [`Conn`]; on top of it the states are: waiting for `connect` (10 s, 64 KiB
+//! messages) and open (25 MiB messages, `tick` every 30 s).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::Outgoing;
-use super::frame::{self, Decoder, Message, OpCode, close};
+use super::conn::{self, Conn, Incoming};
+use super::frame::{self, OpCode, close};
 use super::protocol::{self, ErrorCode, ErrorShape, PROTOCOL, Request};
 use super::run::{Kind, Link, WsRun};
 use crate::agent::CancelToken;
@@ -30,7 +31,7 @@ use crate::util::{now_ms, random_hex};
 /// Largest message before `connect` succeeds (SPEC §8: over → 1009).
 pub const PRE_AUTH_MAX_PAYLOAD: usize = 64 * 1024;
 /// Largest message after `connect`.
-pub const MAX_PAYLOAD: usize = 25 * 1024 * 1024;
+pub const MAX_PAYLOAD: usize = conn::MAX_MESSAGE;
 /// Unsent bytes a connection may hold before it is closed with 1008 as a slow consumer.
 pub const MAX_BUFFERED: usize = 8 * 1024 * 1024;
 /// Unsent bytes above which no further client message is handled until the peer reads some:
@@ -40,8 +41,7 @@ pub const PAUSE_OUTPUT: usize = 64 * 1024;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `tick` interval.
 pub const TICK_INTERVAL: Duration = Duration::from_secs(30);
-/// How long to wait for the peer's close frame after sending ours.
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+pub use super::conn::CLOSE_TIMEOUT;
 /// Default and largest `agent.wait` timeout.
 const WAIT_DEFAULT_MS: u64 = 30_000;
 const WAIT_MAX_MS: u64 = 600_000;
@@ -70,8 +70,6 @@ pub const EVENTS: &[&str] = &["connect.challenge", "agent", "chat", "tick", "shu
 enum State {
     AwaitConnect,
     Open,
-    Closing,
-    Closed,
 }
 
 #[derive(Debug)]
@@ -103,7 +101,7 @@ struct Ctx<'a> {
 #[derive(Debug)]
 pub struct Session {
     state: State,
-    decoder: Decoder,
+    conn: Conn,
     seq: u64,
     deadline: Instant,
     next_tick: Option<Instant>,
@@ -128,7 +126,7 @@ impl Session {
     pub fn new(_gw: &Arc<Gateway>, now: Instant, out: &mut Vec<u8>) -> Self {
         let mut s = Session {
             state: State::AwaitConnect,
-            decoder: Decoder::new(PRE_AUTH_MAX_PAYLOAD),
+            conn: Conn::new(PRE_AUTH_MAX_PAYLOAD),
             seq: 0,
             deadline: now + HANDSHAKE_TIMEOUT,
             next_tick: None,
@@ -157,49 +155,28 @@ impl Session {
         let now = Instant::now();
         let mut ctx = Ctx { gw, link: Link { notifier: notifier.clone(), slot, id: conn_id }, ip, now };
         let mut pos = 0;
-        while pos < input.len()
-            && out.len() < PAUSE_OUTPUT
-            && matches!(self.state, State::AwaitConnect | State::Open | State::Closing)
-        {
-            let (n, msg) = match self.decoder.decode(&input[pos..]) {
-                Ok(r) => r,
-                Err(e) => {
-                    if self.state == State::Closing {
-                        self.state = State::Closed;
-                    } else {
-                        crate::log!(Debug, "ws #{conn_id}: failing connection: {e}");
-                        self.fail(out, e.close_code(), &e.to_string(), now);
-                    }
-                    return input.len();
-                }
-            };
+        while pos < input.len() && out.len() < PAUSE_OUTPUT && !self.conn.is_closed() {
+            let (n, ev) = self.conn.feed(&input[pos..], now, out);
             pos += n;
-            let Some(msg) = msg else { break };
-            if self.state == State::Closing {
-                // Only the peer's close frame matters now.
-                if let Message::Close(_) = msg {
-                    self.state = State::Closed;
-                }
-                continue;
-            }
-            match msg {
-                Message::Ping(p) => frame::encode(out, OpCode::Pong, &p),
-                Message::Pong(_) => {}
-                Message::Close(c) => {
-                    // Echo the peer's code (RFC 6455 §5.5.1), then the server closes the TCP
-                    // connection first (§7.1.1).
-                    frame::encode_close(out, c.map(|c| c.code), "");
-                    self.state = State::Closed;
+            let Some(ev) = ev else { break };
+            match ev {
+                Incoming::Ping | Incoming::Pong => {}
+                Incoming::Closed(_) => self.abort_runs(),
+                Incoming::Failed { reason, .. } => {
+                    crate::log!(Debug, "ws #{conn_id}: failing connection: {reason}");
+                    self.waits.clear();
                     self.abort_runs();
                 }
-                Message::Binary(_) if self.state == State::Open => {
+                Incoming::Binary(_) if self.state == State::Open => {
                     self.fail(out, close::UNSUPPORTED, "binary messages are not supported", now);
                 }
-                Message::Binary(_) => self.fail(out, close::POLICY, "the first message must be a connect request", now),
-                Message::Text(t) => self.on_text(&t, out, &mut ctx),
+                Incoming::Binary(_) => {
+                    self.fail(out, close::POLICY, "the first message must be a connect request", now)
+                }
+                Incoming::Text(t) => self.on_text(&t, out, &mut ctx),
             }
         }
-        if matches!(self.state, State::Closed) { input.len() } else { pos }
+        if self.conn.is_closed() { input.len() } else { pos }
     }
 
     /// A message from a run or a waiter.
@@ -208,7 +185,7 @@ impl Session {
             self.runs.remove(run_id);
             return;
         }
-        if self.state != State::Open {
+        if self.state != State::Open || !self.conn.is_open() {
             return;
         }
         if out.len() > MAX_BUFFERED {
@@ -233,6 +210,10 @@ impl Session {
 
     /// Timers: the handshake deadline, ticks, `agent.wait` timeouts, the closing handshake.
     pub fn on_timer(&mut self, now: Instant, out: &mut Vec<u8>) {
+        self.conn.on_timer(now);
+        if !self.conn.is_open() {
+            return;
+        }
         match self.state {
             State::AwaitConnect if now >= self.deadline => {
                 self.fail(out, close::POLICY, "connect timeout", now);
@@ -253,31 +234,38 @@ impl Session {
                     }
                 }
             }
-            State::Closing if now >= self.deadline => self.state = State::Closed,
             _ => {}
         }
     }
 
+    /// When [`Session::on_timer`] next has something to do.
+    pub fn deadline(&self) -> Option<Instant> {
+        if !self.conn.is_open() {
+            return self.conn.deadline();
+        }
+        let connect = (self.state == State::AwaitConnect).then_some(self.deadline);
+        let waits = self.waits.iter().filter_map(|w| w.deadline);
+        connect.into_iter().chain(self.next_tick).chain(waits).min()
+    }
+
     /// The peer went away: abort this connection's runs.
     pub fn on_eof(&mut self) {
-        self.state = State::Closed;
+        self.conn.on_eof();
         self.abort_runs();
     }
 
     /// The gateway is stopping: queue the `shutdown` event and a 1001 close.
     pub fn on_shutdown(&mut self, out: &mut Vec<u8>) {
-        if self.state == State::Open {
+        if self.state == State::Open && self.conn.is_open() {
             let p = json!({ "reason": "gateway stopping", "restartExpectedMs": Value::Null });
             self.event(out, "shutdown", &p.to_string());
         }
-        if matches!(self.state, State::AwaitConnect | State::Open) {
-            self.fail(out, close::GOING_AWAY, "gateway stopping", Instant::now());
-        }
+        self.fail(out, close::GOING_AWAY, "gateway stopping", Instant::now());
     }
 
     /// Whether the connection should close once `out` is flushed.
     pub fn is_closed(&self) -> bool {
-        self.state == State::Closed
+        self.conn.is_closed()
     }
 
     fn abort_runs(&mut self) {
@@ -293,9 +281,7 @@ impl Session {
 
     /// Send a close frame and wait (briefly) for the peer's; runs are aborted now.
     fn fail(&mut self, out: &mut Vec<u8>, code: u16, reason: &str, now: Instant) {
-        frame::encode_close(out, Some(code), reason);
-        self.state = State::Closing;
-        self.deadline = now + CLOSE_TIMEOUT;
+        self.conn.close(out, code, reason, now);
         self.waits.clear();
         self.abort_runs();
     }
@@ -377,7 +363,7 @@ impl Session {
             }
         }
         self.state = State::Open;
-        self.decoder.set_max_message(MAX_PAYLOAD);
+        self.conn.set_max_message(MAX_PAYLOAD);
         self.next_tick = Some(ctx.now + TICK_INTERVAL);
         let hello = json!({
             "type": "hello-ok",
@@ -752,9 +738,11 @@ mod tests {
         let f = frames(&out);
         assert_eq!(event_name(&f[0].1), "connect.challenge");
         out.clear();
+        assert_eq!(s.deadline(), Some(t0 + HANDSHAKE_TIMEOUT));
         s.on_timer(t0 + Duration::from_secs(9), &mut out);
         assert!(out.is_empty());
         s.on_timer(t0 + HANDSHAKE_TIMEOUT, &mut out);
+        assert_eq!(s.deadline(), Some(t0 + HANDSHAKE_TIMEOUT + CLOSE_TIMEOUT));
         let f = frames(&out);
         assert_eq!((f[0].0, close_code(&f[0].1)), (0x8, 1008));
         assert!(!s.is_closed(), "waits for the client's close frame first");
@@ -771,6 +759,7 @@ mod tests {
         s.state = State::Open;
         s.next_tick = Some(t0 + TICK_INTERVAL);
         out.clear();
+        assert_eq!(s.deadline(), Some(t0 + TICK_INTERVAL));
         s.on_timer(t0 + Duration::from_secs(29), &mut out);
         assert!(out.is_empty());
         s.on_timer(t0 + TICK_INTERVAL, &mut out);
