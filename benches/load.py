@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 TOKEN = "bench-token"
@@ -402,6 +403,10 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     ap.add_argument("--rev", default="?", help="source revision of the binary, for the report")
     ap.add_argument("--command", default=" ".join(sys.argv), help="command line to print with the table")
+    ap.add_argument("--ops-off", metavar="BIN",
+                    help="also run BIN (`same` = --gatelet) with the access log off and nobody scraping /metrics, "
+                         "interleaved with the main gatelet, which then has its access log on and /metrics "
+                         "scraped every second; adds an on-vs-off table")
     a = ap.parse_args()
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -436,14 +441,15 @@ def main():
         res["versions"]["wrk"] = tool_version(["wrk", "--version"]).split(" Copyright")[0]
 
     # --- gatelet ---------------------------------------------------------------------------
-    gport = free_port()
-    gdir = os.path.join(tmp, "gatelet")
-    os.makedirs(gdir)
-    gcfg = os.path.join(gdir, "gatelet.json5")
-    with open(gcfg, "w") as f:
-        f.write(f"""{{
+    def start_gatelet(binary, name, access_log):
+        port = free_port()
+        d = os.path.join(tmp, name)
+        os.makedirs(d)
+        cfg = os.path.join(d, "gatelet.json5")
+        with open(cfg, "w") as f:
+            f.write(f"""{{
   gateway: {{
-    port: {gport}, bind: "loopback", workers: 2, maxRunsPerIp: 0,
+    port: {port}, bind: "loopback", workers: 2, maxRunsPerIp: 0,
     auth: {{ mode: "token", token: "{TOKEN}" }},
     http: {{ endpoints: {{ chatCompletions: {{ enabled: true }} }} }},
   }},
@@ -451,10 +457,23 @@ def main():
   session: {{ persist: false }},
 }}
 """)
-    genv = {k: v for k, v in os.environ.items() if not k.startswith("GATELET_")}
-    genv["GATELET_STATE_DIR"] = gdir
-    g = start([a.gatelet, "gateway", "--config", gcfg], genv, os.path.join(gdir, "gatelet.log"), gport, srv_cpu)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATELET_")}
+        env["GATELET_STATE_DIR"] = d
+        if not access_log:
+            # `warn` turns the access log (an `info` line) off in any version of gatelet.
+            env["GATELET_LOG"] = "warn"
+        return start([binary, "gateway", "--config", cfg], env, os.path.join(d, "gatelet.log"), port, srv_cpu), port, d
+
+    g, gport, gdir = start_gatelet(a.gatelet, "gatelet", True)
     res["gatelet"] = {"idle": proc_status(g.pid)}
+    off = None
+    if a.ops_off:
+        off_bin = a.gatelet if a.ops_off == "same" else a.ops_off
+        off, oport, odir = start_gatelet(off_bin, "gatelet-off", False)
+        res["gatelet-off"] = {"binary": off_bin}
+        res["versions"]["gatelet-off"] = tool_version([off_bin, "--version"])
+        scraper = Scraper(gport)
+        scraper.start()
 
     short_body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": SHORT_MESSAGE}]},
                             separators=(",", ":")).encode()
@@ -524,9 +543,12 @@ http {{
             sys.exit(f"nginx answered {st} with {len(nbody)} body bytes (want 200, {len(gbody)})")
         res["nginx"]["response"] = {"head_bytes": len(nhead), "body_bytes": len(nbody)}
     servers = [("gatelet", g, gport)] + ([("nginx", n, nport)] if n else [])
+    idle_servers = list(servers)
+    if off:
+        servers.append(("gatelet-off", off, oport))
 
     # --- idle connections ------------------------------------------------------------------
-    for name, p, port in servers:
+    for name, p, port in idle_servers:
         print(f"[{name}] {a.idle_conns} idle connections", file=sys.stderr)
         res[name]["idle_conns"] = idle_connections(p.pid, port, a.idle_conns, chat_request(port, short_body))
 
@@ -562,7 +584,7 @@ http {{
         sse_reps = max(5, a.reps)  # one stream takes well under a second
         for name, p, port in servers:
             print(f"[{name}] SSE stream x{sse_reps}", file=sys.stderr)
-            if name == "gatelet":
+            if name.startswith("gatelet"):
                 runs_ = sse_curl(f"http://{HOST}:{port}/v1/chat/completions", sse_file, cli_cpu, 1 + sse_reps)[1:]
             else:
                 runs_ = sse_curl(f"http://{HOST}:{port}/sse/stream", None, cli_cpu, 1 + sse_reps)[1:]
@@ -581,6 +603,14 @@ http {{
         res[name]["exited"] = p.poll()
     mach["busy_at_end_pct"] = cpu_busy(1.0)
     res["gatelet"]["log_complaints"] = log_complaints(os.path.join(gdir, "gatelet.log"), ("warn", "error"))
+    if off:
+        scraper.stop()
+        res["gatelet"]["scrapes"] = {"ok": scraper.ok, "failed": scraper.failed}
+        if scraper.failed:
+            res["gatelet"].setdefault("scrape_failures", scraper.failed)
+        res["gatelet-off"]["log_complaints"] = log_complaints(os.path.join(odir, "gatelet.log"), ("warn", "error"))
+        with open(os.path.join(gdir, "gatelet.log"), "rb") as f:
+            res["gatelet"]["access_lines"] = sum(1 for ln in f if b" access method=" in ln)
     if n:
         res["nginx"]["log_complaints"] = log_complaints(os.path.join(ndir, "error.log"), ("[warn]", "[error]", "[crit]", "[alert]", "[emerg]"))
     if a.stripped:
@@ -600,6 +630,31 @@ http {{
         f.write(table + "\n")
     print(f"\nwritten: {os.path.join(a.out, f'load-{stamp}.json')}", file=sys.stderr)
     return 1 if res.get("problems") else 0
+
+
+class Scraper(threading.Thread):
+    """GETs /metrics once a second, as Prometheus would, until stopped."""
+
+    def __init__(self, port):
+        super().__init__(daemon=True)
+        self.port, self.ok, self.failed = port, 0, 0
+        self.done = threading.Event()
+
+    def run(self):
+        raw = request_bytes("GET", "/metrics", self.port, headers=(("Authorization", f"Bearer {TOKEN}"),))
+        while not self.done.wait(1.0):
+            try:
+                st, _, body = one_request(self.port, raw, timeout=10)
+                if st == 200 and b"gatelet_http_requests_total" in body:
+                    self.ok += 1
+                else:
+                    self.failed += 1
+            except Exception:
+                self.failed += 1
+
+    def stop(self):
+        self.done.set()
+        self.join(15)
 
 
 def sockmem(S):
@@ -716,12 +771,30 @@ def render(res, servers, conns, a):
         f"idle conns: {a.idle_conns:,} opened by the driver, measured once connected and again after one request "
         "each (sent one connection at a time); kernel socket memory is not in RSS: /proc/net/sockstat TCP mem "
         "(pages) before / connected / after-request: "
-        + "; ".join(f"{name} {sockmem(res[name])}" for name, _, _ in servers),
+        + "; ".join(f"{name} {sockmem(res[name])}" for name, _, _ in servers if "idle_conns" in res[name]),
     ]
     if res["missing"]:
         lines.append("MISSING: " + ", ".join(res["missing"]) + " (install with apt-get install -y "
                      + " ".join(res["missing"]) + ")")
     out = ["| figure | gatelet | nginx | ratio |", "|---|---|---|---|"] + rows + [""] + lines
+    O = res.get("gatelet-off")
+    if O:
+        out += ["", "Operations overhead, same run: gatelet with the access log on (to a file) and /metrics "
+                "scraped every second (`on`) against a gatelet with the access log off and no scrapes (`off`, "
+                f"{O['binary']}).", "", "| figure | on | off | on / off |", "|---|---|---|---|"]
+        for c in conns:
+            gr, orr = get(G, "wrk", str(c), "rps"), get(O, "wrk", str(c), "rps")
+            if gr:
+                out.append(f"| non-streaming req/s, {c} conn | {fmt_spread(gr, fmt_rps)} | {fmt_spread(orr, fmt_rps)} "
+                           f"| {ratio(med(gr), med(orr))} |")
+        g, o = get(G, "sse", "records_per_s"), get(O, "sse", "records_per_s")
+        if g:
+            out.append(f"| SSE records/s | {fmt_spread(g, fmt_rps)} | {fmt_spread(o, fmt_rps)} | {ratio(med(g), med(o))} |")
+        sc = G.get("scrapes", {})
+        out.append(f"\n/metrics scrapes during the run: {sc.get('ok', 0)} ok, {sc.get('failed', 0)} failed; "
+                   f"access-log lines written: {G.get('access_lines', 0):,}")
+        if sc.get("failed"):
+            problems.append(f"{sc['failed']} /metrics scrapes failed")
     out.append("problems: " + ("none (no non-2xx responses, no socket errors, no failed streams)" if not problems
                                else "\n  - " + "\n  - ".join(problems)))
     out.append(f"command: {res['command']}")

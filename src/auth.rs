@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
@@ -33,7 +33,8 @@ pub struct Authorizer {
     mode: AuthMode,
     secret_digest: Option<[u8; 32]>,
     limit: Option<RateLimitConfig>,
-    failures: Mutex<HashMap<IpAddr, Failures>>,
+    /// Shared with the authorizer that replaces this one on a config reload.
+    failures: Arc<Mutex<HashMap<IpAddr, Failures>>>,
 }
 
 fn digest(s: &[u8]) -> [u8; 32] {
@@ -64,8 +65,14 @@ impl Authorizer {
             mode: cfg.mode,
             secret_digest: secret.map(|s| digest(s.as_bytes())),
             limit: cfg.rate_limit.clone(),
-            failures: Mutex::new(HashMap::new()),
+            failures: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// An authorizer for a reloaded `cfg` that keeps `old`'s failure counts and lockouts, so a
+    /// reload (or a rotated secret) does not reset the limiter.
+    pub fn reloaded(cfg: &AuthConfig, old: &Authorizer) -> Self {
+        Authorizer { failures: old.failures.clone(), ..Self::new(cfg) }
     }
 
     /// Check `secret` presented by `ip` at `now`.
@@ -164,5 +171,26 @@ mod tests {
             assert_eq!(a.check(Some("bad"), lo, t0), AuthResult::Invalid);
         }
         assert_eq!(a.check(Some("tok"), lo, t0), AuthResult::Ok);
+    }
+
+    #[test]
+    fn a_reloaded_authorizer_keeps_lockouts_and_uses_the_new_secret() {
+        let rl = RateLimitConfig {
+            max_attempts: 2,
+            window: Duration::from_secs(60),
+            lockout: Duration::from_secs(300),
+            exempt_loopback: false,
+        };
+        let a = Authorizer::new(&cfg(AuthMode::Token, Some(rl.clone())));
+        let (bad, good): (IpAddr, IpAddr) = ("10.0.0.8".parse().unwrap(), "10.0.0.9".parse().unwrap());
+        let t0 = Instant::now();
+        a.check(Some("x"), bad, t0);
+        a.check(Some("x"), bad, t0);
+        let mut c = cfg(AuthMode::Token, Some(rl));
+        c.token = Some("new".into());
+        let b = Authorizer::reloaded(&c, &a);
+        assert_eq!(b.check(Some("new"), bad, t0), AuthResult::Locked(300));
+        assert_eq!(b.check(Some("new"), good, t0), AuthResult::Ok);
+        assert_eq!(b.check(Some("tok"), good, t0), AuthResult::Invalid);
     }
 }

@@ -24,7 +24,9 @@ Usage:
 
 Run `gatelet <command> --help` for details.
 Environment: GATELET_CONFIG_PATH, GATELET_STATE_DIR, GATELET_GATEWAY_PORT,
-GATELET_GATEWAY_TOKEN, GATELET_GATEWAY_PASSWORD, GATELET_LOG (error|warn|info|debug|trace).";
+GATELET_GATEWAY_TOKEN, GATELET_GATEWAY_PASSWORD, GATELET_LOG (error|warn|info|debug|trace),
+GATELET_LOG_FORMAT (text|json).
+Signals (gateway): SIGHUP reloads the config file; SIGTERM/SIGINT drain and exit.";
 
 const GATEWAY_HELP: &str = "gatelet gateway — run the gateway in the foreground
 
@@ -162,8 +164,12 @@ fn gateway(mut args: Args) -> Result<i32, i32> {
     } else {
         None
     };
+    let l = &cfg.gateway.log;
+    crate::log::apply(l.level, l.format.as_deref(), l.access);
+    // From here on no log line is written by the thread that produced it.
+    crate::log::start_writer();
     let gw = build(cfg, true);
-    let server = match crate::server::Server::bind(gw.clone()) {
+    let mut server = match crate::server::Server::bind(gw.clone()) {
         Ok(s) => s,
         Err(e) => {
             let g = &gw.config.gateway;
@@ -171,6 +177,7 @@ fn gateway(mut args: Args) -> Result<i32, i32> {
             return Err(1);
         }
     };
+    server.set_reloader(Box::new(move || config::load(&ov, &config::process_env)));
     let addr = server.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let cc = if gw.config.gateway.chat_completions { "enabled" } else { "disabled" };
     crate::log!(
@@ -179,7 +186,7 @@ fn gateway(mut args: Args) -> Result<i32, i32> {
         gw.agents.iter().map(|a| a.cfg.id.as_str()).collect::<Vec<_>>().join(", "),
         gw.config.gateway.workers
     );
-    match server.run() {
+    let code = match server.run() {
         Ok(()) => {
             // Workers finish (or notice the cancel of) what they hold; transcripts are complete.
             gw.pool.shutdown();
@@ -189,10 +196,12 @@ fn gateway(mut args: Args) -> Result<i32, i32> {
             Ok(0)
         }
         Err(e) => {
-            eprintln!("gatelet: event loop failed: {e}");
+            crate::log!(Error, "event loop failed: {e}");
             Err(1)
         }
-    }
+    };
+    crate::log::flush(std::time::Duration::from_secs(2));
+    code
 }
 
 fn config_check(mut args: Args) -> Result<i32, i32> {

@@ -19,6 +19,7 @@ pub mod fuzzing;
 pub mod gateway;
 pub mod http;
 pub mod log;
+pub mod metrics;
 pub mod openai;
 pub mod server;
 pub mod session;

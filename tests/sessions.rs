@@ -162,8 +162,13 @@ fn sigkill_mid_stream_leaves_a_transcript_that_loads_and_continues() {
     let last = reqs.last().unwrap();
     assert_eq!(conversation(last), vec![pair("user", "first"), pair("assistant", "re: first"), pair("user", "again")]);
     // The torn line was reported, cut off, and the next turn appended cleanly after it.
-    let warned = gw.stderr.lock().unwrap().iter().any(|l| l.contains("unreadable transcript line skipped"));
-    assert!(warned, "{:?}", gw.stderr.lock().unwrap());
+    // Log lines are written by the gateway's logger thread, a moment after the answer.
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let warned = || gw.stderr.lock().unwrap().iter().any(|l| l.contains("unreadable transcript line skipped"));
+    while !warned() && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(warned(), "{:?}", gw.stderr.lock().unwrap());
     let lines = transcript_lines(&dir);
     assert_eq!(lines.len(), 5, "{lines:?}");
     assert_eq!(lines[4]["content"], "re: again");

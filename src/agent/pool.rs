@@ -13,6 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -66,8 +67,10 @@ struct Shared {
     state: Mutex<State>,
     cv: Condvar,
     workers: usize,
-    max_queued: usize,
-    max_per_ip: usize,
+    /// Changed by a config reload.
+    max_queued: AtomicUsize,
+    /// Changed by a config reload.
+    max_per_ip: AtomicUsize,
     handles: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -129,8 +132,8 @@ impl Pool {
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
             workers,
-            max_queued,
-            max_per_ip,
+            max_queued: AtomicUsize::new(max_queued),
+            max_per_ip: AtomicUsize::new(max_per_ip),
             handles: Mutex::new(Vec::new()),
         });
         {
@@ -152,10 +155,10 @@ impl Pool {
         let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         // Counted against the pool's size, not against threads seen idle: a worker that is
         // still starting up or just finishing a job is capacity all the same.
-        if s.shutdown || s.pending + s.running >= self.shared.workers + self.shared.max_queued {
+        if s.shutdown || s.pending + s.running >= self.shared.workers + self.shared.max_queued.load(Ordering::Relaxed) {
             return Err(Refused::Full);
         }
-        let limit = self.shared.max_per_ip;
+        let limit = self.shared.max_per_ip.load(Ordering::Relaxed);
         if let Some(ip) = ip
             && limit > 0
         {
@@ -167,6 +170,21 @@ impl Pool {
         }
         s.pending += 1;
         Ok(Admission { shared: self.shared.clone(), ip: ip.filter(|_| limit > 0), used: false })
+    }
+
+    /// Change how many runs may wait (config reload); runs already admitted keep their place.
+    pub fn set_max_queued(&self, n: usize) {
+        self.shared.max_queued.store(n, Ordering::Relaxed);
+    }
+
+    /// Change the per-address run limit (config reload); 0 = no limit.
+    pub fn set_max_per_ip(&self, n: usize) {
+        self.shared.max_per_ip.store(n, Ordering::Relaxed);
+    }
+
+    /// Worker threads.
+    pub fn workers(&self) -> usize {
+        self.shared.workers
     }
 
     /// Runs admitted and not yet started.

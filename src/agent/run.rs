@@ -1,7 +1,7 @@
 //! The run path every surface uses: context building, the backend call, usage accounting and the
 //! transcript append.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::tools::{Calls, ToolCall, ToolCallPiece, ToolEvent};
 use super::{
@@ -74,6 +74,8 @@ struct Recorder<'a> {
     step_text: String,
     usage: Option<Usage>,
     finish: FinishReason,
+    /// When the first reply text arrived (time to first token).
+    first: Option<Instant>,
     calls: Calls,
     /// Per call of this step: its index among the client's calls, `None` for agent tools.
     routes: Vec<Option<usize>>,
@@ -95,11 +97,18 @@ impl EventSink for Recorder<'_> {
         if text.is_empty() {
             return Ok(());
         }
+        if self.first.is_none() {
+            self.first = Some(Instant::now());
+        }
         self.text.push_str(text);
         self.step_text.push_str(text);
         self.inner.delta(text)
     }
     fn tool_call(&mut self, piece: &ToolCallPiece) -> Result<(), RunError> {
+        // A streamed tool call is the reply's first output just as text is.
+        if self.first.is_none() {
+            self.first = Some(Instant::now());
+        }
         self.calls.add(piece).map_err(|e| RunError::Backend(format!("backend: {e}")))?;
         if piece.index == self.routes.len() {
             let agent = piece.name.as_deref().is_some_and(|n| self.agent_tools.iter().any(|t| t.name == n));
@@ -139,6 +148,8 @@ pub fn new_turn(messages: &[ChatMessage]) -> &[ChatMessage] {
 /// §5.1). A call to any other tool ends the run with `tool_calls` for the client to run.
 pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut dyn EventSink) -> RunOutcome {
     let agent = &gw.agents[req.agent];
+    let started = Instant::now();
+    let _active = crate::metrics::run_guard();
     let mut system_prompt = agent.cfg.system_prompt.clone();
     for s in &req.extra_system {
         if !system_prompt.is_empty() {
@@ -183,6 +194,7 @@ pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut 
         calls: Calls::default(),
         routes: Vec::new(),
         client_calls: 0,
+        first: None,
     };
     // What the run adds to the conversation: agent-tool steps, then the reply.
     let mut produced: Vec<ChatMessage> = Vec::new();
@@ -273,6 +285,18 @@ pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut 
     {
         crate::log!(Error, "session {}: transcript write failed: {e}", req.session_key);
     }
+    let outcome = match &error {
+        None => crate::metrics::Outcome::Completed,
+        Some(RunError::Timeout) => crate::metrics::Outcome::Timeout,
+        Some(RunError::Backend(_)) => crate::metrics::Outcome::BackendError,
+        Some(RunError::Cancelled) => crate::metrics::Outcome::Cancelled,
+    };
+    agent.stats.record_run(
+        outcome,
+        started.elapsed(),
+        rec.first.map(|f| f.duration_since(started)),
+        (usage.prompt_tokens, usage.completion_tokens),
+    );
     crate::log!(
         Debug,
         "run {} agent={} session={} finish={} error={:?} tokens={}+{} tool_steps={}",

@@ -113,6 +113,26 @@ pub struct GatewayConfig {
     pub listen_backlog: u32,
     /// SSE heartbeat interval; zero disables it.
     pub keepalive: Duration,
+    /// `gateway.metrics.public`: `/metrics` without authentication.
+    pub metrics_public: bool,
+    /// `gateway.http.cors.allowOrigins`: exact origins, or `*`; empty = CORS off.
+    pub cors_origins: Vec<String>,
+    /// `gateway.log`.
+    pub log: LogConfig,
+    /// `gateway.drainTimeoutSeconds`: how long runs and streams may take to finish after
+    /// SIGTERM/SIGINT.
+    pub drain_timeout: Duration,
+}
+
+/// `gateway.log`: the file's logging settings (`GATELET_LOG` / `GATELET_LOG_FORMAT` win).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    /// `level`: error, warn, info, debug, trace.
+    pub level: Option<crate::log::Level>,
+    /// `format`: "text" or "json".
+    pub format: Option<String>,
+    /// `accessLog`: one line per request at `info` (default true).
+    pub access: bool,
 }
 
 /// How an agent produces replies.
@@ -443,6 +463,9 @@ impl Validator {
                 "maxConnectionsPerIp",
                 "maxRunsPerIp",
                 "listenBacklog",
+                "metrics",
+                "log",
+                "drainTimeoutSeconds",
             ],
         );
 
@@ -477,7 +500,7 @@ impl Validator {
         let http = self.object(
             gw.get("http"),
             "gateway.http",
-            &["endpoints", "headerTimeoutSeconds", "idleTimeoutSeconds", "stallTimeoutSeconds"],
+            &["endpoints", "headerTimeoutSeconds", "idleTimeoutSeconds", "stallTimeoutSeconds", "cors"],
         );
         let eps = self.object(http.get("endpoints"), "gateway.http.endpoints", &["chatCompletions"]);
         let cc = self.object(
@@ -511,6 +534,13 @@ impl Validator {
                 as usize,
             stall_timeout: Duration::from_secs(stall_timeout),
             listen_backlog: self.uint(gw, "gateway", "listenBacklog", default_backlog() as u64, 1, 1 << 20) as u32,
+            metrics_public: {
+                let m = self.object(gw.get("metrics"), "gateway.metrics", &["public"]);
+                self.bool(m, "gateway.metrics", "public", false)
+            },
+            cors_origins: self.cors(http.get("cors")),
+            log: self.log(gw.get("log")),
+            drain_timeout: Duration::from_secs(self.uint(gw, "gateway", "drainTimeoutSeconds", 10, 1, 86400)),
         };
 
         let (agents, default_agent, implicit_echo) = self.agents(root.get("agents"))?;
@@ -532,6 +562,65 @@ impl Validator {
             implicit_echo,
             warnings: Vec::new(),
         })
+    }
+
+    fn cors(&mut self, v: Option<&Value>) -> Vec<String> {
+        let p = "gateway.http.cors.allowOrigins";
+        let c = self.object(v, "gateway.http.cors", &["allowOrigins"]);
+        let list = match c.get("allowOrigins") {
+            None | Some(Value::Null) => return Vec::new(),
+            Some(Value::Array(l)) => l,
+            Some(_) => {
+                self.problem(p, "expected an array of origins, e.g. [\"https://app.example\"] or [\"*\"]");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for (i, o) in list.iter().enumerate() {
+            match o.as_str() {
+                // An origin is `scheme://host[:port]`, serialized without a path or a trailing slash.
+                Some(s)
+                    if s == "*"
+                        || (s.contains("://") && !s.ends_with('/') && s.bytes().all(|b| b.is_ascii_graphic())) =>
+                {
+                    out.push(s.to_string())
+                }
+                _ => self.problem(
+                    &format!("{p}[{i}]"),
+                    format!(
+                        "expected \"*\" or an origin like \"https://app.example\" (no path, no trailing slash), got {o}"
+                    ),
+                ),
+            }
+        }
+        out
+    }
+
+    fn log(&mut self, v: Option<&Value>) -> LogConfig {
+        let p = "gateway.log";
+        let m = self.object(v, p, &["level", "format", "accessLog"]);
+        let level = match self.string(m, p, "level") {
+            None => None,
+            Some(l) => match crate::log::Level::parse(&l) {
+                Some(l) => Some(l),
+                None => {
+                    self.problem(
+                        &format!("{p}.level"),
+                        format!("expected error, warn, info, debug or trace, got {l:?}"),
+                    );
+                    None
+                }
+            },
+        };
+        let format = match self.string(m, p, "format") {
+            None => None,
+            Some(f) if f == "text" || f == "json" => Some(f),
+            Some(f) => {
+                self.problem(&format!("{p}.format"), format!("expected \"text\" or \"json\", got {f:?}"));
+                None
+            }
+        };
+        LogConfig { level, format, access: self.bool(m, p, "accessLog", true) }
     }
 
     fn auth(&mut self, v: Option<&Value>, bind: IpAddr, ov: &Overrides, env: EnvFn<'_>) -> Option<AuthConfig> {
@@ -883,11 +972,15 @@ impl Config {
                               "lockoutMs": r.lockout.as_millis() as u64, "exemptLoopback": r.exempt_loopback })) },
                 "http": { "headerTimeoutSeconds": g.header_timeout.as_secs(), "idleTimeoutSeconds": g.idle_timeout.as_secs(),
                           "stallTimeoutSeconds": g.stall_timeout.as_secs(),
-                          "endpoints": { "chatCompletions": { "enabled": g.chat_completions, "maxBodyBytes": g.max_body_bytes } } },
+                          "endpoints": { "chatCompletions": { "enabled": g.chat_completions, "maxBodyBytes": g.max_body_bytes } },
+                          "cors": { "allowOrigins": g.cors_origins } },
                 "workers": g.workers, "maxQueuedRuns": g.max_queued_runs, "maxConnections": g.max_connections,
                 "keepaliveSeconds": g.keepalive.as_secs(),
                 "maxConnectionsPerIp": g.max_connections_per_ip, "maxRunsPerIp": g.max_runs_per_ip,
                 "listenBacklog": g.listen_backlog,
+                "metrics": { "public": g.metrics_public },
+                "log": { "level": g.log.level.map(|l| l.as_str()), "format": g.log.format, "accessLog": g.log.access },
+                "drainTimeoutSeconds": g.drain_timeout.as_secs(),
             },
             "agents": { "list": agents },
             "session": { "persist": self.persist_sessions, "maxHistoryMessages": self.session_max_history,
@@ -1006,6 +1099,36 @@ mod tests {
         let ov = Overrides { port: Some(3000), ..Default::default() };
         assert_eq!(parse(text, None, "/tmp".into(), &ov, &env).unwrap().gateway.port, 3000);
         assert_eq!(parse(text, None, "/tmp".into(), &Overrides::default(), &env_none).unwrap().gateway.port, 1000);
+    }
+
+    #[test]
+    fn operations_keys() {
+        let c = parse_str(
+            "{gateway: {auth: {token: 'x'}, metrics: {public: true}, drainTimeoutSeconds: 90,
+              http: {cors: {allowOrigins: ['https://app.example', 'http://localhost:5173']}},
+              log: {level: 'debug', format: 'json', accessLog: false}}}",
+        )
+        .unwrap();
+        assert!(c.gateway.metrics_public);
+        assert_eq!(c.gateway.drain_timeout, Duration::from_secs(90));
+        assert_eq!(c.gateway.cors_origins, ["https://app.example", "http://localhost:5173"]);
+        assert_eq!(c.gateway.log.level, Some(crate::log::Level::Debug));
+        assert_eq!(c.gateway.log.format.as_deref(), Some("json"));
+        assert!(!c.gateway.log.access);
+        let d = parse_str("{gateway: {auth: {token: 'x'}}}").unwrap();
+        assert!(!d.gateway.metrics_public && d.gateway.cors_origins.is_empty() && d.gateway.log.access);
+        assert_eq!(d.gateway.drain_timeout, Duration::from_secs(10));
+        for (bad, path) in [
+            ("http: {cors: {allowOrigins: ['https://a.example/']}}", "gateway.http.cors.allowOrigins[0]"),
+            ("http: {cors: {allowOrigins: ['*', 'app.example']}}", "gateway.http.cors.allowOrigins[1]"),
+            ("http: {cors: {allowOrigins: 'https://a.example'}}", "gateway.http.cors.allowOrigins"),
+            ("log: {level: 'loud'}", "gateway.log.level"),
+            ("log: {format: 'xml'}", "gateway.log.format"),
+            ("metrics: {public: 'yes'}", "gateway.metrics.public"),
+        ] {
+            let e = parse_str(&format!("{{gateway: {{auth: {{token: 'x'}}, {bad}}}}}")).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{path}`")), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -53,6 +53,10 @@ pub struct Head {
     pub ws_version: Option<String>,
     /// Body framing.
     pub body: Option<BodyFraming>,
+    /// `Origin` (CORS).
+    pub origin: Option<String>,
+    /// `Access-Control-Request-Headers` (CORS preflight).
+    pub cors_request_headers: Option<String>,
 }
 
 impl Head {
@@ -377,6 +381,10 @@ fn parse_with(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
             h.ws_key = value.map(|v| v.trim().to_string());
         } else if eq("sec-websocket-version") {
             h.ws_version = value.map(|v| v.trim().to_string());
+        } else if eq("origin") {
+            h.origin = value.map(|v| v.trim().to_string());
+        } else if eq("access-control-request-headers") {
+            h.cors_request_headers = value.map(|v| v.trim().to_string());
         }
     }
     if minor == 1 && hosts != 1 || hosts > 1 {

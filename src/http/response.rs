@@ -11,8 +11,10 @@ pub fn reason(status: u16) -> &'static str {
         100 => "Continue",
         101 => "Switching Protocols",
         200 => "OK",
+        204 => "No Content",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
@@ -111,10 +113,14 @@ impl Response {
         for (k, v) in &self.headers {
             push_header(out, k, v.as_bytes());
         }
-        out.extend_from_slice(b"Content-Length: ");
-        push_decimal(out, self.body.len() as u64);
-        out.extend_from_slice(if close { b"\r\nConnection: close\r\n\r\n" } else { b"\r\n\r\n" });
-        if !head_only {
+        // A 204 has no body and must not announce one (RFC 9110 §8.6).
+        if self.status != 204 {
+            out.extend_from_slice(b"Content-Length: ");
+            push_decimal(out, self.body.len() as u64);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(if close { b"Connection: close\r\n\r\n" } else { b"\r\n" });
+        if !head_only && self.status != 204 {
             out.extend_from_slice(&self.body);
         }
     }

@@ -6,6 +6,8 @@
 //! the loop then only watches a duplicate of the descriptor for hang-up (to cancel the run) and
 //! takes the socket back through a channel and a [`Waker`] when the run ends.
 
+pub mod access;
+pub mod cors;
 pub mod handler;
 pub mod stream;
 
@@ -36,8 +38,7 @@ use stream::ChatJob;
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNAL: Token = Token(usize::MAX);
-/// How long in-flight runs and WebSocket clients get to finish after SIGTERM/SIGINT.
-const DRAIN_GRACE: Duration = Duration::from_secs(10);
+const RELOAD: Token = Token(usize::MAX - 1);
 /// Pipelined bytes buffered while a run is in flight; the rest waits in the kernel.
 const READ_CAP: usize = 64 * 1024;
 /// Responses queued for a client that is not reading them: beyond this, no more requests are
@@ -220,6 +221,10 @@ struct Conn {
     cancel: Option<CancelToken>,
     /// HTTP minor version of the current request (1.0 keep-alive must be confirmed).
     minor: u8,
+    /// Counts this connection in `gatelet_open_connections`.
+    gauge: crate::metrics::ConnGauge,
+    /// The request being answered, for the access log.
+    access: Option<Box<access::Pending>>,
     /// A complete request head has arrived on this connection (it is no longer a candidate
     /// for eviction as a slow or silent newcomer).
     served: bool,
@@ -230,7 +235,8 @@ struct Conn {
 /// The listening gateway.
 pub struct Server {
     poll: Poll,
-    listener: TcpListener,
+    /// Closed (`None`) once draining starts.
+    listener: Option<TcpListener>,
     gw: Arc<Gateway>,
     conns: Vec<Option<Conn>>,
     /// Free slots, lowest first: new connections fill the table from the bottom, so that its
@@ -252,9 +258,16 @@ pub struct Server {
     /// Connections that stopped short of `WouldBlock` to give others a turn: driven next turn.
     again: Vec<(usize, u64)>,
     signals: mio::net::UnixStream,
+    /// SIGHUP arrives here.
+    hup: mio::net::UnixStream,
+    /// Loads the config again on SIGHUP.
+    reloader: Option<Reloader>,
     /// Set once a stop signal arrived: the deadline for in-flight work.
     draining: Option<Instant>,
 }
+
+/// Reads and validates the config file again (with the same command line and environment).
+pub type Reloader = Box<dyn FnMut() -> Result<crate::config::Config, crate::config::ConfigError> + Send>;
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -296,10 +309,17 @@ impl Server {
         signal_hook::low_level::pipe::register(signal_hook::consts::SIGTERM, sig_tx.try_clone()?)?;
         signal_hook::low_level::pipe::register(signal_hook::consts::SIGINT, sig_tx)?;
         poll.registry().register(&mut signals, SIGNAL, Interest::READABLE)?;
+        // SIGHUP (reload) on its own pair: a registered handler also keeps it from killing us.
+        let (mut hup, hup_tx) = mio::net::UnixStream::pair()?;
+        signal_hook::low_level::pipe::register(
+            signal_hook::consts::SIGHUP,
+            std::os::unix::net::UnixStream::from(hup_tx),
+        )?;
+        poll.registry().register(&mut hup, RELOAD, Interest::READABLE)?;
         let (tx, rx) = channel();
         Ok(Server {
             poll,
-            listener,
+            listener: Some(listener),
             gw,
             conns: Vec::new(),
             free: BinaryHeap::new(),
@@ -314,13 +334,62 @@ impl Server {
             fresh: BTreeMap::new(),
             again: Vec::new(),
             signals,
+            hup,
+            reloader: None,
             draining: None,
         })
     }
 
+    /// What SIGHUP runs to get the new config; without one, SIGHUP is logged and ignored.
+    pub fn set_reloader(&mut self, r: Reloader) {
+        self.reloader = Some(r);
+    }
+
+    /// SIGHUP: validate the file; on success new requests get the new config, while work in
+    /// flight keeps the gateway it started with; on failure the old config stays.
+    fn reload(&mut self) {
+        if self.draining.is_some() {
+            crate::log!(Warn, "SIGHUP while draining: config not reloaded");
+            return;
+        }
+        let Some(load) = self.reloader.as_mut() else {
+            crate::log!(Warn, "SIGHUP: this gateway has no config file to reload");
+            return;
+        };
+        let cfg = match load() {
+            Ok(c) => c,
+            Err(e) => {
+                crate::metrics::reloaded(false);
+                for p in &e.problems {
+                    crate::log!(Error, "config reload failed, keeping the running config: {p}");
+                }
+                return;
+            }
+        };
+        for w in &cfg.warnings {
+            crate::log!(Warn, "{w}");
+        }
+        let (gw, restart) = self.gw.reloaded(cfg);
+        for what in restart {
+            crate::log!(Warn, "config reload: a change to {what} takes effect only after a restart");
+        }
+        let l = &gw.config.gateway.log;
+        crate::log::apply(l.level, l.format.as_deref(), l.access);
+        crate::metrics::reloaded(true);
+        crate::log!(Info, "config reloaded (agents: {})", gw.agent_ids());
+        self.gw = Arc::new(gw);
+        if self.accept_paused {
+            // maxConnections may have grown.
+            self.accept_all();
+        }
+    }
+
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match &self.listener {
+            Some(l) => l.local_addr(),
+            None => Err(io::Error::new(io::ErrorKind::NotConnected, "no longer listening")),
+        }
     }
 
     /// Run the loop until a stop signal has drained the gateway.
@@ -371,6 +440,11 @@ impl Server {
                         }
                         self.start_drain();
                     }
+                    RELOAD => {
+                        let mut b = [0u8; 64];
+                        while matches!(self.hup.read(&mut b), Ok(n) if n > 0) {}
+                        self.reload();
+                    }
                     Token(t) => self.on_event(t - 2, ev.is_read_closed() || ev.is_error()),
                 }
             }
@@ -402,10 +476,16 @@ impl Server {
 
     /// Stop accepting, tell WebSocket clients, close idle connections, let runs finish.
     fn start_drain(&mut self) {
-        crate::log!(Info, "stop signal: draining (up to {} s; send again to exit now)", DRAIN_GRACE.as_secs());
+        let grace = self.gw.config.gateway.drain_timeout;
+        crate::log!(Info, "stop signal: draining (up to {} s; send again to exit now)", grace.as_secs());
         self.gw.set_ready(false);
-        self.draining = Some(Instant::now() + DRAIN_GRACE);
-        let _ = self.poll.registry().deregister(&mut self.listener);
+        self.draining = Some(Instant::now() + grace);
+        // Stop listening at once rather than only stop accepting: new connections are refused,
+        // so a load balancer moves them to another instance at the first try instead of
+        // leaving them in a backlog nobody serves.
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
         for slot in 0..self.conns.len() {
             let Some(conn) = self.conns[slot].as_mut() else { continue };
             match &mut conn.phase {
@@ -440,7 +520,8 @@ impl Server {
                 self.accept_paused = true;
                 return;
             }
-            match self.listener.accept() {
+            let Some(listener) = &self.listener else { return };
+            match listener.accept() {
                 Ok((mut stream, peer)) => {
                     let ip = peer.ip().to_canonical();
                     let held = self.per_ip.get(&ip).copied().unwrap_or(0);
@@ -490,6 +571,8 @@ impl Server {
                         eof: false,
                         cancel: None,
                         minor: 1,
+                        gauge: crate::metrics::ConnGauge::open(),
+                        access: None,
                         served: false,
                         notifier: None,
                     });
@@ -624,7 +707,13 @@ impl Server {
                             "internal_error",
                             "The server had an error while processing your request",
                         );
+                        let before = conn.wbuf.len();
                         respond(conn, e.response(), false, true);
+                        let bytes = (conn.wbuf.len() - before) as u64;
+                        match conn.access.take() {
+                            Some(a) => a.finish(500, bytes),
+                            None => access::immediate(None, Instant::now(), 500, bytes, None),
+                        }
                     }
                     conn.phase = Phase::Closing;
                     conn.deadline = Some(Instant::now() + LINGER);
@@ -682,12 +771,23 @@ impl Server {
         match d {
             Done::Respond { resp, head_only, close, .. } => {
                 conn.cancel = None;
+                let pending = conn.access.take();
                 match resp {
                     Some(r) if !conn.eof => {
+                        let status = r.status;
+                        let before = conn.wbuf.len();
                         encode(conn, r, head_only, close);
+                        if let Some(a) = pending {
+                            a.finish(status, (conn.wbuf.len() - before) as u64);
+                        }
                         finish_exchange(conn, close, &self.gw);
                     }
-                    _ => conn.phase = Phase::Closing,
+                    _ => {
+                        if let Some(a) = pending {
+                            a.finish(access::CLIENT_CLOSED, 0);
+                        }
+                        conn.phase = Phase::Closing
+                    }
                 }
                 self.drive(slot);
             }
@@ -747,7 +847,17 @@ impl Server {
             }
             match conn.phase {
                 Phase::Head | Phase::Body { .. } => {
+                    let before = conn.wbuf.len();
+                    let head = match &conn.phase {
+                        Phase::Body { head, .. } => Some(head.as_ref().clone()),
+                        _ => None,
+                    };
                     respond(conn, handler::timed_out().response(), false, true);
+                    let bytes = (conn.wbuf.len() - before) as u64;
+                    match conn.access.take() {
+                        Some(a) => a.finish(408, bytes),
+                        None => access::immediate(head.as_ref(), now, 408, bytes, None),
+                    }
                     conn.deadline = Some(now + LINGER);
                     self.drive(slot);
                 }
@@ -761,6 +871,9 @@ impl Server {
         let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) else { return };
         if let Some(c) = &conn.cancel {
             c.cancel();
+        }
+        if let Some(a) = conn.access.take() {
+            a.finish(access::CLIENT_CLOSED, 0);
         }
         if let Phase::Ws(s) = &mut conn.phase {
             s.on_eof();
@@ -899,7 +1012,10 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
                     }
                     Err(e) => {
                         let err = handler::framing_error(e.status(), e.to_string());
+                        let before = conn.wbuf.len();
                         respond(conn, err.response(), false, true);
+                        let bytes = (conn.wbuf.len() - before) as u64;
+                        access::immediate(None, Instant::now(), e.status(), bytes, None);
                         conn.deadline = Some(Instant::now() + LINGER);
                         return;
                     }
@@ -930,7 +1046,12 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
                                 ChunkError::BodyTooLarge => handler::too_large(ctx.gw.config.gateway.max_body_bytes),
                                 e => handler::framing_error(400, e.to_string()),
                             };
+                            let status = err.status;
+                            let before = conn.wbuf.len();
                             respond(conn, err.response(), false, true);
+                            if let Some(a) = conn.access.take() {
+                                a.finish(status, (conn.wbuf.len() - before) as u64);
+                            }
                             conn.deadline = Some(Instant::now() + LINGER);
                             return;
                         }
@@ -963,6 +1084,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
 
 fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head) {
     conn.minor = h.minor;
+    let start = Instant::now();
     let head_only = h.method == "HEAD";
     let has_body = !matches!(h.body, Some(BodyFraming::None) | None);
     match handler::on_head(ctx.gw, &h, conn.peer.ip()) {
@@ -972,7 +1094,10 @@ fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head) {
             }
             // An unread body would be taken for the next request: close instead.
             let close = h.close || has_body;
+            let (status, before) = (resp.status, conn.wbuf.len());
+            let rid = access::request_id(&resp.headers).map(str::to_string);
             respond(conn, resp, head_only, close);
+            access::immediate(Some(&h), start, status, (conn.wbuf.len() - before) as u64, rid.as_deref());
             if close {
                 conn.deadline = Some(Instant::now() + LINGER);
             } else {
@@ -989,10 +1114,13 @@ fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head) {
                 _ => BodyReader::Length(0),
             };
             conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.header_timeout);
+            conn.access = Some(Box::new(access::Pending::new(&h, start)));
             conn.phase = Phase::Body { head: Box::new(h), reader, body: Vec::new() };
         }
         HeadAction::Upgrade => match ws::handshake::accept(&h) {
             Ok(resp_bytes) => {
+                access::immediate(Some(&h), start, 101, resp_bytes.len() as u64, None);
+                conn.gauge.upgrade();
                 conn.wbuf.extend_from_slice(&resp_bytes);
                 conn.deadline = None;
                 conn.notifier = Some(ctx.notifier.for_connection());
@@ -1000,7 +1128,9 @@ fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head) {
             }
             Err(resp) => {
                 let close = h.close || has_body;
+                let (status, before) = (resp.status, conn.wbuf.len());
                 respond(conn, resp, head_only, close);
+                access::immediate(Some(&h), start, status, (conn.wbuf.len() - before) as u64, None);
             }
         },
     }
@@ -1010,10 +1140,16 @@ fn route_is_chat(h: &Head) -> bool {
     matches!(handler::route(h.path()), handler::Route::Chat)
 }
 
-fn chat_error(conn: &mut Conn, e: ApiError, close: bool, gw: &Gateway) {
-    let resp = e.response().header("x-request-id", format!("req-{}", crate::util::random_hex(24)));
-    encode(conn, resp, false, close);
-    finish_exchange(conn, close, gw);
+fn chat_error(conn: &mut Conn, e: ApiError, h: &Head, gw: &Gateway) {
+    let rid = format!("req-{}", crate::util::random_hex(24));
+    let resp = handler::with_headers(e.response(), handler::api_headers(gw, h)).header("x-request-id", rid.clone());
+    let (status, before) = (resp.status, conn.wbuf.len());
+    encode(conn, resp, false, h.close);
+    if let Some(mut a) = conn.access.take() {
+        a.request_id = Some(rid);
+        a.finish(status, (conn.wbuf.len() - before) as u64);
+    }
+    finish_exchange(conn, h.close, gw);
 }
 
 /// A complete chat completion request: validate, resolve, admit, and hand to a worker.
@@ -1025,22 +1161,29 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     }
     let req = match chat::parse(&body) {
         Ok(r) => r,
-        Err(e) => return chat_error(conn, e, h.close, gw),
+        Err(e) => return chat_error(conn, e, &h, gw),
     };
     drop(body);
     let run = match chat::to_run(gw, &req, h.agent_id.as_deref(), h.session_key.as_deref()) {
         Ok(r) => r,
-        Err(e) => return chat_error(conn, e, h.close, gw),
+        Err(e) => return chat_error(conn, e, &h, gw),
     };
+    if let Some(a) = conn.access.as_mut().filter(|_| crate::log::access_enabled()) {
+        a.agent = Some(gw.agents[run.agent].cfg.id.clone());
+        a.session_key = Some(run.session_key.clone());
+        a.request_id = Some(run.run_id.clone());
+    }
     let admission = match gw.pool.admit_from(Some(conn.peer.ip().to_canonical())) {
         Ok(a) => a,
         Err(Refused::Full) => {
             crate::log!(Warn, "run queue full: 503 to {}", conn.peer);
-            return chat_error(conn, ApiError::overloaded(), h.close, gw);
+            crate::metrics::run_rejected();
+            return chat_error(conn, ApiError::overloaded(), &h, gw);
         }
         Err(Refused::PerIp(limit)) => {
             crate::log!(Debug, "{} has {limit} runs (gateway.maxRunsPerIp): 429", conn.peer);
-            return chat_error(conn, handler::too_many_runs(limit), h.close, gw);
+            crate::metrics::run_rejected();
+            return chat_error(conn, handler::too_many_runs(limit), &h, gw);
         }
     };
     let cancel = CancelToken::new();
@@ -1058,6 +1201,10 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
         http10: h.minor == 0,
         close: h.close,
         head_only: h.method == "HEAD",
+        headers: handler::api_headers(gw, &h),
+        access: None,
+        written: Default::default(),
+        status: Default::default(),
     };
     let (slot, id) = (ctx.slot, conn.id);
     let notifier = ctx.notifier.clone();
@@ -1088,11 +1235,18 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     let prefix = std::mem::take(&mut conn.wbuf);
     conn.phase = Phase::Lent;
     let keep_alive = !h.close;
+    let mut job = job;
+    job.access = conn.access.take();
+    let earlier = prefix.len() as u64;
     admission.submit(session, move || {
         let mut sock = std_stream;
         let mut guard = ReturnGuard { notifier: notifier.clone(), slot, id, armed: true };
         let ok = sock.set_nonblocking(false).is_ok() && sock.set_write_timeout(Some(stream::WRITE_STEP)).is_ok();
         let reuse = ok && job.run_streaming(&mut sock, prefix) && keep_alive;
+        if let Some(a) = &job.access {
+            // The prefix holds earlier responses' bytes.
+            a.finish(job.status.get(), job.written.get().saturating_sub(earlier));
+        }
         guard.armed = false;
         notifier.send(Done::Return { slot, id, stream: reuse.then_some(sock) });
     });

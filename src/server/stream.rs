@@ -6,6 +6,7 @@
 //! first event (or the first heartbeat), so a run that fails at once still gets a real HTTP error
 //! status (SPEC §5).
 
+use std::cell::Cell;
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::Arc;
@@ -94,6 +95,14 @@ pub struct ChatJob {
     pub close: bool,
     /// HEAD request: no body.
     pub head_only: bool,
+    /// Extra headers for the answer (`Cache-Control`, CORS); `Cache-Control` is left off SSE.
+    pub headers: Vec<(&'static str, String)>,
+    /// The access-log record, for a streaming answer (finished by the caller).
+    pub access: Option<Box<super::access::Pending>>,
+    /// Bytes written to the socket by [`ChatJob::run_streaming`].
+    pub written: Cell<u64>,
+    /// The status [`ChatJob::run_streaming`] answered with (499 when the client left first).
+    pub status: Cell<u16>,
 }
 
 /// The error response for a failed run.
@@ -106,8 +115,10 @@ pub fn run_error(e: &RunError) -> ApiError {
 }
 
 impl ChatJob {
-    fn headers(&self) -> [(&'static str, &str); 2] {
-        [("x-gatelet-session-key", &self.run.session_key), ("x-request-id", &self.run.run_id)]
+    fn headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [("x-gatelet-session-key", self.run.session_key.as_str()), ("x-request-id", self.run.run_id.as_str())]
+            .into_iter()
+            .chain(self.headers.iter().map(|(k, v)| (*k, v.as_str())))
     }
 
     /// A non-streaming run: the full response bytes, or `None` when the client went away.
@@ -150,6 +161,8 @@ impl ChatJob {
     /// A streaming run over `sock`, after writing `prefix` (responses the loop had not flushed).
     /// Returns whether the connection can be kept alive.
     pub fn run_streaming(&self, sock: &mut TcpStream, prefix: Vec<u8>) -> bool {
+        let _stream = crate::metrics::stream_guard();
+        self.status.set(super::access::CLIENT_CLOSED);
         let mut sink = SseSink {
             job: self,
             sock,
@@ -183,6 +196,7 @@ impl ChatJob {
                 for (k, v) in self.headers() {
                     resp = resp.header(k, v);
                 }
+                self.status.set(resp.status);
                 let close = self.http10 || self.close;
                 resp.encode(&mut sink.out, self.head_only, close);
                 sink.write_out() && !close
@@ -219,12 +233,13 @@ impl SseSink<'_> {
             return Ok(());
         }
         self.head_sent = true;
+        self.job.status.set(200);
         let out = &mut self.out;
         push_status_line(out, 200);
         push_header(out, "Content-Type", b"text/event-stream; charset=utf-8");
         push_header(out, "Cache-Control", b"no-cache");
         push_header(out, "X-Accel-Buffering", b"no");
-        for (k, v) in self.job.headers() {
+        for (k, v) in self.job.headers().filter(|(k, _)| *k != "Cache-Control") {
             push_header(out, k, v.as_bytes());
         }
         if self.job.http10 {
@@ -266,6 +281,9 @@ impl SseSink<'_> {
         }
         let stall = self.job.gw.config.gateway.stall_timeout;
         let ok = write_bounded(self.sock, &self.out, Instant::now() + WRITE_TIMEOUT, stall, &mut self.timeout);
+        if ok {
+            self.job.written.set(self.job.written.get() + self.out.len() as u64);
+        }
         self.out.clear();
         if self.out.capacity() > 64 * 1024 {
             self.out.shrink_to(4096);
