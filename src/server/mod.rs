@@ -17,7 +17,7 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
@@ -169,20 +169,45 @@ impl Notifier {
     }
 }
 
-/// Sends a message when dropped unless disarmed: a panicking job still releases its connection.
-struct ReturnGuard {
+/// Ends a job for the loop and the run registry if it panics: a non-streaming job's client gets
+/// a 500 (its connection still belongs to the loop), a streaming job's connection is closed (part
+/// of its response may already be on the wire).
+struct JobGuard {
     notifier: Notifier,
     slot: usize,
     id: u64,
+    runs: Arc<crate::agent::registry::Registry>,
+    /// The registry's record of the run, should it end here.
+    summary: Option<crate::agent::registry::RunSummary>,
+    /// For a non-streaming job: the answer's headers, `HEAD`.
+    buffered: Option<(Vec<(&'static str, String)>, bool)>,
     armed: bool,
 }
 
-impl Drop for ReturnGuard {
+impl Drop for JobGuard {
     fn drop(&mut self) {
-        if self.armed {
-            self.notifier.send(Done::Return { slot: self.slot, id: self.id, stream: None });
+        if !self.armed {
+            return;
         }
+        crate::log!(Error, "a run failed unexpectedly on connection #{}", self.id);
+        if let Some(mut s) = self.summary.take() {
+            s.error = Some(crate::agent::RunError::Backend("the run failed unexpectedly".into()));
+            s.ended_at = crate::util::now_ms();
+            self.runs.finish(s);
+        }
+        let d = match self.buffered.take() {
+            Some((headers, head_only)) => {
+                let resp = handler::with_headers(internal_error().response(), headers);
+                Done::Respond { slot: self.slot, id: self.id, resp: Some(resp), head_only, close: true }
+            }
+            None => Done::Return { slot: self.slot, id: self.id, stream: None },
+        };
+        self.notifier.send(d);
     }
+}
+
+fn internal_error() -> ApiError {
+    ApiError::server(500, "internal_error", "The server had an error while processing your request")
 }
 
 enum BodyReader {
@@ -230,6 +255,20 @@ struct Conn {
     served: bool,
     /// The connection's own notifier (WebSocket), counting what its runs send.
     notifier: Option<Notifier>,
+    /// Set with `cancel` when the client goes away (the run then ends without an answer).
+    gone: Option<Arc<AtomicBool>>,
+}
+
+impl Conn {
+    /// The client went away (or the connection is being closed): cancel its run.
+    fn cancel_run(&self) {
+        if let Some(g) = &self.gone {
+            g.store(true, Ordering::SeqCst);
+        }
+        if let Some(c) = &self.cancel {
+            c.cancel();
+        }
+    }
 }
 
 /// The listening gateway.
@@ -575,6 +614,7 @@ impl Server {
                         access: None,
                         served: false,
                         notifier: None,
+                        gone: None,
                     });
                     crate::log!(Trace, "accepted {peer} as #{id}");
                     // A request sent with the connection is usually waiting already: serve it
@@ -650,8 +690,8 @@ impl Server {
     fn on_event(&mut self, slot: usize, hangup: bool) {
         let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
         if matches!(conn.phase, Phase::Lent) {
-            if hangup && let Some(c) = &conn.cancel {
-                c.cancel();
+            if hangup {
+                conn.cancel_run();
             }
             return;
         }
@@ -702,11 +742,7 @@ impl Server {
                     );
                     conn.rbuf.clear();
                     if !matches!(conn.phase, Phase::Ws(_)) {
-                        let e = ApiError::server(
-                            500,
-                            "internal_error",
-                            "The server had an error while processing your request",
-                        );
+                        let e = internal_error();
                         let before = conn.wbuf.len();
                         respond(conn, e.response(), false, true);
                         let bytes = (conn.wbuf.len() - before) as u64;
@@ -725,11 +761,7 @@ impl Server {
             let held = conn.wbuf.len() >= WRITE_CAP;
             if conn.eof {
                 match conn.phase {
-                    Phase::Running => {
-                        if let Some(c) = &conn.cancel {
-                            c.cancel();
-                        }
-                    }
+                    Phase::Running => conn.cancel_run(),
                     Phase::Lent => {}
                     Phase::Ws(ref mut s) => {
                         s.on_eof();
@@ -771,6 +803,9 @@ impl Server {
         match d {
             Done::Respond { resp, head_only, close, .. } => {
                 conn.cancel = None;
+                conn.gone = None;
+                // Draining: no further request will be read, so the answer says so.
+                let close = close || !self.gw.is_ready();
                 let pending = conn.access.take();
                 match resp {
                     Some(r) if !conn.eof => {
@@ -793,6 +828,7 @@ impl Server {
             }
             Done::Return { stream, .. } => {
                 conn.cancel = None;
+                conn.gone = None;
                 if let Some(mut w) = conn.watcher.take() {
                     let _ = self.poll.registry().deregister(&mut w);
                 }
@@ -869,9 +905,7 @@ impl Server {
 
     fn close(&mut self, slot: usize) {
         let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) else { return };
-        if let Some(c) = &conn.cancel {
-            c.cancel();
-        }
+        conn.cancel_run();
         if let Some(a) = conn.access.take() {
             a.finish(access::CLIENT_CLOSED, 0);
         }
@@ -1092,8 +1126,9 @@ fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head) {
             if route_is_chat(&h) {
                 resp = resp.header("x-request-id", format!("req-{}", crate::util::random_hex(24)));
             }
-            // An unread body would be taken for the next request: close instead.
-            let close = h.close || has_body;
+            // An unread body would be taken for the next request: close instead. Draining: no
+            // further request will be read.
+            let close = h.close || has_body || !ctx.gw.is_ready();
             let (status, before) = (resp.status, conn.wbuf.len());
             let rid = access::request_id(&resp.headers).map(str::to_string);
             respond(conn, resp, head_only, close);
@@ -1144,12 +1179,13 @@ fn chat_error(conn: &mut Conn, e: ApiError, h: &Head, gw: &Gateway) {
     let rid = format!("req-{}", crate::util::random_hex(24));
     let resp = handler::with_headers(e.response(), handler::api_headers(gw, h)).header("x-request-id", rid.clone());
     let (status, before) = (resp.status, conn.wbuf.len());
-    encode(conn, resp, false, h.close);
+    let close = h.close || !gw.is_ready();
+    encode(conn, resp, false, close);
     if let Some(mut a) = conn.access.take() {
         a.request_id = Some(rid);
         a.finish(status, (conn.wbuf.len() - before) as u64);
     }
-    finish_exchange(conn, h.close, gw);
+    finish_exchange(conn, close, gw);
 }
 
 /// A complete chat completion request: validate, resolve, admit, and hand to a worker.
@@ -1187,8 +1223,26 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
         }
     };
     let cancel = CancelToken::new();
+    let gone = Arc::new(AtomicBool::new(false));
     conn.cancel = Some(cancel.clone());
+    conn.gone = Some(gone.clone());
     conn.deadline = None;
+    // In the run registry, so that WebSocket `status` counts it and `chat.abort` on its session
+    // reaches it.
+    gw.runs.start(&run.run_id, None, &run.session_key, &cancel);
+    let accepted_at = crate::util::now_ms();
+    let pending = stream::summary(
+        gw,
+        &run,
+        accepted_at,
+        crate::agent::run::RunOutcome {
+            text: String::new(),
+            tool_calls: Vec::new(),
+            usage: Default::default(),
+            finish: crate::agent::FinishReason::Stop,
+            error: None,
+        },
+    );
     let model = chat::echo_model(&req, &gw.agents[run.agent].cfg.id);
     let session = run.sticky.then(|| run.session_key.clone());
     crate::log!(Debug, "run {} {} agent={} stream={}", run.run_id, conn.peer, gw.agents[run.agent].cfg.id, req.stream);
@@ -1198,6 +1252,8 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
         model,
         include_usage: req.include_usage,
         cancel,
+        client_gone: gone,
+        accepted_at,
         http10: h.minor == 0,
         close: h.close,
         head_only: h.method == "HEAD",
@@ -1211,8 +1267,11 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     if !req.stream {
         conn.phase = Phase::Running;
         let close = h.close;
+        let runs = gw.runs.clone();
+        let buffered = Some((job.headers.clone(), job.head_only));
         admission.submit(session, move || {
-            let mut guard = ReturnGuard { notifier: notifier.clone(), slot, id, armed: true };
+            let mut guard =
+                JobGuard { notifier: notifier.clone(), slot, id, runs, summary: Some(pending), buffered, armed: true };
             let resp = job.run_buffered();
             guard.armed = false;
             notifier.send(Done::Respond { slot, id, resp, head_only: job.head_only, close });
@@ -1238,9 +1297,18 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     let mut job = job;
     job.access = conn.access.take();
     let earlier = prefix.len() as u64;
+    let runs = gw.runs.clone();
     admission.submit(session, move || {
         let mut sock = std_stream;
-        let mut guard = ReturnGuard { notifier: notifier.clone(), slot, id, armed: true };
+        let mut guard = JobGuard {
+            notifier: notifier.clone(),
+            slot,
+            id,
+            runs,
+            summary: Some(pending),
+            buffered: None,
+            armed: true,
+        };
         let ok = sock.set_nonblocking(false).is_ok() && sock.set_write_timeout(Some(stream::WRITE_STEP)).is_ok();
         let reuse = ok && job.run_streaming(&mut sock, prefix) && keep_alive;
         if let Some(a) = &job.access {
@@ -1258,6 +1326,87 @@ mod tests {
 
     fn event(len: usize) -> Done {
         Done::Ws { slot: 0, id: 1, msg: ws::Outgoing::Event { name: "agent", payload: "x".repeat(len) } }
+    }
+
+    fn notifier() -> (Notifier, Receiver<Done>, Poll) {
+        let poll = Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).unwrap());
+        let (tx, rx) = channel();
+        (Notifier { tx, waker, backlog: None }, rx, poll)
+    }
+
+    fn registered(runs: &crate::agent::registry::Registry) -> crate::agent::registry::RunSummary {
+        runs.start("chatcmpl-1", None, "agent:main:k", &CancelToken::new());
+        crate::agent::registry::RunSummary {
+            run_id: "chatcmpl-1".into(),
+            session_key: "agent:main:k".into(),
+            agent_id: "main".into(),
+            started_at: 1,
+            ended_at: 1,
+            text: String::new(),
+            tool_calls: Vec::new(),
+            finish: crate::agent::FinishReason::Stop,
+            usage: Default::default(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_panicking_non_streaming_job_answers_500_and_ends_its_run() {
+        let (n, rx, _poll) = notifier();
+        let runs = Arc::new(crate::agent::registry::Registry::new());
+        let summary = Some(registered(&runs));
+        assert_eq!(runs.active(), 1);
+        let headers = vec![("x-request-id", "chatcmpl-1".to_string())];
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            let _guard = JobGuard {
+                notifier: n.clone(),
+                slot: 3,
+                id: 9,
+                runs: runs.clone(),
+                summary,
+                buffered: Some((headers, false)),
+                armed: true,
+            };
+            panic!("backend bug");
+        }));
+        assert!(r.is_err());
+        match rx.try_recv() {
+            Ok(Done::Respond { slot: 3, id: 9, resp: Some(resp), head_only: false, close: true }) => {
+                assert_eq!(resp.status, 500);
+                let body: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+                assert_eq!(body["error"]["code"], "internal_error");
+                assert_eq!(access::request_id(&resp.headers), Some("chatcmpl-1"));
+            }
+            other => panic!("expected a 500 answer, got {other:?}"),
+        }
+        assert_eq!(runs.active(), 0, "the registry sees the run end");
+        assert!(matches!(
+            runs.wait("chatcmpl-1", None),
+            crate::agent::registry::Wait::Done(s) if s.error.is_some()
+        ));
+    }
+
+    #[test]
+    fn a_panicking_streaming_job_gives_its_connection_back_to_be_closed() {
+        let (n, rx, _poll) = notifier();
+        let runs = Arc::new(crate::agent::registry::Registry::new());
+        let summary = Some(registered(&runs));
+        let guard = JobGuard { notifier: n, slot: 1, id: 2, runs: runs.clone(), summary, buffered: None, armed: true };
+        drop(guard);
+        assert!(matches!(rx.try_recv(), Ok(Done::Return { slot: 1, id: 2, stream: None })));
+        assert_eq!(runs.active(), 0);
+    }
+
+    #[test]
+    fn a_disarmed_job_guard_sends_nothing() {
+        let (n, rx, _poll) = notifier();
+        let runs = Arc::new(crate::agent::registry::Registry::new());
+        let summary = Some(registered(&runs));
+        let guard = JobGuard { notifier: n, slot: 1, id: 2, runs: runs.clone(), summary, buffered: None, armed: false };
+        drop(guard);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(runs.active(), 1);
     }
 
     #[test]
