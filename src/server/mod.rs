@@ -7,12 +7,13 @@
 //! takes the socket back through a channel and a [`Waker`] when the run ends.
 
 pub mod access;
+pub mod conn;
 pub mod cors;
 pub mod handler;
 pub mod stream;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -27,11 +28,11 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::agent::CancelToken;
 use crate::agent::pool::Refused;
 use crate::gateway::Gateway;
-use crate::http::chunked::{ChunkError, ChunkedDecoder};
-use crate::http::head::{self, BodyFraming, Head};
+use crate::http::head::{BodyFraming, Head};
 use crate::http::response::Response;
 use crate::openai::{ApiError, chat};
 use crate::ws;
+use conn::{Action, HttpConn, State, Timeouts};
 use handler::HeadAction;
 use stream::ChatJob;
 
@@ -52,6 +53,9 @@ const LINGER: Duration = Duration::from_secs(10);
 const ACCEPT_BUDGET: usize = 256;
 /// Bytes read from one connection per loop turn before the other connections get theirs.
 const READ_BUDGET: usize = 256 * 1024;
+/// Longest the loop sleeps with connections open and no timer due: it then gives memory back
+/// after a burst ([`Server::shrink`]).
+const SHRINK_EVERY: Duration = Duration::from_secs(5);
 /// Worker messages handled per loop turn.
 const DONE_BUDGET: usize = 1024;
 /// Send buffer asked for a socket lent to a streaming run (Linux doubles it).
@@ -210,28 +214,6 @@ fn internal_error() -> ApiError {
     ApiError::server(500, "internal_error", "The server had an error while processing your request")
 }
 
-enum BodyReader {
-    Length(u64),
-    Chunked(ChunkedDecoder),
-}
-
-enum Phase {
-    /// Waiting for the first byte of a request.
-    Idle,
-    /// Part of a head has arrived.
-    Head,
-    /// Reading a request body.
-    Body { head: Box<Head>, reader: BodyReader, body: Vec<u8> },
-    /// A non-streaming run is in flight.
-    Running,
-    /// A streaming run owns the socket.
-    Lent,
-    /// A WebSocket session.
-    Ws(Box<ws::Session>),
-    /// Flush what is queued, then close.
-    Closing,
-}
-
 struct Conn {
     id: u64,
     stream: Option<TcpStream>,
@@ -240,19 +222,18 @@ struct Conn {
     peer: SocketAddr,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
-    phase: Phase,
-    deadline: Option<Instant>,
+    /// Framing and timers.
+    http: HttpConn,
+    /// The WebSocket session, once upgraded.
+    ws: Option<Box<ws::Session>>,
+    /// The deadline this connection is filed under in the loop's timers.
+    timer: Option<Instant>,
     eof: bool,
     cancel: Option<CancelToken>,
-    /// HTTP minor version of the current request (1.0 keep-alive must be confirmed).
-    minor: u8,
     /// Counts this connection in `gatelet_open_connections`.
     gauge: crate::metrics::ConnGauge,
     /// The request being answered, for the access log.
     access: Option<Box<access::Pending>>,
-    /// A complete request head has arrived on this connection (it is no longer a candidate
-    /// for eviction as a slow or silent newcomer).
-    served: bool,
     /// The connection's own notifier (WebSocket), counting what its runs send.
     notifier: Option<Notifier>,
     /// Set with `cancel` when the client goes away (the run then ends without an answer).
@@ -260,6 +241,24 @@ struct Conn {
 }
 
 impl Conn {
+    fn state(&self) -> State {
+        self.http.state()
+    }
+
+    /// When this connection's next timer is due: the WebSocket session's, else the HTTP machine's.
+    fn deadline(&self) -> Option<Instant> {
+        match &self.ws {
+            Some(s) => s.deadline(),
+            None => self.http.deadline(),
+        }
+    }
+
+    /// The WebSocket session ended (or never started): close once what is queued is sent.
+    fn ws_closed(&mut self, now: Instant) {
+        self.ws = None;
+        self.http.closing(now);
+    }
+
     /// The client went away (or the connection is being closed): cancel its run.
     fn cancel_run(&self) {
         if let Some(g) = &self.gone {
@@ -296,6 +295,9 @@ pub struct Server {
     fresh: BTreeMap<u64, usize>,
     /// Connections that stopped short of `WouldBlock` to give others a turn: driven next turn.
     again: Vec<(usize, u64)>,
+    /// Every connection's next deadline, soonest first, as (when, slot, id); a connection's
+    /// entry is the one its `timer` names.
+    timers: BTreeSet<(Instant, usize, u64)>,
     signals: mio::net::UnixStream,
     /// SIGHUP arrives here.
     hup: mio::net::UnixStream,
@@ -372,6 +374,7 @@ impl Server {
             per_ip: HashMap::new(),
             fresh: BTreeMap::new(),
             again: Vec::new(),
+            timers: BTreeSet::new(),
             signals,
             hup,
             reloader: None,
@@ -434,7 +437,7 @@ impl Server {
     /// Run the loop until a stop signal has drained the gateway.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
-        let mut last_sweep = Instant::now();
+        let mut last_shrink = Instant::now();
         let mut done_more = false;
         self.gw.set_ready(true);
         loop {
@@ -454,11 +457,15 @@ impl Server {
             let timeout = if done_more || self.accept_more || !self.again.is_empty() {
                 // Work left over from the last turn: look at new events, then do it.
                 Some(Duration::ZERO)
-            } else if self.live > 0 || !self.conns.is_empty() {
-                // Timers, and (with no connection left) one more turn to give the table back.
-                Some(Duration::from_millis(250))
             } else {
-                None
+                // Sleep until the next deadline; with connections (or a table to give back), at
+                // most until the next shrink; with nothing at all, until an event.
+                let now = Instant::now();
+                let next = self.timers.first().map(|(t, ..)| t.saturating_duration_since(now));
+                let shrink = (self.live > 0 || !self.conns.is_empty())
+                    .then(|| (last_shrink + SHRINK_EVERY).saturating_duration_since(now));
+                let drain = self.draining.map(|d| d.saturating_duration_since(now));
+                [next, shrink, drain].into_iter().flatten().min()
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if interrupted(&e) {
@@ -505,9 +512,9 @@ impl Server {
                     self.drive(slot);
                 }
             }
-            if last_sweep.elapsed() >= Duration::from_millis(250) {
-                last_sweep = Instant::now();
-                self.sweep(last_sweep);
+            self.fire_timers(Instant::now());
+            if last_shrink.elapsed() >= SHRINK_EVERY {
+                last_shrink = Instant::now();
                 self.shrink();
             }
         }
@@ -525,20 +532,19 @@ impl Server {
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
+        let now = Instant::now();
         for slot in 0..self.conns.len() {
             let Some(conn) = self.conns[slot].as_mut() else { continue };
-            match &mut conn.phase {
-                Phase::Idle => self.close(slot),
-                Phase::Ws(s) => {
-                    // The session sends `shutdown` and a 1001 close, then waits briefly for the
-                    // client's close frame so the socket ends cleanly.
-                    s.on_shutdown(&mut conn.wbuf);
-                    if s.is_closed() {
-                        conn.phase = Phase::Closing;
-                    }
-                    self.drive(slot);
+            if let Some(s) = &mut conn.ws {
+                // The session sends `shutdown` and a 1001 close, then waits briefly for the
+                // client's close frame so the socket ends cleanly.
+                s.on_shutdown(&mut conn.wbuf);
+                if s.is_closed() {
+                    conn.ws_closed(now);
                 }
-                _ => {}
+                self.drive(slot);
+            } else if conn.state() == State::Idle {
+                self.close(slot);
             }
         }
     }
@@ -594,10 +600,6 @@ impl Server {
                     self.live += 1;
                     *self.per_ip.entry(ip).or_insert(0) += 1;
                     self.fresh.insert(id, slot);
-                    let g = &self.gw.config.gateway;
-                    // The first request gets the head deadline from the moment of accept: a
-                    // newcomer that stays silent is not kept as long as an idle keep-alive one.
-                    let first = g.header_timeout.min(g.idle_timeout);
                     self.conns[slot] = Some(Conn {
                         id,
                         stream: Some(stream),
@@ -605,14 +607,13 @@ impl Server {
                         peer,
                         rbuf: Vec::new(),
                         wbuf: Vec::new(),
-                        phase: Phase::Idle,
-                        deadline: Some(Instant::now() + first),
+                        http: HttpConn::new(Instant::now(), timeouts(&self.gw)),
+                        ws: None,
+                        timer: None,
                         eof: false,
                         cancel: None,
-                        minor: 1,
                         gauge: crate::metrics::ConnGauge::open(),
                         access: None,
-                        served: false,
                         notifier: None,
                         gone: None,
                     });
@@ -651,9 +652,9 @@ impl Server {
         fn candidate(conns: &[Option<Conn>], id: u64, slot: usize) -> Option<&Conn> {
             conns.get(slot).and_then(Option::as_ref).filter(|c| {
                 c.id == id
-                    && !c.served
+                    && !c.http.served()
                     && c.stream.is_some()
-                    && matches!(c.phase, Phase::Idle | Phase::Head | Phase::Closing)
+                    && matches!(c.state(), State::Idle | State::Head | State::Closing)
             })
         }
         // Entries that stopped being candidates never become candidates again.
@@ -680,8 +681,8 @@ impl Server {
             .enumerate()
             .filter_map(|(i, c)| {
                 let c = c.as_ref()?;
-                let idle = matches!(c.phase, Phase::Idle | Phase::Closing) && c.stream.is_some();
-                idle.then_some((c.deadline, i))
+                let idle = matches!(c.state(), State::Idle | State::Closing) && c.ws.is_none() && c.stream.is_some();
+                idle.then_some((c.http.deadline(), i))
             })
             .min()
             .map(|(_, i)| i)
@@ -689,13 +690,13 @@ impl Server {
 
     fn on_event(&mut self, slot: usize, hangup: bool) {
         let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
-        if matches!(conn.phase, Phase::Lent) {
+        if conn.state() == State::Lent {
             if hangup {
                 conn.cancel_run();
             }
             return;
         }
-        if hangup && matches!(conn.phase, Phase::Running) {
+        if hangup && conn.state() == State::Running {
             conn.eof = true;
         }
         self.drive(slot);
@@ -707,15 +708,18 @@ impl Server {
         // Bytes read this turn: past READ_BUDGET the connection waits for the next turn, so a
         // fast sender (a pipelining flood, a large upload) cannot hold the loop.
         let mut taken = 0;
+        if let Some(Some(conn)) = self.conns.get_mut(slot) {
+            // A reload's timeouts apply to the timers set from now on.
+            conn.http.set_timeouts(timeouts(&gw));
+        }
         loop {
             let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
             let mut ctx = Ctx { gw: &gw, slot, notifier: &self.notifier, registry: self.poll.registry() };
             while let Some(stream) = conn.stream.as_mut() {
                 let reading = !conn.eof
-                    && !matches!(conn.phase, Phase::Closing)
+                    && conn.http.state() != State::Closing
                     && conn.wbuf.len() < WRITE_CAP
-                    && (conn.rbuf.len() < READ_CAP
-                        || matches!(conn.phase, Phase::Idle | Phase::Head | Phase::Body { .. }));
+                    && (conn.rbuf.len() < READ_CAP || conn.http.reading_request());
                 let mut progressed = false;
                 if reading {
                     match stream.read(&mut self.scratch) {
@@ -741,18 +745,17 @@ impl Server {
                         conn.peer
                     );
                     conn.rbuf.clear();
-                    if !matches!(conn.phase, Phase::Ws(_)) {
+                    if conn.ws.is_none() {
                         let e = internal_error();
                         let before = conn.wbuf.len();
-                        respond(conn, e.response(), false, true);
+                        encode(conn, e.response(), false, true);
                         let bytes = (conn.wbuf.len() - before) as u64;
                         match conn.access.take() {
                             Some(a) => a.finish(500, bytes),
                             None => access::immediate(None, Instant::now(), 500, bytes, None),
                         }
                     }
-                    conn.phase = Phase::Closing;
-                    conn.deadline = Some(Instant::now() + LINGER);
+                    conn.ws_closed(Instant::now());
                 }
                 if !progressed || taken >= READ_BUDGET {
                     break;
@@ -760,24 +763,25 @@ impl Server {
             }
             let held = conn.wbuf.len() >= WRITE_CAP;
             if conn.eof {
-                match conn.phase {
-                    Phase::Running => conn.cancel_run(),
-                    Phase::Lent => {}
-                    Phase::Ws(ref mut s) => {
-                        s.on_eof();
-                        conn.phase = Phase::Closing;
-                    }
-                    // Requests that arrived before the end are still answered once it drains.
-                    _ if held && !conn.rbuf.is_empty() => {}
-                    _ => {
+                if let Some(s) = &mut conn.ws {
+                    s.on_eof();
+                    conn.ws_closed(Instant::now());
+                } else {
+                    match conn.state() {
+                        State::Running => conn.cancel_run(),
+                        State::Lent | State::Closing => {}
+                        // Requests that arrived before the end are still answered once it drains.
+                        _ if held && !conn.rbuf.is_empty() => {}
                         // The peer is done sending; nothing more can arrive, so finish what is queued.
-                        conn.phase = Phase::Closing;
+                        _ => conn.http.closing(Instant::now()),
                     }
                 }
             }
             if flush(conn) {
                 return self.close(slot);
             }
+            self.rearm(slot);
+            let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
             if taken >= READ_BUDGET {
                 // More may be waiting in the kernel, and edge-triggered readiness will not repeat.
                 let id = conn.id;
@@ -821,7 +825,7 @@ impl Server {
                         if let Some(a) = pending {
                             a.finish(access::CLIENT_CLOSED, 0);
                         }
-                        conn.phase = Phase::Closing
+                        conn.http.closing(Instant::now());
                     }
                 }
                 self.drive(slot);
@@ -849,10 +853,10 @@ impl Server {
                 if let Some(n) = &conn.notifier {
                     n.taken(ws_len(&msg));
                 }
-                if let Phase::Ws(s) = &mut conn.phase {
+                if let Some(s) = &mut conn.ws {
                     s.outgoing(msg, &mut conn.wbuf);
                     if s.is_closed() {
-                        conn.phase = Phase::Closing;
+                        conn.ws_closed(Instant::now());
                     }
                 }
                 self.drive(slot);
@@ -860,45 +864,66 @@ impl Server {
         }
     }
 
-    fn sweep(&mut self, now: Instant) {
-        for slot in 0..self.conns.len() {
-            let Some(conn) = self.conns[slot].as_mut() else { continue };
-            if let Phase::Ws(s) = &mut conn.phase {
+    /// File connection `slot` under its current deadline (or none), replacing its old entry.
+    fn rearm(&mut self, slot: usize) {
+        let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
+        if conn.ws.is_none() && conn.state() == State::Closing && conn.http.deadline().is_none() {
+            // Whatever way a connection came to be closing, it gets a bounded time to take its
+            // last bytes: a peer that stops reading cannot hold the slot forever.
+            conn.http.closing(Instant::now());
+        }
+        let want = conn.deadline();
+        if want == conn.timer {
+            return;
+        }
+        if let Some(t) = conn.timer.take() {
+            self.timers.remove(&(t, slot, conn.id));
+        }
+        if let Some(t) = want {
+            self.timers.insert((t, slot, conn.id));
+            conn.timer = Some(t);
+        }
+    }
+
+    /// Fire the timers that are due; only those connections are touched.
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(&(t, slot, id)) = self.timers.first() {
+            if t > now {
+                return;
+            }
+            self.timers.pop_first();
+            let Some(Some(conn)) = self.conns.get_mut(slot) else { continue };
+            if conn.id != id || conn.timer != Some(t) {
+                continue;
+            }
+            conn.timer = None;
+            if let Some(s) = &mut conn.ws {
                 s.on_timer(now, &mut conn.wbuf);
                 if s.is_closed() {
-                    conn.phase = Phase::Closing;
-                    conn.deadline = Some(now + LINGER);
+                    conn.ws_closed(now);
                 }
-                self.drive(slot);
+                // Only what the timer queued is written: an idle socket is not read.
+                if flush(conn) {
+                    self.close(slot);
+                } else {
+                    self.rearm(slot);
+                }
                 continue;
             }
-            if matches!(conn.phase, Phase::Closing) && conn.deadline.is_none() {
-                // Whatever way a connection came to be closing, it gets a bounded time to take
-                // its last bytes: a peer that stops reading cannot hold the slot forever.
-                conn.deadline = Some(now + LINGER);
-            }
-            let Some(d) = conn.deadline else { continue };
-            if now < d {
-                continue;
-            }
-            match conn.phase {
-                Phase::Head | Phase::Body { .. } => {
+            match conn.http.on_timer(now) {
+                Some(Action::Refuse(e, head)) => {
                     let before = conn.wbuf.len();
-                    let head = match &conn.phase {
-                        Phase::Body { head, .. } => Some(head.as_ref().clone()),
-                        _ => None,
-                    };
-                    respond(conn, handler::timed_out().response(), false, true);
+                    let status = e.status;
+                    encode(conn, e.response(), false, true);
                     let bytes = (conn.wbuf.len() - before) as u64;
                     match conn.access.take() {
-                        Some(a) => a.finish(408, bytes),
-                        None => access::immediate(head.as_ref(), now, 408, bytes, None),
+                        Some(a) => a.finish(status, bytes),
+                        None => access::immediate(head.as_deref(), now, status, bytes, None),
                     }
-                    conn.deadline = Some(now + LINGER);
                     self.drive(slot);
                 }
-                Phase::Idle | Phase::Closing => self.close(slot),
-                _ => {}
+                Some(Action::Close) => self.close(slot),
+                _ => self.rearm(slot),
             }
         }
     }
@@ -909,7 +934,7 @@ impl Server {
         if let Some(a) = conn.access.take() {
             a.finish(access::CLIENT_CLOSED, 0);
         }
-        if let Phase::Ws(s) = &mut conn.phase {
+        if let Some(s) = &mut conn.ws {
             s.on_eof();
         }
         if let Some(mut s) = conn.stream.take() {
@@ -917,6 +942,9 @@ impl Server {
         }
         if let Some(mut w) = conn.watcher.take() {
             let _ = self.poll.registry().deregister(&mut w);
+        }
+        if let Some(t) = conn.timer {
+            self.timers.remove(&(t, slot, conn.id));
         }
         crate::log!(Trace, "closed #{}", conn.id);
         self.free.push(Reverse(slot));
@@ -939,7 +967,7 @@ impl Server {
     /// bookkeeping maps, and buffers of idle connections (dropped when empty).
     fn shrink(&mut self) {
         for c in self.conns.iter_mut().flatten() {
-            if matches!(c.phase, Phase::Idle) {
+            if c.ws.is_none() && c.state() == State::Idle {
                 if c.rbuf.is_empty() && c.rbuf.capacity() > 0 {
                     c.rbuf = Vec::new();
                 }
@@ -995,129 +1023,68 @@ fn flush(conn: &mut Conn) -> bool {
     if let Some(n) = &conn.notifier {
         n.unsent(conn.wbuf.len());
     }
-    conn.wbuf.is_empty() && matches!(conn.phase, Phase::Closing)
+    conn.wbuf.is_empty() && conn.ws.is_none() && conn.state() == State::Closing
+}
+
+/// The connection timeouts of the current config.
+fn timeouts(gw: &Gateway) -> Timeouts {
+    let g = &gw.config.gateway;
+    Timeouts { header: g.header_timeout, idle: g.idle_timeout, linger: LINGER }
 }
 
 /// Queue a response; an HTTP/1.0 client that asked for keep-alive gets it confirmed.
 fn encode(conn: &mut Conn, resp: Response, head_only: bool, close: bool) {
-    let resp = if conn.minor == 0 && !close { resp.header("Connection", "keep-alive") } else { resp };
+    let resp = if conn.http.minor() == 0 && !close { resp.header("Connection", "keep-alive") } else { resp };
     resp.encode(&mut conn.wbuf, head_only, close);
-}
-
-/// Queue a response and move to the next request (or to closing).
-fn respond(conn: &mut Conn, resp: Response, head_only: bool, close: bool) {
-    encode(conn, resp, head_only, close);
-    conn.phase = if close { Phase::Closing } else { Phase::Idle };
 }
 
 /// After a response: back to idle (with the idle timer), or closing.
 fn finish_exchange(conn: &mut Conn, close: bool, gw: &Gateway) {
     // Not ready means draining: no further requests on this connection.
-    if close || conn.eof || !gw.is_ready() {
-        conn.phase = Phase::Closing;
-        conn.deadline = Some(Instant::now() + LINGER);
-    } else {
-        conn.phase = Phase::Idle;
-        conn.deadline = Some(Instant::now() + gw.config.gateway.idle_timeout);
-        if conn.rbuf.capacity() > 64 * 1024 && conn.rbuf.len() < 4096 {
-            conn.rbuf.shrink_to(4096);
-        }
+    let close = close || conn.eof || !gw.is_ready();
+    conn.http.answered(close, Instant::now());
+    if !close && conn.rbuf.capacity() > 64 * 1024 && conn.rbuf.len() < 4096 {
+        conn.rbuf.shrink_to(4096);
     }
 }
 
 /// Parse and act on whatever complete requests are buffered, in order.
 fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
+    if let Some(s) = &mut conn.ws {
+        let notifier = conn.notifier.as_ref().unwrap_or(ctx.notifier);
+        let n = s.on_bytes(&conn.rbuf, &mut conn.wbuf, ctx.gw, ctx.slot, conn.id, notifier, conn.peer.ip());
+        conn.rbuf.drain(..n);
+        if s.is_closed() {
+            conn.ws_closed(Instant::now());
+        }
+        return;
+    }
     loop {
-        match &mut conn.phase {
-            Phase::Idle | Phase::Head => {
-                if conn.rbuf.is_empty() || conn.wbuf.len() >= WRITE_CAP {
-                    return;
-                }
-                match head::parse(&conn.rbuf) {
-                    Ok(None) => {
-                        if matches!(conn.phase, Phase::Idle) {
-                            conn.phase = Phase::Head;
-                            // A newcomer's head deadline runs from accept (set then).
-                            if conn.served {
-                                conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.header_timeout);
-                            }
-                        }
-                        return;
-                    }
-                    Err(e) => {
-                        let err = handler::framing_error(e.status(), e.to_string());
-                        let before = conn.wbuf.len();
-                        respond(conn, err.response(), false, true);
-                        let bytes = (conn.wbuf.len() - before) as u64;
-                        access::immediate(None, Instant::now(), e.status(), bytes, None);
-                        conn.deadline = Some(Instant::now() + LINGER);
-                        return;
-                    }
-                    Ok(Some((h, n))) => {
-                        conn.rbuf.drain(..n);
-                        conn.served = true;
-                        on_head(conn, ctx, h);
-                    }
-                }
-            }
-            Phase::Body { reader, body, .. } => {
-                let before = conn.rbuf.len();
-                let done = match reader {
-                    BodyReader::Length(left) => {
-                        let n = (*left).min(conn.rbuf.len() as u64) as usize;
-                        body.extend_from_slice(&conn.rbuf[..n]);
-                        conn.rbuf.drain(..n);
-                        *left -= n as u64;
-                        *left == 0
-                    }
-                    BodyReader::Chunked(d) => match d.decode(&conn.rbuf, body) {
-                        Ok(n) => {
-                            conn.rbuf.drain(..n);
-                            d.is_done()
-                        }
-                        Err(e) => {
-                            let err = match e {
-                                ChunkError::BodyTooLarge => handler::too_large(ctx.gw.config.gateway.max_body_bytes),
-                                e => handler::framing_error(400, e.to_string()),
-                            };
-                            let status = err.status;
-                            let before = conn.wbuf.len();
-                            respond(conn, err.response(), false, true);
-                            if let Some(a) = conn.access.take() {
-                                a.finish(status, (conn.wbuf.len() - before) as u64);
-                            }
-                            conn.deadline = Some(Instant::now() + LINGER);
-                            return;
-                        }
-                    },
-                };
-                if !done {
-                    if conn.rbuf.len() < before {
-                        // A slow upload that keeps making progress is not a stalled one.
-                        conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.header_timeout);
-                    }
-                    return;
-                }
-                let Phase::Body { head, body, .. } = std::mem::replace(&mut conn.phase, Phase::Idle) else { return };
-                dispatch_chat(conn, ctx, *head, body);
-            }
-            Phase::Ws(s) => {
-                let notifier = conn.notifier.as_ref().unwrap_or(ctx.notifier);
-                let n = s.on_bytes(&conn.rbuf, &mut conn.wbuf, ctx.gw, ctx.slot, conn.id, notifier, conn.peer.ip());
-                conn.rbuf.drain(..n);
-                if s.is_closed() {
-                    conn.phase = Phase::Closing;
-                    conn.deadline = Some(Instant::now() + LINGER);
+        let hold = conn.wbuf.len() >= WRITE_CAP;
+        let Some(action) = conn.http.feed(&mut conn.rbuf, Instant::now(), hold) else { return };
+        match action {
+            Action::Head(h) => on_head(conn, ctx, h),
+            Action::Dispatch(h, body) => dispatch_chat(conn, ctx, *h, body),
+            Action::Refuse(e, head) => {
+                let status = e.status;
+                let before = conn.wbuf.len();
+                encode(conn, e.response(), false, true);
+                let bytes = (conn.wbuf.len() - before) as u64;
+                match conn.access.take() {
+                    Some(a) => a.finish(status, bytes),
+                    None => access::immediate(head.as_deref(), Instant::now(), status, bytes, None),
                 }
                 return;
             }
-            Phase::Running | Phase::Lent | Phase::Closing => return,
+            Action::Close => return,
+        }
+        if conn.ws.is_some() {
+            return process(conn, ctx);
         }
     }
 }
 
-fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head) {
-    conn.minor = h.minor;
+fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Box<Head>) {
     let start = Instant::now();
     let head_only = h.method == "HEAD";
     let has_body = !matches!(h.body, Some(BodyFraming::None) | None);
@@ -1131,40 +1098,31 @@ fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head) {
             let close = h.close || has_body || !ctx.gw.is_ready();
             let (status, before) = (resp.status, conn.wbuf.len());
             let rid = access::request_id(&resp.headers).map(str::to_string);
-            respond(conn, resp, head_only, close);
+            encode(conn, resp, head_only, close);
+            conn.http.answered(close, Instant::now());
             access::immediate(Some(&h), start, status, (conn.wbuf.len() - before) as u64, rid.as_deref());
-            if close {
-                conn.deadline = Some(Instant::now() + LINGER);
-            } else {
-                conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.idle_timeout);
-            }
         }
         HeadAction::ReadBody { limit, continue_100 } => {
             if continue_100 {
                 conn.wbuf.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
             }
-            let reader = match h.body {
-                Some(BodyFraming::Length(n)) => BodyReader::Length(n),
-                Some(BodyFraming::Chunked) => BodyReader::Chunked(ChunkedDecoder::new(limit)),
-                _ => BodyReader::Length(0),
-            };
-            conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.header_timeout);
             conn.access = Some(Box::new(access::Pending::new(&h, start)));
-            conn.phase = Phase::Body { head: Box::new(h), reader, body: Vec::new() };
+            conn.http.read_body(h, limit, Instant::now());
         }
         HeadAction::Upgrade => match ws::handshake::accept(&h) {
             Ok(resp_bytes) => {
                 access::immediate(Some(&h), start, 101, resp_bytes.len() as u64, None);
                 conn.gauge.upgrade();
                 conn.wbuf.extend_from_slice(&resp_bytes);
-                conn.deadline = None;
+                conn.http.upgraded();
                 conn.notifier = Some(ctx.notifier.for_connection());
-                conn.phase = Phase::Ws(Box::new(ws::Session::new(ctx.gw, Instant::now(), &mut conn.wbuf)));
+                conn.ws = Some(Box::new(ws::Session::new(ctx.gw, Instant::now(), &mut conn.wbuf)));
             }
             Err(resp) => {
                 let close = h.close || has_body;
                 let (status, before) = (resp.status, conn.wbuf.len());
-                respond(conn, resp, head_only, close);
+                encode(conn, resp, head_only, close);
+                conn.http.answered(close, Instant::now());
                 access::immediate(Some(&h), start, status, (conn.wbuf.len() - before) as u64, None);
             }
         },
@@ -1226,7 +1184,6 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     let gone = Arc::new(AtomicBool::new(false));
     conn.cancel = Some(cancel.clone());
     conn.gone = Some(gone.clone());
-    conn.deadline = None;
     // In the run registry, so that WebSocket `status` counts it and `chat.abort` on its session
     // reaches it.
     gw.runs.start(&run.run_id, None, &run.session_key, &cancel);
@@ -1265,7 +1222,7 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     let (slot, id) = (ctx.slot, conn.id);
     let notifier = ctx.notifier.clone();
     if !req.stream {
-        conn.phase = Phase::Running;
+        conn.http.start_run(false);
         let close = h.close;
         let runs = gw.runs.clone();
         let buffered = Some((job.headers.clone(), job.head_only));
@@ -1292,7 +1249,7 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
         conn.watcher = Some(w);
     }
     let prefix = std::mem::take(&mut conn.wbuf);
-    conn.phase = Phase::Lent;
+    conn.http.start_run(true);
     let keep_alive = !h.close;
     let mut job = job;
     job.access = conn.access.take();
