@@ -9,6 +9,7 @@
 pub mod access;
 pub mod conn;
 pub mod cors;
+pub mod exchange;
 pub mod handler;
 pub mod stream;
 
@@ -30,11 +31,10 @@ use crate::agent::pool::Refused;
 use crate::gateway::Gateway;
 use crate::http::head::{BodyFraming, Head};
 use crate::http::response::Response;
-use crate::openai::{ApiError, chat};
+use crate::openai::ApiError;
 use crate::ws;
 use conn::{Action, HttpConn, State, Timeouts};
 use handler::HeadAction;
-use stream::ChatJob;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -79,6 +79,18 @@ pub enum Done {
         head_only: bool,
         /// Close after writing.
         close: bool,
+        /// For the access-log record.
+        info: Option<Box<access::RunInfo>>,
+    },
+    /// A streaming run asks for its connection's socket; the loop answers on `reply` (or drops
+    /// it when the connection is gone).
+    Lend {
+        /// Connection slot.
+        slot: usize,
+        /// Connection id.
+        id: u64,
+        /// Where the socket goes.
+        reply: std::sync::mpsc::SyncSender<exchange::Lent>,
     },
     /// A streaming run gives its socket back.
     Return {
@@ -202,7 +214,7 @@ impl Drop for JobGuard {
         let d = match self.buffered.take() {
             Some((headers, head_only)) => {
                 let resp = handler::with_headers(internal_error().response(), headers);
-                Done::Respond { slot: self.slot, id: self.id, resp: Some(resp), head_only, close: true }
+                Done::Respond { slot: self.slot, id: self.id, resp: Some(resp), head_only, close: true, info: None }
             }
             None => Done::Return { slot: self.slot, id: self.id, stream: None },
         };
@@ -714,7 +726,7 @@ impl Server {
         }
         loop {
             let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
-            let mut ctx = Ctx { gw: &gw, slot, notifier: &self.notifier, registry: self.poll.registry() };
+            let mut ctx = Ctx { gw: &gw, slot, notifier: &self.notifier };
             while let Some(stream) = conn.stream.as_mut() {
                 let reading = !conn.eof
                     && conn.http.state() != State::Closing
@@ -798,19 +810,25 @@ impl Server {
 
     fn on_done(&mut self, d: Done) {
         let (slot, id) = match &d {
-            Done::Respond { slot, id, .. } | Done::Return { slot, id, .. } | Done::Ws { slot, id, .. } => (*slot, *id),
+            Done::Respond { slot, id, .. }
+            | Done::Return { slot, id, .. }
+            | Done::Ws { slot, id, .. }
+            | Done::Lend { slot, id, .. } => (*slot, *id),
         };
         let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
         if conn.id != id {
             return;
         }
         match d {
-            Done::Respond { resp, head_only, close, .. } => {
+            Done::Respond { resp, head_only, close, info, .. } => {
                 conn.cancel = None;
                 conn.gone = None;
                 // Draining: no further request will be read, so the answer says so.
                 let close = close || !self.gw.is_ready();
-                let pending = conn.access.take();
+                let mut pending = conn.access.take();
+                if let (Some(a), Some(i)) = (pending.as_mut(), info) {
+                    i.apply(a);
+                }
                 match resp {
                     Some(r) if !conn.eof => {
                         let status = r.status;
@@ -849,6 +867,13 @@ impl Server {
                 finish_exchange(conn, false, &self.gw);
                 self.drive(slot);
             }
+            Done::Lend { reply, .. } => {
+                if conn.eof || conn.state() != State::Running {
+                    // The client is gone: dropping `reply` tells the run.
+                    return self.close(slot);
+                }
+                self.lend(slot, reply);
+            }
             Done::Ws { msg, .. } => {
                 if let Some(n) = &conn.notifier {
                     n.taken(ws_len(&msg));
@@ -861,6 +886,32 @@ impl Server {
                 }
                 self.drive(slot);
             }
+        }
+    }
+
+    /// Lend connection `slot`'s socket to its streaming run, and watch a duplicate for hang-up.
+    fn lend(&mut self, slot: usize, reply: std::sync::mpsc::SyncSender<exchange::Lent>) {
+        let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
+        let Some(mut mio_stream) = conn.stream.take() else { return };
+        let _ = self.poll.registry().deregister(&mut mio_stream);
+        let std_stream: std::net::TcpStream = mio_stream.into();
+        // Token streams need little bandwidth; left to autotuning, the kernel would keep up to
+        // 4 MiB per socket for a client that does not read (and the stall would show that late).
+        let _ = socket2::SockRef::from(&std_stream).set_send_buffer_size(STREAM_SNDBUF);
+        let watch = std_stream.try_clone().map(TcpStream::from_std);
+        if let Ok(mut w) = watch
+            && self.poll.registry().register(&mut w, Token(slot + 2), Interest::READABLE).is_ok()
+        {
+            conn.watcher = Some(w);
+        }
+        conn.http.start_run(true);
+        let lent =
+            exchange::Lent { stream: std_stream, prefix: std::mem::take(&mut conn.wbuf), access: conn.access.take() };
+        if reply.send(lent).is_err() {
+            // The run is gone without its socket.
+            self.close(slot);
+        } else {
+            self.rearm(slot);
         }
     }
 
@@ -1000,7 +1051,6 @@ struct Ctx<'a> {
     gw: &'a Arc<Gateway>,
     slot: usize,
     notifier: &'a Notifier,
-    registry: &'a mio::Registry,
 }
 
 /// Write queued bytes. Returns true when the connection should be closed now.
@@ -1146,26 +1196,15 @@ fn chat_error(conn: &mut Conn, e: ApiError, h: &Head, gw: &Gateway) {
     finish_exchange(conn, close, gw);
 }
 
-/// A complete chat completion request: validate, resolve, admit, and hand to a worker.
+/// A complete chat completion request: admit it and hand the exchange to a worker, which parses,
+/// validates, resolves and runs it. Admission stays here, before the body is parsed, so that an
+/// overloaded gateway answers 503 (and an address over its run limit 429) without spending a
+/// worker on the request.
 fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     let gw = ctx.gw;
     // The body came through the read buffer: do not keep its size for as long as the run lasts.
     if conn.rbuf.capacity() > 4096 {
         conn.rbuf.shrink_to(conn.rbuf.len());
-    }
-    let req = match chat::parse(&body) {
-        Ok(r) => r,
-        Err(e) => return chat_error(conn, e, &h, gw),
-    };
-    drop(body);
-    let run = match chat::to_run(gw, &req, h.agent_id.as_deref(), h.session_key.as_deref()) {
-        Ok(r) => r,
-        Err(e) => return chat_error(conn, e, &h, gw),
-    };
-    if let Some(a) = conn.access.as_mut().filter(|_| crate::log::access_enabled()) {
-        a.agent = Some(gw.agents[run.agent].cfg.id.clone());
-        a.session_key = Some(run.session_key.clone());
-        a.request_id = Some(run.run_id.clone());
     }
     let admission = match gw.pool.admit_from(Some(conn.peer.ip().to_canonical())) {
         Ok(a) => a,
@@ -1184,97 +1223,20 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     let gone = Arc::new(AtomicBool::new(false));
     conn.cancel = Some(cancel.clone());
     conn.gone = Some(gone.clone());
-    // In the run registry, so that WebSocket `status` counts it and `chat.abort` on its session
-    // reaches it.
-    gw.runs.start(&run.run_id, None, &run.session_key, &cancel);
-    let accepted_at = crate::util::now_ms();
-    let pending = stream::summary(
-        gw,
-        &run,
-        accepted_at,
-        crate::agent::run::RunOutcome {
-            text: String::new(),
-            tool_calls: Vec::new(),
-            usage: Default::default(),
-            finish: crate::agent::FinishReason::Stop,
-            error: None,
-        },
-    );
-    let model = chat::echo_model(&req, &gw.agents[run.agent].cfg.id);
-    let session = run.sticky.then(|| run.session_key.clone());
-    crate::log!(Debug, "run {} {} agent={} stream={}", run.run_id, conn.peer, gw.agents[run.agent].cfg.id, req.stream);
-    let job = ChatJob {
+    conn.http.start_run(false);
+    let ex = exchange::Exchange {
         gw: gw.clone(),
-        run,
-        model,
-        include_usage: req.include_usage,
-        cancel,
-        client_gone: gone,
-        accepted_at,
-        http10: h.minor == 0,
-        close: h.close,
-        head_only: h.method == "HEAD",
         headers: handler::api_headers(gw, &h),
-        access: None,
-        written: Default::default(),
-        status: Default::default(),
+        head: Box::new(h),
+        body,
+        cancel,
+        gone,
+        notifier: ctx.notifier.clone(),
+        slot: ctx.slot,
+        id: conn.id,
+        peer: conn.peer,
     };
-    let (slot, id) = (ctx.slot, conn.id);
-    let notifier = ctx.notifier.clone();
-    if !req.stream {
-        conn.http.start_run(false);
-        let close = h.close;
-        let runs = gw.runs.clone();
-        let buffered = Some((job.headers.clone(), job.head_only));
-        admission.submit(session, move || {
-            let mut guard =
-                JobGuard { notifier: notifier.clone(), slot, id, runs, summary: Some(pending), buffered, armed: true };
-            let resp = job.run_buffered();
-            guard.armed = false;
-            notifier.send(Done::Respond { slot, id, resp, head_only: job.head_only, close });
-        });
-        return;
-    }
-    // Streaming: lend the socket to the worker and watch a duplicate for hang-up.
-    let Some(mut mio_stream) = conn.stream.take() else { return };
-    let _ = ctx.registry.deregister(&mut mio_stream);
-    let std_stream: std::net::TcpStream = mio_stream.into();
-    // Token streams need little bandwidth; left to autotuning, the kernel would keep up to
-    // 4 MiB per socket for a client that does not read (and the stall would show that late).
-    let _ = socket2::SockRef::from(&std_stream).set_send_buffer_size(STREAM_SNDBUF);
-    let watch = std_stream.try_clone().map(TcpStream::from_std);
-    if let Ok(mut w) = watch
-        && ctx.registry.register(&mut w, Token(slot + 2), Interest::READABLE).is_ok()
-    {
-        conn.watcher = Some(w);
-    }
-    let prefix = std::mem::take(&mut conn.wbuf);
-    conn.http.start_run(true);
-    let keep_alive = !h.close;
-    let mut job = job;
-    job.access = conn.access.take();
-    let earlier = prefix.len() as u64;
-    let runs = gw.runs.clone();
-    admission.submit(session, move || {
-        let mut sock = std_stream;
-        let mut guard = JobGuard {
-            notifier: notifier.clone(),
-            slot,
-            id,
-            runs,
-            summary: Some(pending),
-            buffered: None,
-            armed: true,
-        };
-        let ok = sock.set_nonblocking(false).is_ok() && sock.set_write_timeout(Some(stream::WRITE_STEP)).is_ok();
-        let reuse = ok && job.run_streaming(&mut sock, prefix) && keep_alive;
-        if let Some(a) = &job.access {
-            // The prefix holds earlier responses' bytes.
-            a.finish(job.status.get(), job.written.get().saturating_sub(earlier));
-        }
-        guard.armed = false;
-        notifier.send(Done::Return { slot, id, stream: reuse.then_some(sock) });
-    });
+    admission.submit(None, move || ex.run());
 }
 
 #[cfg(test)]
@@ -1329,7 +1291,7 @@ mod tests {
         }));
         assert!(r.is_err());
         match rx.try_recv() {
-            Ok(Done::Respond { slot: 3, id: 9, resp: Some(resp), head_only: false, close: true }) => {
+            Ok(Done::Respond { slot: 3, id: 9, resp: Some(resp), head_only: false, close: true, .. }) => {
                 assert_eq!(resp.status, 500);
                 let body: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
                 assert_eq!(body["error"]["code"], "internal_error");
