@@ -139,6 +139,22 @@ impl HttpConn {
         self.deadline
     }
 
+    /// The request whose body is being read.
+    pub fn body_head(&self) -> Option<&Head> {
+        match &self.inner {
+            Inner::Body { head, .. } => Some(head),
+            _ => None,
+        }
+    }
+
+    /// Bytes of body read so far, while reading one.
+    pub fn body_len(&self) -> Option<u64> {
+        match &self.inner {
+            Inner::Body { body, .. } => Some(body.len() as u64),
+            _ => None,
+        }
+    }
+
     /// Whether the machine is reading a request (bytes should be read however many are
     /// buffered: a head or body is incomplete until they are).
     pub fn reading_request(&self) -> bool {

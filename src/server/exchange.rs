@@ -41,6 +41,8 @@ pub struct Exchange {
     pub head: Box<Head>,
     /// The request body, unparsed.
     pub body: Vec<u8>,
+    /// The body's share of the budget for bodies in flight, given back once it is parsed.
+    pub ticket: Option<super::budget::Ticket>,
     /// Cancelled when the client goes away or the run is aborted.
     pub cancel: CancelToken,
     /// Set when the client went away.
@@ -87,9 +89,12 @@ impl Exchange {
 
     /// Parse, validate and resolve the request, then run it (here, or behind its session's
     /// earlier runs).
-    pub fn run(self) {
+    pub fn run(mut self) {
         let mut guard = self.guard();
-        let req = match chat::parse(&self.body) {
+        let parsed = chat::parse(&self.body);
+        self.body = Vec::new();
+        self.ticket = None;
+        let req = match parsed {
             Ok(r) => r,
             Err(e) => {
                 guard.armed = false;

@@ -7,6 +7,7 @@
 //! takes the socket back through a channel and a [`Waker`] when the run ends.
 
 pub mod access;
+pub mod budget;
 pub mod conn;
 pub mod cors;
 pub mod exchange;
@@ -250,6 +251,8 @@ struct Conn {
     notifier: Option<Notifier>,
     /// Set with `cancel` when the client goes away (the run then ends without an answer).
     gone: Option<Arc<AtomicBool>>,
+    /// The share of the body budget held by the body being read.
+    ticket: Option<budget::Ticket>,
 }
 
 impl Conn {
@@ -310,6 +313,8 @@ pub struct Server {
     /// Every connection's next deadline, soonest first, as (when, slot, id); a connection's
     /// entry is the one its `timer` names.
     timers: BTreeSet<(Instant, usize, u64)>,
+    /// Request-body bytes held across all connections (`gateway.http.maxBodyBytesInFlight`).
+    bodies: Arc<budget::BodyBudget>,
     signals: mio::net::UnixStream,
     /// SIGHUP arrives here.
     hup: mio::net::UnixStream,
@@ -387,6 +392,7 @@ impl Server {
             fresh: BTreeMap::new(),
             again: Vec::new(),
             timers: BTreeSet::new(),
+            bodies: Arc::default(),
             signals,
             hup,
             reloader: None,
@@ -628,6 +634,7 @@ impl Server {
                         access: None,
                         notifier: None,
                         gone: None,
+                        ticket: None,
                     });
                     crate::log!(Trace, "accepted {peer} as #{id}");
                     // A request sent with the connection is usually waiting already: serve it
@@ -726,7 +733,7 @@ impl Server {
         }
         loop {
             let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
-            let mut ctx = Ctx { gw: &gw, slot, notifier: &self.notifier };
+            let mut ctx = Ctx { gw: &gw, bodies: &self.bodies, slot, notifier: &self.notifier };
             while let Some(stream) = conn.stream.as_mut() {
                 let reading = !conn.eof
                     && conn.http.state() != State::Closing
@@ -963,6 +970,7 @@ impl Server {
             }
             match conn.http.on_timer(now) {
                 Some(Action::Refuse(e, head)) => {
+                    conn.ticket = None;
                     let before = conn.wbuf.len();
                     let status = e.status;
                     encode(conn, e.response(), false, true);
@@ -1049,6 +1057,7 @@ impl Server {
 /// What `process` needs from the server besides the connection.
 struct Ctx<'a> {
     gw: &'a Arc<Gateway>,
+    bodies: &'a Arc<budget::BodyBudget>,
     slot: usize,
     notifier: &'a Notifier,
 }
@@ -1109,13 +1118,31 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
         }
         return;
     }
+    let limit = ctx.gw.config.gateway.max_body_in_flight;
     loop {
         let hold = conn.wbuf.len() >= WRITE_CAP;
-        let Some(action) = conn.http.feed(&mut conn.rbuf, Instant::now(), hold) else { return };
+        let Some(action) = conn.http.feed(&mut conn.rbuf, Instant::now(), hold) else {
+            // A chunked body takes its share of the budget as it grows.
+            if let (Some(n), Some(t)) = (conn.http.body_len(), conn.ticket.as_mut())
+                && !t.hold(n, limit)
+            {
+                let head = conn.http.body_head().cloned();
+                conn.http.closing(Instant::now());
+                over_budget(conn, ctx.gw, head.as_ref());
+            }
+            return;
+        };
         match action {
             Action::Head(h) => on_head(conn, ctx, h),
-            Action::Dispatch(h, body) => dispatch_chat(conn, ctx, *h, body),
+            Action::Dispatch(h, body) => {
+                if conn.ticket.as_mut().is_some_and(|t| !t.hold(body.len() as u64, limit)) {
+                    conn.http.closing(Instant::now());
+                    return over_budget(conn, ctx.gw, Some(&h));
+                }
+                dispatch_chat(conn, ctx, *h, body)
+            }
             Action::Refuse(e, head) => {
+                conn.ticket = None;
                 let status = e.status;
                 let before = conn.wbuf.len();
                 encode(conn, e.response(), false, true);
@@ -1153,6 +1180,19 @@ fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Box<Head>) {
             access::immediate(Some(&h), start, status, (conn.wbuf.len() - before) as u64, rid.as_deref());
         }
         HeadAction::ReadBody { limit, continue_100 } => {
+            // A declared body takes its whole share of the budget before it is read.
+            let mut ticket = budget::Ticket::new(ctx.bodies);
+            let declared = match h.body {
+                Some(BodyFraming::Length(n)) => n,
+                _ => 0,
+            };
+            if !ticket.hold(declared, ctx.gw.config.gateway.max_body_in_flight) {
+                // The body is not read: the connection closes after the answer.
+                conn.http.answered(true, Instant::now());
+                conn.access = Some(Box::new(access::Pending::new(&h, start)));
+                return over_budget(conn, ctx.gw, Some(&h));
+            }
+            conn.ticket = Some(ticket);
             if continue_100 {
                 conn.wbuf.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
             }
@@ -1196,6 +1236,24 @@ fn chat_error(conn: &mut Conn, e: ApiError, h: &Head, gw: &Gateway) {
     finish_exchange(conn, close, gw);
 }
 
+/// 503 for a body that does not fit in the budget for bodies in flight; the connection is closing
+/// (its body is not read, or only partly).
+fn over_budget(conn: &mut Conn, gw: &Gateway, h: Option<&Head>) {
+    conn.ticket = None;
+    crate::log!(Warn, "request bodies in flight over gateway.http.maxBodyBytesInFlight: 503 to {}", conn.peer);
+    crate::metrics::run_rejected();
+    let rid = format!("req-{}", crate::util::random_hex(24));
+    let e = handler::bodies_over_budget(gw.config.gateway.max_body_in_flight);
+    let headers = h.map(|h| handler::api_headers(gw, h)).unwrap_or_default();
+    let resp = handler::with_headers(e.response(), headers).header("x-request-id", rid.clone());
+    let (status, before) = (resp.status, conn.wbuf.len());
+    encode(conn, resp, false, true);
+    if let Some(mut a) = conn.access.take() {
+        a.request_id = Some(rid);
+        a.finish(status, (conn.wbuf.len() - before) as u64);
+    }
+}
+
 /// A complete chat completion request: admit it and hand the exchange to a worker, which parses,
 /// validates, resolves and runs it. Admission stays here, before the body is parsed, so that an
 /// overloaded gateway answers 503 (and an address over its run limit 429) without spending a
@@ -1229,6 +1287,7 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
         headers: handler::api_headers(gw, &h),
         head: Box::new(h),
         body,
+        ticket: conn.ticket.take(),
         cancel,
         gone,
         notifier: ctx.notifier.clone(),
