@@ -73,7 +73,7 @@ def uploader(port, mib, stop, counter):
                     s.sendall(req)
                     status, buf = read_response(s, buf)
                     if status != 200:
-                        raise RuntimeError(f"upload answered {status}")
+                        raise ConnectionError(f"upload answered {status}")
                     with counter.get_lock():
                         counter.value += 1
         except (ConnectionError, OSError):
@@ -114,9 +114,11 @@ def main():
     with tempfile.TemporaryDirectory(prefix="gatelet-healthz-") as state:
         cfg = Path(state) / "gatelet.json5"
         cfg.write_text(
+            # The body budget is raised so that every upload is read: the bench measures the loop.
             "{ gateway: { port: %d, auth: { token: '%s' }, maxConnectionsPerIp: 0, maxRunsPerIp: 0, "
-            "http: { endpoints: { chatCompletions: { enabled: true, maxBodyBytes: %d } } } }, "
-            "session: { persist: false } }" % (port, TOKEN, (a.mib + 1) * 1024 * 1024)
+            "http: { maxBodyBytesInFlight: %d, endpoints: { chatCompletions: { enabled: true, maxBodyBytes: %d } } } }, "
+            "session: { persist: false } }"
+            % (port, TOKEN, 2 * a.uploaders * (a.mib + 1) * 1024 * 1024, (a.mib + 1) * 1024 * 1024)
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATELET_")}
         env.update(GATELET_STATE_DIR=state, GATELET_LOG="warn")

@@ -246,8 +246,14 @@ impl HttpConn {
             Some(BodyFraming::Chunked) => BodyReader::Chunked(ChunkedDecoder::new(limit)),
             _ => BodyReader::Length(0),
         };
+        // A declared length (at most `limit`, and within the body budget) is reserved at once:
+        // growing by doubling would copy a large body several times on the loop.
+        let body = match reader {
+            BodyReader::Length(n) => Vec::with_capacity(n.min(limit) as usize),
+            BodyReader::Chunked(_) => Vec::new(),
+        };
         self.deadline = Some(now + self.t.header);
-        self.inner = Inner::Body { head, reader, body: Vec::new(), limit };
+        self.inner = Inner::Body { head, reader, body, limit };
     }
 
     /// The current request has been answered: wait for the next one, or close.
