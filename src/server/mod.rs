@@ -1,6 +1,10 @@
 //! The mio event loop: accepts connections, moves bytes between sockets and the HTTP codecs,
 //! fires timers and hands runs to the worker pool.
 //!
+//! Timers are deadlines: every connection files its next one (from its [`conn::HttpConn`] or its
+//! WebSocket session) in one ordered set, the loop sleeps until the soonest, and only
+//! connections whose deadline passed or whose socket is ready are touched.
+//!
 //! mio is edge-triggered: after a readiness event we read or write until `WouldBlock`, and
 //! spurious events are harmless. A streaming run *owns* its connection's socket while it runs;
 //! the loop then only watches a duplicate of the descriptor for hang-up (to cancel the run) and
@@ -945,11 +949,12 @@ impl Server {
 
     /// Fire the timers that are due; only those connections are touched.
     fn fire_timers(&mut self, now: Instant) {
-        while let Some(&(t, slot, id)) = self.timers.first() {
-            if t > now {
-                return;
-            }
-            self.timers.pop_first();
+        // Taken out first, so that each fires at most once per turn whatever it re-arms.
+        let mut due = Vec::new();
+        while self.timers.first().is_some_and(|(t, ..)| *t <= now) {
+            due.extend(self.timers.pop_first());
+        }
+        for (t, slot, id) in due {
             let Some(Some(conn)) = self.conns.get_mut(slot) else { continue };
             if conn.id != id || conn.timer != Some(t) {
                 continue;
