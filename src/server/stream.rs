@@ -10,9 +10,11 @@ use std::cell::Cell;
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::agent::run::{RunRequest, execute};
+use crate::agent::registry::RunSummary;
+use crate::agent::run::{RunOutcome, RunRequest, execute};
 use crate::agent::tools::ToolCallPiece;
 use crate::agent::{CancelToken, EventSink, FinishReason, RunError, Usage};
 use crate::gateway::Gateway;
@@ -87,8 +89,14 @@ pub struct ChatJob {
     pub model: String,
     /// `stream_options.include_usage`.
     pub include_usage: bool,
-    /// Cancelled by the loop when the client goes away.
+    /// Cancelled by the loop when the client goes away, or through the run registry
+    /// (WebSocket `chat.abort` on the run's session).
     pub cancel: CancelToken,
+    /// Set by the loop (before cancelling) when the client went away: a cancelled run whose
+    /// client is still there was aborted, and its client gets an answer saying so.
+    pub client_gone: Arc<AtomicBool>,
+    /// Unix ms when the run was accepted (for the run registry).
+    pub accepted_at: u64,
     /// The request was HTTP/1.0 (close-delimited stream).
     pub http10: bool,
     /// The connection closes after this response (`Connection: close` from the client).
@@ -114,7 +122,39 @@ pub fn run_error(e: &RunError) -> ApiError {
     }
 }
 
+/// The run registry's record of an HTTP run's end.
+pub fn summary(gw: &Gateway, run: &RunRequest, accepted_at: u64, out: RunOutcome) -> RunSummary {
+    RunSummary {
+        run_id: run.run_id.clone(),
+        session_key: run.session_key.clone(),
+        agent_id: gw.agents.get(run.agent).map(|a| a.cfg.id.clone()).unwrap_or_default(),
+        started_at: accepted_at,
+        ended_at: crate::util::now_ms(),
+        text: out.text,
+        tool_calls: out.tool_calls,
+        finish: out.finish,
+        usage: out.usage,
+        error: out.error,
+    }
+}
+
 impl ChatJob {
+    /// Whether the client left (as opposed to the run being aborted while it waits).
+    fn gone(&self) -> bool {
+        self.client_gone.load(Ordering::SeqCst)
+    }
+
+    /// Tell the run registry the run ended.
+    fn ended(&self, out: &RunOutcome) {
+        self.gw.runs.finish(summary(&self.gw, &self.run, self.accepted_at, out.clone()));
+    }
+
+    /// The connection closes after this answer: the client asked, or the gateway is draining
+    /// (a keep-alive answer would invite a request that is never read).
+    fn closing(&self) -> bool {
+        self.close || !self.gw.is_ready()
+    }
+
     fn headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
         [("x-gatelet-session-key", self.run.session_key.as_str()), ("x-request-id", self.run.run_id.as_str())]
             .into_iter()
@@ -136,6 +176,7 @@ impl ChatJob {
         }
         let created = crate::util::now_secs();
         let out = execute(&self.gw, &self.run, &self.cancel, &mut Null);
+        self.ended(&out);
         let mut resp = match &out.error {
             None => Response::json(
                 200,
@@ -149,7 +190,7 @@ impl ChatJob {
                     out.usage,
                 ),
             ),
-            Some(RunError::Cancelled) => return None,
+            Some(RunError::Cancelled) if self.gone() => return None,
             Some(e) => run_error(e).response(),
         };
         for (k, v) in self.headers() {
@@ -178,7 +219,8 @@ impl ChatJob {
             keepalive: self.gw.config.gateway.keepalive,
         };
         let out = execute(&self.gw, &self.run, &self.cancel, &mut sink);
-        if sink.dead || out.error == Some(RunError::Cancelled) {
+        self.ended(&out);
+        if sink.dead || (out.error == Some(RunError::Cancelled) && self.gone()) {
             return false;
         }
         match &out.error {
@@ -198,7 +240,7 @@ impl ChatJob {
                     resp = resp.header(k, v);
                 }
                 self.status.set(resp.status);
-                let close = self.http10 || self.close;
+                let close = self.http10 || self.closing();
                 resp.encode(&mut sink.out, self.head_only, close);
                 sink.write_out() && !close
             }
@@ -248,7 +290,7 @@ impl SseSink<'_> {
         if self.job.http10 {
             push_header(out, "Connection", b"close");
         } else {
-            push_header(out, "Connection", if self.job.close { b"close" } else { b"keep-alive" });
+            push_header(out, "Connection", if self.job.closing() { b"close" } else { b"keep-alive" });
             push_header(out, "Transfer-Encoding", b"chunked");
         }
         out.extend_from_slice(b"\r\n");
@@ -305,7 +347,7 @@ impl SseSink<'_> {
         if !self.job.http10 && !self.job.head_only {
             self.out.extend_from_slice(LAST_CHUNK);
         }
-        self.write_out() && !self.job.http10
+        self.write_out() && !self.job.http10 && !self.job.closing()
     }
 }
 
