@@ -59,6 +59,9 @@ impl RunSummary {
 pub type Waiter = Box<dyn FnOnce(&RunSummary) + Send>;
 
 struct Entry {
+    /// Kept after it finishes (for `agent.wait` and idempotent starts); an HTTP run is not:
+    /// its client already has the answer, and thousands of requests a second must not pile up.
+    keep: bool,
     session_key: String,
     cancel: CancelToken,
     done: Option<RunSummary>,
@@ -174,9 +177,28 @@ impl Registry {
         }
         g.runs.insert(
             run_id.to_string(),
-            Entry { session_key: session_key.to_string(), cancel: cancel.clone(), done: None, waiters: Vec::new() },
+            Entry {
+                keep: true,
+                session_key: session_key.to_string(),
+                cancel: cancel.clone(),
+                done: None,
+                waiters: Vec::new(),
+            },
         );
         Start::New
+    }
+
+    /// Register a run that is visible while it runs (counted, abortable by session) and
+    /// forgotten as soon as it finishes.
+    pub fn start_transient(&self, run_id: &str, session_key: &str, cancel: &CancelToken) {
+        let entry = Entry {
+            keep: false,
+            session_key: session_key.to_string(),
+            cancel: cancel.clone(),
+            done: None,
+            waiters: Vec::new(),
+        };
+        self.lock().runs.insert(run_id.to_string(), entry);
     }
 
     /// Forget a run that was registered but never started (the queue was full).
@@ -192,6 +214,15 @@ impl Registry {
         let waiters = {
             let mut g = self.lock();
             let Some(e) = g.runs.get_mut(&summary.run_id) else { return };
+            if !e.keep {
+                let w = std::mem::take(&mut e.waiters);
+                g.runs.remove(&summary.run_id);
+                drop(g);
+                for w in w {
+                    w(&summary);
+                }
+                return;
+            }
             let w = std::mem::take(&mut e.waiters);
             e.done = Some(summary.clone());
             g.finished_bytes += summary.held_bytes();
@@ -302,6 +333,33 @@ mod tests {
         assert_eq!(r.abort("agent:main:s", None), vec!["r3".to_string()]);
         r.forget("r3");
         assert_eq!(r.active(), 0);
+    }
+
+    #[test]
+    fn a_transient_run_is_visible_while_it_runs_and_forgotten_when_it_ends() {
+        let r = Registry::new();
+        let cancel = CancelToken::new();
+        r.start_transient("chatcmpl-1", "agent:main:s", &cancel);
+        assert_eq!(r.active(), 1);
+        assert!(r.is_running("chatcmpl-1"));
+        let called = Arc::new(AtomicUsize::new(0));
+        let c = called.clone();
+        assert!(matches!(
+            r.wait(
+                "chatcmpl-1",
+                Some(Box::new(move |_| {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }))
+            ),
+            Wait::Pending
+        ));
+        assert_eq!(r.abort("agent:main:s", None), vec!["chatcmpl-1".to_string()]);
+        assert!(cancel.is_cancelled());
+        r.finish(summary("chatcmpl-1", "reply"));
+        assert_eq!(called.load(Ordering::Relaxed), 1, "waiters still hear the end");
+        assert_eq!(r.active(), 0);
+        assert!(matches!(r.wait("chatcmpl-1", None), Wait::NotFound));
+        assert!(r.lock().finished.is_empty() && r.lock().finished_bytes == 0);
     }
 
     #[test]

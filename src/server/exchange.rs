@@ -114,7 +114,7 @@ impl Exchange {
         crate::log!(Debug, "run {} {} agent={} stream={}", run.run_id, self.peer, agent_id, req.stream);
         // In the run registry, so that WebSocket `status` counts it and `chat.abort` on its
         // session reaches it.
-        gw.runs.start(&run.run_id, None, &run.session_key, &self.cancel);
+        gw.runs.start_transient(&run.run_id, &run.session_key, &self.cancel);
         let accepted_at = crate::util::now_ms();
         let job = ChatJob {
             gw: gw.clone(),
