@@ -26,7 +26,7 @@ use crate::gateway::Gateway;
 use crate::openai::{self, ApiError, chat};
 use crate::server::Notifier;
 use crate::session::agent_of;
-use crate::util::{now_ms, random_hex};
+use crate::util::{now_ms, random_hex, secure_hex};
 
 /// Largest message before `connect` succeeds (SPEC §8: over → 1009).
 pub const PRE_AUTH_MAX_PAYLOAD: usize = 64 * 1024;
@@ -134,7 +134,7 @@ impl Session {
             waits: Vec::new(),
             next_wait: 0,
         };
-        let payload = json!({ "nonce": random_hex(32), "ts": now_ms() });
+        let payload = json!({ "nonce": challenge_nonce(), "ts": now_ms() });
         s.event(out, "connect.challenge", &payload.to_string());
         s
     }
@@ -574,6 +574,19 @@ fn store_method(req: Request, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
             .with_details(json!({ "retryable": true, "retryAfterMs": 1000 }));
         send_text(out, &protocol::res_err(Some(&id), &e));
     }
+}
+
+/// The `connect.challenge` nonce: 16 bytes from the operating system's cryptographic source.
+/// Without one (no `/dev/urandom`, e.g. a bare chroot) the nonce comes from the per-thread id
+/// generator, which is not unpredictable; that is logged once.
+fn challenge_nonce() -> String {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    secure_hex(16).unwrap_or_else(|| {
+        WARNED.call_once(|| {
+            crate::log!(Warn, "/dev/urandom is unreadable: WebSocket challenge nonces are not cryptographically random")
+        });
+        random_hex(32)
+    })
 }
 
 fn answer_text(id: &str, r: Result<Value, ErrorShape>) -> String {
