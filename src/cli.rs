@@ -285,7 +285,7 @@ fn agent(mut args: Args) -> Result<i32, i32> {
     let run2 = run.clone();
     adm.submit(run.sticky.then(|| run.session_key.clone()), move || {
         let mut p = Printer { stream: stream && !json };
-        let _ = tx.send(execute(&gw2, &run2, &CancelToken::new(), &mut p));
+        let _ = tx.send(execute(&gw2.agents[run2.agent], &gw2.sessions, &run2, &CancelToken::new(), &mut p));
     });
     let Ok(out) = rx.recv() else {
         eprintln!("gatelet: the run ended without a result");

@@ -8,24 +8,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::agent::Backend;
+pub use crate::agent::Agent;
 use crate::agent::backend;
 use crate::agent::pool::Pool;
 use crate::agent::registry::Registry;
 use crate::auth::Authorizer;
-use crate::config::{AgentConfig, Config};
+use crate::config::Config;
 use crate::session::SessionStore;
-
-/// A configured agent with its backend.
-#[derive(Debug)]
-pub struct Agent {
-    /// Its configuration.
-    pub cfg: AgentConfig,
-    /// The backend answering its runs.
-    pub backend: Arc<dyn Backend>,
-    /// Its counters in `/metrics`.
-    pub stats: Arc<crate::metrics::AgentStats>,
-}
 
 /// Everything the surfaces (HTTP, WebSocket, CLI) share.
 #[derive(Debug)]

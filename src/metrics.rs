@@ -12,8 +12,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::gateway::Gateway;
-
 /// Routes counted in `gatelet_http_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteLabel {
@@ -311,8 +309,8 @@ fn esc(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-/// The whole exposition for `gw`.
-pub fn render(gw: &Gateway) -> String {
+/// The whole exposition; `queued_runs` is the worker pool's queue length.
+pub fn render(queued_runs: usize) -> String {
     let m = &*METRICS;
     let mut out = String::with_capacity(8 * 1024);
 
@@ -374,7 +372,7 @@ pub fn render(gw: &Gateway) -> String {
     };
     gauge(&mut out, "gatelet_active_runs", "Agent runs executing on a worker now.", m.active_runs.load(Relaxed));
     gauge(&mut out, "gatelet_active_streams", "SSE responses being streamed now.", m.active_streams.load(Relaxed));
-    gauge(&mut out, "gatelet_queued_runs", "Runs admitted and waiting for a worker.", gw.pool.pending() as i64);
+    gauge(&mut out, "gatelet_queued_runs", "Runs admitted and waiting for a worker.", queued_runs as i64);
     let conns = m.open_conns.load(Relaxed);
     let ws = m.open_ws.load(Relaxed);
     head(&mut out, "gatelet_open_connections", "gauge", "Open client connections, by protocol.");

@@ -17,61 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
-/// Who said a message in a conversation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Instructions (`system` and `developer` in the OpenAI surface).
-    System,
-    /// The caller.
-    User,
-    /// The agent.
-    Assistant,
-    /// A tool result (`tool`, and the legacy `function`).
-    Tool,
-}
-
-impl Role {
-    /// The lower-case wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-            Role::Tool => "tool",
-        }
-    }
-}
-
-/// The tool-calling fields of a message (`tool_call_id`, `tool_calls`, `name`), kept verbatim so
-/// that an upstream that checks them accepts the history.
-pub type ToolFields = serde_json::Map<String, serde_json::Value>;
-
-/// One message of a conversation: its text, the content exactly as sent when that was not a
-/// plain string (an array of parts, or `null`), and its tool-calling fields.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    /// Who said it.
-    pub role: Role,
-    /// What was said (text parts joined): what `echo`, `command` and token estimates work on.
-    pub content: String,
-    /// The original `content` when it was an array of parts (images, audio, files…) or `null`;
-    /// upstreams that understand parts get this instead of the text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub raw_content: Option<serde_json::Value>,
-    /// Tool-calling fields, when the message had any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool: Option<ToolFields>,
-}
+pub use crate::session::message::{ChatMessage, Role, ToolFields, Usage};
 
 impl ChatMessage {
-    /// A message with `role` and `content`.
-    pub fn new(role: Role, content: impl Into<String>) -> Self {
-        ChatMessage { role, content: content.into(), raw_content: None, tool: None }
-    }
-
     /// An assistant message that calls `calls` (content `null` when `text` is empty, as OpenAI
     /// sends it).
     pub fn assistant_calls(text: &str, calls: &[tools::ToolCall]) -> Self {
@@ -84,21 +32,6 @@ impl ChatMessage {
             m.tool = Some([("tool_calls".to_string(), serde_json::Value::Array(v))].into_iter().collect());
         }
         m
-    }
-
-    /// A `tool` message answering call `id`.
-    pub fn tool_result(id: &str, content: impl Into<String>) -> Self {
-        let mut m = ChatMessage::new(Role::Tool, content);
-        m.tool = Some([("tool_call_id".to_string(), serde_json::Value::from(id))].into_iter().collect());
-        m
-    }
-
-    /// The `content` as it goes to an upstream that takes OpenAI messages.
-    pub fn wire_content(&self) -> serde_json::Value {
-        match &self.raw_content {
-            Some(v) => v.clone(),
-            None => serde_json::Value::String(self.content.clone()),
-        }
     }
 }
 
@@ -140,22 +73,6 @@ pub struct RunInput {
     pub messages: Vec<ChatMessage>,
     /// Sampling options.
     pub options: RunOptions,
-}
-
-/// Token counts of a run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    /// Tokens in the context given to the model.
-    pub prompt_tokens: u64,
-    /// Tokens in the reply.
-    pub completion_tokens: u64,
-}
-
-impl Usage {
-    /// `prompt_tokens + completion_tokens`.
-    pub fn total(&self) -> u64 {
-        self.prompt_tokens + self.completion_tokens
-    }
 }
 
 /// Why a run finished normally.
@@ -326,6 +243,17 @@ impl RunControl {
             out.tick()?;
         }
     }
+}
+
+/// A configured agent with its backend.
+#[derive(Debug)]
+pub struct Agent {
+    /// Its configuration.
+    pub cfg: crate::config::AgentConfig,
+    /// The backend answering its runs.
+    pub backend: Arc<dyn Backend>,
+    /// Its counters in `/metrics`.
+    pub stats: Arc<crate::metrics::AgentStats>,
 }
 
 /// A model or program that answers runs.

@@ -115,7 +115,7 @@ fn metrics(gw: &Gateway, head: &Head, ip: IpAddr) -> Result<Response, ApiError> 
     if !gw.config.gateway.metrics_public {
         check_auth(gw, head, ip)?;
     }
-    let mut r = Response::json(200, crate::metrics::render(gw).into_bytes());
+    let mut r = Response::json(200, crate::metrics::render(gw.pool.pending()).into_bytes());
     r.headers[0].1 = crate::metrics::CONTENT_TYPE.into();
     Ok(r.header("Cache-Control", "no-store"))
 }

@@ -135,7 +135,7 @@ impl ChatJob {
             fn finish(&mut self, _: FinishReason) {}
         }
         let created = crate::util::now_secs();
-        let out = execute(&self.gw, &self.run, &self.cancel, &mut Null);
+        let out = execute(&self.gw.agents[self.run.agent], &self.gw.sessions, &self.run, &self.cancel, &mut Null);
         let mut resp = match &out.error {
             None => Response::json(
                 200,
@@ -176,7 +176,7 @@ impl ChatJob {
             last_write: Instant::now(),
             keepalive: self.gw.config.gateway.keepalive,
         };
-        let out = execute(&self.gw, &self.run, &self.cancel, &mut sink);
+        let out = execute(&self.gw.agents[self.run.agent], &self.gw.sessions, &self.run, &self.cancel, &mut sink);
         if sink.dead || out.error == Some(RunError::Cancelled) {
             return false;
         }

@@ -10,6 +10,7 @@
 //! writes, and listing never waits on a disk write at all.
 
 pub mod cli;
+pub mod message;
 pub mod persist;
 
 use std::collections::HashMap;
@@ -19,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::agent::{ChatMessage, Role, Usage};
 use crate::util::now_ms;
+pub use message::{ChatMessage, Role, ToolFields, Usage};
 
 /// One transcript entry.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -39,7 +40,7 @@ pub struct StoredMessage {
     pub usage: Option<Usage>,
     /// Tool-calling fields of the message (`tool_call_id`, `tool_calls`, `name`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tool: Option<crate::agent::ToolFields>,
+    pub tool: Option<ToolFields>,
     /// The reply was cut short by a cancel, timeout or error.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub aborted: bool,
