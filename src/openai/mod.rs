@@ -7,6 +7,7 @@ use serde_json::json;
 
 use crate::gateway::Gateway;
 use crate::http::response::Response;
+use crate::ws::handshake::HandshakeError;
 
 /// An error in the OpenAI envelope (SPEC §4).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +118,19 @@ impl ApiError {
     }
 }
 
+/// A refused WebSocket upgrade: 426 with `Sec-WebSocket-Version: 13` for a version mismatch
+/// (RFC 6455 §4.4), 400 for every other rule.
+impl From<HandshakeError> for ApiError {
+    fn from(e: HandshakeError) -> Self {
+        match e {
+            HandshakeError::WsVersion => {
+                ApiError::invalid(426, "upgrade_required", e.to_string()).with_header("Sec-WebSocket-Version", "13")
+            }
+            _ => ApiError::invalid(400, "bad_request", e.to_string()),
+        }
+    }
+}
+
 /// The model ids the gateway lists: `gatelet`, `gatelet/default`, then `gatelet/<id>` per agent.
 pub fn model_ids(gw: &Gateway) -> Vec<String> {
     let mut v = vec!["gatelet".to_string(), "gatelet/default".to_string()];
@@ -179,6 +193,15 @@ mod tests {
         let r = ApiError::overloaded().response();
         assert_eq!(r.status, 503);
         assert!(r.headers.iter().any(|(k, v)| *k == "Retry-After" && v == "1"));
+    }
+
+    #[test]
+    fn refused_upgrades() {
+        let r = ApiError::from(HandshakeError::WsVersion).response();
+        assert_eq!(r.status, 426);
+        assert!(r.headers.iter().any(|(k, v)| *k == "Sec-WebSocket-Version" && v == "13"));
+        let e = ApiError::from(HandshakeError::Key);
+        assert_eq!((e.status, e.code), (400, Some("bad_request")));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod access;
 pub mod cors;
 pub mod handler;
+mod outbox;
 pub mod stream;
 
 use std::cmp::Reverse;
@@ -31,7 +32,7 @@ use crate::http::chunked::{ChunkError, ChunkedDecoder};
 use crate::http::head::{self, BodyFraming, Head};
 use crate::http::response::Response;
 use crate::openai::{ApiError, chat};
-use crate::ws;
+use crate::{rpc, ws};
 use handler::HeadAction;
 use stream::ChatJob;
 
@@ -92,7 +93,7 @@ pub enum Done {
         /// Connection id.
         id: u64,
         /// What to send.
-        msg: ws::Outgoing,
+        msg: rpc::Outgoing,
     },
 }
 
@@ -114,11 +115,11 @@ pub struct Notifier {
     backlog: Option<Arc<Backlog>>,
 }
 
-fn ws_len(msg: &ws::Outgoing) -> usize {
+fn ws_len(msg: &rpc::Outgoing) -> usize {
     match msg {
-        ws::Outgoing::Res(t) => t.len(),
-        ws::Outgoing::Event { payload, .. } => payload.len(),
-        ws::Outgoing::RunEnded { .. } | ws::Outgoing::Waited { .. } => 64,
+        rpc::Outgoing::Res(t) => t.len(),
+        rpc::Outgoing::Event { payload, .. } => payload.len(),
+        rpc::Outgoing::RunEnded { .. } | rpc::Outgoing::Waited { .. } => 64,
     }
 }
 
@@ -202,7 +203,7 @@ enum Phase {
     /// A streaming run owns the socket.
     Lent,
     /// A WebSocket session.
-    Ws(Box<ws::Session>),
+    Ws(Box<rpc::Session>),
     /// Flush what is queued, then close.
     Closing,
 }
@@ -1068,8 +1069,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
                 dispatch_chat(conn, ctx, *head, body);
             }
             Phase::Ws(s) => {
-                let notifier = conn.notifier.as_ref().unwrap_or(ctx.notifier);
-                let n = s.on_bytes(&conn.rbuf, &mut conn.wbuf, ctx.gw, ctx.slot, conn.id, notifier, conn.peer.ip());
+                let n = s.on_bytes(&conn.rbuf, &mut conn.wbuf, ctx.gw, conn.peer.ip());
                 conn.rbuf.drain(..n);
                 if s.is_closed() {
                     conn.phase = Phase::Closing;
@@ -1123,10 +1123,13 @@ fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head) {
                 conn.gauge.upgrade();
                 conn.wbuf.extend_from_slice(&resp_bytes);
                 conn.deadline = None;
-                conn.notifier = Some(ctx.notifier.for_connection());
-                conn.phase = Phase::Ws(Box::new(ws::Session::new(ctx.gw, Instant::now(), &mut conn.wbuf)));
+                let notifier = ctx.notifier.for_connection();
+                let outbox = Arc::new(outbox::ConnOutbox { notifier: notifier.clone(), slot: ctx.slot, id: conn.id });
+                conn.notifier = Some(notifier);
+                conn.phase = Phase::Ws(Box::new(rpc::Session::new(outbox, conn.id, Instant::now(), &mut conn.wbuf)));
             }
-            Err(resp) => {
+            Err(e) => {
+                let resp = ApiError::from(e).response();
                 let close = h.close || has_body;
                 let (status, before) = (resp.status, conn.wbuf.len());
                 respond(conn, resp, head_only, close);
@@ -1257,7 +1260,7 @@ mod tests {
     use super::*;
 
     fn event(len: usize) -> Done {
-        Done::Ws { slot: 0, id: 1, msg: ws::Outgoing::Event { name: "agent", payload: "x".repeat(len) } }
+        Done::Ws { slot: 0, id: 1, msg: rpc::Outgoing::Event { name: "agent", payload: "x".repeat(len) } }
     }
 
     #[test]

@@ -12,11 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::Outgoing;
-use super::conn::{self, Conn, Incoming};
-use super::frame::{self, OpCode, close};
 use super::protocol::{self, ErrorCode, ErrorShape, PROTOCOL, Request};
 use super::run::{Kind, Link, WsRun};
+use super::{Outbox, Outgoing};
 use crate::agent::CancelToken;
 use crate::agent::pool::Refused;
 use crate::agent::registry::{Start, Wait};
@@ -24,9 +22,10 @@ use crate::agent::run::RunRequest;
 use crate::auth::AuthResult;
 use crate::gateway::Gateway;
 use crate::openai::{self, ApiError, chat};
-use crate::server::Notifier;
 use crate::session::agent_of;
 use crate::util::{now_ms, random_hex, secure_hex};
+use crate::ws::conn::{self, Conn, Incoming};
+use crate::ws::frame::{self, OpCode, close};
 
 /// Largest message before `connect` succeeds (SPEC §8: over → 1009).
 pub const PRE_AUTH_MAX_PAYLOAD: usize = 64 * 1024;
@@ -41,7 +40,7 @@ pub const PAUSE_OUTPUT: usize = 64 * 1024;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `tick` interval.
 pub const TICK_INTERVAL: Duration = Duration::from_secs(30);
-pub use super::conn::CLOSE_TIMEOUT;
+pub use crate::ws::conn::CLOSE_TIMEOUT;
 /// Default and largest `agent.wait` timeout.
 const WAIT_DEFAULT_MS: u64 = 30_000;
 const WAIT_MAX_MS: u64 = 600_000;
@@ -92,7 +91,8 @@ struct PendingWait {
 /// What a request handler needs besides the session.
 struct Ctx<'a> {
     gw: &'a Arc<Gateway>,
-    link: Link,
+    link: &'a Link,
+    conn_id: u64,
     ip: IpAddr,
     now: Instant,
 }
@@ -100,6 +100,10 @@ struct Ctx<'a> {
 /// One WebSocket connection's protocol state.
 #[derive(Debug)]
 pub struct Session {
+    /// Where runs, waiters and the store thread post this connection's messages.
+    outbox: Link,
+    /// Connection id, for logs and `hello-ok`.
+    id: u64,
     state: State,
     conn: Conn,
     seq: u64,
@@ -122,9 +126,12 @@ fn send_text(out: &mut Vec<u8>, text: &str) {
 }
 
 impl Session {
-    /// A new session, right after the handshake response: queues `connect.challenge`.
-    pub fn new(_gw: &Arc<Gateway>, now: Instant, out: &mut Vec<u8>) -> Self {
+    /// A new session for connection `id`, right after the handshake response: queues
+    /// `connect.challenge`. Messages from other threads reach the connection through `outbox`.
+    pub fn new(outbox: Arc<dyn Outbox>, id: u64, now: Instant, out: &mut Vec<u8>) -> Self {
         let mut s = Session {
+            outbox,
+            id,
             state: State::AwaitConnect,
             conn: Conn::new(PRE_AUTH_MAX_PAYLOAD),
             seq: 0,
@@ -141,19 +148,11 @@ impl Session {
 
     /// Consume client bytes, queueing frames to send in `out`. Returns bytes consumed, which is
     /// less than `input` while `out` holds more than [`PAUSE_OUTPUT`] bytes.
-    #[allow(clippy::too_many_arguments)]
-    pub fn on_bytes(
-        &mut self,
-        input: &[u8],
-        out: &mut Vec<u8>,
-        gw: &Arc<Gateway>,
-        slot: usize,
-        conn_id: u64,
-        notifier: &Notifier,
-        ip: IpAddr,
-    ) -> usize {
+    pub fn on_bytes(&mut self, input: &[u8], out: &mut Vec<u8>, gw: &Arc<Gateway>, ip: IpAddr) -> usize {
         let now = Instant::now();
-        let mut ctx = Ctx { gw, link: Link { notifier: notifier.clone(), slot, id: conn_id }, ip, now };
+        let link = self.outbox.clone();
+        let conn_id = self.id;
+        let mut ctx = Ctx { gw, link: &link, conn_id, ip, now };
         let mut pos = 0;
         while pos < input.len() && out.len() < PAUSE_OUTPUT && !self.conn.is_closed() {
             let (n, ev) = self.conn.feed(&input[pos..], now, out);
@@ -368,7 +367,7 @@ impl Session {
         let hello = json!({
             "type": "hello-ok",
             "protocol": PROTOCOL,
-            "server": { "version": env!("CARGO_PKG_VERSION"), "connId": format!("conn-{}", ctx.link.id) },
+            "server": { "version": env!("CARGO_PKG_VERSION"), "connId": format!("conn-{}", ctx.conn_id) },
             "features": { "methods": METHODS, "events": EVENTS },
             "policy": { "maxPayload": MAX_PAYLOAD, "maxBufferedBytes": MAX_BUFFERED,
                         "tickIntervalMs": TICK_INTERVAL.as_millis() as u64 },
@@ -524,7 +523,7 @@ impl Session {
         let token = self.next_wait;
         let link = ctx.link.clone();
         let waiter = Box::new(move |s: &crate::agent::registry::RunSummary| {
-            link.send(Outgoing::Waited { token, summary: Box::new(s.clone()) });
+            link.post(Outgoing::Waited { token, summary: Box::new(s.clone()) });
         });
         let answer = |s| match kind {
             WaitKind::Wait => protocol::res_ok(&req.id, &protocol::wait_payload(s)),
@@ -567,7 +566,7 @@ fn store_method(req: Request, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
             "sessions.reset" => sessions_change(&gw, p, false),
             _ => sessions_change(&gw, p, true),
         };
-        link.send(Outgoing::Res(answer_text(&req.id, answer)));
+        link.post(Outgoing::Res(answer_text(&req.id, answer)));
     });
     if !crate::session::run_off_loop(job) {
         let e = ErrorShape::new(ErrorCode::Unavailable, "the session store is busy")
@@ -711,12 +710,20 @@ fn sessions_change(gw: &Gateway, p: &Value, delete: bool) -> Result<Value, Error
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{self, Overrides};
 
-    fn gateway() -> Arc<Gateway> {
-        let text = "{ gateway: { auth: { token: 't' } }, session: { persist: false } }";
-        let cfg = config::parse(text, None, std::env::temp_dir(), &Overrides::default(), &|_| None).unwrap();
-        Arc::new(Gateway::new(cfg).0)
+    /// An outbox that keeps nothing: these tests drive the session from the loop's side only.
+    #[derive(Debug)]
+    struct Nowhere;
+
+    impl Outbox for Nowhere {
+        fn post(&self, _: Outgoing) {}
+        fn congested(&self) -> bool {
+            false
+        }
+    }
+
+    fn outbox() -> Arc<dyn Outbox> {
+        Arc::new(Nowhere)
     }
 
     /// Server frames in `out`, as (opcode, payload).
@@ -744,10 +751,9 @@ mod tests {
 
     #[test]
     fn challenge_then_handshake_deadline() {
-        let gw = gateway();
         let t0 = Instant::now();
         let mut out = Vec::new();
-        let mut s = Session::new(&gw, t0, &mut out);
+        let mut s = Session::new(outbox(), 1, t0, &mut out);
         let f = frames(&out);
         assert_eq!(event_name(&f[0].1), "connect.challenge");
         out.clear();
@@ -765,10 +771,9 @@ mod tests {
 
     #[test]
     fn ticks_every_30s_and_shutdown_closes_1001() {
-        let gw = gateway();
         let t0 = Instant::now();
         let mut out = Vec::new();
-        let mut s = Session::new(&gw, t0, &mut out);
+        let mut s = Session::new(outbox(), 1, t0, &mut out);
         s.state = State::Open;
         s.next_tick = Some(t0 + TICK_INTERVAL);
         out.clear();
@@ -797,9 +802,8 @@ mod tests {
 
     #[test]
     fn slow_consumer_is_closed_and_its_runs_aborted() {
-        let gw = gateway();
         let mut out = Vec::new();
-        let mut s = Session::new(&gw, Instant::now(), &mut out);
+        let mut s = Session::new(outbox(), 1, Instant::now(), &mut out);
         s.state = State::Open;
         let c = CancelToken::new();
         s.runs.insert("run-1".into(), c.clone());
@@ -818,9 +822,8 @@ mod tests {
 
     #[test]
     fn dropping_a_session_aborts_its_runs() {
-        let gw = gateway();
         let mut out = Vec::new();
-        let mut s = Session::new(&gw, Instant::now(), &mut out);
+        let mut s = Session::new(outbox(), 1, Instant::now(), &mut out);
         let c = CancelToken::new();
         s.runs.insert("run-1".into(), c.clone());
         s.outgoing(Outgoing::RunEnded { run_id: "run-2".into() }, &mut out);
