@@ -24,6 +24,7 @@ pub trait Outbox: Send + Sync + fmt::Debug {
 }
 
 use crate::agent::registry::RunSummary;
+use protocol::{FrameError, Request};
 
 /// A message from a run or a waiter (on a worker thread) to a WebSocket connection.
 #[derive(Debug)]
@@ -42,6 +43,8 @@ pub enum Outgoing {
         /// Its id.
         run_id: String,
     },
+    /// A large text message, parsed off the loop (see [`session::PARSE_OFF_LOOP`]).
+    Parsed(Box<Result<Request, FrameError>>),
     /// A run watched by `agent.wait` (or a duplicate `agent` request) ended.
     Waited {
         /// Which pending wait.
@@ -49,4 +52,16 @@ pub enum Outgoing {
         /// How the run ended.
         summary: Box<RunSummary>,
     },
+}
+
+impl Outgoing {
+    /// About how many bytes this message will put on the wire (what the loop counts against a
+    /// connection's outbound bound).
+    pub fn wire_len(&self) -> usize {
+        match self {
+            Outgoing::Res(t) => t.len(),
+            Outgoing::Event { payload, .. } => payload.len(),
+            Outgoing::RunEnded { .. } | Outgoing::Waited { .. } | Outgoing::Parsed(_) => 64,
+        }
+    }
 }

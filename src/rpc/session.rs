@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::protocol::{self, ErrorCode, ErrorShape, PROTOCOL, Request};
+use super::protocol::{self, ErrorCode, ErrorShape, FrameError, PROTOCOL, Request};
 use super::run::{Kind, Link, WsRun};
 use super::{Outbox, Outgoing};
 use crate::agent::CancelToken;
@@ -36,6 +36,11 @@ pub const MAX_BUFFERED: usize = 8 * 1024 * 1024;
 /// Unsent bytes above which no further client message is handled until the peer reads some:
 /// its requests and pings then wait in the socket, and TCP holds it back.
 pub const PAUSE_OUTPUT: usize = 64 * 1024;
+/// Text messages longer than this (after `connect`) are parsed on the store thread, not the
+/// event loop: a 25 MiB request would otherwise hold every connection for tens of milliseconds.
+/// The connection reads nothing further until the parsed request is back, so requests keep
+/// their order.
+pub const PARSE_OFF_LOOP: usize = 64 * 1024;
 /// Time allowed for the `connect` request.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `tick` interval.
@@ -113,6 +118,10 @@ pub struct Session {
     runs: HashMap<String, CancelToken>,
     waits: Vec<PendingWait>,
     next_wait: u64,
+    /// A large message is being parsed off the loop: no further input is taken meanwhile.
+    parsing: bool,
+    /// The parsed large message, handled on the next [`Session::on_bytes`].
+    parsed: Option<Result<Request, FrameError>>,
 }
 
 impl Drop for Session {
@@ -140,6 +149,8 @@ impl Session {
             runs: HashMap::new(),
             waits: Vec::new(),
             next_wait: 0,
+            parsing: false,
+            parsed: None,
         };
         let payload = json!({ "nonce": challenge_nonce(), "ts": now_ms() });
         s.event(out, "connect.challenge", &payload.to_string());
@@ -153,8 +164,13 @@ impl Session {
         let link = self.outbox.clone();
         let conn_id = self.id;
         let mut ctx = Ctx { gw, link: &link, conn_id, ip, now };
+        if let Some(r) = self.parsed.take()
+            && self.conn.is_open()
+        {
+            self.on_request(r, out, &mut ctx);
+        }
         let mut pos = 0;
-        while pos < input.len() && out.len() < PAUSE_OUTPUT && !self.conn.is_closed() {
+        while pos < input.len() && out.len() < PAUSE_OUTPUT && !self.conn.is_closed() && !self.parsing {
             let (n, ev) = self.conn.feed(&input[pos..], now, out);
             pos += n;
             let Some(ev) = ev else { break };
@@ -172,7 +188,7 @@ impl Session {
                 Incoming::Binary(_) => {
                     self.fail(out, close::POLICY, "the first message must be a connect request", now)
                 }
-                Incoming::Text(t) => self.on_text(&t, out, &mut ctx),
+                Incoming::Text(t) => self.on_text(t, out, &mut ctx),
             }
         }
         if self.conn.is_closed() { input.len() } else { pos }
@@ -182,6 +198,12 @@ impl Session {
     pub fn outgoing(&mut self, msg: Outgoing, out: &mut Vec<u8>) {
         if let Outgoing::RunEnded { run_id } = &msg {
             self.runs.remove(run_id);
+            return;
+        }
+        if let Outgoing::Parsed(r) = msg {
+            // Handled by the next `on_bytes`, which the loop calls right after this.
+            self.parsing = false;
+            self.parsed = Some(*r);
             return;
         }
         if self.state != State::Open || !self.conn.is_open() {
@@ -203,7 +225,7 @@ impl Session {
                 };
                 send_text(out, &text);
             }
-            Outgoing::RunEnded { .. } => {}
+            Outgoing::RunEnded { .. } | Outgoing::Parsed(_) => {}
         }
     }
 
@@ -285,8 +307,24 @@ impl Session {
         self.abort_runs();
     }
 
-    fn on_text(&mut self, text: &str, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
-        let req = match protocol::parse_request(text) {
+    fn on_text(&mut self, text: String, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
+        if self.state == State::Open && text.len() > PARSE_OFF_LOOP {
+            let link = ctx.link.clone();
+            let job = Box::new(move || link.post(Outgoing::Parsed(Box::new(protocol::parse_request(&text)))));
+            if crate::session::run_off_loop(job) {
+                self.parsing = true;
+            } else {
+                let e = ErrorShape::new(ErrorCode::Unavailable, "the gateway is busy")
+                    .with_details(json!({ "retryable": true, "retryAfterMs": 1000 }));
+                send_text(out, &protocol::res_err(None, &e));
+            }
+            return;
+        }
+        self.on_request(protocol::parse_request(&text), out, ctx);
+    }
+
+    fn on_request(&mut self, req: Result<Request, FrameError>, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
+        let req = match req {
             Ok(r) => r,
             Err(e) => {
                 send_text(out, &protocol::res_err(e.id.as_deref(), &ErrorShape::invalid(e.message)));
@@ -724,6 +762,81 @@ mod tests {
 
     fn outbox() -> Arc<dyn Outbox> {
         Arc::new(Nowhere)
+    }
+
+    fn gateway() -> Arc<Gateway> {
+        let text = "{ gateway: { auth: { token: 't' } }, session: { persist: false } }";
+        let cfg = crate::config::parse(text, None, std::env::temp_dir(), &Default::default(), &|_| None).unwrap();
+        Arc::new(Gateway::new(cfg).0)
+    }
+
+    /// An outbox that keeps what is posted, as the loop's channel would.
+    #[derive(Debug, Default)]
+    struct Collect(std::sync::Mutex<Vec<Outgoing>>);
+
+    impl Outbox for Collect {
+        fn post(&self, msg: Outgoing) {
+            self.0.lock().unwrap().push(msg);
+        }
+        fn congested(&self) -> bool {
+            false
+        }
+    }
+
+    /// A masked client text frame.
+    fn client_text(payload: &str) -> Vec<u8> {
+        let key = [1, 2, 3, 4];
+        let n = payload.len();
+        let mut v = vec![0x81];
+        if n < 126 {
+            v.push(0x80 | n as u8);
+        } else if n <= 0xffff {
+            v.push(0x80 | 126);
+            v.extend_from_slice(&(n as u16).to_be_bytes());
+        } else {
+            v.push(0x80 | 127);
+            v.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+        v.extend_from_slice(&key);
+        let mut p = payload.as_bytes().to_vec();
+        frame::apply_mask(&mut p, key, 0);
+        v.extend(p);
+        v
+    }
+
+    #[test]
+    fn a_large_request_is_parsed_off_the_loop_and_later_ones_wait_for_it() {
+        let gw = gateway();
+        let ob = Arc::new(Collect::default());
+        let mut out = Vec::new();
+        let mut s = Session::new(ob.clone(), 1, Instant::now(), &mut out);
+        s.state = State::Open;
+        s.conn.set_max_message(MAX_PAYLOAD);
+        out.clear();
+        let pad = "x".repeat(PARSE_OFF_LOOP);
+        let big = client_text(&format!(r#"{{"type":"req","id":"big","method":"health","params":{{"pad":"{pad}"}}}}"#));
+        let mut input = big.clone();
+        input.extend(client_text(r#"{"type":"req","id":"small","method":"health"}"#));
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let n = s.on_bytes(&input, &mut out, &gw, ip);
+        assert_eq!(n, big.len(), "nothing after the large message is taken while it is parsed");
+        assert!(out.is_empty(), "the loop did not answer it");
+        let t0 = Instant::now();
+        let parsed = loop {
+            if let Some(m) = ob.0.lock().unwrap().pop() {
+                break m;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "the store thread never answered");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(matches!(parsed, Outgoing::Parsed(_)));
+        s.outgoing(parsed, &mut out);
+        assert_eq!(s.on_bytes(&input[n..], &mut out, &gw, ip), input.len() - n);
+        let ids: Vec<String> = frames(&out)
+            .iter()
+            .map(|(_, p)| serde_json::from_slice::<Value>(p).unwrap()["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids, ["big", "small"]);
     }
 
     /// Server frames in `out`, as (opcode, payload).

@@ -116,11 +116,7 @@ pub struct Notifier {
 }
 
 fn ws_len(msg: &rpc::Outgoing) -> usize {
-    match msg {
-        rpc::Outgoing::Res(t) => t.len(),
-        rpc::Outgoing::Event { payload, .. } => payload.len(),
-        rpc::Outgoing::RunEnded { .. } | rpc::Outgoing::Waited { .. } => 64,
-    }
+    msg.wire_len()
 }
 
 impl Notifier {
