@@ -104,7 +104,7 @@ impl Gateway {
 
     /// Index of the agent with this id (case-insensitive).
     pub fn agent_index(&self, id: &str) -> Option<usize> {
-        self.agents.iter().position(|a| a.cfg.id.eq_ignore_ascii_case(id))
+        crate::agent::resolve::agent_index(&self.agents, id)
     }
 
     /// Index of the default agent.

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod pool;
 pub mod registry;
+pub mod resolve;
 pub mod run;
 pub mod tool_exec;
 pub mod tools;

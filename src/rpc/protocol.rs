@@ -12,6 +12,7 @@ use serde_json::{Map, Value, json};
 
 use crate::agent::RunError;
 use crate::agent::registry::RunSummary;
+use crate::agent::resolve::ResolveError;
 
 /// The protocol version spoken.
 pub const PROTOCOL: u64 = 3;
@@ -151,6 +152,21 @@ pub fn event(name: &str, payload_json: &str, seq: u64) -> String {
     s.push_str(&seq.to_string());
     s.push('}');
     s
+}
+
+/// An agent or session key a request names that cannot be used: `NOT_FOUND` for an agent,
+/// `INVALID_REQUEST` for a key, in the protocol's own parameter names.
+impl From<ResolveError> for ErrorShape {
+    fn from(e: ResolveError) -> Self {
+        match e {
+            ResolveError::NoAgent(id) => ErrorShape::new(ErrorCode::NotFound, format!("no agent {id} is configured")),
+            ResolveError::UnknownModel(m) => ErrorShape::new(ErrorCode::NotFound, format!("no model {m}")),
+            ResolveError::Key(e) => ErrorShape::invalid(format!("sessionKey {e}")),
+            ResolveError::KeyOfOtherAgent { key_agent, agent } => {
+                ErrorShape::invalid(format!("sessionKey belongs to agent {key_agent}, not {agent}"))
+            }
+        }
+    }
 }
 
 /// The error answer for a failed run.

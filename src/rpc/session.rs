@@ -18,11 +18,11 @@ use super::{Outbox, Outgoing};
 use crate::agent::CancelToken;
 use crate::agent::pool::Refused;
 use crate::agent::registry::{Start, Wait};
+use crate::agent::resolve;
 use crate::agent::run::RunRequest;
 use crate::auth::AuthResult;
 use crate::gateway::Gateway;
-use crate::openai::{self, ApiError, chat};
-use crate::session::agent_of;
+use crate::openai;
 use crate::util::{now_ms, random_hex, secure_hex};
 use crate::ws::conn::{self, Conn, Incoming};
 use crate::ws::frame::{self, OpCode, close};
@@ -653,26 +653,9 @@ fn message_param(p: &Value) -> Result<String, ErrorShape> {
     Ok(m.to_string())
 }
 
-fn api_error(e: ApiError) -> ErrorShape {
-    let code = if e.status == 404 { ErrorCode::NotFound } else { ErrorCode::InvalidRequest };
-    ErrorShape::new(code, e.message)
-}
-
-/// Agent and session key for a WebSocket run, with the same rules as the HTTP surface
-/// ([`chat::resolve_agent`], [`chat::session_key`]): an explicit `agentId` wins; otherwise a key
-/// of the form `agent:<id>:…` names its agent; otherwise the default agent.
+/// Agent and session key for a WebSocket run: the shared rule ([`resolve::agent_for_key`]).
 fn resolve(gw: &Gateway, agent_id: Option<&str>, key: Option<&str>) -> Result<(usize, String, bool), ErrorShape> {
-    let from_key = key.and_then(agent_of);
-    let agent = match (agent_id, from_key) {
-        (Some(a), Some(k)) if !a.eq_ignore_ascii_case(k) => {
-            return Err(ErrorShape::invalid(format!("sessionKey belongs to agent {k}, not {a}")));
-        }
-        (Some(a), _) | (None, Some(a)) => chat::resolve_agent(gw, Some(a), None).map_err(api_error)?,
-        (None, None) => gw.default_agent(),
-    };
-    let (session_key, sticky) = chat::session_key(&gw.agents[agent].cfg.id, key, None)
-        .map_err(|e| ErrorShape::invalid(e.message.replace("x-gatelet-session-key", "sessionKey")))?;
-    Ok((agent, session_key, sticky))
+    Ok(resolve::agent_for_key(&gw.agents, gw.default_agent(), agent_id, key)?)
 }
 
 /// A session key as given, or with the default agent's prefix (how runs store it).

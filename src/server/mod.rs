@@ -28,7 +28,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::agent::CancelToken;
 use crate::agent::pool::Refused;
 use crate::gateway::Gateway;
-use crate::http::chunked::{ChunkError, ChunkedDecoder};
+use crate::http::chunked::ChunkedDecoder;
 use crate::http::head::{self, BodyFraming, Head};
 use crate::http::response::Response;
 use crate::openai::{ApiError, chat};
@@ -849,7 +849,7 @@ impl Server {
                         Phase::Body { head, .. } => Some(head.as_ref().clone()),
                         _ => None,
                     };
-                    respond(conn, handler::timed_out().response(), false, true);
+                    respond(conn, ApiError::timed_out().response(), false, true);
                     let bytes = (conn.wbuf.len() - before) as u64;
                     match conn.access.take() {
                         Some(a) => a.finish(408, bytes),
@@ -1008,7 +1008,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
                         return;
                     }
                     Err(e) => {
-                        let err = handler::framing_error(e.status(), e.to_string());
+                        let err = ApiError::from(e);
                         let before = conn.wbuf.len();
                         respond(conn, err.response(), false, true);
                         let bytes = (conn.wbuf.len() - before) as u64;
@@ -1039,10 +1039,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
                             d.is_done()
                         }
                         Err(e) => {
-                            let err = match e {
-                                ChunkError::BodyTooLarge => handler::too_large(ctx.gw.config.gateway.max_body_bytes),
-                                e => handler::framing_error(400, e.to_string()),
-                            };
+                            let err = ApiError::from_chunk(e, ctx.gw.config.gateway.max_body_bytes);
                             let status = err.status;
                             let before = conn.wbuf.len();
                             respond(conn, err.response(), false, true);
@@ -1182,7 +1179,7 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
         Err(Refused::PerIp(limit)) => {
             crate::log!(Debug, "{} has {limit} runs (gateway.maxRunsPerIp): 429", conn.peer);
             crate::metrics::run_rejected();
-            return chat_error(conn, handler::too_many_runs(limit), &h, gw);
+            return chat_error(conn, ApiError::too_many_runs(limit), &h, gw);
         }
     };
     let cancel = CancelToken::new();

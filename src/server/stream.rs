@@ -105,15 +105,6 @@ pub struct ChatJob {
     pub status: Cell<u16>,
 }
 
-/// The error response for a failed run.
-pub fn run_error(e: &RunError) -> ApiError {
-    match e {
-        RunError::Timeout => ApiError::server(504, "agent_timeout", "The agent run timed out (agents timeoutSeconds)"),
-        RunError::Backend(m) => ApiError::server(502, "backend_error", m.clone()),
-        RunError::Cancelled => ApiError::server(500, "internal_error", "The run was cancelled"),
-    }
-}
-
 impl ChatJob {
     fn headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
         [("x-gatelet-session-key", self.run.session_key.as_str()), ("x-request-id", self.run.run_id.as_str())]
@@ -150,7 +141,7 @@ impl ChatJob {
                 ),
             ),
             Some(RunError::Cancelled) => return None,
-            Some(e) => run_error(e).response(),
+            Some(e) => ApiError::from(e).response(),
         };
         for (k, v) in self.headers() {
             resp = resp.header(k, v);
@@ -192,7 +183,7 @@ impl ChatJob {
             }
             Some(e) if !sink.head_sent => {
                 // Nothing sent yet: a real HTTP error status.
-                let mut resp = run_error(e).response();
+                let mut resp = ApiError::from(e).response();
                 for (k, v) in self.headers() {
                     resp = resp.header(k, v);
                 }
@@ -202,7 +193,7 @@ impl ChatJob {
                 sink.write_out() && !close
             }
             Some(e) => {
-                ChunkEncoder::error(&mut sink.rec, &run_error(e));
+                ChunkEncoder::error(&mut sink.rec, &ApiError::from(e));
                 sink.end()
             }
         }
