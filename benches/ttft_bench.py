@@ -30,6 +30,9 @@ TOKENS = ["Hello", " from", " the", " upstream", "."]
 
 class Upstream(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Each record is its own small write: without TCP_NODELAY, a kept-alive client that delays
+    # its ACKs would see each one held for up to 40 ms (Nagle).
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass
@@ -44,7 +47,6 @@ class Upstream(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("Connection", "close")
         self.end_headers()
         base = {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": "m"}
 
@@ -59,7 +61,6 @@ class Upstream(BaseHTTPRequestHandler):
         self.chunk(b"data: [DONE]\n\n")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
-        self.close_connection = True
 
 
 def free_port():
@@ -71,41 +72,55 @@ def free_port():
 FIRST = b'"delta":{"content":"'
 
 
-def ttft(port, path, body, auth):
-    """Seconds from sending the request to the first non-empty content delta."""
+class Side:
+    """One kept-alive client connection to a server (reopened if the server closes it)."""
+
+    def __init__(self, port):
+        self.port = port
+        self.sock = None
+
+    def connect(self):
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
+
+
+def ttft(side, path, body, auth):
+    """Seconds from sending the request to the first non-empty content delta, over `side`'s
+    kept-alive connection; the whole chunked response is read before the next request."""
     req = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-        f"{auth}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{side.port}\r\nContent-Type: application/json\r\n"
+        f"{auth}Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        t0 = time.perf_counter()
-        s.sendall(req)
-        buf = b""
-        first = None
-        while True:
-            data = s.recv(65536)
-            if not data:
-                break
-            buf += data
-            if first is None:
-                i = buf.find(FIRST)
-                while i >= 0:
-                    j = i + len(FIRST)
-                    if j < len(buf) and buf[j : j + 1] != b'"':
-                        first = time.perf_counter() - t0
-                        break
-                    i = buf.find(FIRST, j)
-            if b"data: [DONE]" in buf:
-                break
+    if side.sock is None:
+        side.sock = side.connect()
+    s = side.sock
+    t0 = time.perf_counter()
+    s.sendall(req)
+    buf = b""
+    first = None
+    while True:
+        data = s.recv(65536)
+        if not data:
+            side.sock = None
+            s.close()
+            break
+        buf += data
         if first is None:
-            raise RuntimeError(f"no content delta from port {port}: {buf[:300]!r}")
-        if b"data: [DONE]" not in buf:
-            raise RuntimeError(f"stream from port {port} did not finish: {buf[-300:]!r}")
-        return first
-    finally:
-        s.close()
+            i = buf.find(FIRST)
+            while i >= 0:
+                j = i + len(FIRST)
+                if j < len(buf) and buf[j : j + 1] != b'"':
+                    first = time.perf_counter() - t0
+                    break
+                i = buf.find(FIRST, j)
+        if b"data: [DONE]" in buf and buf.endswith(b"\r\n0\r\n\r\n"):
+            break
+    if first is None:
+        raise RuntimeError(f"no content delta from port {side.port}: {buf[:300]!r}")
+    if b"data: [DONE]" not in buf:
+        raise RuntimeError(f"stream from port {side.port} did not finish: {buf[-300:]!r}")
+    return first
 
 
 def pct(xs, p):
@@ -163,8 +178,9 @@ def main():
         body = json.dumps(
             {"model": "gatelet", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
         ).encode()
-        direct = lambda: ttft(up_port, "/v1/chat/completions", body, "")
-        via = lambda: ttft(gw_port, "/v1/chat/completions", body, f"Authorization: Bearer {TOKEN}\r\n")
+        up_side, gw_side = Side(up_port), Side(gw_port)
+        direct = lambda: ttft(up_side, "/v1/chat/completions", body, "")
+        via = lambda: ttft(gw_side, "/v1/chat/completions", body, f"Authorization: Bearer {TOKEN}\r\n")
         for _ in range(a.warmup):
             direct()
             via()
@@ -190,7 +206,8 @@ def main():
     ms = lambda x: f"{x * 1000:.3f} ms"
     md, mg = statistics.median(d), statistics.median(g)
     pd, pg = pct(d, 99), pct(g, 99)
-    print(f"ttft_bench: N={a.n} per side, interleaved, new TCP connection per request, loopback")
+    print(f"ttft_bench: N={a.n} per side, interleaved, loopback; every connection kept alive: the client's")
+    print("to the upstream and to gatelet, and gatelet's pooled one to the upstream")
     print(f"machine: {platform.platform()}, {os.cpu_count()} cpus, python {platform.python_version()}")
     print(f"binary: {a.bin}")
     print(f"{'':16}{'median':>14}{'p99':>14}")

@@ -143,6 +143,13 @@ pub trait EventSink {
     fn tick(&mut self) -> Result<(), RunError> {
         Ok(())
     }
+    /// The backend has several events at hand (records decoded from one upstream read): until
+    /// [`batch_end`](Self::batch_end) the sink may hold deltas back to write them together.
+    fn batch_begin(&mut self) {}
+    /// End of a batch: everything held back goes out now. An error means: stop with it.
+    fn batch_end(&mut self) -> Result<(), RunError> {
+        Ok(())
+    }
 }
 
 /// A cancel flag that sleeping backends can wait on.

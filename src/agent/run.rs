@@ -134,6 +134,12 @@ impl EventSink for Recorder<'_> {
     fn tool_event(&mut self, ev: &ToolEvent<'_>) {
         self.inner.tool_event(ev)
     }
+    fn batch_begin(&mut self) {
+        self.inner.batch_begin()
+    }
+    fn batch_end(&mut self) -> Result<(), RunError> {
+        self.inner.batch_end()
+    }
 }
 
 /// The messages of a request that form its new turn: those after its last `assistant` message.

@@ -164,6 +164,18 @@ pub struct OpenAiBackendConfig {
     pub connect_timeout: Duration,
     /// Longest silence tolerated from the upstream.
     pub read_timeout: Duration,
+    /// `headers`: extra request headers, in file order.
+    pub headers: Vec<(String, String)>,
+    /// `maxIdleConnections`: keep-alive connections kept idle (0: none).
+    pub max_idle: usize,
+    /// `idleTimeoutMs`: idle connections are closed after this.
+    pub idle_timeout: Duration,
+    /// `caFile`, and the DER certificates read from it at start-up.
+    pub ca_file: Option<PathBuf>,
+    /// The certificates of `caFile` (DER), trusted instead of the bundled roots.
+    pub ca_certs: Vec<Vec<u8>>,
+    /// `fallbacks`: tried in order when this upstream fails before its first delta.
+    pub fallbacks: Vec<OpenAiBackendConfig>,
 }
 
 impl fmt::Debug for OpenAiBackendConfig {
@@ -174,6 +186,11 @@ impl fmt::Debug for OpenAiBackendConfig {
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("connect_timeout", &self.connect_timeout)
             .field("read_timeout", &self.read_timeout)
+            .field("headers", &self.headers.iter().map(|(k, _)| (k, "<redacted>")).collect::<Vec<_>>())
+            .field("max_idle", &self.max_idle)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("ca_file", &self.ca_file)
+            .field("fallbacks", &self.fallbacks)
             .finish()
     }
 }
@@ -543,7 +560,7 @@ impl Validator {
             drain_timeout: Duration::from_secs(self.uint(gw, "gateway", "drainTimeoutSeconds", 10, 1, 86400)),
         };
 
-        let (agents, default_agent, implicit_echo) = self.agents(root.get("agents"))?;
+        let (agents, default_agent, implicit_echo) = self.agents(root.get("agents"), env)?;
 
         let session = self.object(root.get("session"), "session", &["persist", "maxHistoryMessages", "idleDays"]);
         let persist_sessions = self.bool(session, "session", "persist", true);
@@ -679,7 +696,7 @@ impl Validator {
         Some(AuthConfig { mode, token, password, rate_limit })
     }
 
-    fn agents(&mut self, v: Option<&Value>) -> Option<(Vec<AgentConfig>, usize, bool)> {
+    fn agents(&mut self, v: Option<&Value>, env: EnvFn<'_>) -> Option<(Vec<AgentConfig>, usize, bool)> {
         let a = self.object(v, "agents", &["defaults", "list"]);
         let d = self.object(
             a.get("defaults"),
@@ -690,7 +707,8 @@ impl Validator {
         let d_prompt = self.string(d, "agents.defaults", "systemPrompt").unwrap_or_default();
         let d_tools = self.tools(d.get("tools"), "agents.defaults.tools");
         let d_steps = self.uint(d, "agents.defaults", "maxToolSteps", 8, 0, 1000) as u32;
-        let d_backend = d.get("backend").filter(|b| !b.is_null()).map(|b| self.backend(b, "agents.defaults.backend"));
+        let d_backend =
+            d.get("backend").filter(|b| !b.is_null()).map(|b| self.backend(b, "agents.defaults.backend", env));
         let mut implicit_echo = d_backend.is_none();
         let d_backend =
             d_backend.unwrap_or(Some(BackendConfig::Echo { token_delay: Duration::ZERO, max_tokens: None }));
@@ -747,7 +765,7 @@ impl Validator {
             let backend = match m.get("backend").filter(|b| !b.is_null()) {
                 Some(b) => {
                     implicit_echo = false;
-                    self.backend(b, &format!("{p}.backend"))
+                    self.backend(b, &format!("{p}.backend"), env)
                 }
                 None => d_backend.clone(),
             };
@@ -861,7 +879,7 @@ impl Validator {
         CommandBackendConfig { argv, cwd: self.string(m, p, "cwd").map(PathBuf::from), env }
     }
 
-    fn backend(&mut self, v: &Value, p: &str) -> Option<BackendConfig> {
+    fn backend(&mut self, v: &Value, p: &str, env: EnvFn<'_>) -> Option<BackendConfig> {
         let kind = match v.get("kind") {
             Some(Value::String(k)) => k.clone(),
             _ => {
@@ -880,29 +898,7 @@ impl Validator {
                     .map(|_| self.uint(m, p, "maxTokens", 0, 0, u32::MAX as u64));
                 BackendConfig::Echo { token_delay: Duration::from_millis(delay), max_tokens: max }
             }
-            "openai" => {
-                let m = self.object(
-                    Some(v),
-                    p,
-                    &["kind", "baseUrl", "model", "apiKey", "connectTimeoutMs", "readTimeoutMs"],
-                );
-                let base_url = self.string(m, p, "baseUrl").unwrap_or_default();
-                if base_url.starts_with("https://") {
-                    self.problem(
-                        &format!("{p}.baseUrl"),
-                        "https:// upstreams need TLS, which this build does not include: use an http:// URL on loopback or a TLS-terminating proxy",
-                    );
-                } else if let Err(e) = crate::agent::backend::upstream::BaseUrl::parse(&base_url) {
-                    self.problem(&format!("{p}.baseUrl"), format!("{e}, got {base_url:?}"));
-                }
-                BackendConfig::OpenAi(OpenAiBackendConfig {
-                    base_url,
-                    model: self.string(m, p, "model"),
-                    api_key: self.string(m, p, "apiKey"),
-                    connect_timeout: Duration::from_millis(self.uint(m, p, "connectTimeoutMs", 5_000, 1, 600_000)),
-                    read_timeout: Duration::from_millis(self.uint(m, p, "readTimeoutMs", 300_000, 1, 86_400_000)),
-                })
-            }
+            "openai" => BackendConfig::OpenAi(self.openai(v, p, env, true)),
             "command" => {
                 let m = self.object(Some(v), p, &["kind", "argv", "cwd", "env"]);
                 BackendConfig::Command(self.command(m, p))
@@ -916,6 +912,155 @@ impl Validator {
             }
         };
         (self.problems.len() == before).then_some(b)
+    }
+
+    /// An `openai` backend at `p` (`fallbacks` allowed when `top`).
+    fn openai(&mut self, v: &Value, p: &str, env: EnvFn<'_>, top: bool) -> OpenAiBackendConfig {
+        let m = self.object(
+            Some(v),
+            p,
+            &[
+                "kind",
+                "baseUrl",
+                "model",
+                "apiKey",
+                "connectTimeoutMs",
+                "readTimeoutMs",
+                "headers",
+                "apiKeyEnv",
+                "maxIdleConnections",
+                "idleTimeoutMs",
+                "caFile",
+                "fallbacks",
+            ],
+        );
+        let base_url = self.string(m, p, "baseUrl").unwrap_or_default();
+        let url = crate::agent::backend::upstream::BaseUrl::parse(&base_url);
+        match &url {
+            Ok(u) if u.tls && !cfg!(feature = "tls") => self.problem(
+                &format!("{p}.baseUrl"),
+                "https:// upstreams need TLS, which this build does not include (built without the `tls` feature): use an http:// URL on loopback or a TLS-terminating proxy",
+            ),
+            Ok(_) => {}
+            Err(e) => self.problem(&format!("{p}.baseUrl"), format!("{e}, got {base_url:?}")),
+        }
+        let mut api_key = self.string(m, p, "apiKey");
+        if let Some(name) = self.string(m, p, "apiKeyEnv") {
+            if api_key.is_some() {
+                self.problem(&format!("{p}.apiKeyEnv"), "set either apiKey or apiKeyEnv, not both");
+            }
+            match env(&name) {
+                Some(k) => api_key = Some(k),
+                None => self.problem(
+                    &format!("{p}.apiKeyEnv"),
+                    format!("the environment variable {name} (the upstream's API key) is not set or empty"),
+                ),
+            }
+        }
+        let headers = self.upstream_headers(m, p);
+        let (ca_file, ca_certs) = match self.string(m, p, "caFile") {
+            None => (None, Vec::new()),
+            Some(f) => {
+                let certs = self.ca_file(&f, &format!("{p}.caFile"));
+                (Some(PathBuf::from(f)), certs)
+            }
+        };
+        let mut fallbacks = Vec::new();
+        match m.get("fallbacks") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(list)) if top => {
+                for (i, f) in list.iter().enumerate() {
+                    let fp = format!("{p}.fallbacks[{i}]");
+                    match f.get("kind") {
+                        Some(Value::String(k)) if k == "openai" => {}
+                        _ => {
+                            self.problem(
+                                &format!("{fp}.kind"),
+                                "a fallback is an `openai` backend: set kind: \"openai\"",
+                            );
+                            continue;
+                        }
+                    }
+                    fallbacks.push(self.openai(f, &fp, env, false));
+                }
+            }
+            Some(Value::Array(_)) => self.problem(
+                &format!("{p}.fallbacks"),
+                "fallbacks cannot have fallbacks: list them all on the first backend",
+            ),
+            Some(_) => self.problem(&format!("{p}.fallbacks"), "expected an array of backends"),
+        }
+        OpenAiBackendConfig {
+            base_url,
+            model: self.string(m, p, "model"),
+            api_key,
+            connect_timeout: Duration::from_millis(self.uint(m, p, "connectTimeoutMs", 5_000, 1, 600_000)),
+            read_timeout: Duration::from_millis(self.uint(m, p, "readTimeoutMs", 300_000, 1, 86_400_000)),
+            headers,
+            max_idle: self.uint(m, p, "maxIdleConnections", 16, 0, 4096) as usize,
+            idle_timeout: Duration::from_millis(self.uint(m, p, "idleTimeoutMs", 30_000, 1, 86_400_000)),
+            ca_file,
+            ca_certs,
+            fallbacks,
+        }
+    }
+
+    /// `headers: {name: value}`: names are HTTP tokens, values have no control characters, and
+    /// the headers that frame the request are left to the gateway.
+    fn upstream_headers(&mut self, m: &Map<String, Value>, p: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        match m.get("headers") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(h)) => {
+                for (k, val) in h {
+                    let hp = format!("{p}.headers.{k}");
+                    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+                    if k.is_empty() || !k.bytes().all(token) {
+                        self.problem(&hp, "not a valid header name");
+                        continue;
+                    }
+                    const RESERVED: &[&str] =
+                        &["host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer"];
+                    if RESERVED.iter().any(|r| k.eq_ignore_ascii_case(r)) {
+                        self.problem(&hp, "this header is set by the gateway and cannot be configured");
+                        continue;
+                    }
+                    match val.as_str() {
+                        Some(s) if s.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f)) => {
+                            out.push((k.clone(), s.trim().to_string()))
+                        }
+                        Some(_) => self.problem(&hp, "header values cannot contain control characters"),
+                        None => self.problem(&hp, "expected a string"),
+                    }
+                }
+            }
+            Some(_) => self.problem(&format!("{p}.headers"), "expected an object of header names to strings"),
+        }
+        out
+    }
+
+    /// The certificates of a `caFile`, read now so that a bad file stops start-up.
+    fn ca_file(&mut self, file: &str, path: &str) -> Vec<Vec<u8>> {
+        let pem = match std::fs::read(file) {
+            Ok(b) => b,
+            Err(e) => {
+                self.problem(path, format!("cannot read {file}: {e}"));
+                return Vec::new();
+            }
+        };
+        #[cfg(feature = "tls")]
+        match crate::agent::backend::client::parse_ca_pem(&pem) {
+            Ok(c) => c,
+            Err(e) => {
+                self.problem(path, format!("{file}: {e}"));
+                Vec::new()
+            }
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            drop(pem);
+            Vec::new()
+        }
     }
 }
 
@@ -944,7 +1089,12 @@ impl Config {
                     BackendConfig::OpenAi(o) => serde_json::json!({
                         "kind": "openai", "baseUrl": o.base_url, "model": o.model, "apiKey": secret(&o.api_key),
                         "connectTimeoutMs": o.connect_timeout.as_millis() as u64,
-                        "readTimeoutMs": o.read_timeout.as_millis() as u64 }),
+                        "readTimeoutMs": o.read_timeout.as_millis() as u64,
+                        "headers": o.headers.iter().map(|(k, _)| (k.clone(), Value::from("<redacted>"))).collect::<Map<_, _>>(),
+                        "maxIdleConnections": o.max_idle, "idleTimeoutMs": o.idle_timeout.as_millis() as u64,
+                        "caFile": o.ca_file.as_ref().map(|p| p.display().to_string()),
+                        "fallbacks": o.fallbacks.iter().map(|f| serde_json::json!({
+                            "baseUrl": f.base_url, "model": f.model, "apiKey": secret(&f.api_key) })).collect::<Vec<_>>() }),
                     BackendConfig::Command(c) => serde_json::json!({
                         "kind": "command", "argv": c.argv, "cwd": c.cwd.as_ref().map(|p| p.display().to_string()),
                         "env": c.env.keys().map(|k| (k.clone(), Value::from("<redacted>"))).collect::<Map<_, _>>() }),
@@ -1088,9 +1238,15 @@ mod tests {
         assert!(e.to_string().contains("agents.list[0].id"), "{e}");
         let e = parse_str("{gateway:{auth:{token:'x'}}, agents: {list: [{id: 'a'}, {id: 'a'}]}}").unwrap_err();
         assert!(e.to_string().contains("duplicate"), "{e}");
-        let e = parse_str("{gateway:{auth:{token:'x'}}, agents: {list: [{id: 'a', backend: {kind: 'openai', baseUrl: 'https://x'}}]}}")
-            .unwrap_err();
-        assert!(e.to_string().contains("TLS"), "{e}");
+        let https = parse_str(
+            "{gateway:{auth:{token:'x'}}, agents: {list: [{id: 'a', backend: {kind: 'openai', baseUrl: 'https://x'}}]}}",
+        );
+        if cfg!(feature = "tls") {
+            assert!(https.is_ok(), "{https:?}");
+        } else {
+            let e = https.unwrap_err().to_string();
+            assert!(e.contains("agents.list[0].backend.baseUrl") && e.contains("`tls` feature"), "{e}");
+        }
         let e = parse_str("{gateway:{auth:{token:'x'}}, agents: {list: [{id: 'a', backend: {kind: 'openai', baseUrl: 'http://u:p@h/v1'}}]}}")
             .unwrap_err();
         assert!(e.to_string().contains("agents.list[0].backend.baseUrl") && e.to_string().contains("apiKey"), "{e}");
@@ -1163,5 +1319,73 @@ mod tests {
         assert_eq!(c.agents[1].timeout, Duration::from_secs(9));
         assert!(matches!(c.agents[1].backend, BackendConfig::Command(_)));
         assert!(!c.implicit_echo);
+    }
+
+    fn upstream(backend: &str, env: EnvFn<'_>) -> Result<OpenAiBackendConfig, ConfigError> {
+        let text = format!(
+            "{{gateway: {{auth: {{token: 'x'}}}},\nagents: {{list: [{{id: 'a', backend: {{kind: 'openai',\n{backend}}}}}]}}}}"
+        );
+        let c = parse(&text, Some("cfg.json5".into()), "/tmp/st".into(), &Overrides::default(), env)?;
+        match &c.agents[0].backend {
+            BackendConfig::OpenAi(o) => Ok(o.clone()),
+            b => panic!("{b:?}"),
+        }
+    }
+
+    #[test]
+    fn upstream_pool_headers_key_from_env_and_fallbacks() {
+        let env = |k: &str| (k == "UP_KEY").then(|| "sk-env".to_string());
+        let o = upstream(
+            "baseUrl: 'http://h/v1', apiKeyEnv: 'UP_KEY', headers: {'HTTP-Referer': 'https://me', 'X-Title': 'gl'},
+             maxIdleConnections: 4, idleTimeoutMs: 1000,
+             fallbacks: [{kind: 'openai', baseUrl: 'http://f/v1', model: 'm2'}]",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(o.api_key.as_deref(), Some("sk-env"));
+        assert_eq!(o.headers, vec![("HTTP-Referer".into(), "https://me".into()), ("X-Title".into(), "gl".into())]);
+        assert_eq!((o.max_idle, o.idle_timeout), (4, Duration::from_millis(1000)));
+        assert_eq!(o.fallbacks.len(), 1);
+        assert_eq!((o.fallbacks[0].base_url.as_str(), o.fallbacks[0].model.as_deref()), ("http://f/v1", Some("m2")));
+        assert_eq!(o.fallbacks[0].max_idle, 16);
+        let d = upstream("baseUrl: 'http://h/v1'", &env_none).unwrap();
+        assert_eq!((d.max_idle, d.idle_timeout, d.fallbacks.len()), (16, Duration::from_secs(30), 0));
+        // Secrets stay out of `config check`.
+        let c = parse_str(
+            "{gateway:{auth:{token:'x'}}, agents: {list: [{id: 'a', backend: {kind: 'openai', baseUrl: 'http://h',
+              headers: {'X-Key': 'secret'}, fallbacks: [{kind: 'openai', baseUrl: 'http://f', apiKey: 'sk-f'}]}}]}}",
+        )
+        .unwrap();
+        let shown = c.redacted_json().to_string();
+        assert!(!shown.contains("secret") && !shown.contains("sk-f"), "{shown}");
+    }
+
+    #[test]
+    fn upstream_config_errors_name_file_line_col_and_path() {
+        let e = upstream("baseUrl: 'http://h/v1', apiKeyEnv: 'NOPE_KEY'", &env_none).unwrap_err().to_string();
+        assert!(e.starts_with("cfg.json5:3:25: `agents.list[0].backend.apiKeyEnv`") && e.contains("NOPE_KEY"), "{e}");
+        let e = upstream("baseUrl: 'http://h', headers: {Host: 'x'}", &env_none).unwrap_err().to_string();
+        assert!(e.contains("cfg.json5:3:") && e.contains("`agents.list[0].backend.headers.Host`"), "{e}");
+        let e = upstream("baseUrl: 'http://h', headers: {'X-A': 'a\\u0001b'}", &env_none).unwrap_err().to_string();
+        assert!(e.contains("`agents.list[0].backend.headers.X-A`") && e.contains("control"), "{e}");
+        let e = upstream("baseUrl: 'http://h', headers: {'Bad Name': 'a'}", &env_none).unwrap_err().to_string();
+        assert!(e.contains("not a valid header name"), "{e}");
+        let e = upstream("baseUrl: 'http://h', fallbacks: [{kind: 'echo'}]", &env_none).unwrap_err().to_string();
+        assert!(e.contains("`agents.list[0].backend.fallbacks[0].kind`"), "{e}");
+        let e = upstream("baseUrl: 'http://h', fallbacks: [{kind: 'openai', baseUrl: 'ftp://f'}]", &env_none)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`agents.list[0].backend.fallbacks[0].baseUrl`"), "{e}");
+        let e = upstream(
+            "baseUrl: 'http://h', fallbacks: [{kind: 'openai', baseUrl: 'http://f', fallbacks: []}]",
+            &env_none,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`agents.list[0].backend.fallbacks[0].fallbacks`"), "{e}");
+        let e = upstream("baseUrl: 'http://h', apiKey: 'k', apiKeyEnv: 'K'", &|_| Some("v".into())).unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
+        let e = upstream("baseUrl: 'http://h', maxIdleConnections: -1", &env_none).unwrap_err();
+        assert!(e.to_string().contains("maxIdleConnections"), "{e}");
     }
 }

@@ -163,6 +163,7 @@ impl ChatJob {
             enc: ChunkEncoder::new(&self.run.run_id, crate::util::now_secs(), &self.model, self.include_usage),
             head_sent: false,
             dead: false,
+            batching: false,
             started: Instant::now(),
             last_write: Instant::now(),
             keepalive: self.gw.config.gateway.keepalive,
@@ -212,6 +213,8 @@ struct SseSink<'a> {
     enc: ChunkEncoder,
     head_sent: bool,
     dead: bool,
+    /// Deltas are held in `rec` until the backend's batch ends (one chunk, one write).
+    batching: bool,
     started: Instant,
     last_write: Instant,
     keepalive: Duration,
@@ -301,7 +304,16 @@ impl EventSink for SseSink<'_> {
     fn delta(&mut self, text: &str) -> Result<(), RunError> {
         self.start()?;
         self.enc.content(&mut self.rec, text);
-        self.send()
+        if self.batching { Ok(()) } else { self.send() }
+    }
+
+    fn batch_begin(&mut self) {
+        self.batching = true;
+    }
+
+    fn batch_end(&mut self) -> Result<(), RunError> {
+        self.batching = false;
+        if self.rec.is_empty() && self.out.is_empty() { Ok(()) } else { self.send() }
     }
 
     fn tool_call(&mut self, piece: &ToolCallPiece) -> Result<(), RunError> {

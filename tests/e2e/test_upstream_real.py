@@ -304,3 +304,46 @@ def test_tool_round_trip_through_litellm(litellm_url, gatelet_url, fake_upstream
     msg, finish = ask()
     assert (msg["content"], finish) == (final_for("Paris"), "stop")
     assert_upstream_round_trip(target)
+
+
+def upstream_connections(pid, port):
+    """Local ports of `pid`'s established TCP connections to `port` on loopback."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                local, remote, state, inode = cols[1], cols[2], cols[3], cols[9]
+                if state == "01" and inode in inodes and int(remote.rsplit(":", 1)[1], 16) == port:
+                    ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc")
+def test_several_turns_share_one_kept_alive_upstream_connection(litellm_url, start_gateway):
+    gw = start_gateway(upstream_config([
+        {"id": "lite", "default": True,
+         "backend": {"kind": "openai", "baseUrl": litellm_url, "model": "mock-gpt", "apiKey": MASTER_KEY}},
+    ]))
+    port = int(litellm_url.rsplit(":", 1)[1].split("/")[0])
+    c = client(gw.base_url, TOKEN)
+    seen = set()
+    for turn in range(4):
+        if turn % 2:
+            text = "".join(ch.choices[0].delta.content or "" for ch in
+                           c.chat.completions.create(model="lite", messages=MESSAGES, stream=True) if ch.choices)
+        else:
+            text = c.chat.completions.create(model="lite", messages=MESSAGES).choices[0].message.content
+        assert text == REPLY
+        now = upstream_connections(gw.proc.pid, port)
+        assert len(now) == 1, now
+        seen |= now
+    assert len(seen) == 1, f"every turn used the same upstream connection: {seen}"

@@ -1,5 +1,6 @@
 //! Backends: `echo` (built in), `openai` (upstream server), `command` (a program per run).
 
+pub mod client;
 pub mod command;
 pub mod echo;
 pub mod openai;

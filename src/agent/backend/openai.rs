@@ -1,17 +1,20 @@
 //! The `openai` backend: an upstream OpenAI-compatible server (llama.cpp `llama-server`, Ollama,
 //! vLLM, LM Studio, LiteLLM…), always called with `stream: true`.
 //!
-//! One run is one HTTP/1.1 request on a fresh connection ([`upstream`]), its SSE body decoded
-//! incrementally ([`crate::sse`]) and each content delta and tool-call piece forwarded the
-//! moment its record is complete (tool-call pieces normalised by [`Assembler`]). Upstream usage and finish reasons are mapped; every failure becomes a
-//! [`RunError::Backend`] whose message starts with `upstream <baseUrl>:`. A cancel or the run's
-//! deadline drops the connection at once, which is how the upstream learns to stop generating.
+//! One run is one HTTP/1.1 request on a kept-alive connection ([`super::client`]), its SSE body decoded
+//! incrementally ([`crate::sse`]) and each content delta and tool-call piece forwarded the moment
+//! its record is complete (tool-call pieces normalised by [`Assembler`]; the records of one
+//! upstream read leave together). Upstream usage and finish reasons are mapped; every failure
+//! becomes a [`RunError::Backend`] whose message starts with `upstream <baseUrl>:`. A cancel or
+//! the run's deadline drops the connection at once, which is how the upstream learns to stop
+//! generating. `fallbacks` are tried in order when an upstream fails before its first delta.
 
 use std::fmt;
 
 use serde_json::{Value, json};
 
-use super::upstream::{self, BaseUrl, BodyDecoder, Conn, Stop, UpstreamError, UrlError};
+use super::client::{Client, ClientOptions, Exchange};
+use super::upstream::{self, BaseUrl, Stop, UpstreamError};
 use crate::agent::tools::{Assembler, Calls, ToolCall, ToolCallPiece};
 use crate::agent::{Backend, EventSink, FinishReason, Role, RunControl, RunError, RunInput, Usage};
 use crate::config::OpenAiBackendConfig;
@@ -107,22 +110,118 @@ impl From<RunError> for Fail {
     }
 }
 
-/// Upstream OpenAI-compatible server.
+/// Upstream OpenAI-compatible server, with its fallbacks.
 #[derive(Debug)]
 pub struct OpenAi {
+    /// The upstream first, then its fallbacks in order.
+    targets: Vec<Target>,
+}
+
+/// One upstream: its settings, its client (connection pool) and its fixed request headers.
+#[derive(Debug)]
+struct Target {
     cfg: OpenAiBackendConfig,
-    url: Result<BaseUrl, UrlError>,
+    client: Result<Client, String>,
+    headers: Vec<(String, String)>,
+}
+
+impl Target {
+    fn new(cfg: OpenAiBackendConfig) -> Target {
+        let opts = ClientOptions {
+            connect_timeout: cfg.connect_timeout,
+            read_timeout: cfg.read_timeout,
+            max_idle: cfg.max_idle,
+            idle_timeout: cfg.idle_timeout,
+            ca_certs: cfg.ca_certs.clone(),
+        };
+        let client = BaseUrl::parse(&cfg.base_url).map_err(|e| e.to_string()).and_then(|u| Client::new(u, opts));
+        let mut headers: Vec<(String, String)> = vec![
+            ("Content-Type".into(), "application/json".into()),
+            ("Accept".into(), "text/event-stream".into()),
+            ("User-Agent".into(), concat!("gatelet/", env!("CARGO_PKG_VERSION")).into()),
+        ];
+        // Configured headers win over the defaults, `Authorization` included.
+        headers.retain(|(k, _)| !cfg.headers.iter().any(|(c, _)| c.eq_ignore_ascii_case(k)));
+        if let Some(k) = &cfg.api_key
+            && !cfg.headers.iter().any(|(c, _)| c.eq_ignore_ascii_case("authorization"))
+        {
+            headers.push(("Authorization".into(), format!("Bearer {k}")));
+        }
+        headers.extend(cfg.headers.iter().cloned());
+        Target { cfg, client, headers }
+    }
+
+    fn label(&self, e: impl fmt::Display) -> String {
+        format!("upstream {}: {e}", self.cfg.base_url)
+    }
 }
 
 impl OpenAi {
-    /// A backend for `cfg` (its `baseUrl` was checked when the config was loaded).
+    /// A backend for `cfg` and its fallbacks (their `baseUrl`s were checked when the config was
+    /// loaded).
     pub fn new(cfg: OpenAiBackendConfig) -> Self {
-        let url = BaseUrl::parse(&cfg.base_url);
-        OpenAi { cfg, url }
+        let mut targets = vec![];
+        let fallbacks = cfg.fallbacks.clone();
+        targets.push(Target::new(OpenAiBackendConfig { fallbacks: Vec::new(), ..cfg }));
+        targets.extend(fallbacks.into_iter().map(Target::new));
+        OpenAi { targets }
     }
+}
 
-    fn fail(&self, e: impl fmt::Display) -> RunError {
-        RunError::Backend(format!("upstream {}: {e}", self.cfg.base_url))
+/// Whether a failure before the first delta moves the run to the next upstream: the upstream was
+/// unreachable, too slow or overloaded (5xx, 429). A request the upstream refuses as such (other
+/// 4xx) or a malformed answer would fail the same way elsewhere.
+fn falls_back(e: &OpenAiError) -> bool {
+    match e {
+        OpenAiError::Upstream(u) => matches!(
+            u,
+            UpstreamError::Resolve(_)
+                | UpstreamError::Connect(_)
+                | UpstreamError::ConnectTimeout(_)
+                | UpstreamError::Write(_)
+                | UpstreamError::Read(_)
+                | UpstreamError::ReadTimeout(_)
+                | UpstreamError::ClosedBeforeHead
+                | UpstreamError::Tls(_)
+        ),
+        OpenAiError::Status { code, .. } => *code >= 500 || *code == 429,
+        _ => false,
+    }
+}
+
+/// Forwards events, noting whether a delta or a tool-call piece went out (after which nothing
+/// falls back).
+struct Watch<'a> {
+    inner: &'a mut dyn EventSink,
+    delta: bool,
+}
+
+impl EventSink for Watch<'_> {
+    fn delta(&mut self, text: &str) -> Result<(), RunError> {
+        self.delta = true;
+        self.inner.delta(text)
+    }
+    fn usage(&mut self, usage: Usage) {
+        self.inner.usage(usage)
+    }
+    fn tool_call(&mut self, piece: &ToolCallPiece) -> Result<(), RunError> {
+        self.delta = true;
+        self.inner.tool_call(piece)
+    }
+    fn finish(&mut self, reason: FinishReason) {
+        self.inner.finish(reason)
+    }
+    fn tool_event(&mut self, ev: &crate::agent::tools::ToolEvent<'_>) {
+        self.inner.tool_event(ev)
+    }
+    fn tick(&mut self) -> Result<(), RunError> {
+        self.inner.tick()
+    }
+    fn batch_begin(&mut self) {
+        self.inner.batch_begin()
+    }
+    fn batch_end(&mut self) -> Result<(), RunError> {
+        self.inner.batch_end()
     }
 }
 
@@ -444,7 +543,7 @@ pub fn decode_body(parts: &[&[u8]]) -> Result<Decoded, String> {
             None => dec.finish(&mut events),
         };
         for ev in events.drain(..) {
-            apply(parse_event(&ev).map_err(|e| e.to_string())?, &mut p, &mut sink).map_err(fail)?;
+            handle(&ev, &mut p, &mut sink).map_err(fail)?;
             if p.done {
                 break;
             }
@@ -460,120 +559,161 @@ pub fn decode_body(parts: &[&[u8]]) -> Result<Decoded, String> {
     Ok(d)
 }
 
-impl OpenAi {
-    fn exchange(&self, url: &BaseUrl, input: &RunInput, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), Fail> {
+impl Target {
+    fn exchange(&self, input: &RunInput, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), Fail> {
+        let client = match &self.client {
+            Ok(c) => c,
+            Err(e) => return Err(Fail::Run(RunError::Backend(self.label(e)))),
+        };
         let model = self.cfg.model.as_deref().unwrap_or(&input.agent_id);
         let body = serde_json::to_vec(&request_body(model, input)).unwrap_or_default();
-        let auth = self.cfg.api_key.as_ref().map(|k| format!("Bearer {k}"));
-        let mut headers = vec![
-            ("Content-Type", "application/json"),
-            ("Accept", "text/event-stream"),
-            ("User-Agent", concat!("gatelet/", env!("CARGO_PKG_VERSION"))),
-        ];
-        if let Some(a) = &auth {
-            headers.push(("Authorization", a));
-        }
         let mut req = Vec::with_capacity(body.len() + 512);
-        upstream::encode_request(&mut req, url, "/chat/completions", &headers, &body);
+        let headers = self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        upstream::encode_request(&mut req, client.url(), "/chat/completions", headers, &body);
         drop(body);
 
-        let mut conn = upstream::connect(url, self.cfg.connect_timeout, self.cfg.read_timeout, ctl, out)?;
-        conn.send(&req, ctl, out)?;
+        let mut ex = client.send(&req, ctl, out)?;
         drop(req);
-
-        let mut buf = Vec::with_capacity(16 * 1024);
-        let head = loop {
-            if let Some((head, n)) = upstream::parse_head(&buf)? {
-                buf.drain(..n);
-                break head;
-            }
-            if conn.recv(&mut buf, ctl, out)? == 0 {
-                return Err(UpstreamError::ClosedBeforeHead.into());
-            }
-        };
-        let mut body = BodyDecoder::new(head.framing);
-        if !(200..300).contains(&head.status) {
-            let text = read_capped(&mut conn, &mut body, buf, MAX_ERROR_BODY, ctl, out);
+        if !(200..300).contains(&ex.head.status) {
+            let text = read_capped(&mut ex, MAX_ERROR_BODY, ctl, out);
             let message = match serde_json::from_slice::<Value>(&text) {
                 Ok(v) => error_message(&v),
                 Err(_) => snippet(&String::from_utf8_lossy(&text)),
             };
-            return Err(OpenAiError::Status { code: head.status, message }.into());
+            let code = ex.head.status;
+            client.release(ex);
+            return Err(OpenAiError::Status { code, message }.into());
         }
-        if head.content_type.as_deref().is_some_and(|t| t == "application/json" || t.ends_with("+json")) {
-            let text = read_capped(&mut conn, &mut body, buf, MAX_JSON_BODY, ctl, out);
-            let chunk = parse_completion(&text)?;
-            return apply(chunk, &mut Progress::default(), out);
+        if ex.head.content_type.as_deref().is_some_and(|t| t == "application/json" || t.ends_with("+json")) {
+            let text = read_capped(&mut ex, MAX_JSON_BODY, ctl, out);
+            let complete = ex.is_done();
+            client.release(ex);
+            let chunk = parse_completion(&text);
+            if chunk.is_err() && !complete {
+                return Err(UpstreamError::ClosedMidBody.into());
+            }
+            return apply(chunk?, &mut Progress::default(), out);
         }
-        self.stream(conn, body, buf, ctl, out)
-    }
-
-    fn stream(
-        &self,
-        mut conn: Conn,
-        mut body: BodyDecoder,
-        mut buf: Vec<u8>,
-        ctl: &RunControl,
-        out: &mut dyn EventSink,
-    ) -> Result<(), Fail> {
-        let mut dec = SseDecoder::default();
-        let mut plain = Vec::with_capacity(16 * 1024);
-        let mut events = Vec::new();
-        let mut p = Progress::default();
-        let eof = loop {
-            plain.clear();
-            let used = body.decode(&buf, &mut plain)?;
-            buf.drain(..used);
-            dec.feed(&plain, &mut events)?;
-            for ev in events.drain(..) {
-                apply(parse_event(&ev)?, &mut p, out)?;
-                if p.done {
-                    // Nothing after `[DONE]` matters; close at once rather than wait for the end.
-                    conn.close();
-                    return Ok(());
-                }
-            }
-            if body.is_done() {
-                break Ok(());
-            }
-            if conn.recv(&mut buf, ctl, out)? == 0 {
-                break body.eof();
-            }
-        };
-        // An unterminated last record counts only when the body itself ended cleanly.
-        if eof.is_ok() {
-            dec.finish(&mut events)?;
-            for ev in events.drain(..) {
-                apply(parse_event(&ev)?, &mut p, out)?;
-            }
-        }
-        // A finish reason means the reply is whole even when `[DONE]` never came.
-        if p.done || p.finished {
-            return Ok(());
-        }
-        eof?;
-        Err(OpenAiError::EndedEarly.into())
+        stream(client, ex, ctl, out)
     }
 }
 
-/// Read the rest of a body, at most `cap` bytes (best effort: a read error ends it).
-fn read_capped(
-    conn: &mut Conn,
-    body: &mut BodyDecoder,
-    mut buf: Vec<u8>,
-    cap: usize,
-    ctl: &RunControl,
-    out: &mut dyn EventSink,
-) -> Vec<u8> {
-    let mut text = Vec::new();
-    while let Ok(used) = body.decode(&buf, &mut text) {
-        buf.drain(..used);
-        if body.is_done() || text.len() >= cap {
-            break;
+fn stream(client: &Client, mut ex: Exchange, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), Fail> {
+    let mut dec = SseDecoder::default();
+    let mut plain = Vec::with_capacity(16 * 1024);
+    let mut events = Vec::new();
+    let mut p = Progress::default();
+    let eof = loop {
+        plain.clear();
+        let more = match ex.read_body(&mut plain, ctl, out) {
+            Ok(more) => more,
+            Err(Stop::Upstream(e @ UpstreamError::ClosedMidBody)) => break Err(e),
+            Err(e) => return Err(e.into()),
+        };
+        dec.feed(&plain, &mut events)?;
+        // The records of one read leave together, and at once: nothing waits for the next read.
+        out.batch_begin();
+        let mut applied = Ok(());
+        for ev in events.drain(..) {
+            applied = handle(&ev, &mut p, out);
+            if applied.is_err() || p.done {
+                break;
+            }
         }
-        match conn.recv(&mut buf, ctl, out) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+        out.batch_end()?;
+        applied?;
+        if p.done {
+            // Nothing after `[DONE]` matters: keep the connection when the body ends right
+            // after it, else close it rather than wait.
+            if ex.finish_quietly(MAX_ERROR_BODY, ctl, out) {
+                client.release(ex);
+            }
+            return Ok(());
+        }
+        if !more {
+            break Ok(());
+        }
+    };
+    // An unterminated last record counts only when the body itself ended cleanly.
+    if eof.is_ok() {
+        dec.finish(&mut events)?;
+        for ev in events.drain(..) {
+            handle(&ev, &mut p, out)?;
+        }
+        client.release(ex);
+    }
+    // A finish reason means the reply is whole even when `[DONE]` never came.
+    if p.done || p.finished {
+        return Ok(());
+    }
+    eof?;
+    Err(OpenAiError::EndedEarly.into())
+}
+
+/// Forward one stream record: a plain content delta straight from borrowed strings (the common
+/// case, no JSON tree), any other record through [`parse_event`] and [`apply`].
+fn handle(ev: &Event, p: &mut Progress, out: &mut dyn EventSink) -> Result<(), Fail> {
+    match plain_content(ev) {
+        Some(text) if text.is_empty() => Ok(()),
+        Some(text) => Ok(out.delta(&text)?),
+        None => apply(parse_event(ev)?, p, out),
+    }
+}
+
+/// The text of a record that is nothing but a content delta of the first choice (no finish
+/// reason, usage, error, role change matters not, no tool or function call), read straight into
+/// borrowed strings; `None` for any other record, which [`parse_event`] then reads in full. The
+/// same meaning as `parse_event` for the records it accepts, at a fraction of the cost per token.
+fn plain_content(ev: &Event) -> Option<std::borrow::Cow<'_, str>> {
+    use serde::Deserialize;
+    use serde::de::IgnoredAny;
+    use std::borrow::Cow;
+
+    #[derive(Deserialize)]
+    struct Record<'a> {
+        #[serde(borrow)]
+        choices: Vec<Choice<'a>>,
+        usage: Option<IgnoredAny>,
+        error: Option<IgnoredAny>,
+    }
+    #[derive(Deserialize)]
+    struct Choice<'a> {
+        index: Option<u64>,
+        #[serde(borrow)]
+        delta: Delta<'a>,
+        finish_reason: Option<IgnoredAny>,
+    }
+    #[derive(Deserialize)]
+    struct Delta<'a> {
+        #[serde(borrow)]
+        content: Option<Cow<'a, str>>,
+        tool_calls: Option<IgnoredAny>,
+        function_call: Option<IgnoredAny>,
+    }
+
+    if ev.event.is_some() || !ev.data.trim_start().starts_with('{') {
+        return None;
+    }
+    let r: Record<'_> = serde_json::from_str(&ev.data).ok()?;
+    let [c] = <[Choice<'_>; 1]>::try_from(r.choices).ok()?;
+    let plain = r.usage.is_none()
+        && r.error.is_none()
+        && c.index.is_none_or(|i| i == 0)
+        && c.finish_reason.is_none()
+        && c.delta.tool_calls.is_none()
+        && c.delta.function_call.is_none();
+    if !plain {
+        return None;
+    }
+    c.delta.content
+}
+
+/// Read the rest of a body, at most `cap` bytes (best effort: a read error ends it).
+fn read_capped(ex: &mut Exchange, cap: usize, ctl: &RunControl, out: &mut dyn EventSink) -> Vec<u8> {
+    let mut text = Vec::new();
+    while let Ok(true) = ex.read_body(&mut text, ctl, out) {
+        if text.len() >= cap {
+            break;
         }
     }
     text.truncate(cap);
@@ -582,12 +722,23 @@ fn read_capped(
 
 impl Backend for OpenAi {
     fn run(&self, input: &RunInput, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), RunError> {
-        let url = self.url.as_ref().map_err(|e| self.fail(e))?;
-        match self.exchange(url, input, ctl, out) {
-            Ok(()) => Ok(()),
-            Err(Fail::Run(e)) => Err(e),
-            Err(Fail::Api(e)) => Err(self.fail(e)),
+        let mut tried: Vec<String> = Vec::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            let mut watch = Watch { inner: out, delta: false };
+            let e = match t.exchange(input, ctl, &mut watch) {
+                Ok(()) => return Ok(()),
+                Err(Fail::Run(e)) => return Err(e),
+                Err(Fail::Api(e)) => e,
+            };
+            let last = i + 1 == self.targets.len();
+            let go_on = !last && !watch.delta && falls_back(&e);
+            tried.push(t.label(&e));
+            if !go_on {
+                break;
+            }
+            crate::log!(Warn, "{}; trying the next fallback", t.label(&e));
         }
+        Err(RunError::Backend(tried.join("; then ")))
     }
 }
 
@@ -698,6 +849,39 @@ mod tests {
         }
         let named = Event { event: Some("error".into()), data: r#"{"message":"overloaded"}"#.into() };
         assert_eq!(parse_event(&named).unwrap_err().to_string(), "error in stream: overloaded");
+    }
+
+    #[test]
+    fn plain_content_records_match_the_full_reader() {
+        let cases = [
+            (r#"{"id":"x","choices":[{"index":0,"delta":{"content":"Hi \"q\" \u00e9"},"finish_reason":null}]}"#, true),
+            (r#"{"choices":[{"delta":{"role":"assistant","content":"a"},"logprobs":null}],"usage":null}"#, true),
+            (r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":null}}]}"#, false),
+            (r#"{"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":"stop"}]}"#, false),
+            (
+                r#"{"choices":[{"index":0,"delta":{"content":"x"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
+                false,
+            ),
+            (r#"{"choices":[{"index":1,"delta":{"content":"x"}}]}"#, false),
+            (r#"{"choices":[{"index":1,"delta":{"content":"B"}},{"index":0,"delta":{"content":"A"}}]}"#, false),
+            (r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}}]}"#, false),
+            (r#"{"choices":[{"index":0,"delta":{"content":"x"}}],"error":{"message":"boom"}}"#, false),
+            (r#"{"choices":[]}"#, false),
+            ("[DONE]", false),
+            ("not json", false),
+        ];
+        for (data, fast) in cases {
+            let e = ev(data);
+            let got = plain_content(&e);
+            assert_eq!(got.is_some(), fast, "{data}");
+            if let Some(text) = got {
+                let full = parse_event(&ev(data)).unwrap();
+                assert_eq!(full.content.unwrap_or_default(), text, "{data}");
+                assert!(full.finish.is_none() && full.usage.is_none() && !full.done, "{data}");
+            }
+        }
+        let named = Event { event: Some("error".into()), data: r#"{"choices":[{"delta":{"content":"x"}}]}"#.into() };
+        assert!(plain_content(&named).is_none());
     }
 
     #[test]

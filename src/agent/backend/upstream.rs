@@ -3,17 +3,13 @@
 //! The protocol pieces are pure: [`BaseUrl`] parsing, [`encode_request`], [`parse_head`] (status
 //! line and headers through httparse, framing decided per RFC 9112 §6.3) and [`BodyDecoder`]
 //! (chunked through the strict decoder of `http::chunked`, `Content-Length`, or read until
-//! close). [`Conn`] is the thin blocking shell around one `TcpStream`: it connects without
-//! blocking (so a cancel ends a slow connect), and it waits in steps of [`TICK`], checking the
-//! run's cancel token and deadline and ticking the event sink between steps. Dropping a `Conn`
-//! closes the connection, which is how a cancelled run stops the upstream's work.
+//! close). The connections, their pool and TLS live in [`super::client`].
 
 use std::fmt;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::{Duration, Instant};
+use std::io;
+use std::time::Duration;
 
-use crate::agent::{EventSink, RunControl, RunError, TICK};
+use crate::agent::RunError;
 use crate::http::chunked::{ChunkError, ChunkedDecoder};
 
 /// Largest response head accepted from an upstream.
@@ -50,6 +46,8 @@ pub enum UpstreamError {
     BadFraming(&'static str),
     /// The chunked body is malformed.
     Chunked(ChunkError),
+    /// The TLS handshake or a TLS record failed (certificate problems included).
+    Tls(String),
 }
 
 impl fmt::Display for UpstreamError {
@@ -74,6 +72,7 @@ impl fmt::Display for UpstreamError {
             UpstreamError::HeadTooLarge => write!(f, "response head larger than {MAX_HEAD} bytes"),
             UpstreamError::BadFraming(m) => write!(f, "malformed response framing: {m}"),
             UpstreamError::Chunked(e) => write!(f, "malformed chunked response body: {e}"),
+            UpstreamError::Tls(m) => write!(f, "TLS: {m}"),
         }
     }
 }
@@ -83,7 +82,7 @@ impl std::error::Error for UpstreamError {}
 /// Why an upstream exchange stopped early: the run's own cancel/deadline, or the upstream.
 #[derive(Debug)]
 pub enum Stop {
-    /// From [`RunControl::check`] or the event sink.
+    /// From [`crate::agent::RunControl::check`] or the event sink.
     Run(RunError),
     /// The upstream failed.
     Upstream(UpstreamError),
@@ -104,7 +103,7 @@ impl From<UpstreamError> for Stop {
 /// Why a base URL is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UrlError {
-    /// Not `http://` (`https://` needs TLS, which this build does not include).
+    /// Neither `http://` nor `https://`.
     Scheme,
     /// No host after the scheme.
     NoHost,
@@ -121,7 +120,7 @@ pub enum UrlError {
 impl fmt::Display for UrlError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            UrlError::Scheme => "expected an http:// URL",
+            UrlError::Scheme => "expected an http:// or https:// URL",
             UrlError::NoHost => "the URL has no host",
             UrlError::BadPort => "the URL's port must be a number from 1 to 65535",
             UrlError::UserInfo => "credentials in the URL are not supported: use apiKey",
@@ -131,12 +130,14 @@ impl fmt::Display for UrlError {
     }
 }
 
-/// An `http://host[:port][/path]` base URL, e.g. `http://127.0.0.1:8080/v1`.
+/// An `http[s]://host[:port][/path]` base URL, e.g. `http://127.0.0.1:8080/v1`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseUrl {
+    /// `https://`.
+    pub tls: bool,
     /// Host name or IP (IPv6 without brackets).
     pub host: String,
-    /// Port (80 when absent).
+    /// Port (80, or 443 for https, when absent).
     pub port: u16,
     /// `host[:port]` as written, for the `Host` header.
     pub authority: String,
@@ -147,9 +148,12 @@ pub struct BaseUrl {
 impl BaseUrl {
     /// Parse and check a base URL.
     pub fn parse(s: &str) -> Result<Self, UrlError> {
-        let rest = match s.get(..7) {
-            Some(p) if p.eq_ignore_ascii_case("http://") => &s[7..],
-            _ => return Err(UrlError::Scheme),
+        let (tls, rest) = if s.get(..7).is_some_and(|p| p.eq_ignore_ascii_case("http://")) {
+            (false, &s[7..])
+        } else if s.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("https://")) {
+            (true, &s[8..])
+        } else {
+            return Err(UrlError::Scheme);
         };
         if rest.bytes().any(|b| b <= b' ' || b >= 0x7f) {
             return Err(UrlError::BadCharacter);
@@ -177,6 +181,7 @@ impl BaseUrl {
             return Err(UrlError::NoHost);
         }
         let port = match port {
+            None if tls => 443,
             None => 80,
             Some(p) => match p.parse::<u16>() {
                 Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => n,
@@ -184,6 +189,7 @@ impl BaseUrl {
             },
         };
         Ok(BaseUrl {
+            tls,
             host: host.to_string(),
             port,
             authority: authority.to_string(),
@@ -193,9 +199,15 @@ impl BaseUrl {
 }
 
 /// Append a complete request for `base.path + suffix` with `headers` and `body` to `out`.
-/// `Host`, `Content-Length` and `Connection: close` are added here (one request per connection:
-/// closing it is how a run cancels the upstream's work).
-pub fn encode_request(out: &mut Vec<u8>, base: &BaseUrl, suffix: &str, headers: &[(&str, &str)], body: &[u8]) {
+/// `Host` and `Content-Length` are added here. The connection is left to keep-alive: a run that
+/// must stop the upstream's work closes it instead.
+pub fn encode_request<'a>(
+    out: &mut Vec<u8>,
+    base: &BaseUrl,
+    suffix: &str,
+    headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+    body: &[u8],
+) {
     out.extend_from_slice(b"POST ");
     out.extend_from_slice(base.path.as_bytes());
     out.extend_from_slice(suffix.as_bytes());
@@ -208,7 +220,7 @@ pub fn encode_request(out: &mut Vec<u8>, base: &BaseUrl, suffix: &str, headers: 
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"Connection: close\r\nContent-Length: ");
+    out.extend_from_slice(b"Content-Length: ");
     crate::util::push_decimal(out, body.len() as u64);
     out.extend_from_slice(b"\r\n\r\n");
     out.extend_from_slice(body);
@@ -234,6 +246,9 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// `Content-Type`, lower-cased, parameters dropped.
     pub content_type: Option<String>,
+    /// The upstream lets the connection carry another request after this response (HTTP/1.1
+    /// without `Connection: close`).
+    pub keep_alive: bool,
 }
 
 /// Parse a response head at the start of `buf`: `Ok(None)` when more bytes are needed, else the
@@ -262,6 +277,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, UpstreamE
         let mut te = false;
         let mut length: Option<u64> = None;
         let mut content_type = None;
+        let mut keep_alive = resp.version == Some(1);
         for h in resp.headers.iter() {
             let value = std::str::from_utf8(h.value).unwrap_or("").trim();
             if h.name.eq_ignore_ascii_case("transfer-encoding") {
@@ -286,6 +302,10 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, UpstreamE
                     }
                     length = Some(n);
                 }
+            } else if h.name.eq_ignore_ascii_case("connection") {
+                if value.split(',').any(|o| o.trim().eq_ignore_ascii_case("close")) {
+                    keep_alive = false;
+                }
             } else if h.name.eq_ignore_ascii_case("content-type") {
                 let ct = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
                 content_type = Some(ct);
@@ -304,7 +324,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, UpstreamE
         } else {
             Framing::Close
         };
-        return Ok(Some((ResponseHead { status, framing, content_type }, skipped + n)));
+        return Ok(Some((ResponseHead { status, framing, content_type, keep_alive }, skipped + n)));
     }
 }
 
@@ -369,153 +389,6 @@ impl BodyDecoder {
     }
 }
 
-/// One upstream connection.
-#[derive(Debug)]
-pub struct Conn {
-    sock: TcpStream,
-    /// Longest silence tolerated.
-    idle: Duration,
-    last_byte: Instant,
-}
-
-/// Resolve `host:port` and connect to the first address that answers, within `timeout`.
-///
-/// The connect itself is non-blocking (mio), polled every [`TICK`], so a cancel or the run's
-/// deadline ends it at once even when the upstream drops SYNs.
-pub fn connect(
-    url: &BaseUrl,
-    timeout: Duration,
-    idle: Duration,
-    ctl: &RunControl,
-    out: &mut dyn EventSink,
-) -> Result<Conn, Stop> {
-    let addrs: Vec<SocketAddr> =
-        (url.host.as_str(), url.port).to_socket_addrs().map_err(UpstreamError::Resolve)?.collect();
-    let end = Instant::now() + timeout;
-    let mut last_err = None;
-    for addr in addrs {
-        match connect_one(addr, end, ctl, out) {
-            Ok(sock) => {
-                // Tokens are small writes that must not wait for Nagle.
-                let _ = sock.set_nodelay(true);
-                sock.set_read_timeout(Some(TICK)).map_err(UpstreamError::Connect)?;
-                sock.set_write_timeout(Some(TICK)).map_err(UpstreamError::Connect)?;
-                return Ok(Conn { sock, idle, last_byte: Instant::now() });
-            }
-            Err(Stop::Upstream(UpstreamError::Connect(e))) => last_err = Some(e),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(match last_err {
-        Some(e) => UpstreamError::Connect(e),
-        None => UpstreamError::Resolve(io::Error::new(io::ErrorKind::NotFound, "no addresses")),
-    }
-    .into())
-}
-
-fn connect_one(addr: SocketAddr, end: Instant, ctl: &RunControl, out: &mut dyn EventSink) -> Result<TcpStream, Stop> {
-    use mio::{Events, Interest, Poll, Token};
-    let mut sock = mio::net::TcpStream::connect(addr).map_err(UpstreamError::Connect)?;
-    let mut poll = Poll::new().map_err(UpstreamError::Connect)?;
-    poll.registry().register(&mut sock, Token(0), Interest::WRITABLE).map_err(UpstreamError::Connect)?;
-    let mut events = Events::with_capacity(4);
-    let timeout = end.saturating_duration_since(Instant::now());
-    loop {
-        ctl.check()?;
-        let now = Instant::now();
-        if now >= end {
-            return Err(UpstreamError::ConnectTimeout(timeout).into());
-        }
-        match poll.poll(&mut events, Some((end - now).min(TICK))) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(UpstreamError::Connect(e).into()),
-        }
-        if events.is_empty() {
-            out.tick()?;
-            continue;
-        }
-        // Writable means connected or failed; spurious wake-ups show as NotConnected.
-        if let Some(e) = sock.take_error().map_err(UpstreamError::Connect)? {
-            return Err(UpstreamError::Connect(e).into());
-        }
-        match sock.peer_addr() {
-            Ok(_) => {
-                poll.registry().deregister(&mut sock).map_err(UpstreamError::Connect)?;
-                let std: TcpStream = sock.into();
-                std.set_nonblocking(false).map_err(UpstreamError::Connect)?;
-                return Ok(std);
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => continue,
-            Err(e) => return Err(UpstreamError::Connect(e).into()),
-        }
-    }
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
-}
-
-impl Conn {
-    /// A step of waiting: fail on cancel, deadline or too long a silence; tick the sink.
-    fn waited(&self, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), Stop> {
-        ctl.check()?;
-        if self.last_byte.elapsed() >= self.idle {
-            return Err(UpstreamError::ReadTimeout(self.idle).into());
-        }
-        out.tick()?;
-        Ok(())
-    }
-
-    /// Write all of `buf`.
-    pub fn send(&mut self, mut buf: &[u8], ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), Stop> {
-        while !buf.is_empty() {
-            match self.sock.write(buf) {
-                Ok(0) => return Err(UpstreamError::Write(io::ErrorKind::WriteZero.into()).into()),
-                Ok(n) => {
-                    buf = &buf[n..];
-                    self.last_byte = Instant::now();
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if is_timeout(&e) => self.waited(ctl, out)?,
-                Err(e) => return Err(UpstreamError::Write(e).into()),
-            }
-        }
-        self.last_byte = Instant::now();
-        Ok(())
-    }
-
-    /// Read some bytes into `buf` (appending); `Ok(0)` at end of stream.
-    pub fn recv(&mut self, buf: &mut Vec<u8>, ctl: &RunControl, out: &mut dyn EventSink) -> Result<usize, Stop> {
-        let mut tmp = [0u8; 16 * 1024];
-        loop {
-            match self.sock.read(&mut tmp) {
-                Ok(n) => {
-                    self.last_byte = Instant::now();
-                    buf.extend_from_slice(&tmp[..n]);
-                    // A check per read too, so a flood of data cannot outrun a cancel.
-                    ctl.check()?;
-                    return Ok(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if is_timeout(&e) => self.waited(ctl, out)?,
-                Err(e) => return Err(UpstreamError::Read(e).into()),
-            }
-        }
-    }
-
-    /// Close the connection now (also done on drop).
-    pub fn close(self) {
-        let _ = self.sock.shutdown(Shutdown::Both);
-    }
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        let _ = self.sock.shutdown(Shutdown::Both);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,15 +397,21 @@ mod tests {
     fn base_urls() {
         let u = BaseUrl::parse("http://127.0.0.1:8080/v1/").unwrap();
         assert_eq!(
-            (u.host.as_str(), u.port, u.authority.as_str(), u.path.as_str()),
-            ("127.0.0.1", 8080, "127.0.0.1:8080", "/v1")
+            (u.tls, u.host.as_str(), u.port, u.authority.as_str(), u.path.as_str()),
+            (false, "127.0.0.1", 8080, "127.0.0.1:8080", "/v1")
+        );
+        let u = BaseUrl::parse("https://api.openai.com/v1").unwrap();
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port, u.authority.as_str()),
+            (true, "api.openai.com", 443, "api.openai.com")
         );
         let u = BaseUrl::parse("HTTP://localhost").unwrap();
         assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("localhost", 80, ""));
         let u = BaseUrl::parse("http://[::1]:11434/v1").unwrap();
         assert_eq!((u.host.as_str(), u.port, u.authority.as_str()), ("::1", 11434, "[::1]:11434"));
         let bad: &[(&str, UrlError)] = &[
-            ("https://x/v1", UrlError::Scheme),
+            ("httpx://x/v1", UrlError::Scheme),
+            ("https:/x", UrlError::Scheme),
             ("ftp://x", UrlError::Scheme),
             ("http://", UrlError::NoHost),
             ("http://:80/v1", UrlError::NoHost),
@@ -553,11 +432,11 @@ mod tests {
     fn request_bytes() {
         let u = BaseUrl::parse("http://h:1/v1").unwrap();
         let mut out = Vec::new();
-        encode_request(&mut out, &u, "/chat/completions", &[("Accept", "text/event-stream")], b"{}");
+        encode_request(&mut out, &u, "/chat/completions", [("Accept", "text/event-stream")], b"{}");
         assert_eq!(
             out,
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: h:1\r\nAccept: text/event-stream\r\n\
-              Connection: close\r\nContent-Length: 2\r\n\r\n{}"
+              Content-Length: 2\r\n\r\n{}"
         );
     }
 
@@ -572,10 +451,18 @@ mod tests {
         assert_eq!(n, s.len() - 4);
         assert_eq!(
             h,
-            ResponseHead { status: 200, framing: Framing::Chunked, content_type: Some("text/event-stream".into()) }
+            ResponseHead {
+                status: 200,
+                framing: Framing::Chunked,
+                content_type: Some("text/event-stream".into()),
+                keep_alive: true
+            }
         );
         let (h, _) = head("HTTP/1.0 404 Not Found\r\nContent-Length: 5, 5\r\n\r\n").unwrap().unwrap();
-        assert_eq!((h.status, h.framing), (404, Framing::Length(5)));
+        assert_eq!((h.status, h.framing, h.keep_alive), (404, Framing::Length(5), false));
+        let (h, _) =
+            head("HTTP/1.1 200 OK\r\nConnection: Keep-Alive, Close\r\nContent-Length: 0\r\n\r\n").unwrap().unwrap();
+        assert!(!h.keep_alive);
         let (h, _) = head("HTTP/1.1 200 OK\r\n\r\n").unwrap().unwrap();
         assert_eq!(h.framing, Framing::Close);
         // Transfer-Encoding wins over Content-Length.
