@@ -7,7 +7,7 @@ use std::sync::mpsc;
 
 use crate::agent::resolve::{self, ResolveError};
 use crate::agent::run::{RunOutcome, RunRequest, execute};
-use crate::agent::{CancelToken, EventSink, FinishReason, RunError, Usage};
+use crate::agent::{CancelToken, RunError, RunSink};
 use crate::config::{self, Config, Overrides};
 use crate::gateway::Gateway;
 
@@ -226,7 +226,7 @@ struct Printer {
     stream: bool,
 }
 
-impl EventSink for Printer {
+impl RunSink for Printer {
     fn delta(&mut self, text: &str) -> Result<(), RunError> {
         if self.stream {
             let mut out = std::io::stdout().lock();
@@ -239,8 +239,6 @@ impl EventSink for Printer {
     fn tool_call(&mut self, _: &crate::agent::tools::ToolCallPiece) -> Result<(), RunError> {
         Ok(())
     }
-    fn usage(&mut self, _: Usage) {}
-    fn finish(&mut self, _: FinishReason) {}
 }
 
 fn agent(mut args: Args) -> Result<i32, i32> {
@@ -297,8 +295,7 @@ fn agent(mut args: Args) -> Result<i32, i32> {
     if json {
         let v = serde_json::json!({
             "reply": out.text, "finishReason": out.error.as_ref().map_or(out.finish.as_str(), |_| "error"),
-            "usage": { "prompt_tokens": out.usage.prompt_tokens, "completion_tokens": out.usage.completion_tokens,
-                       "total_tokens": out.usage.total() },
+            "usage": out.usage.to_json(false),
             "sessionKey": run.session_key, "agentId": gw.agents[agent].cfg.id,
             "error": out.error.as_ref().map(|e| e.to_string()),
         });

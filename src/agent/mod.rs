@@ -152,6 +152,39 @@ pub trait EventSink {
     }
 }
 
+/// Where a run's output goes on its surface (SSE records, WebSocket events, the terminal): what
+/// a client sees while the run goes. Usage and the finish reason are not pushed here; they come
+/// back in the run's outcome ([`run::RunOutcome`]). `()` is the sink of a run whose client only
+/// wants the outcome.
+pub trait RunSink {
+    /// A piece of reply text. An error means the consumer is gone: the run stops with it.
+    fn delta(&mut self, text: &str) -> Result<(), RunError>;
+    /// A piece of a call to one of the client's tools (numbered among the client's calls).
+    fn tool_call(&mut self, piece: &tools::ToolCallPiece) -> Result<(), RunError>;
+    /// An agent tool started or ended.
+    fn tool_event(&mut self, _ev: &tools::ToolEvent<'_>) {}
+    /// Called at least every half second while the run waits (see [`EventSink::tick`]).
+    fn tick(&mut self) -> Result<(), RunError> {
+        Ok(())
+    }
+    /// Several events follow at once (see [`EventSink::batch_begin`]): deltas may be held back
+    /// until [`batch_end`](Self::batch_end).
+    fn batch_begin(&mut self) {}
+    /// End of a batch: everything held back goes out now. An error means: stop with it.
+    fn batch_end(&mut self) -> Result<(), RunError> {
+        Ok(())
+    }
+}
+
+impl RunSink for () {
+    fn delta(&mut self, _: &str) -> Result<(), RunError> {
+        Ok(())
+    }
+    fn tool_call(&mut self, _: &tools::ToolCallPiece) -> Result<(), RunError> {
+        Ok(())
+    }
+}
+
 /// A cancel flag that sleeping backends can wait on.
 #[derive(Clone, Default)]
 pub struct CancelToken(Arc<CancelInner>);

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use super::Agent;
 use super::tools::{Calls, ToolCall, ToolCallPiece, ToolEvent};
 use super::{
-    CancelToken, ChatMessage, EventSink, FinishReason, Role, RunControl, RunError, RunInput, RunOptions, Usage,
-    count_words, tool_exec,
+    CancelToken, ChatMessage, EventSink, FinishReason, Role, RunControl, RunError, RunInput, RunOptions, RunSink,
+    Usage, count_words, tool_exec,
 };
 use crate::config::AgentToolConfig;
 use crate::session::SessionStore;
@@ -69,7 +69,7 @@ pub struct RunOutcome {
 /// text and the calls, forwards text and the pieces of calls to the client's tools (numbered
 /// among themselves), and holds back the pieces of calls to the agent's own tools.
 struct Recorder<'a> {
-    inner: &'a mut dyn EventSink,
+    inner: &'a mut dyn RunSink,
     agent_tools: &'a [AgentToolConfig],
     text: String,
     step_text: String,
@@ -123,7 +123,6 @@ impl EventSink for Recorder<'_> {
     }
     fn usage(&mut self, usage: Usage) {
         self.usage = Some(usage);
-        self.inner.usage(usage);
     }
     fn finish(&mut self, reason: FinishReason) {
         self.finish = reason;
@@ -159,7 +158,7 @@ pub fn execute(
     sessions: &SessionStore,
     req: &RunRequest,
     cancel: &CancelToken,
-    sink: &mut dyn EventSink,
+    sink: &mut dyn RunSink,
 ) -> RunOutcome {
     let started = Instant::now();
     let _active = crate::metrics::run_guard();
@@ -321,7 +320,6 @@ pub fn execute(
         usage.completion_tokens,
         steps
     );
-    rec.inner.finish(rec.finish);
     RunOutcome { text: rec.text, tool_calls: client_calls, usage, finish: rec.finish, error }
 }
 

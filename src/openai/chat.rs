@@ -337,10 +337,6 @@ pub fn echo_model(req: &ChatRequest, agent_id: &str) -> String {
     req.model.clone().unwrap_or_else(|| format!("gatelet/{agent_id}"))
 }
 
-fn usage_json(u: Usage) -> Value {
-    json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total() })
-}
-
 /// The non-streaming `chat.completion` body. With tool calls, `content` is `null` when there is
 /// no text and `message.tool_calls` lists the calls (SPEC §5.1).
 pub fn completion_body(
@@ -362,7 +358,7 @@ pub fn completion_body(
     let v = json!({
         "id": id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{ "index": 0, "message": message, "logprobs": null, "finish_reason": finish.as_str() }],
-        "usage": usage_json(usage),
+        "usage": usage.to_json(false),
     });
     serde_json::to_vec(&v).unwrap_or_default()
 }
@@ -460,7 +456,7 @@ impl ChunkEncoder {
         }
         out.extend_from_slice(&self.prefix);
         out.extend_from_slice(b"[],\"usage\":");
-        let _ = serde_json::to_writer(&mut *out, &usage_json(usage));
+        let _ = serde_json::to_writer(&mut *out, &usage.to_json(false));
         out.extend_from_slice(b"}\n\n");
     }
 

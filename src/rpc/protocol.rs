@@ -193,8 +193,7 @@ pub fn run_result(s: &RunSummary) -> Value {
     let mut v = json!({
         "text": s.text,
         "finishReason": if s.error.is_some() { "error" } else { s.finish.as_str() },
-        "usage": { "promptTokens": s.usage.prompt_tokens, "completionTokens": s.usage.completion_tokens,
-                   "totalTokens": s.usage.total() },
+        "usage": s.usage.to_json(true),
         "sessionKey": s.session_key,
         "agentId": s.agent_id,
     });

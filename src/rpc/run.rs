@@ -21,7 +21,7 @@ use super::{Outbox, Outgoing};
 use crate::agent::registry::RunSummary;
 use crate::agent::run::{RunRequest, execute};
 use crate::agent::tools::{ToolCall, ToolCallPiece, ToolEvent};
-use crate::agent::{CancelToken, EventSink, FinishReason, RunError, Usage};
+use crate::agent::{CancelToken, FinishReason, RunError, RunSink, Usage};
 use crate::gateway::Gateway;
 use crate::util::now_ms;
 
@@ -131,7 +131,7 @@ impl Sink<'_> {
     }
 }
 
-impl EventSink for Sink<'_> {
+impl RunSink for Sink<'_> {
     fn delta(&mut self, d: &str) -> Result<(), RunError> {
         if self.r.cancel.is_cancelled() {
             return Err(RunError::Cancelled);
@@ -174,10 +174,6 @@ impl EventSink for Sink<'_> {
         };
         self.agent_event("tool", data);
     }
-
-    fn usage(&mut self, _: Usage) {}
-
-    fn finish(&mut self, _: FinishReason) {}
 
     fn tick(&mut self) -> Result<(), RunError> {
         if self.r.cancel.is_cancelled() {
@@ -246,9 +242,7 @@ impl WsRun {
                 sink.agent_event("lifecycle", json!({ "phase": "error", "error": e.to_string() }));
             }
             (Kind::Chat, err) => {
-                let usage = json!({ "promptTokens": s.usage.prompt_tokens,
-                                    "completionTokens": s.usage.completion_tokens,
-                                    "totalTokens": s.usage.total() });
+                let usage = s.usage.to_json(true);
                 sink.text = s.text.clone();
                 match err {
                     None => {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::agent::run::{RunRequest, execute};
 use crate::agent::tools::ToolCallPiece;
-use crate::agent::{CancelToken, EventSink, FinishReason, RunError, Usage};
+use crate::agent::{CancelToken, RunError, RunSink};
 use crate::gateway::Gateway;
 use crate::http::response::{LAST_CHUNK, Response, push_chunk, push_header, push_status_line};
 use crate::openai::ApiError;
@@ -114,19 +114,8 @@ impl ChatJob {
 
     /// A non-streaming run: the full response bytes, or `None` when the client went away.
     pub fn run_buffered(&self) -> Option<Response> {
-        struct Null;
-        impl EventSink for Null {
-            fn delta(&mut self, _: &str) -> Result<(), RunError> {
-                Ok(())
-            }
-            fn tool_call(&mut self, _: &ToolCallPiece) -> Result<(), RunError> {
-                Ok(())
-            }
-            fn usage(&mut self, _: Usage) {}
-            fn finish(&mut self, _: FinishReason) {}
-        }
         let created = crate::util::now_secs();
-        let out = execute(&self.gw.agents[self.run.agent], &self.gw.sessions, &self.run, &self.cancel, &mut Null);
+        let out = execute(&self.gw.agents[self.run.agent], &self.gw.sessions, &self.run, &self.cancel, &mut ());
         let mut resp = match &out.error {
             None => Response::json(
                 200,
@@ -300,7 +289,7 @@ impl SseSink<'_> {
     }
 }
 
-impl EventSink for SseSink<'_> {
+impl RunSink for SseSink<'_> {
     fn delta(&mut self, text: &str) -> Result<(), RunError> {
         self.start()?;
         self.enc.content(&mut self.rec, text);
@@ -321,10 +310,6 @@ impl EventSink for SseSink<'_> {
         self.enc.tool_call(&mut self.rec, piece);
         self.send()
     }
-
-    fn usage(&mut self, _: Usage) {}
-
-    fn finish(&mut self, _: FinishReason) {}
 
     fn tick(&mut self) -> Result<(), RunError> {
         if self.dead {

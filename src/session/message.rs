@@ -86,4 +86,30 @@ impl Usage {
     pub fn total(&self) -> u64 {
         self.prompt_tokens + self.completion_tokens
     }
+
+    /// The usage object every answer carries: `{"prompt_tokens","completion_tokens",
+    /// "total_tokens"}` (OpenAI responses, transcripts, `gatelet agent --json`), or with `camel`
+    /// the WebSocket protocol's `{"promptTokens","completionTokens","totalTokens"}`.
+    pub fn to_json(self, camel: bool) -> serde_json::Value {
+        let (p, c, t) = if camel {
+            ("promptTokens", "completionTokens", "totalTokens")
+        } else {
+            ("prompt_tokens", "completion_tokens", "total_tokens")
+        };
+        serde_json::json!({ p: self.prompt_tokens, c: self.completion_tokens, t: self.total() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_in_both_wire_styles() {
+        let u = Usage { prompt_tokens: 2, completion_tokens: 3 };
+        let want = serde_json::json!({ "prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5 });
+        assert_eq!(u.to_json(false), want);
+        let want = serde_json::json!({ "promptTokens": 2, "completionTokens": 3, "totalTokens": 5 });
+        assert_eq!(u.to_json(true), want);
+    }
 }

@@ -589,8 +589,7 @@ fn header(i: &SessionInfo) -> Value {
 fn message_line(m: &StoredMessage) -> Value {
     let mut v = json!({ "type": "message", "role": m.role.as_str(), "content": m.content, "timestamp": m.timestamp });
     if let Some(u) = m.usage {
-        v["usage"] = json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                             "total_tokens": u.total() });
+        v["usage"] = u.to_json(false);
     }
     // `content` stays a string so that any reader of these files finds text there; parts and
     // a `null` content live beside it.
