@@ -935,7 +935,7 @@ impl Validator {
             ],
         );
         let base_url = self.string(m, p, "baseUrl").unwrap_or_default();
-        let url = crate::agent::backend::upstream::BaseUrl::parse(&base_url);
+        let url = crate::http::url::BaseUrl::parse(&base_url);
         match &url {
             Ok(u) if u.tls && !cfg!(feature = "tls") => self.problem(
                 &format!("{p}.baseUrl"),

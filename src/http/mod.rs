@@ -1,5 +1,6 @@
-//! HTTP/1.1 codecs: request head and framing, chunked bodies, responses.
+//! HTTP/1.1 codecs: request head and framing, chunked bodies, responses, upstream base URLs.
 
 pub mod chunked;
 pub mod head;
 pub mod response;
+pub mod url;
