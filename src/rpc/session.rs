@@ -768,22 +768,8 @@ mod tests {
 
     /// A masked client text frame.
     fn client_text(payload: &str) -> Vec<u8> {
-        let key = [1, 2, 3, 4];
-        let n = payload.len();
-        let mut v = vec![0x81];
-        if n < 126 {
-            v.push(0x80 | n as u8);
-        } else if n <= 0xffff {
-            v.push(0x80 | 126);
-            v.extend_from_slice(&(n as u16).to_be_bytes());
-        } else {
-            v.push(0x80 | 127);
-            v.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-        v.extend_from_slice(&key);
-        let mut p = payload.as_bytes().to_vec();
-        frame::apply_mask(&mut p, key, 0);
-        v.extend(p);
+        let mut v = Vec::new();
+        frame::encode_masked(&mut v, 0x81, payload.as_bytes(), [1, 2, 3, 4]);
         v
     }
 
