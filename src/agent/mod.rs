@@ -122,18 +122,26 @@ impl fmt::Display for RunError {
 
 impl std::error::Error for RunError {}
 
-/// Where a backend sends what it produces.
-pub trait EventSink {
+/// Where a backend sends what it produces: everything a surface sees ([`RunSink`]), plus the
+/// token counts and the finish reason, which the run path keeps and returns in its outcome.
+pub trait EventSink: RunSink {
+    /// Token counts reported by the backend (the last report wins).
+    fn usage(&mut self, usage: Usage);
+    /// The finish reason reported by the backend (default `stop`).
+    fn finish(&mut self, reason: FinishReason);
+}
+
+/// Where a run's output goes on its surface (SSE records, WebSocket events, the terminal): what
+/// a client sees while the run goes. Usage and the finish reason are not pushed here; they come
+/// back in the run's outcome ([`run::RunOutcome`]). `()` is the sink of a run whose client only
+/// wants the outcome.
+pub trait RunSink {
     /// A piece of reply text. An error means the consumer is gone: stop and return
     /// `Err(RunError::Cancelled)`.
     fn delta(&mut self, text: &str) -> Result<(), RunError>;
-    /// Token counts reported by the backend (the last report wins).
-    fn usage(&mut self, usage: Usage);
     /// A piece of a tool call. The first piece of each call carries its `id` and `name`; calls
     /// are numbered 0, 1, 2… in the order they start. An error means: stop with it.
     fn tool_call(&mut self, piece: &tools::ToolCallPiece) -> Result<(), RunError>;
-    /// The finish reason reported by the backend (default `stop`).
-    fn finish(&mut self, reason: FinishReason);
     /// An agent tool started or ended (the gateway runs those itself; clients never see them as
     /// reply content).
     fn tool_event(&mut self, _ev: &tools::ToolEvent<'_>) {}
@@ -145,30 +153,6 @@ pub trait EventSink {
     }
     /// The backend has several events at hand (records decoded from one upstream read): until
     /// [`batch_end`](Self::batch_end) the sink may hold deltas back to write them together.
-    fn batch_begin(&mut self) {}
-    /// End of a batch: everything held back goes out now. An error means: stop with it.
-    fn batch_end(&mut self) -> Result<(), RunError> {
-        Ok(())
-    }
-}
-
-/// Where a run's output goes on its surface (SSE records, WebSocket events, the terminal): what
-/// a client sees while the run goes. Usage and the finish reason are not pushed here; they come
-/// back in the run's outcome ([`run::RunOutcome`]). `()` is the sink of a run whose client only
-/// wants the outcome.
-pub trait RunSink {
-    /// A piece of reply text. An error means the consumer is gone: the run stops with it.
-    fn delta(&mut self, text: &str) -> Result<(), RunError>;
-    /// A piece of a call to one of the client's tools (numbered among the client's calls).
-    fn tool_call(&mut self, piece: &tools::ToolCallPiece) -> Result<(), RunError>;
-    /// An agent tool started or ended.
-    fn tool_event(&mut self, _ev: &tools::ToolEvent<'_>) {}
-    /// Called at least every half second while the run waits (see [`EventSink::tick`]).
-    fn tick(&mut self) -> Result<(), RunError> {
-        Ok(())
-    }
-    /// Several events follow at once (see [`EventSink::batch_begin`]): deltas may be held back
-    /// until [`batch_end`](Self::batch_end).
     fn batch_begin(&mut self) {}
     /// End of a batch: everything held back goes out now. An error means: stop with it.
     fn batch_end(&mut self) -> Result<(), RunError> {
@@ -238,7 +222,7 @@ impl CancelToken {
 }
 
 /// The longest a backend may go without checking [`RunControl`] and calling
-/// [`EventSink::tick`].
+/// [`RunSink::tick`].
 pub const TICK: Duration = Duration::from_millis(250);
 
 /// Cancellation and deadline of one run, as seen by a backend.

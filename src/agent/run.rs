@@ -93,7 +93,7 @@ impl Recorder<'_> {
     }
 }
 
-impl EventSink for Recorder<'_> {
+impl RunSink for Recorder<'_> {
     fn delta(&mut self, text: &str) -> Result<(), RunError> {
         if text.is_empty() {
             return Ok(());
@@ -121,12 +121,6 @@ impl EventSink for Recorder<'_> {
             None => Ok(()),
         }
     }
-    fn usage(&mut self, usage: Usage) {
-        self.usage = Some(usage);
-    }
-    fn finish(&mut self, reason: FinishReason) {
-        self.finish = reason;
-    }
     fn tick(&mut self) -> Result<(), RunError> {
         self.inner.tick()
     }
@@ -138,6 +132,15 @@ impl EventSink for Recorder<'_> {
     }
     fn batch_end(&mut self) -> Result<(), RunError> {
         self.inner.batch_end()
+    }
+}
+
+impl EventSink for Recorder<'_> {
+    fn usage(&mut self, usage: Usage) {
+        self.usage = Some(usage);
+    }
+    fn finish(&mut self, reason: FinishReason) {
+        self.finish = reason;
     }
 }
 
