@@ -449,7 +449,7 @@ def main():
         with open(cfg, "w") as f:
             f.write(f"""{{
   gateway: {{
-    port: {port}, bind: "loopback", workers: 2, maxRunsPerIp: 0,
+    port: {port}, bind: "loopback", workers: 2, maxRunsPerIp: 0, maxConnectionsPerIp: 0,
     auth: {{ mode: "token", token: "{TOKEN}" }},
     http: {{ endpoints: {{ chatCompletions: {{ enabled: true }} }} }},
   }},

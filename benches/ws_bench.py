@@ -143,8 +143,17 @@ class Conn:
 def start_gateway(binary, port, state_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATELET_")}
     env.update(GATELET_STATE_DIR=state_dir, GATELET_LOG="warn")
+    # examples/echo.json5, with the per-address caps off: every bench client comes from 127.0.0.1.
+    cfg = os.path.join(state_dir, "ws_bench.json5")
+    with open(cfg, "w") as f:
+        f.write(
+            "{ gateway: { auth: { token: '%s' }, maxConnectionsPerIp: 0, maxRunsPerIp: 0, "
+            "http: { endpoints: { chatCompletions: { enabled: true } } } }, "
+            "agents: { defaults: { backend: { kind: 'echo' } } }, session: { persist: false } }"
+            % TOKEN
+        )
     p = subprocess.Popen(
-        [binary, "gateway", "--config", str(ROOT / "examples" / "echo.json5"), "--port", str(port)],
+        [binary, "gateway", "--config", cfg, "--port", str(port)],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

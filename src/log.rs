@@ -158,14 +158,12 @@ pub fn start_writer() {
 /// instead of being woken for each one: a wake-up per line (a futex call and a context switch)
 /// would cost the serving threads more than the line itself.
 const BATCH_WAIT: Duration = Duration::from_millis(10);
-/// A batch at least this big means lines are coming fast: collect for [`BATCH_WAIT`] before the
-/// next write. Smaller ones are written as they come, so a quiet gateway's lines appear at once.
-const BUSY_BATCH: usize = 4096;
 
 fn writer() {
     use std::io::Write;
     let Some(q) = WRITER.get() else { return };
     let mut out = Vec::with_capacity(64 * 1024);
+    let mut last_write: Option<Instant> = None;
     loop {
         {
             let mut b = q.buf.lock().unwrap_or_else(|e| e.into_inner());
@@ -180,11 +178,15 @@ fn writer() {
         let _ = err.write_all(&out);
         let _ = err.flush();
         drop(err);
-        let busy = out.len() >= BUSY_BATCH;
         out.clear();
         if out.capacity() > 1 << 20 {
             out.shrink_to(64 * 1024);
         }
+        // Two writes within BATCH_WAIT mean lines are coming fast: collect for a while before
+        // the next one. A quiet gateway's lines are written as they come.
+        let now = Instant::now();
+        let busy = last_write.is_some_and(|t| now.duration_since(t) < BATCH_WAIT);
+        last_write = Some(now);
         if busy {
             std::thread::sleep(BATCH_WAIT);
         }

@@ -8,9 +8,24 @@
 //! with its own `_count`.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// Counters of every upstream pool in this process, read by `/metrics`.
+#[derive(Debug)]
+pub struct PoolStats {
+    /// Idle pooled connections now.
+    pub idle: AtomicI64,
+    /// Connections opened.
+    pub opened: AtomicU64,
+    /// Requests sent on a pooled (reused) connection.
+    pub reused: AtomicU64,
+}
+
+/// The process-wide upstream pool counters.
+pub static POOL_STATS: PoolStats =
+    PoolStats { idle: AtomicI64::new(0), opened: AtomicU64::new(0), reused: AtomicU64::new(0) };
 
 /// Routes counted in `gatelet_http_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,36 +161,6 @@ impl AgentStats {
 /// Most distinct agent ids that get their own series; later ones share the `_other` series.
 pub const MAX_AGENT_SERIES: usize = 256;
 
-/// Counters for the upstream HTTP connection pool of `openai` backends. The pool reports into
-/// [`UPSTREAM`]; until it does ([`UpstreamStats::mark_wired`]), the series read 0 and their help
-/// text says so.
-#[derive(Debug)]
-pub struct UpstreamStats {
-    wired: AtomicBool,
-    idle: AtomicI64,
-    opened: AtomicU64,
-    reused: AtomicU64,
-}
-
-impl UpstreamStats {
-    /// The pool calls this once, when it starts reporting.
-    pub fn mark_wired(&self) {
-        self.wired.store(true, Relaxed);
-    }
-    /// A new upstream connection was opened.
-    pub fn connection_opened(&self) {
-        self.opened.fetch_add(1, Relaxed);
-    }
-    /// A pooled connection was reused for a request.
-    pub fn connection_reused(&self) {
-        self.reused.fetch_add(1, Relaxed);
-    }
-    /// Change the number of idle pooled connections by `delta`.
-    pub fn idle_changed(&self, delta: i64) {
-        self.idle.fetch_add(delta, Relaxed);
-    }
-}
-
 /// The process-wide counters.
 #[derive(Debug)]
 pub struct Metrics {
@@ -202,14 +187,6 @@ pub static METRICS: std::sync::LazyLock<Metrics> = std::sync::LazyLock::new(|| M
     reload_failed: AtomicU64::new(0),
     agents: Mutex::new(Vec::new()),
 });
-
-/// Where the upstream connection pool reports.
-pub static UPSTREAM: UpstreamStats = UpstreamStats {
-    wired: AtomicBool::new(false),
-    idle: AtomicI64::new(0),
-    opened: AtomicU64::new(0),
-    reused: AtomicU64::new(0),
-};
 
 /// Count one answered request.
 pub fn request(route: RouteLabel, status: u16) {
@@ -379,26 +356,20 @@ pub fn render(queued_runs: usize) -> String {
     let _ = writeln!(out, "gatelet_open_connections{{protocol=\"http\"}} {}", conns - ws);
     let _ = writeln!(out, "gatelet_open_connections{{protocol=\"websocket\"}} {ws}");
 
-    let up = &UPSTREAM;
-    let note = if up.wired.load(Relaxed) { "" } else { " (0: the upstream pool does not report here yet)" };
+    let up = &POOL_STATS;
     gauge(
         &mut out,
         "gatelet_upstream_pool_idle_connections",
-        &format!("Idle pooled upstream connections{note}."),
+        "Idle pooled upstream connections.",
         up.idle.load(Relaxed),
     );
-    head(
-        &mut out,
-        "gatelet_upstream_connections_opened_total",
-        "counter",
-        &format!("Upstream connections opened{note}."),
-    );
+    head(&mut out, "gatelet_upstream_connections_opened_total", "counter", "Upstream connections opened.");
     let _ = writeln!(out, "gatelet_upstream_connections_opened_total {}", up.opened.load(Relaxed));
     head(
         &mut out,
         "gatelet_upstream_connections_reused_total",
         "counter",
-        &format!("Upstream requests sent on a pooled connection{note}."),
+        "Upstream requests sent on a pooled connection.",
     );
     let _ = writeln!(out, "gatelet_upstream_connections_reused_total {}", up.reused.load(Relaxed));
 

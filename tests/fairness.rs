@@ -186,3 +186,25 @@ fn websocket_agent_events_are_coalesced_to_one_per_50_ms() {
     }
     assert_eq!(so_far, message);
 }
+
+#[test]
+fn admission_comes_before_the_body_is_parsed_on_a_worker() {
+    // The loop admits; a worker parses. With the one worker busy and no queue, a request is
+    // refused with 503 before its body is looked at, even when the body is not JSON.
+    let gw = Gateway::with_config(&config(
+        "workers: 1, maxQueuedRuns: 0, maxRunsPerIp: 0",
+        "agents: { list: [ { id: 'main', backend: { kind: 'echo', tokenDelayMs: 300 } } ] }",
+    ));
+    let mut a = gw.connect();
+    a.write_all(&chat_request(&user_body("one two three four", ""))).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let r = gw.one(&chat_request("{"));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(error_of(&r)["code"], "overloaded");
+    assert_eq!(read_response(&mut a).unwrap().status, 200);
+    // With the worker free, the same body is parsed there and refused with the same 400 as ever.
+    let r = gw.one(&chat_request("{"));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(error_of(&r)["code"], "invalid_json");
+    assert!(r.header("x-request-id").is_some_and(|v| v.starts_with("req-")), "{}", r.head);
+}

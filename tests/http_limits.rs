@@ -253,3 +253,54 @@ fn pipelined_requests_held_back_by_an_unread_backlog_are_all_answered() {
     assert_eq!(rs.len(), n);
     assert!(rs.iter().all(|r| r.status == 200));
 }
+
+#[test]
+fn bodies_over_the_in_flight_budget_get_503_and_the_budget_comes_back() {
+    // maxBodyBytes 1000, 2000 bytes of bodies in flight at once.
+    let gw = Gateway::with_config(&config(
+        "http: { maxBodyBytesInFlight: 2000, endpoints: { chatCompletions: { enabled: true, maxBodyBytes: 1000 } } }",
+        "",
+    ));
+    let body = |n: usize| {
+        let b = user_body("hi", "");
+        format!("{b}{}", " ".repeat(n - b.len()))
+    };
+    let head = |len: usize| {
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\n\
+             Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+    // Two declared bodies of 1000 bytes, each half sent: the budget is taken.
+    let (full, mut held) = (body(1000), Vec::new());
+    for _ in 0..2 {
+        let mut s = gw.connect();
+        s.write_all(head(1000).as_bytes()).unwrap();
+        s.write_all(&full.as_bytes()[..500]).unwrap();
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let small = body(100);
+    let r = gw.one(format!("{}{small}", head(100)).as_bytes());
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(error_of(&r)["code"], "overloaded");
+    assert!(error_of(&r)["message"].as_str().unwrap().contains("maxBodyBytesInFlight"));
+    assert_eq!(r.header("retry-after").as_deref(), Some("1"));
+    // A chunked body is counted as it arrives.
+    let mut c = gw.connect();
+    let chunked = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{small}\r\n0\r\n\r\n",
+        small.len()
+    );
+    c.write_all(chunked.as_bytes()).unwrap();
+    let r = read_response(&mut c).expect("an answer");
+    assert_eq!(r.status, 503, "{}", r.text());
+    // Finished bodies are parsed and give their share back.
+    for s in &mut held {
+        s.write_all(&full.as_bytes()[500..]).unwrap();
+        assert_eq!(read_response(s).expect("an answer").status, 200);
+    }
+    let r = gw.one(format!("{}{small}", head(100)).as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+}

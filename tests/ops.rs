@@ -551,3 +551,20 @@ fn config_check_stderr(cfg: &str) -> String {
     let _ = std::fs::remove_dir_all(dir);
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+#[test]
+fn an_answer_written_while_draining_says_connection_close() {
+    let cfg = config("", "agents: { defaults: { backend: { kind: 'echo', tokenDelayMs: 100 } } }");
+    let mut gw = Gateway::with_config(&cfg);
+    let mut s = gw.connect();
+    // A keep-alive request whose run lasts ~1 s: the drain starts while it runs.
+    let words = (0..10).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
+    s.write_all(&chat_request(&user_body(&words, ""))).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = Command::new("kill").args(["-TERM", &gw.child.id().to_string()]).status();
+    let r = read_response(&mut s).expect("the run's answer");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("connection").as_deref(), Some("close"), "{}", r.head);
+    assert!(closed_within(&mut s, Duration::from_secs(10)));
+    gw.terminate();
+}

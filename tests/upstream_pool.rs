@@ -399,3 +399,26 @@ fn a_host_name_is_resolved_and_its_addresses_tried_in_turn() {
     assert_eq!(up.connections(), 1);
     assert!(up.requests()[0].header("host").is_some_and(|h| h == format!("localhost:{}", up.port)));
 }
+
+/// The value of one unlabelled series in a `/metrics` scrape.
+fn metric(gw: &Gateway, name: &str) -> f64 {
+    let r =
+        gw.one(format!("GET /metrics HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\r\n", util::TOKEN).as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let line = text.lines().find(|l| l.split(' ').next() == Some(name)).unwrap_or_else(|| panic!("no {name}:\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn metrics_count_upstream_connections_opened_reused_and_idle() {
+    let up = Upstream::keep_alive(|_| reply());
+    let gw = gateway(&up.base_url(), "");
+    for _ in 0..3 {
+        assert_eq!(ask(&gw), (200, "Hello".into()));
+    }
+    assert_eq!(up.connections(), 1);
+    assert_eq!(metric(&gw, "gatelet_upstream_connections_opened_total"), 1.0);
+    assert_eq!(metric(&gw, "gatelet_upstream_connections_reused_total"), 2.0);
+    assert_eq!(metric(&gw, "gatelet_upstream_pool_idle_connections"), 1.0);
+}

@@ -506,3 +506,33 @@ fn slow_reader_gets_merged_events_not_a_growing_queue() {
     let mut other = Ws::connected(&gw);
     assert_eq!(other.call("h", "health", Value::Null)["ok"], true);
 }
+
+#[test]
+fn http_runs_are_counted_by_status_and_aborted_by_chat_abort() {
+    let gw = Gateway::with_config(&slow_config(200));
+    let words = (0..50).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
+    let body = format!(r#"{{"model":"gatelet","messages":[{{"role":"user","content":"{words}"}}]}}"#);
+    let req = util::chat_request_with(&["x-gatelet-session-key: http-long"], &body);
+    let mut http = gw.connect();
+    std::io::Write::write_all(&mut http, &req).unwrap();
+    let mut ws = Ws::connected(&gw);
+    // The HTTP run shows up in `status` once it is admitted.
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = ws.call("st", "status", Value::Null);
+        if s["payload"]["runs"]["active"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < end, "the HTTP run never counted: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let a = ws.call("a", "chat.abort", json!({ "sessionKey": "http-long" }));
+    assert_eq!(a["payload"]["aborted"], true, "{a}");
+    let ids = a["payload"]["runIds"].as_array().unwrap();
+    assert!(ids.len() == 1 && ids[0].as_str().unwrap().starts_with("chatcmpl-"), "{a}");
+    // The client is still there: it is told the run was cancelled, well before the reply's 10 s.
+    let r = util::read_response(&mut http).expect("an answer to the aborted run");
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(r.text().contains("cancelled"), "{}", r.text());
+    assert_eq!(ws.call("st2", "status", Value::Null)["payload"]["runs"]["active"], 0);
+}

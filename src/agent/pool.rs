@@ -20,6 +20,12 @@ use std::time::Duration;
 
 type Work = Box<dyn FnOnce() + Send + 'static>;
 
+thread_local! {
+    /// The address the job running on this worker thread is counted against (`Some(..)` while a
+    /// job runs and has not handed its place to a follow-up).
+    static RUNNING: std::cell::Cell<Option<Option<IpAddr>>> = const { std::cell::Cell::new(None) };
+}
+
 /// Threads started with the pool, kept however idle.
 const CORE_THREADS: usize = 4;
 /// An extra thread with no work for this long exits.
@@ -172,6 +178,17 @@ impl Pool {
         Ok(Admission { shared: self.shared.clone(), ip: ip.filter(|_| limit > 0), used: false })
     }
 
+    /// Queue `work` as the continuation of the job running on this thread: it takes over that
+    /// job's place (its count against the per-address limit ends when `work` ends), is never
+    /// refused (the run was admitted), and with a `session` runs after earlier jobs of that
+    /// session. For work that learns its session only once it runs (a request body parsed on a
+    /// worker).
+    pub fn follow_up(&self, session: Option<String>, work: impl FnOnce() + Send + 'static) {
+        let ip = RUNNING.with(|r| r.take()).flatten();
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).pending += 1;
+        Admission { shared: self.shared.clone(), ip, used: false }.submit(session, work);
+    }
+
     /// Change how many runs may wait (config reload); runs already admitted keep their place.
     pub fn set_max_queued(&self, n: usize) {
         self.shared.max_queued.store(n, Ordering::Relaxed);
@@ -266,13 +283,17 @@ fn worker(shared: &Shared) {
             }
         };
         let session = job.session;
-        let ip = job.ip;
+        RUNNING.with(|r| r.set(Some(job.ip)));
         // A panicking run must not take the worker (or the session) with it; the job's own
         // guards close its connection when they are dropped during unwinding.
         let _ = catch_unwind(AssertUnwindSafe(job.work));
+        // Taken when the job handed its place to a follow-up.
+        let ip = RUNNING.with(|r| r.take());
         let mut s = shared.state.lock().unwrap_or_else(|e| e.into_inner());
         s.running -= 1;
-        s.release_ip(ip);
+        if let Some(ip) = ip {
+            s.release_ip(ip);
+        }
         if let Some(k) = session {
             let next = s.busy.get_mut(&k).and_then(VecDeque::pop_front);
             match next {
@@ -309,6 +330,35 @@ mod tests {
         drop(a);
         assert!(pool.admit().is_some(), "a dropped admission frees its place");
         gate_tx.send(()).unwrap();
+        pool.shutdown();
+    }
+
+    #[test]
+    fn a_follow_up_keeps_the_runs_place_against_the_per_address_limit() {
+        let pool = Arc::new(Pool::new(2, 4, 1));
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let (staged_tx, staged_rx) = mpsc::channel::<()>();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let p = pool.clone();
+        pool.admit_from(Some(ip)).unwrap().submit(None, move || {
+            p.follow_up(Some("k".into()), move || {
+                let _ = gate_rx.recv();
+                done_tx.send(()).unwrap();
+            });
+            staged_tx.send(()).unwrap();
+        });
+        staged_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        // The first stage has ended; the follow-up still counts against the address.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(pool.admit_from(Some(ip)).err(), Some(Refused::PerIp(1)));
+        gate_tx.send(()).unwrap();
+        done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while pool.admit_from(Some(ip)).is_err() {
+            assert!(std::time::Instant::now() < end, "the place was never given back");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         pool.shutdown();
     }
 

@@ -93,6 +93,9 @@ pub struct GatewayConfig {
     pub chat_completions: bool,
     /// `gateway.http.endpoints.chatCompletions.maxBodyBytes`.
     pub max_body_bytes: u64,
+    /// `gateway.http.maxBodyBytesInFlight`: request-body bytes held at once across all
+    /// connections (never less than `max_body_bytes`, so one largest body always fits).
+    pub max_body_in_flight: u64,
     /// `gateway.http.headerTimeoutSeconds`: time to receive a whole request head.
     pub header_timeout: Duration,
     /// `gateway.http.idleTimeoutSeconds`: idle keep-alive connections are closed after this.
@@ -517,7 +520,14 @@ impl Validator {
         let http = self.object(
             gw.get("http"),
             "gateway.http",
-            &["endpoints", "headerTimeoutSeconds", "idleTimeoutSeconds", "stallTimeoutSeconds", "cors"],
+            &[
+                "endpoints",
+                "headerTimeoutSeconds",
+                "idleTimeoutSeconds",
+                "stallTimeoutSeconds",
+                "cors",
+                "maxBodyBytesInFlight",
+            ],
         );
         let eps = self.object(http.get("endpoints"), "gateway.http.endpoints", &["chatCompletions"]);
         let cc = self.object(
@@ -528,6 +538,8 @@ impl Validator {
         let ccp = "gateway.http.endpoints.chatCompletions";
         let chat_completions = self.bool(cc, ccp, "enabled", false);
         let max_body_bytes = self.uint(cc, ccp, "maxBodyBytes", 20 * 1024 * 1024, 1, 1 << 40);
+        let max_body_in_flight =
+            self.uint(http, "gateway.http", "maxBodyBytesInFlight", 64 * 1024 * 1024, 1, 1 << 40).max(max_body_bytes);
         let header_timeout = self.uint(http, "gateway.http", "headerTimeoutSeconds", 30, 1, 3600);
         let idle_timeout = self.uint(http, "gateway.http", "idleTimeoutSeconds", 60, 1, 86400);
         let stall_timeout = self.uint(http, "gateway.http", "stallTimeoutSeconds", 10, 1, 3600);
@@ -539,6 +551,7 @@ impl Validator {
             auth: auth?,
             chat_completions,
             max_body_bytes,
+            max_body_in_flight,
             header_timeout: Duration::from_secs(header_timeout),
             idle_timeout: Duration::from_secs(idle_timeout),
             workers,
@@ -1121,7 +1134,7 @@ impl Config {
                               "maxAttempts": r.max_attempts, "windowMs": r.window.as_millis() as u64,
                               "lockoutMs": r.lockout.as_millis() as u64, "exemptLoopback": r.exempt_loopback })) },
                 "http": { "headerTimeoutSeconds": g.header_timeout.as_secs(), "idleTimeoutSeconds": g.idle_timeout.as_secs(),
-                          "stallTimeoutSeconds": g.stall_timeout.as_secs(),
+                          "stallTimeoutSeconds": g.stall_timeout.as_secs(), "maxBodyBytesInFlight": g.max_body_in_flight,
                           "endpoints": { "chatCompletions": { "enabled": g.chat_completions, "maxBodyBytes": g.max_body_bytes } },
                           "cors": { "allowOrigins": g.cors_origins } },
                 "workers": g.workers, "maxQueuedRuns": g.max_queued_runs, "maxConnections": g.max_connections,
@@ -1181,6 +1194,7 @@ mod tests {
         assert_eq!(c.gateway.port, DEFAULT_PORT);
         assert!(c.gateway.chat_completions);
         assert_eq!(c.gateway.max_body_bytes, 20_971_520);
+        assert_eq!(c.gateway.max_body_in_flight, 64 << 20);
         assert_eq!(c.agents.len(), 1);
         assert_eq!(c.agents[0].id, "main");
         assert!(c.implicit_echo);
@@ -1220,6 +1234,15 @@ mod tests {
         assert_eq!((g.max_runs_per_ip, g.max_connections_per_ip, g.listen_backlog), (0, 0, 64));
         assert_eq!(g.stall_timeout, Duration::from_secs(3));
         assert!(parse_str("{gateway: {auth: {token: 'x'}, http: {stallTimeoutSeconds: 0}}}").is_err());
+        // The body budget: set, and never below one largest body.
+        let g = parse_str("{gateway: {auth: {token: 'x'}, http: {maxBodyBytesInFlight: 30000000}}}").unwrap();
+        assert!(g.warnings.is_empty(), "{:?}", g.warnings);
+        assert_eq!(g.gateway.max_body_in_flight, 30_000_000);
+        let g = parse_str(
+            "{gateway: {auth: {token: 'x'}, http: {maxBodyBytesInFlight: 10, endpoints: {chatCompletions: {maxBodyBytes: 500}}}}}",
+        )
+        .unwrap();
+        assert_eq!(g.gateway.max_body_in_flight, 500);
     }
 
     #[test]

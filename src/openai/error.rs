@@ -143,6 +143,20 @@ impl ApiError {
         }
     }
 
+    /// 503 for a body that does not fit in the budget for bodies in flight
+    /// (`gateway.http.maxBodyBytesInFlight`): the gateway is busy, as with a full run queue.
+    pub fn bodies_over_budget(limit: u64) -> Self {
+        ApiError::server(
+            503,
+            "overloaded",
+            format!(
+                "The gateway is overloaded: request bodies in flight would exceed gateway.http.maxBodyBytesInFlight \
+                 ({limit} bytes)"
+            ),
+        )
+        .with_header("Retry-After", "1")
+    }
+
     /// 408 for a request that did not arrive in time.
     pub fn timed_out() -> Self {
         Self::invalid(408, "request_timeout", "The request was not received in time")

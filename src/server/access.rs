@@ -90,3 +90,26 @@ pub fn immediate(head: Option<&Head>, start: Instant, status: u16, bytes: u64, r
 pub fn request_id<'a>(headers: &'a [(&'static str, String)]) -> Option<&'a str> {
     headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("x-request-id")).map(|(_, v)| v.as_str())
 }
+
+/// What a worker learned about a request for its access-log record: the agent, the session
+/// and the request id it answered with.
+#[derive(Debug, Clone, Default)]
+pub struct RunInfo {
+    /// The resolved agent.
+    pub agent: Option<String>,
+    /// The resolved session key.
+    pub session_key: Option<String>,
+    /// The `x-request-id` sent back.
+    pub request_id: Option<String>,
+}
+
+impl RunInfo {
+    /// Fill `p` (only while the access log is on: the fields are only logged).
+    pub fn apply(self, p: &mut Pending) {
+        if crate::log::access_enabled() {
+            p.agent = self.agent;
+            p.session_key = self.session_key;
+        }
+        p.request_id = self.request_id;
+    }
+}

@@ -1,24 +1,31 @@
 //! The mio event loop: accepts connections, moves bytes between sockets and the HTTP codecs,
 //! fires timers and hands runs to the worker pool.
 //!
+//! Timers are deadlines: every connection files its next one (from its [`conn::HttpConn`] or its
+//! WebSocket session) in one ordered set, the loop sleeps until the soonest, and only
+//! connections whose deadline passed or whose socket is ready are touched.
+//!
 //! mio is edge-triggered: after a readiness event we read or write until `WouldBlock`, and
 //! spurious events are harmless. A streaming run *owns* its connection's socket while it runs;
 //! the loop then only watches a duplicate of the descriptor for hang-up (to cancel the run) and
 //! takes the socket back through a channel and a [`Waker`] when the run ends.
 
 pub mod access;
+pub mod budget;
+pub mod conn;
 pub mod cors;
+pub mod exchange;
 pub mod handler;
 mod outbox;
 pub mod stream;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
@@ -28,13 +35,12 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::agent::CancelToken;
 use crate::agent::pool::Refused;
 use crate::gateway::Gateway;
-use crate::http::chunked::ChunkedDecoder;
-use crate::http::head::{self, BodyFraming, Head};
+use crate::http::head::{BodyFraming, Head};
 use crate::http::response::Response;
-use crate::openai::{ApiError, chat};
+use crate::openai::ApiError;
 use crate::{rpc, ws};
+use conn::{Action, HttpConn, State, Timeouts};
 use handler::HeadAction;
-use stream::ChatJob;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -53,6 +59,9 @@ const LINGER: Duration = Duration::from_secs(10);
 const ACCEPT_BUDGET: usize = 256;
 /// Bytes read from one connection per loop turn before the other connections get theirs.
 const READ_BUDGET: usize = 256 * 1024;
+/// Longest the loop sleeps with connections open and no timer due: it then gives memory back
+/// after a burst ([`Server::shrink`]).
+const SHRINK_EVERY: Duration = Duration::from_secs(5);
 /// Worker messages handled per loop turn.
 const DONE_BUDGET: usize = 1024;
 /// Send buffer asked for a socket lent to a streaming run (Linux doubles it).
@@ -76,6 +85,18 @@ pub enum Done {
         head_only: bool,
         /// Close after writing.
         close: bool,
+        /// For the access-log record.
+        info: Option<Box<access::RunInfo>>,
+    },
+    /// A streaming run asks for its connection's socket; the loop answers on `reply` (or drops
+    /// it when the connection is gone).
+    Lend {
+        /// Connection slot.
+        slot: usize,
+        /// Connection id.
+        id: u64,
+        /// Where the socket goes.
+        reply: std::sync::mpsc::SyncSender<exchange::Lent>,
     },
     /// A streaming run gives its socket back.
     Return {
@@ -166,42 +187,45 @@ impl Notifier {
     }
 }
 
-/// Sends a message when dropped unless disarmed: a panicking job still releases its connection.
-struct ReturnGuard {
+/// Ends a job for the loop and the run registry if it panics: a non-streaming job's client gets
+/// a 500 (its connection still belongs to the loop), a streaming job's connection is closed (part
+/// of its response may already be on the wire).
+struct JobGuard {
     notifier: Notifier,
     slot: usize,
     id: u64,
+    runs: Arc<crate::agent::registry::Registry>,
+    /// The registry's record of the run, should it end here.
+    summary: Option<crate::agent::registry::RunSummary>,
+    /// For a non-streaming job: the answer's headers, `HEAD`.
+    buffered: Option<(Vec<(&'static str, String)>, bool)>,
     armed: bool,
 }
 
-impl Drop for ReturnGuard {
+impl Drop for JobGuard {
     fn drop(&mut self) {
-        if self.armed {
-            self.notifier.send(Done::Return { slot: self.slot, id: self.id, stream: None });
+        if !self.armed {
+            return;
         }
+        crate::log!(Error, "a run failed unexpectedly on connection #{}", self.id);
+        if let Some(mut s) = self.summary.take() {
+            s.error = Some(crate::agent::RunError::Backend("the run failed unexpectedly".into()));
+            s.ended_at = crate::util::now_ms();
+            self.runs.finish(s);
+        }
+        let d = match self.buffered.take() {
+            Some((headers, head_only)) => {
+                let resp = handler::with_headers(internal_error().response(), headers);
+                Done::Respond { slot: self.slot, id: self.id, resp: Some(resp), head_only, close: true, info: None }
+            }
+            None => Done::Return { slot: self.slot, id: self.id, stream: None },
+        };
+        self.notifier.send(d);
     }
 }
 
-enum BodyReader {
-    Length(u64),
-    Chunked(ChunkedDecoder),
-}
-
-enum Phase {
-    /// Waiting for the first byte of a request.
-    Idle,
-    /// Part of a head has arrived.
-    Head,
-    /// Reading a request body.
-    Body { head: Box<Head>, reader: BodyReader, body: Vec<u8> },
-    /// A non-streaming run is in flight.
-    Running,
-    /// A streaming run owns the socket.
-    Lent,
-    /// A WebSocket session.
-    Ws(Box<rpc::Session>),
-    /// Flush what is queued, then close.
-    Closing,
+fn internal_error() -> ApiError {
+    ApiError::server(500, "internal_error", "The server had an error while processing your request")
 }
 
 struct Conn {
@@ -212,21 +236,54 @@ struct Conn {
     peer: SocketAddr,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
-    phase: Phase,
-    deadline: Option<Instant>,
+    /// Framing and timers.
+    http: HttpConn,
+    /// The WebSocket session, once upgraded.
+    ws: Option<Box<rpc::Session>>,
+    /// The deadline this connection is filed under in the loop's timers.
+    timer: Option<Instant>,
     eof: bool,
     cancel: Option<CancelToken>,
-    /// HTTP minor version of the current request (1.0 keep-alive must be confirmed).
-    minor: u8,
     /// Counts this connection in `gatelet_open_connections`.
     gauge: crate::metrics::ConnGauge,
     /// The request being answered, for the access log.
     access: Option<Box<access::Pending>>,
-    /// A complete request head has arrived on this connection (it is no longer a candidate
-    /// for eviction as a slow or silent newcomer).
-    served: bool,
     /// The connection's own notifier (WebSocket), counting what its runs send.
     notifier: Option<Notifier>,
+    /// Set with `cancel` when the client goes away (the run then ends without an answer).
+    gone: Option<Arc<AtomicBool>>,
+    /// The share of the body budget held by the body being read.
+    ticket: Option<budget::Ticket>,
+}
+
+impl Conn {
+    fn state(&self) -> State {
+        self.http.state()
+    }
+
+    /// When this connection's next timer is due: the WebSocket session's, else the HTTP machine's.
+    fn deadline(&self) -> Option<Instant> {
+        match &self.ws {
+            Some(s) => s.deadline(),
+            None => self.http.deadline(),
+        }
+    }
+
+    /// The WebSocket session ended (or never started): close once what is queued is sent.
+    fn ws_closed(&mut self, now: Instant) {
+        self.ws = None;
+        self.http.closing(now);
+    }
+
+    /// The client went away (or the connection is being closed): cancel its run.
+    fn cancel_run(&self) {
+        if let Some(g) = &self.gone {
+            g.store(true, Ordering::SeqCst);
+        }
+        if let Some(c) = &self.cancel {
+            c.cancel();
+        }
+    }
 }
 
 /// The listening gateway.
@@ -254,6 +311,11 @@ pub struct Server {
     fresh: BTreeMap<u64, usize>,
     /// Connections that stopped short of `WouldBlock` to give others a turn: driven next turn.
     again: Vec<(usize, u64)>,
+    /// Every connection's next deadline, soonest first, as (when, slot, id); a connection's
+    /// entry is the one its `timer` names.
+    timers: BTreeSet<(Instant, usize, u64)>,
+    /// Request-body bytes held across all connections (`gateway.http.maxBodyBytesInFlight`).
+    bodies: Arc<budget::BodyBudget>,
     signals: mio::net::UnixStream,
     /// SIGHUP arrives here.
     hup: mio::net::UnixStream,
@@ -330,6 +392,8 @@ impl Server {
             per_ip: HashMap::new(),
             fresh: BTreeMap::new(),
             again: Vec::new(),
+            timers: BTreeSet::new(),
+            bodies: Arc::default(),
             signals,
             hup,
             reloader: None,
@@ -392,7 +456,7 @@ impl Server {
     /// Run the loop until a stop signal has drained the gateway.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
-        let mut last_sweep = Instant::now();
+        let mut last_shrink = Instant::now();
         let mut done_more = false;
         self.gw.set_ready(true);
         loop {
@@ -412,11 +476,15 @@ impl Server {
             let timeout = if done_more || self.accept_more || !self.again.is_empty() {
                 // Work left over from the last turn: look at new events, then do it.
                 Some(Duration::ZERO)
-            } else if self.live > 0 || !self.conns.is_empty() {
-                // Timers, and (with no connection left) one more turn to give the table back.
-                Some(Duration::from_millis(250))
             } else {
-                None
+                // Sleep until the next deadline; with connections (or a table to give back), at
+                // most until the next shrink; with nothing at all, until an event.
+                let now = Instant::now();
+                let next = self.timers.first().map(|(t, ..)| t.saturating_duration_since(now));
+                let shrink = (self.live > 0 || !self.conns.is_empty())
+                    .then(|| (last_shrink + SHRINK_EVERY).saturating_duration_since(now));
+                let drain = self.draining.map(|d| d.saturating_duration_since(now));
+                [next, shrink, drain].into_iter().flatten().min()
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if interrupted(&e) {
@@ -463,9 +531,9 @@ impl Server {
                     self.drive(slot);
                 }
             }
-            if last_sweep.elapsed() >= Duration::from_millis(250) {
-                last_sweep = Instant::now();
-                self.sweep(last_sweep);
+            self.fire_timers(Instant::now());
+            if last_shrink.elapsed() >= SHRINK_EVERY {
+                last_shrink = Instant::now();
                 self.shrink();
             }
         }
@@ -483,20 +551,19 @@ impl Server {
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
+        let now = Instant::now();
         for slot in 0..self.conns.len() {
             let Some(conn) = self.conns[slot].as_mut() else { continue };
-            match &mut conn.phase {
-                Phase::Idle => self.close(slot),
-                Phase::Ws(s) => {
-                    // The session sends `shutdown` and a 1001 close, then waits briefly for the
-                    // client's close frame so the socket ends cleanly.
-                    s.on_shutdown(&mut conn.wbuf);
-                    if s.is_closed() {
-                        conn.phase = Phase::Closing;
-                    }
-                    self.drive(slot);
+            if let Some(s) = &mut conn.ws {
+                // The session sends `shutdown` and a 1001 close, then waits briefly for the
+                // client's close frame so the socket ends cleanly.
+                s.on_shutdown(&mut conn.wbuf);
+                if s.is_closed() {
+                    conn.ws_closed(now);
                 }
-                _ => {}
+                self.drive(slot);
+            } else if conn.state() == State::Idle {
+                self.close(slot);
             }
         }
     }
@@ -552,10 +619,6 @@ impl Server {
                     self.live += 1;
                     *self.per_ip.entry(ip).or_insert(0) += 1;
                     self.fresh.insert(id, slot);
-                    let g = &self.gw.config.gateway;
-                    // The first request gets the head deadline from the moment of accept: a
-                    // newcomer that stays silent is not kept as long as an idle keep-alive one.
-                    let first = g.header_timeout.min(g.idle_timeout);
                     self.conns[slot] = Some(Conn {
                         id,
                         stream: Some(stream),
@@ -563,15 +626,16 @@ impl Server {
                         peer,
                         rbuf: Vec::new(),
                         wbuf: Vec::new(),
-                        phase: Phase::Idle,
-                        deadline: Some(Instant::now() + first),
+                        http: HttpConn::new(Instant::now(), timeouts(&self.gw)),
+                        ws: None,
+                        timer: None,
                         eof: false,
                         cancel: None,
-                        minor: 1,
                         gauge: crate::metrics::ConnGauge::open(),
                         access: None,
-                        served: false,
                         notifier: None,
+                        gone: None,
+                        ticket: None,
                     });
                     crate::log!(Trace, "accepted {peer} as #{id}");
                     // A request sent with the connection is usually waiting already: serve it
@@ -608,9 +672,9 @@ impl Server {
         fn candidate(conns: &[Option<Conn>], id: u64, slot: usize) -> Option<&Conn> {
             conns.get(slot).and_then(Option::as_ref).filter(|c| {
                 c.id == id
-                    && !c.served
+                    && !c.http.served()
                     && c.stream.is_some()
-                    && matches!(c.phase, Phase::Idle | Phase::Head | Phase::Closing)
+                    && matches!(c.state(), State::Idle | State::Head | State::Closing)
             })
         }
         // Entries that stopped being candidates never become candidates again.
@@ -637,8 +701,8 @@ impl Server {
             .enumerate()
             .filter_map(|(i, c)| {
                 let c = c.as_ref()?;
-                let idle = matches!(c.phase, Phase::Idle | Phase::Closing) && c.stream.is_some();
-                idle.then_some((c.deadline, i))
+                let idle = matches!(c.state(), State::Idle | State::Closing) && c.ws.is_none() && c.stream.is_some();
+                idle.then_some((c.http.deadline(), i))
             })
             .min()
             .map(|(_, i)| i)
@@ -646,13 +710,13 @@ impl Server {
 
     fn on_event(&mut self, slot: usize, hangup: bool) {
         let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
-        if matches!(conn.phase, Phase::Lent) {
-            if hangup && let Some(c) = &conn.cancel {
-                c.cancel();
+        if conn.state() == State::Lent {
+            if hangup {
+                conn.cancel_run();
             }
             return;
         }
-        if hangup && matches!(conn.phase, Phase::Running) {
+        if hangup && conn.state() == State::Running {
             conn.eof = true;
         }
         self.drive(slot);
@@ -664,15 +728,18 @@ impl Server {
         // Bytes read this turn: past READ_BUDGET the connection waits for the next turn, so a
         // fast sender (a pipelining flood, a large upload) cannot hold the loop.
         let mut taken = 0;
+        if let Some(Some(conn)) = self.conns.get_mut(slot) {
+            // A reload's timeouts apply to the timers set from now on.
+            conn.http.set_timeouts(timeouts(&gw));
+        }
         loop {
             let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
-            let mut ctx = Ctx { gw: &gw, slot, notifier: &self.notifier, registry: self.poll.registry() };
+            let mut ctx = Ctx { gw: &gw, bodies: &self.bodies, slot, notifier: &self.notifier };
             while let Some(stream) = conn.stream.as_mut() {
                 let reading = !conn.eof
-                    && !matches!(conn.phase, Phase::Closing)
+                    && conn.http.state() != State::Closing
                     && conn.wbuf.len() < WRITE_CAP
-                    && (conn.rbuf.len() < READ_CAP
-                        || matches!(conn.phase, Phase::Idle | Phase::Head | Phase::Body { .. }));
+                    && (conn.rbuf.len() < READ_CAP || conn.http.reading_request());
                 let mut progressed = false;
                 if reading {
                     match stream.read(&mut self.scratch) {
@@ -698,22 +765,17 @@ impl Server {
                         conn.peer
                     );
                     conn.rbuf.clear();
-                    if !matches!(conn.phase, Phase::Ws(_)) {
-                        let e = ApiError::server(
-                            500,
-                            "internal_error",
-                            "The server had an error while processing your request",
-                        );
+                    if conn.ws.is_none() {
+                        let e = internal_error();
                         let before = conn.wbuf.len();
-                        respond(conn, e.response(), false, true);
+                        encode(conn, e.response(), false, true);
                         let bytes = (conn.wbuf.len() - before) as u64;
                         match conn.access.take() {
                             Some(a) => a.finish(500, bytes),
                             None => access::immediate(None, Instant::now(), 500, bytes, None),
                         }
                     }
-                    conn.phase = Phase::Closing;
-                    conn.deadline = Some(Instant::now() + LINGER);
+                    conn.ws_closed(Instant::now());
                 }
                 if !progressed || taken >= READ_BUDGET {
                     break;
@@ -721,28 +783,25 @@ impl Server {
             }
             let held = conn.wbuf.len() >= WRITE_CAP;
             if conn.eof {
-                match conn.phase {
-                    Phase::Running => {
-                        if let Some(c) = &conn.cancel {
-                            c.cancel();
-                        }
-                    }
-                    Phase::Lent => {}
-                    Phase::Ws(ref mut s) => {
-                        s.on_eof();
-                        conn.phase = Phase::Closing;
-                    }
-                    // Requests that arrived before the end are still answered once it drains.
-                    _ if held && !conn.rbuf.is_empty() => {}
-                    _ => {
+                if let Some(s) = &mut conn.ws {
+                    s.on_eof();
+                    conn.ws_closed(Instant::now());
+                } else {
+                    match conn.state() {
+                        State::Running => conn.cancel_run(),
+                        State::Lent | State::Closing => {}
+                        // Requests that arrived before the end are still answered once it drains.
+                        _ if held && !conn.rbuf.is_empty() => {}
                         // The peer is done sending; nothing more can arrive, so finish what is queued.
-                        conn.phase = Phase::Closing;
+                        _ => conn.http.closing(Instant::now()),
                     }
                 }
             }
             if flush(conn) {
                 return self.close(slot);
             }
+            self.rearm(slot);
+            let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
             if taken >= READ_BUDGET {
                 // More may be waiting in the kernel, and edge-triggered readiness will not repeat.
                 let id = conn.id;
@@ -759,16 +818,25 @@ impl Server {
 
     fn on_done(&mut self, d: Done) {
         let (slot, id) = match &d {
-            Done::Respond { slot, id, .. } | Done::Return { slot, id, .. } | Done::Ws { slot, id, .. } => (*slot, *id),
+            Done::Respond { slot, id, .. }
+            | Done::Return { slot, id, .. }
+            | Done::Ws { slot, id, .. }
+            | Done::Lend { slot, id, .. } => (*slot, *id),
         };
         let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
         if conn.id != id {
             return;
         }
         match d {
-            Done::Respond { resp, head_only, close, .. } => {
+            Done::Respond { resp, head_only, close, info, .. } => {
                 conn.cancel = None;
-                let pending = conn.access.take();
+                conn.gone = None;
+                // Draining: no further request will be read, so the answer says so.
+                let close = close || !self.gw.is_ready();
+                let mut pending = conn.access.take();
+                if let (Some(a), Some(i)) = (pending.as_mut(), info) {
+                    i.apply(a);
+                }
                 match resp {
                     Some(r) if !conn.eof => {
                         let status = r.status;
@@ -783,13 +851,14 @@ impl Server {
                         if let Some(a) = pending {
                             a.finish(access::CLIENT_CLOSED, 0);
                         }
-                        conn.phase = Phase::Closing
+                        conn.http.closing(Instant::now());
                     }
                 }
                 self.drive(slot);
             }
             Done::Return { stream, .. } => {
                 conn.cancel = None;
+                conn.gone = None;
                 if let Some(mut w) = conn.watcher.take() {
                     let _ = self.poll.registry().deregister(&mut w);
                 }
@@ -806,14 +875,21 @@ impl Server {
                 finish_exchange(conn, false, &self.gw);
                 self.drive(slot);
             }
+            Done::Lend { reply, .. } => {
+                if conn.eof || conn.state() != State::Running {
+                    // The client is gone: dropping `reply` tells the run.
+                    return self.close(slot);
+                }
+                self.lend(slot, reply);
+            }
             Done::Ws { msg, .. } => {
                 if let Some(n) = &conn.notifier {
                     n.taken(ws_len(&msg));
                 }
-                if let Phase::Ws(s) = &mut conn.phase {
+                if let Some(s) = &mut conn.ws {
                     s.outgoing(msg, &mut conn.wbuf);
                     if s.is_closed() {
-                        conn.phase = Phase::Closing;
+                        conn.ws_closed(Instant::now());
                     }
                 }
                 self.drive(slot);
@@ -821,58 +897,105 @@ impl Server {
         }
     }
 
-    fn sweep(&mut self, now: Instant) {
-        for slot in 0..self.conns.len() {
-            let Some(conn) = self.conns[slot].as_mut() else { continue };
-            if let Phase::Ws(s) = &mut conn.phase {
+    /// Lend connection `slot`'s socket to its streaming run, and watch a duplicate for hang-up.
+    fn lend(&mut self, slot: usize, reply: std::sync::mpsc::SyncSender<exchange::Lent>) {
+        let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
+        let Some(mut mio_stream) = conn.stream.take() else { return };
+        let _ = self.poll.registry().deregister(&mut mio_stream);
+        let std_stream: std::net::TcpStream = mio_stream.into();
+        // Token streams need little bandwidth; left to autotuning, the kernel would keep up to
+        // 4 MiB per socket for a client that does not read (and the stall would show that late).
+        let _ = socket2::SockRef::from(&std_stream).set_send_buffer_size(STREAM_SNDBUF);
+        let watch = std_stream.try_clone().map(TcpStream::from_std);
+        if let Ok(mut w) = watch
+            && self.poll.registry().register(&mut w, Token(slot + 2), Interest::READABLE).is_ok()
+        {
+            conn.watcher = Some(w);
+        }
+        conn.http.start_run(true);
+        let lent =
+            exchange::Lent { stream: std_stream, prefix: std::mem::take(&mut conn.wbuf), access: conn.access.take() };
+        if reply.send(lent).is_err() {
+            // The run is gone without its socket.
+            self.close(slot);
+        } else {
+            self.rearm(slot);
+        }
+    }
+
+    /// File connection `slot` under its current deadline (or none), replacing its old entry.
+    fn rearm(&mut self, slot: usize) {
+        let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
+        if conn.ws.is_none() && conn.state() == State::Closing && conn.http.deadline().is_none() {
+            // Whatever way a connection came to be closing, it gets a bounded time to take its
+            // last bytes: a peer that stops reading cannot hold the slot forever.
+            conn.http.closing(Instant::now());
+        }
+        let want = conn.deadline();
+        if want == conn.timer {
+            return;
+        }
+        if let Some(t) = conn.timer.take() {
+            self.timers.remove(&(t, slot, conn.id));
+        }
+        if let Some(t) = want {
+            self.timers.insert((t, slot, conn.id));
+            conn.timer = Some(t);
+        }
+    }
+
+    /// Fire the timers that are due; only those connections are touched.
+    fn fire_timers(&mut self, now: Instant) {
+        // Taken out first, so that each fires at most once per turn whatever it re-arms.
+        let mut due = Vec::new();
+        while self.timers.first().is_some_and(|(t, ..)| *t <= now) {
+            due.extend(self.timers.pop_first());
+        }
+        for (t, slot, id) in due {
+            let Some(Some(conn)) = self.conns.get_mut(slot) else { continue };
+            if conn.id != id || conn.timer != Some(t) {
+                continue;
+            }
+            conn.timer = None;
+            if let Some(s) = &mut conn.ws {
                 s.on_timer(now, &mut conn.wbuf);
                 if s.is_closed() {
-                    conn.phase = Phase::Closing;
-                    conn.deadline = Some(now + LINGER);
+                    conn.ws_closed(now);
                 }
-                self.drive(slot);
+                // Only what the timer queued is written: an idle socket is not read.
+                if flush(conn) {
+                    self.close(slot);
+                } else {
+                    self.rearm(slot);
+                }
                 continue;
             }
-            if matches!(conn.phase, Phase::Closing) && conn.deadline.is_none() {
-                // Whatever way a connection came to be closing, it gets a bounded time to take
-                // its last bytes: a peer that stops reading cannot hold the slot forever.
-                conn.deadline = Some(now + LINGER);
-            }
-            let Some(d) = conn.deadline else { continue };
-            if now < d {
-                continue;
-            }
-            match conn.phase {
-                Phase::Head | Phase::Body { .. } => {
+            match conn.http.on_timer(now) {
+                Some(Action::Refuse(e, head)) => {
+                    conn.ticket = None;
                     let before = conn.wbuf.len();
-                    let head = match &conn.phase {
-                        Phase::Body { head, .. } => Some(head.as_ref().clone()),
-                        _ => None,
-                    };
-                    respond(conn, ApiError::timed_out().response(), false, true);
+                    let status = e.status;
+                    encode(conn, e.response(), false, true);
                     let bytes = (conn.wbuf.len() - before) as u64;
                     match conn.access.take() {
-                        Some(a) => a.finish(408, bytes),
-                        None => access::immediate(head.as_ref(), now, 408, bytes, None),
+                        Some(a) => a.finish(status, bytes),
+                        None => access::immediate(head.as_deref(), now, status, bytes, None),
                     }
-                    conn.deadline = Some(now + LINGER);
                     self.drive(slot);
                 }
-                Phase::Idle | Phase::Closing => self.close(slot),
-                _ => {}
+                Some(Action::Close) => self.close(slot),
+                _ => self.rearm(slot),
             }
         }
     }
 
     fn close(&mut self, slot: usize) {
         let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) else { return };
-        if let Some(c) = &conn.cancel {
-            c.cancel();
-        }
+        conn.cancel_run();
         if let Some(a) = conn.access.take() {
             a.finish(access::CLIENT_CLOSED, 0);
         }
-        if let Phase::Ws(s) = &mut conn.phase {
+        if let Some(s) = &mut conn.ws {
             s.on_eof();
         }
         if let Some(mut s) = conn.stream.take() {
@@ -880,6 +1003,9 @@ impl Server {
         }
         if let Some(mut w) = conn.watcher.take() {
             let _ = self.poll.registry().deregister(&mut w);
+        }
+        if let Some(t) = conn.timer {
+            self.timers.remove(&(t, slot, conn.id));
         }
         crate::log!(Trace, "closed #{}", conn.id);
         self.free.push(Reverse(slot));
@@ -902,7 +1028,7 @@ impl Server {
     /// bookkeeping maps, and buffers of idle connections (dropped when empty).
     fn shrink(&mut self) {
         for c in self.conns.iter_mut().flatten() {
-            if matches!(c.phase, Phase::Idle) {
+            if c.ws.is_none() && c.state() == State::Idle {
                 if c.rbuf.is_empty() && c.rbuf.capacity() > 0 {
                     c.rbuf = Vec::new();
                 }
@@ -933,9 +1059,9 @@ impl Server {
 /// What `process` needs from the server besides the connection.
 struct Ctx<'a> {
     gw: &'a Arc<Gateway>,
+    bodies: &'a Arc<budget::BodyBudget>,
     slot: usize,
     notifier: &'a Notifier,
-    registry: &'a mio::Registry,
 }
 
 /// Write queued bytes. Returns true when the connection should be closed now.
@@ -958,125 +1084,85 @@ fn flush(conn: &mut Conn) -> bool {
     if let Some(n) = &conn.notifier {
         n.unsent(conn.wbuf.len());
     }
-    conn.wbuf.is_empty() && matches!(conn.phase, Phase::Closing)
+    conn.wbuf.is_empty() && conn.ws.is_none() && conn.state() == State::Closing
+}
+
+/// The connection timeouts of the current config.
+fn timeouts(gw: &Gateway) -> Timeouts {
+    let g = &gw.config.gateway;
+    Timeouts { header: g.header_timeout, idle: g.idle_timeout, linger: LINGER }
 }
 
 /// Queue a response; an HTTP/1.0 client that asked for keep-alive gets it confirmed.
 fn encode(conn: &mut Conn, resp: Response, head_only: bool, close: bool) {
-    let resp = if conn.minor == 0 && !close { resp.header("Connection", "keep-alive") } else { resp };
+    let resp = if conn.http.minor() == 0 && !close { resp.header("Connection", "keep-alive") } else { resp };
     resp.encode(&mut conn.wbuf, head_only, close);
-}
-
-/// Queue a response and move to the next request (or to closing).
-fn respond(conn: &mut Conn, resp: Response, head_only: bool, close: bool) {
-    encode(conn, resp, head_only, close);
-    conn.phase = if close { Phase::Closing } else { Phase::Idle };
 }
 
 /// After a response: back to idle (with the idle timer), or closing.
 fn finish_exchange(conn: &mut Conn, close: bool, gw: &Gateway) {
     // Not ready means draining: no further requests on this connection.
-    if close || conn.eof || !gw.is_ready() {
-        conn.phase = Phase::Closing;
-        conn.deadline = Some(Instant::now() + LINGER);
-    } else {
-        conn.phase = Phase::Idle;
-        conn.deadline = Some(Instant::now() + gw.config.gateway.idle_timeout);
-        if conn.rbuf.capacity() > 64 * 1024 && conn.rbuf.len() < 4096 {
-            conn.rbuf.shrink_to(4096);
-        }
+    let close = close || conn.eof || !gw.is_ready();
+    conn.http.answered(close, Instant::now());
+    if !close && conn.rbuf.capacity() > 64 * 1024 && conn.rbuf.len() < 4096 {
+        conn.rbuf.shrink_to(4096);
     }
 }
 
 /// Parse and act on whatever complete requests are buffered, in order.
 fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
+    if let Some(s) = &mut conn.ws {
+        let n = s.on_bytes(&conn.rbuf, &mut conn.wbuf, ctx.gw, conn.peer.ip());
+        conn.rbuf.drain(..n);
+        if s.is_closed() {
+            conn.ws_closed(Instant::now());
+        }
+        return;
+    }
+    let limit = ctx.gw.config.gateway.max_body_in_flight;
     loop {
-        match &mut conn.phase {
-            Phase::Idle | Phase::Head => {
-                if conn.rbuf.is_empty() || conn.wbuf.len() >= WRITE_CAP {
-                    return;
-                }
-                match head::parse(&conn.rbuf) {
-                    Ok(None) => {
-                        if matches!(conn.phase, Phase::Idle) {
-                            conn.phase = Phase::Head;
-                            // A newcomer's head deadline runs from accept (set then).
-                            if conn.served {
-                                conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.header_timeout);
-                            }
-                        }
-                        return;
-                    }
-                    Err(e) => {
-                        let err = ApiError::from(e);
-                        let before = conn.wbuf.len();
-                        respond(conn, err.response(), false, true);
-                        let bytes = (conn.wbuf.len() - before) as u64;
-                        access::immediate(None, Instant::now(), e.status(), bytes, None);
-                        conn.deadline = Some(Instant::now() + LINGER);
-                        return;
-                    }
-                    Ok(Some((h, n))) => {
-                        conn.rbuf.drain(..n);
-                        conn.served = true;
-                        on_head(conn, ctx, h);
-                    }
-                }
+        let hold = conn.wbuf.len() >= WRITE_CAP;
+        let Some(action) = conn.http.feed(&mut conn.rbuf, Instant::now(), hold) else {
+            // A chunked body takes its share of the budget as it grows.
+            if let (Some(n), Some(t)) = (conn.http.body_len(), conn.ticket.as_mut())
+                && !t.hold(n, limit)
+            {
+                let head = conn.http.body_head().cloned();
+                conn.http.closing(Instant::now());
+                over_budget(conn, ctx.gw, head.as_ref());
             }
-            Phase::Body { reader, body, .. } => {
-                let before = conn.rbuf.len();
-                let done = match reader {
-                    BodyReader::Length(left) => {
-                        let n = (*left).min(conn.rbuf.len() as u64) as usize;
-                        body.extend_from_slice(&conn.rbuf[..n]);
-                        conn.rbuf.drain(..n);
-                        *left -= n as u64;
-                        *left == 0
-                    }
-                    BodyReader::Chunked(d) => match d.decode(&conn.rbuf, body) {
-                        Ok(n) => {
-                            conn.rbuf.drain(..n);
-                            d.is_done()
-                        }
-                        Err(e) => {
-                            let err = ApiError::from_chunk(e, ctx.gw.config.gateway.max_body_bytes);
-                            let status = err.status;
-                            let before = conn.wbuf.len();
-                            respond(conn, err.response(), false, true);
-                            if let Some(a) = conn.access.take() {
-                                a.finish(status, (conn.wbuf.len() - before) as u64);
-                            }
-                            conn.deadline = Some(Instant::now() + LINGER);
-                            return;
-                        }
-                    },
-                };
-                if !done {
-                    if conn.rbuf.len() < before {
-                        // A slow upload that keeps making progress is not a stalled one.
-                        conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.header_timeout);
-                    }
-                    return;
+            return;
+        };
+        match action {
+            Action::Head(h) => on_head(conn, ctx, h),
+            Action::Dispatch(h, body) => {
+                if conn.ticket.as_mut().is_some_and(|t| !t.hold(body.len() as u64, limit)) {
+                    conn.http.closing(Instant::now());
+                    return over_budget(conn, ctx.gw, Some(&h));
                 }
-                let Phase::Body { head, body, .. } = std::mem::replace(&mut conn.phase, Phase::Idle) else { return };
-                dispatch_chat(conn, ctx, *head, body);
+                dispatch_chat(conn, ctx, *h, body)
             }
-            Phase::Ws(s) => {
-                let n = s.on_bytes(&conn.rbuf, &mut conn.wbuf, ctx.gw, conn.peer.ip());
-                conn.rbuf.drain(..n);
-                if s.is_closed() {
-                    conn.phase = Phase::Closing;
-                    conn.deadline = Some(Instant::now() + LINGER);
+            Action::Refuse(e, head) => {
+                conn.ticket = None;
+                let status = e.status;
+                let before = conn.wbuf.len();
+                encode(conn, e.response(), false, true);
+                let bytes = (conn.wbuf.len() - before) as u64;
+                match conn.access.take() {
+                    Some(a) => a.finish(status, bytes),
+                    None => access::immediate(head.as_deref(), Instant::now(), status, bytes, None),
                 }
                 return;
             }
-            Phase::Running | Phase::Lent | Phase::Closing => return,
+            Action::Close => return,
+        }
+        if conn.ws.is_some() {
+            return process(conn, ctx);
         }
     }
 }
 
-fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head) {
-    conn.minor = h.minor;
+fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Box<Head>) {
     let start = Instant::now();
     let head_only = h.method == "HEAD";
     let has_body = !matches!(h.body, Some(BodyFraming::None) | None);
@@ -1085,47 +1171,52 @@ fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head) {
             if route_is_chat(&h) {
                 resp = resp.header("x-request-id", format!("req-{}", crate::util::random_hex(24)));
             }
-            // An unread body would be taken for the next request: close instead.
-            let close = h.close || has_body;
+            // An unread body would be taken for the next request: close instead. Draining: no
+            // further request will be read.
+            let close = h.close || has_body || !ctx.gw.is_ready();
             let (status, before) = (resp.status, conn.wbuf.len());
             let rid = access::request_id(&resp.headers).map(str::to_string);
-            respond(conn, resp, head_only, close);
+            encode(conn, resp, head_only, close);
+            conn.http.answered(close, Instant::now());
             access::immediate(Some(&h), start, status, (conn.wbuf.len() - before) as u64, rid.as_deref());
-            if close {
-                conn.deadline = Some(Instant::now() + LINGER);
-            } else {
-                conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.idle_timeout);
-            }
         }
         HeadAction::ReadBody { limit, continue_100 } => {
+            // A declared body takes its whole share of the budget before it is read.
+            let mut ticket = budget::Ticket::new(ctx.bodies);
+            let declared = match h.body {
+                Some(BodyFraming::Length(n)) => n,
+                _ => 0,
+            };
+            if !ticket.hold(declared, ctx.gw.config.gateway.max_body_in_flight) {
+                // The body is not read: the connection closes after the answer.
+                conn.http.answered(true, Instant::now());
+                conn.access = Some(Box::new(access::Pending::new(&h, start)));
+                return over_budget(conn, ctx.gw, Some(&h));
+            }
+            conn.ticket = Some(ticket);
             if continue_100 {
                 conn.wbuf.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
             }
-            let reader = match h.body {
-                Some(BodyFraming::Length(n)) => BodyReader::Length(n),
-                Some(BodyFraming::Chunked) => BodyReader::Chunked(ChunkedDecoder::new(limit)),
-                _ => BodyReader::Length(0),
-            };
-            conn.deadline = Some(Instant::now() + ctx.gw.config.gateway.header_timeout);
             conn.access = Some(Box::new(access::Pending::new(&h, start)));
-            conn.phase = Phase::Body { head: Box::new(h), reader, body: Vec::new() };
+            conn.http.read_body(h, limit, Instant::now());
         }
         HeadAction::Upgrade => match ws::handshake::accept(&h) {
             Ok(resp_bytes) => {
                 access::immediate(Some(&h), start, 101, resp_bytes.len() as u64, None);
                 conn.gauge.upgrade();
                 conn.wbuf.extend_from_slice(&resp_bytes);
-                conn.deadline = None;
+                conn.http.upgraded();
                 let notifier = ctx.notifier.for_connection();
                 let outbox = Arc::new(outbox::ConnOutbox { notifier: notifier.clone(), slot: ctx.slot, id: conn.id });
                 conn.notifier = Some(notifier);
-                conn.phase = Phase::Ws(Box::new(rpc::Session::new(outbox, conn.id, Instant::now(), &mut conn.wbuf)));
+                conn.ws = Some(Box::new(rpc::Session::new(outbox, conn.id, Instant::now(), &mut conn.wbuf)));
             }
             Err(e) => {
                 let resp = ApiError::from(e).response();
                 let close = h.close || has_body;
                 let (status, before) = (resp.status, conn.wbuf.len());
-                respond(conn, resp, head_only, close);
+                encode(conn, resp, head_only, close);
+                conn.http.answered(close, Instant::now());
                 access::immediate(Some(&h), start, status, (conn.wbuf.len() - before) as u64, None);
             }
         },
@@ -1140,34 +1231,42 @@ fn chat_error(conn: &mut Conn, e: ApiError, h: &Head, gw: &Gateway) {
     let rid = format!("req-{}", crate::util::random_hex(24));
     let resp = handler::with_headers(e.response(), handler::api_headers(gw, h)).header("x-request-id", rid.clone());
     let (status, before) = (resp.status, conn.wbuf.len());
-    encode(conn, resp, false, h.close);
+    let close = h.close || !gw.is_ready();
+    encode(conn, resp, false, close);
     if let Some(mut a) = conn.access.take() {
         a.request_id = Some(rid);
         a.finish(status, (conn.wbuf.len() - before) as u64);
     }
-    finish_exchange(conn, h.close, gw);
+    finish_exchange(conn, close, gw);
 }
 
-/// A complete chat completion request: validate, resolve, admit, and hand to a worker.
+/// 503 for a body that does not fit in the budget for bodies in flight; the connection is closing
+/// (its body is not read, or only partly).
+fn over_budget(conn: &mut Conn, gw: &Gateway, h: Option<&Head>) {
+    conn.ticket = None;
+    crate::log!(Warn, "request bodies in flight over gateway.http.maxBodyBytesInFlight: 503 to {}", conn.peer);
+    crate::metrics::run_rejected();
+    let rid = format!("req-{}", crate::util::random_hex(24));
+    let e = ApiError::bodies_over_budget(gw.config.gateway.max_body_in_flight);
+    let headers = h.map(|h| handler::api_headers(gw, h)).unwrap_or_default();
+    let resp = handler::with_headers(e.response(), headers).header("x-request-id", rid.clone());
+    let (status, before) = (resp.status, conn.wbuf.len());
+    encode(conn, resp, false, true);
+    if let Some(mut a) = conn.access.take() {
+        a.request_id = Some(rid);
+        a.finish(status, (conn.wbuf.len() - before) as u64);
+    }
+}
+
+/// A complete chat completion request: admit it and hand the exchange to a worker, which parses,
+/// validates, resolves and runs it. Admission stays here, before the body is parsed, so that an
+/// overloaded gateway answers 503 (and an address over its run limit 429) without spending a
+/// worker on the request.
 fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     let gw = ctx.gw;
     // The body came through the read buffer: do not keep its size for as long as the run lasts.
     if conn.rbuf.capacity() > 4096 {
         conn.rbuf.shrink_to(conn.rbuf.len());
-    }
-    let req = match chat::parse(&body) {
-        Ok(r) => r,
-        Err(e) => return chat_error(conn, e, &h, gw),
-    };
-    drop(body);
-    let run = match chat::to_run(gw, &req, h.agent_id.as_deref(), h.session_key.as_deref()) {
-        Ok(r) => r,
-        Err(e) => return chat_error(conn, e, &h, gw),
-    };
-    if let Some(a) = conn.access.as_mut().filter(|_| crate::log::access_enabled()) {
-        a.agent = Some(gw.agents[run.agent].cfg.id.clone());
-        a.session_key = Some(run.session_key.clone());
-        a.request_id = Some(run.run_id.clone());
     }
     let admission = match gw.pool.admit_from(Some(conn.peer.ip().to_canonical())) {
         Ok(a) => a,
@@ -1183,69 +1282,24 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
         }
     };
     let cancel = CancelToken::new();
+    let gone = Arc::new(AtomicBool::new(false));
     conn.cancel = Some(cancel.clone());
-    conn.deadline = None;
-    let model = chat::echo_model(&req, &gw.agents[run.agent].cfg.id);
-    let session = run.sticky.then(|| run.session_key.clone());
-    crate::log!(Debug, "run {} {} agent={} stream={}", run.run_id, conn.peer, gw.agents[run.agent].cfg.id, req.stream);
-    let job = ChatJob {
+    conn.gone = Some(gone.clone());
+    conn.http.start_run(false);
+    let ex = exchange::Exchange {
         gw: gw.clone(),
-        run,
-        model,
-        include_usage: req.include_usage,
-        cancel,
-        http10: h.minor == 0,
-        close: h.close,
-        head_only: h.method == "HEAD",
         headers: handler::api_headers(gw, &h),
-        access: None,
-        written: Default::default(),
-        status: Default::default(),
+        head: Box::new(h),
+        body,
+        ticket: conn.ticket.take(),
+        cancel,
+        gone,
+        notifier: ctx.notifier.clone(),
+        slot: ctx.slot,
+        id: conn.id,
+        peer: conn.peer,
     };
-    let (slot, id) = (ctx.slot, conn.id);
-    let notifier = ctx.notifier.clone();
-    if !req.stream {
-        conn.phase = Phase::Running;
-        let close = h.close;
-        admission.submit(session, move || {
-            let mut guard = ReturnGuard { notifier: notifier.clone(), slot, id, armed: true };
-            let resp = job.run_buffered();
-            guard.armed = false;
-            notifier.send(Done::Respond { slot, id, resp, head_only: job.head_only, close });
-        });
-        return;
-    }
-    // Streaming: lend the socket to the worker and watch a duplicate for hang-up.
-    let Some(mut mio_stream) = conn.stream.take() else { return };
-    let _ = ctx.registry.deregister(&mut mio_stream);
-    let std_stream: std::net::TcpStream = mio_stream.into();
-    // Token streams need little bandwidth; left to autotuning, the kernel would keep up to
-    // 4 MiB per socket for a client that does not read (and the stall would show that late).
-    let _ = socket2::SockRef::from(&std_stream).set_send_buffer_size(STREAM_SNDBUF);
-    let watch = std_stream.try_clone().map(TcpStream::from_std);
-    if let Ok(mut w) = watch
-        && ctx.registry.register(&mut w, Token(slot + 2), Interest::READABLE).is_ok()
-    {
-        conn.watcher = Some(w);
-    }
-    let prefix = std::mem::take(&mut conn.wbuf);
-    conn.phase = Phase::Lent;
-    let keep_alive = !h.close;
-    let mut job = job;
-    job.access = conn.access.take();
-    let earlier = prefix.len() as u64;
-    admission.submit(session, move || {
-        let mut sock = std_stream;
-        let mut guard = ReturnGuard { notifier: notifier.clone(), slot, id, armed: true };
-        let ok = sock.set_nonblocking(false).is_ok() && sock.set_write_timeout(Some(stream::WRITE_STEP)).is_ok();
-        let reuse = ok && job.run_streaming(&mut sock, prefix) && keep_alive;
-        if let Some(a) = &job.access {
-            // The prefix holds earlier responses' bytes.
-            a.finish(job.status.get(), job.written.get().saturating_sub(earlier));
-        }
-        guard.armed = false;
-        notifier.send(Done::Return { slot, id, stream: reuse.then_some(sock) });
-    });
+    admission.submit(None, move || ex.run());
 }
 
 #[cfg(test)]
@@ -1254,6 +1308,87 @@ mod tests {
 
     fn event(len: usize) -> Done {
         Done::Ws { slot: 0, id: 1, msg: rpc::Outgoing::Event { name: "agent", payload: "x".repeat(len) } }
+    }
+
+    fn notifier() -> (Notifier, Receiver<Done>, Poll) {
+        let poll = Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).unwrap());
+        let (tx, rx) = channel();
+        (Notifier { tx, waker, backlog: None }, rx, poll)
+    }
+
+    fn registered(runs: &crate::agent::registry::Registry) -> crate::agent::registry::RunSummary {
+        runs.start("chatcmpl-1", None, "agent:main:k", &CancelToken::new());
+        crate::agent::registry::RunSummary {
+            run_id: "chatcmpl-1".into(),
+            session_key: "agent:main:k".into(),
+            agent_id: "main".into(),
+            started_at: 1,
+            ended_at: 1,
+            text: String::new(),
+            tool_calls: Vec::new(),
+            finish: crate::agent::FinishReason::Stop,
+            usage: Default::default(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_panicking_non_streaming_job_answers_500_and_ends_its_run() {
+        let (n, rx, _poll) = notifier();
+        let runs = Arc::new(crate::agent::registry::Registry::new());
+        let summary = Some(registered(&runs));
+        assert_eq!(runs.active(), 1);
+        let headers = vec![("x-request-id", "chatcmpl-1".to_string())];
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            let _guard = JobGuard {
+                notifier: n.clone(),
+                slot: 3,
+                id: 9,
+                runs: runs.clone(),
+                summary,
+                buffered: Some((headers, false)),
+                armed: true,
+            };
+            panic!("backend bug");
+        }));
+        assert!(r.is_err());
+        match rx.try_recv() {
+            Ok(Done::Respond { slot: 3, id: 9, resp: Some(resp), head_only: false, close: true, .. }) => {
+                assert_eq!(resp.status, 500);
+                let body: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+                assert_eq!(body["error"]["code"], "internal_error");
+                assert_eq!(access::request_id(&resp.headers), Some("chatcmpl-1"));
+            }
+            other => panic!("expected a 500 answer, got {other:?}"),
+        }
+        assert_eq!(runs.active(), 0, "the registry sees the run end");
+        assert!(matches!(
+            runs.wait("chatcmpl-1", None),
+            crate::agent::registry::Wait::Done(s) if s.error.is_some()
+        ));
+    }
+
+    #[test]
+    fn a_panicking_streaming_job_gives_its_connection_back_to_be_closed() {
+        let (n, rx, _poll) = notifier();
+        let runs = Arc::new(crate::agent::registry::Registry::new());
+        let summary = Some(registered(&runs));
+        let guard = JobGuard { notifier: n, slot: 1, id: 2, runs: runs.clone(), summary, buffered: None, armed: true };
+        drop(guard);
+        assert!(matches!(rx.try_recv(), Ok(Done::Return { slot: 1, id: 2, stream: None })));
+        assert_eq!(runs.active(), 0);
+    }
+
+    #[test]
+    fn a_disarmed_job_guard_sends_nothing() {
+        let (n, rx, _poll) = notifier();
+        let runs = Arc::new(crate::agent::registry::Registry::new());
+        let summary = Some(registered(&runs));
+        let guard = JobGuard { notifier: n, slot: 1, id: 2, runs: runs.clone(), summary, buffered: None, armed: false };
+        drop(guard);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(runs.active(), 1);
     }
 
     #[test]

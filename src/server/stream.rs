@@ -10,9 +10,11 @@ use std::cell::Cell;
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::agent::run::{RunRequest, execute};
+use crate::agent::registry::RunSummary;
+use crate::agent::run::{RunOutcome, RunRequest, execute};
 use crate::agent::tools::ToolCallPiece;
 use crate::agent::{CancelToken, RunError, RunSink};
 use crate::gateway::Gateway;
@@ -87,8 +89,14 @@ pub struct ChatJob {
     pub model: String,
     /// `stream_options.include_usage`.
     pub include_usage: bool,
-    /// Cancelled by the loop when the client goes away.
+    /// Cancelled by the loop when the client goes away, or through the run registry
+    /// (WebSocket `chat.abort` on the run's session).
     pub cancel: CancelToken,
+    /// Set by the loop (before cancelling) when the client went away: a cancelled run whose
+    /// client is still there was aborted, and its client gets an answer saying so.
+    pub client_gone: Arc<AtomicBool>,
+    /// Unix ms when the run was accepted (for the run registry).
+    pub accepted_at: u64,
     /// The request was HTTP/1.0 (close-delimited stream).
     pub http10: bool,
     /// The connection closes after this response (`Connection: close` from the client).
@@ -105,7 +113,39 @@ pub struct ChatJob {
     pub status: Cell<u16>,
 }
 
+/// The run registry's record of an HTTP run's end.
+pub fn summary(gw: &Gateway, run: &RunRequest, accepted_at: u64, out: RunOutcome) -> RunSummary {
+    RunSummary {
+        run_id: run.run_id.clone(),
+        session_key: run.session_key.clone(),
+        agent_id: gw.agents.get(run.agent).map(|a| a.cfg.id.clone()).unwrap_or_default(),
+        started_at: accepted_at,
+        ended_at: crate::util::now_ms(),
+        text: out.text,
+        tool_calls: out.tool_calls,
+        finish: out.finish,
+        usage: out.usage,
+        error: out.error,
+    }
+}
+
 impl ChatJob {
+    /// Whether the client left (as opposed to the run being aborted while it waits).
+    fn gone(&self) -> bool {
+        self.client_gone.load(Ordering::SeqCst)
+    }
+
+    /// Tell the run registry the run ended.
+    fn ended(&self, out: &RunOutcome) {
+        self.gw.runs.finish(summary(&self.gw, &self.run, self.accepted_at, out.clone()));
+    }
+
+    /// The connection closes after this answer: the client asked, or the gateway is draining
+    /// (a keep-alive answer would invite a request that is never read).
+    fn closing(&self) -> bool {
+        self.close || !self.gw.is_ready()
+    }
+
     fn headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
         [("x-gatelet-session-key", self.run.session_key.as_str()), ("x-request-id", self.run.run_id.as_str())]
             .into_iter()
@@ -116,6 +156,7 @@ impl ChatJob {
     pub fn run_buffered(&self) -> Option<Response> {
         let created = crate::util::now_secs();
         let out = execute(&self.gw.agents[self.run.agent], &self.gw.sessions, &self.run, &self.cancel, &mut ());
+        self.ended(&out);
         let mut resp = match &out.error {
             None => Response::json(
                 200,
@@ -129,7 +170,7 @@ impl ChatJob {
                     out.usage,
                 ),
             ),
-            Some(RunError::Cancelled) => return None,
+            Some(RunError::Cancelled) if self.gone() => return None,
             Some(e) => ApiError::from(e).response(),
         };
         for (k, v) in self.headers() {
@@ -158,7 +199,8 @@ impl ChatJob {
             keepalive: self.gw.config.gateway.keepalive,
         };
         let out = execute(&self.gw.agents[self.run.agent], &self.gw.sessions, &self.run, &self.cancel, &mut sink);
-        if sink.dead || out.error == Some(RunError::Cancelled) {
+        self.ended(&out);
+        if sink.dead || (out.error == Some(RunError::Cancelled) && self.gone()) {
             return false;
         }
         match &out.error {
@@ -178,7 +220,7 @@ impl ChatJob {
                     resp = resp.header(k, v);
                 }
                 self.status.set(resp.status);
-                let close = self.http10 || self.close;
+                let close = self.http10 || self.closing();
                 resp.encode(&mut sink.out, self.head_only, close);
                 sink.write_out() && !close
             }
@@ -228,7 +270,7 @@ impl SseSink<'_> {
         if self.job.http10 {
             push_header(out, "Connection", b"close");
         } else {
-            push_header(out, "Connection", if self.job.close { b"close" } else { b"keep-alive" });
+            push_header(out, "Connection", if self.job.closing() { b"close" } else { b"keep-alive" });
             push_header(out, "Transfer-Encoding", b"chunked");
         }
         out.extend_from_slice(b"\r\n");
@@ -285,7 +327,7 @@ impl SseSink<'_> {
         if !self.job.http10 && !self.job.head_only {
             self.out.extend_from_slice(LAST_CHUNK);
         }
-        self.write_out() && !self.job.http10
+        self.write_out() && !self.job.http10 && !self.job.closing()
     }
 }
 

@@ -281,6 +281,24 @@ mod tests {
     }
 
     #[test]
+    fn the_rest_of_a_failed_message_then_the_close() {
+        // Invalid UTF-8 completing a code point left open by the first fragment; the peer sends
+        // the rest of its message before it reads our close (found by the `ws_conn` fuzz target).
+        let t = Instant::now();
+        let mut c = Conn::new(1 << 20);
+        let mut out = Vec::new();
+        let mut first = frame(false, 1, b"a\xf0\x90\x80");
+        first.extend(frame(false, 0, b"A"));
+        let ev = drive(&mut c, &first, t, &mut out);
+        assert!(matches!(&ev[..], [Incoming::Failed { code: 1007, .. }]), "{ev:?}");
+        // The broken message was dropped: its next fragment continues nothing, which ends the
+        // wait for the peer's close.
+        out.clear();
+        assert_eq!(drive(&mut c, &frame(false, 0, b"B"), t, &mut out), vec![]);
+        assert!(c.is_closed() && out.is_empty());
+    }
+
+    #[test]
     fn close_handshake_times_out() {
         let t = Instant::now();
         let mut c = Conn::new(10);

@@ -307,8 +307,20 @@ impl Decoder {
 
     /// Consume bytes from `buf`. Returns how many were consumed and the message they completed,
     /// if any; call again with the rest while it returns a message. An error means the
-    /// connection must be failed with [`ProtocolError::close_code`].
+    /// connection must be failed with [`ProtocolError::close_code`]; the decoder then drops the
+    /// message it was assembling and expects a frame header next, so that a caller still looking
+    /// for the peer's close frame never feeds a broken message further.
     pub fn decode(&mut self, buf: &[u8]) -> Result<(usize, Option<Message>), ProtocolError> {
+        let r = self.decode_frames(buf);
+        if r.is_err() {
+            self.stage = Stage::Header;
+            self.msg = None;
+            self.control.clear();
+        }
+        r
+    }
+
+    fn decode_frames(&mut self, buf: &[u8]) -> Result<(usize, Option<Message>), ProtocolError> {
         let mut pos = 0;
         loop {
             match self.stage {
@@ -646,6 +658,25 @@ mod tests {
         }
         // Binary is not validated.
         assert_eq!(one(&frame(true, 2, &[0xff])), Ok(vec![Message::Binary(vec![0xff])]));
+    }
+
+    /// Found by the `ws_conn` fuzz target: after a text message failed on invalid UTF-8 that
+    /// completed a code point left open by the previous fragment, a further fragment of the same
+    /// message (sent before the peer's close) indexed past the validator's 4-byte buffer.
+    #[test]
+    fn bytes_after_an_error_start_a_new_frame() {
+        let mut d = Decoder::new(1 << 20);
+        let mut v = frame(false, 1, b"a\xf0\x90\x80");
+        let first = v.len();
+        v.extend(frame(false, 0, b"A"));
+        let second = v.len();
+        v.extend(frame(true, 0, b"B"));
+        assert_eq!(d.decode(&v[..first]), Ok((first, None)));
+        assert_eq!(d.decode(&v[first..second]), Err(ProtocolError::InvalidUtf8));
+        // The message is gone: its next fragment is a continuation of nothing.
+        assert_eq!(d.decode(&v[second..]), Err(ProtocolError::UnexpectedContinuation));
+        // And a close frame after that is read as one.
+        assert_eq!(d.decode(&frame(true, 8, &1000u16.to_be_bytes())).map(|r| r.1.is_some()), Ok(true));
     }
 
     #[test]

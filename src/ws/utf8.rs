@@ -18,10 +18,14 @@ pub struct InvalidUtf8;
 impl Utf8Validator {
     /// Check the next bytes of the text.
     pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), InvalidUtf8> {
-        // First finish the code point left open by the previous call, one byte at a time.
+        // First finish the code point left open by the previous call, one byte at a time. A
+        // validator that already failed (a full buffer that is not a code point) stays failed.
         while self.len > 0 {
             let Some((&b, rest)) = bytes.split_first() else { return Ok(()) };
             bytes = rest;
+            if self.len as usize >= self.pending.len() {
+                return Err(InvalidUtf8);
+            }
             self.pending[self.len as usize] = b;
             self.len += 1;
             match std::str::from_utf8(&self.pending[..self.len as usize]) {
@@ -100,6 +104,14 @@ mod tests {
         assert_eq!(v.feed(&[0x90]), Err(InvalidUtf8));
         let mut v = Utf8Validator::default();
         assert_eq!(v.feed(&[0xed, 0xa0]), Err(InvalidUtf8));
+    }
+
+    #[test]
+    fn fed_again_after_failing_it_still_fails() {
+        let mut v = Utf8Validator::default();
+        v.feed(&[b'a', 0xf0, 0x90, 0x80]).unwrap();
+        assert_eq!(v.feed(b"A"), Err(InvalidUtf8));
+        assert_eq!(v.feed(b"B"), Err(InvalidUtf8));
     }
 
     #[test]

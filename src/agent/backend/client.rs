@@ -12,8 +12,10 @@
 //! `Connection: close`; a cancelled or failed exchange drops its connection, which closes it — that
 //! is how the upstream learns to stop generating.
 
+use crate::metrics::POOL_STATS;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -73,6 +75,10 @@ impl Pool {
     }
 }
 
+fn idle_gone(n: usize) {
+    POOL_STATS.idle.fetch_sub(n as i64, Relaxed);
+}
+
 /// Closes idle connections as they expire, so an upstream sees them go after `idleTimeoutMs` even
 /// when no run comes. Exits when the pool is empty (or dropped); the next release starts another.
 fn reap(pool: Weak<Pool>) {
@@ -86,6 +92,7 @@ fn reap(pool: Weak<Pool>) {
                 let n = keep.unwrap_or(st.idle.len());
                 st.idle.drain(..n).collect()
             };
+            idle_gone(expired.len());
             let next = st.idle.first().map(|(_, t)| (*t + p.idle_timeout).saturating_duration_since(now));
             if next.is_none() {
                 st.reaping = false;
@@ -203,9 +210,13 @@ impl Client {
     pub fn send(&self, req: &[u8], ctl: &RunControl, out: &mut dyn EventSink) -> Result<Exchange, Stop> {
         if let Some(conn) = self.take_idle() {
             match self.exchange(conn, req, ctl, out) {
-                Ok(ex) => return Ok(ex),
+                Ok(ex) => {
+                    POOL_STATS.reused.fetch_add(1, Relaxed);
+                    return Ok(ex);
+                }
                 Err((e, false)) if is_stale(&e) => {
                     let dead = std::mem::take(&mut self.pool.lock().idle);
+                    idle_gone(dead.len());
                     drop(dead);
                 }
                 Err((e, _)) => return Err(e),
@@ -228,6 +239,7 @@ impl Client {
         let mut st = self.pool.lock();
         let evicted = if st.idle.len() >= self.pool.max_idle { Some(st.idle.remove(0)) } else { None };
         st.idle.push((ex.conn, Instant::now()));
+        POOL_STATS.idle.fetch_add(1 - i64::from(evicted.is_some()), Relaxed);
         let start_reaper = !st.reaping;
         st.reaping = true;
         drop(st);
@@ -241,6 +253,7 @@ impl Client {
                 st.reaping = false;
                 let idle = std::mem::take(&mut st.idle);
                 drop(st);
+                idle_gone(idle.len());
                 drop(idle);
             }
         }
@@ -250,10 +263,12 @@ impl Client {
         let (conn, since) = {
             let mut st = self.pool.lock();
             let (conn, since) = st.idle.pop()?;
+            idle_gone(1);
             if since.elapsed() >= self.pool.idle_timeout {
                 // The most recent one expired: so did every other.
                 let rest = std::mem::take(&mut st.idle);
                 drop(st);
+                idle_gone(rest.len());
                 drop(rest);
                 return None;
             }
@@ -319,6 +334,7 @@ impl Client {
             }
             .into());
         };
+        POOL_STATS.opened.fetch_add(1, Relaxed);
         // Tokens are small writes that must not wait for Nagle.
         let _ = sock.set_nodelay(true);
         sock.set_read_timeout(Some(TICK)).map_err(UpstreamError::Connect)?;
