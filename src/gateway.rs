@@ -112,6 +112,14 @@ impl Gateway {
         self.config.default_agent
     }
 
+    /// The model ids the gateway lists (HTTP `/v1/models`, WebSocket `models.list`): `gatelet`,
+    /// `gatelet/default`, then `gatelet/<id>` per agent.
+    pub fn model_ids(&self) -> Vec<String> {
+        let mut v = vec!["gatelet".to_string(), "gatelet/default".to_string()];
+        v.extend(self.agents.iter().map(|a| format!("gatelet/{}", a.cfg.id)));
+        v
+    }
+
     /// Whether `/ready` answers 200.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)

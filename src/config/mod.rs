@@ -1062,7 +1062,7 @@ impl Validator {
             }
         };
         #[cfg(feature = "tls")]
-        match crate::agent::backend::client::parse_ca_pem(&pem) {
+        match crate::http::pem::parse_ca_pem(&pem) {
             Ok(c) => c,
             Err(e) => {
                 self.problem(path, format!("{file}: {e}"));

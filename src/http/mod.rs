@@ -2,5 +2,7 @@
 
 pub mod chunked;
 pub mod head;
+#[cfg(feature = "tls")]
+pub mod pem;
 pub mod response;
 pub mod url;

@@ -10,20 +10,13 @@ use serde_json::json;
 
 use crate::gateway::Gateway;
 
-/// The model ids the gateway lists: `gatelet`, `gatelet/default`, then `gatelet/<id>` per agent.
-pub fn model_ids(gw: &Gateway) -> Vec<String> {
-    let mut v = vec!["gatelet".to_string(), "gatelet/default".to_string()];
-    v.extend(gw.agents.iter().map(|a| format!("gatelet/{}", a.cfg.id)));
-    v
-}
-
 fn model_json(id: &str) -> serde_json::Value {
     json!({ "id": id, "object": "model", "created": 0, "owned_by": "gatelet" })
 }
 
 /// `GET /v1/models`.
 pub fn list_models(gw: &Gateway) -> Vec<u8> {
-    let data: Vec<_> = model_ids(gw).iter().map(|id| model_json(id)).collect();
+    let data: Vec<_> = gw.model_ids().iter().map(|id| model_json(id)).collect();
     serde_json::to_vec(&json!({ "object": "list", "data": data })).unwrap_or_default()
 }
 
@@ -31,7 +24,7 @@ pub fn list_models(gw: &Gateway) -> Vec<u8> {
 pub fn get_model(gw: &Gateway, raw_id: &str) -> Result<Vec<u8>, ApiError> {
     let id = percent_decode(raw_id)
         .ok_or_else(|| ApiError::invalid_value("model", "model id is not valid percent-encoded UTF-8"))?;
-    model_ids(gw)
+    gw.model_ids()
         .iter()
         .find(|m| m.eq_ignore_ascii_case(&id))
         .map(|m| serde_json::to_vec(&model_json(m)).unwrap_or_default())

@@ -22,7 +22,6 @@ use crate::agent::resolve;
 use crate::agent::run::RunRequest;
 use crate::auth::AuthResult;
 use crate::gateway::Gateway;
-use crate::openai;
 use crate::util::{now_ms, random_hex, secure_hex};
 use crate::ws::conn::{self, Conn, Incoming};
 use crate::ws::frame::{self, OpCode, close};
@@ -678,7 +677,7 @@ fn status(gw: &Gateway) -> Value {
 
 fn models(gw: &Gateway) -> Value {
     let m: Vec<Value> =
-        openai::model_ids(gw).into_iter().map(|id| json!({ "id": id, "name": id, "provider": "gatelet" })).collect();
+        gw.model_ids().into_iter().map(|id| json!({ "id": id, "name": id, "provider": "gatelet" })).collect();
     json!({ "models": m })
 }
 
