@@ -97,10 +97,7 @@ pub fn encode_request<'a>(
     out.extend_from_slice(base.authority.as_bytes());
     out.extend_from_slice(b"\r\n");
     for (k, v) in headers {
-        out.extend_from_slice(k.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        super::response::push_header(out, k, v.as_bytes());
     }
     out.extend_from_slice(b"Content-Length: ");
     crate::util::push_decimal(out, body.len() as u64);
