@@ -76,9 +76,9 @@ fn serve(mut s: TcpStream) -> io::Result<()> {
     };
     match handshake::accept(&head) {
         Ok(resp) => s.write_all(&resp)?,
-        Err(resp) => {
+        Err(e) => {
             let mut out = Vec::new();
-            resp.encode(&mut out, false, true);
+            gatelet::openai::ApiError::from(e).response().encode(&mut out, false, true);
             return s.write_all(&out);
         }
     }

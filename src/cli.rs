@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc;
 
+use crate::agent::resolve::{self, ResolveError};
 use crate::agent::run::{RunOutcome, RunRequest, execute};
-use crate::agent::{CancelToken, EventSink, FinishReason, RunError, Usage};
+use crate::agent::{CancelToken, RunError, RunSink};
 use crate::config::{self, Config, Overrides};
 use crate::gateway::Gateway;
-use crate::openai::chat::session_key;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -226,7 +226,7 @@ struct Printer {
     stream: bool,
 }
 
-impl EventSink for Printer {
+impl RunSink for Printer {
     fn delta(&mut self, text: &str) -> Result<(), RunError> {
         if self.stream {
             let mut out = std::io::stdout().lock();
@@ -239,8 +239,6 @@ impl EventSink for Printer {
     fn tool_call(&mut self, _: &crate::agent::tools::ToolCallPiece) -> Result<(), RunError> {
         Ok(())
     }
-    fn usage(&mut self, _: Usage) {}
-    fn finish(&mut self, _: FinishReason) {}
 }
 
 fn agent(mut args: Args) -> Result<i32, i32> {
@@ -268,15 +266,18 @@ fn agent(mut args: Args) -> Result<i32, i32> {
     let state_lock =
         if cfg.persist_sessions { crate::session::persist::StateLock::acquire(&cfg.state_dir).ok() } else { None };
     let gw = build(cfg, state_lock.is_some());
-    let agent = match agent_id {
-        Some(id) => gw.agent_index(&id).ok_or_else(|| {
-            let ids: Vec<_> = gw.agents.iter().map(|a| a.cfg.id.as_str()).collect();
-            usage_err(format!("agent: no agent {id:?} (configured: {})", ids.join(", ")))
-        })?,
-        None => gw.default_agent(),
-    };
-    let (session_key, sticky) =
-        session_key(&gw.agents[agent].cfg.id, key.as_deref(), None).map_err(|e| usage_err(e.message))?;
+    // The WebSocket rule: --agent wins, else a key `agent:<id>:…` names its agent, else the default.
+    let (agent, session_key, sticky) =
+        resolve::agent_for_key(&gw.agents, gw.default_agent(), agent_id.as_deref(), key.as_deref()).map_err(|e| {
+            usage_err(match e {
+                ResolveError::NoAgent(id) => format!("agent: no agent {id:?} (configured: {})", gw.agent_ids()),
+                ResolveError::Key(e) => format!("agent: --session-key {e}"),
+                ResolveError::KeyOfOtherAgent { key_agent, agent } => {
+                    format!("agent: --session-key belongs to agent {key_agent}, not {agent}")
+                }
+                e => format!("agent: {e}"),
+            })
+        })?;
     let run = RunRequest::user_turn(agent, session_key, sticky, message);
     // The same worker pool as the gateway, so the run path is identical.
     let (tx, rx) = mpsc::channel::<RunOutcome>();
@@ -285,7 +286,7 @@ fn agent(mut args: Args) -> Result<i32, i32> {
     let run2 = run.clone();
     adm.submit(run.sticky.then(|| run.session_key.clone()), move || {
         let mut p = Printer { stream: stream && !json };
-        let _ = tx.send(execute(&gw2, &run2, &CancelToken::new(), &mut p));
+        let _ = tx.send(execute(&gw2.agents[run2.agent], &gw2.sessions, &run2, &CancelToken::new(), &mut p));
     });
     let Ok(out) = rx.recv() else {
         eprintln!("gatelet: the run ended without a result");
@@ -294,8 +295,7 @@ fn agent(mut args: Args) -> Result<i32, i32> {
     if json {
         let v = serde_json::json!({
             "reply": out.text, "finishReason": out.error.as_ref().map_or(out.finish.as_str(), |_| "error"),
-            "usage": { "prompt_tokens": out.usage.prompt_tokens, "completion_tokens": out.usage.completion_tokens,
-                       "total_tokens": out.usage.total() },
+            "usage": out.usage.to_json(false),
             "sessionKey": run.session_key, "agentId": gw.agents[agent].cfg.id,
             "error": out.error.as_ref().map(|e| e.to_string()),
         });

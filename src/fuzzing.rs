@@ -11,9 +11,10 @@ use serde_json::Value;
 use crate::agent::backend::{command, upstream};
 use crate::http::chunked::{ChunkError, ChunkedDecoder};
 use crate::http::head::{self, BodyFraming, HeadError};
+use crate::rpc::protocol;
 use crate::sse::{Event, SseDecoder, SseError};
 use crate::ws::frame::{Decoder, Message, ProtocolError};
-use crate::ws::{handshake, protocol};
+use crate::ws::handshake;
 
 /// How hard to check one input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -583,7 +584,7 @@ pub fn ws_handshake(data: &[u8], _: Depth) {
             assert_eq!(text.matches("\r\n").count(), 5, "no header injected: {text}");
         }
         Err(e) => {
-            let r = e.response();
+            let r = crate::openai::ApiError::from(e);
             assert!(matches!(r.status, 400 | 426), "{e:?}");
             assert!(handshake::accept(&h).is_err());
         }
@@ -688,7 +689,7 @@ pub fn tool_calls(data: &[u8], depth: Depth) {
 
 // ---- gateway protocol --------------------------------------------------------------------
 
-/// `ws::protocol::parse_request` on a text message: never panics; an accepted request has a
+/// `rpc::protocol::parse_request` on a text message: never panics; an accepted request has a
 /// non-empty id and method and object-or-null params; every answer it leads to is one JSON
 /// `res` frame carrying the request's id.
 pub fn rpc_request(data: &[u8], _: Depth) {

@@ -8,24 +8,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::agent::Backend;
+pub use crate::agent::Agent;
 use crate::agent::backend;
 use crate::agent::pool::Pool;
 use crate::agent::registry::Registry;
 use crate::auth::Authorizer;
-use crate::config::{AgentConfig, Config};
+use crate::config::Config;
 use crate::session::SessionStore;
-
-/// A configured agent with its backend.
-#[derive(Debug)]
-pub struct Agent {
-    /// Its configuration.
-    pub cfg: AgentConfig,
-    /// The backend answering its runs.
-    pub backend: Arc<dyn Backend>,
-    /// Its counters in `/metrics`.
-    pub stats: Arc<crate::metrics::AgentStats>,
-}
 
 /// Everything the surfaces (HTTP, WebSocket, CLI) share.
 #[derive(Debug)]
@@ -115,12 +104,20 @@ impl Gateway {
 
     /// Index of the agent with this id (case-insensitive).
     pub fn agent_index(&self, id: &str) -> Option<usize> {
-        self.agents.iter().position(|a| a.cfg.id.eq_ignore_ascii_case(id))
+        crate::agent::resolve::agent_index(&self.agents, id)
     }
 
     /// Index of the default agent.
     pub fn default_agent(&self) -> usize {
         self.config.default_agent
+    }
+
+    /// The model ids the gateway lists (HTTP `/v1/models`, WebSocket `models.list`): `gatelet`,
+    /// `gatelet/default`, then `gatelet/<id>` per agent.
+    pub fn model_ids(&self) -> Vec<String> {
+        let mut v = vec!["gatelet".to_string(), "gatelet/default".to_string()];
+        v.extend(self.agents.iter().map(|a| format!("gatelet/{}", a.cfg.id)));
+        v
     }
 
     /// Whether `/ready` answers 200.

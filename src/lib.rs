@@ -3,7 +3,7 @@
 //! One binary serves HTTP/1.1 and WebSocket on one port and exposes an OpenAI-compatible
 //! `POST /v1/chat/completions` endpoint whose requests run as agent runs on a worker pool.
 //! Protocol layers (`http`, `sse`, and in `ws` the handshake, frame codec and RFC 6455
-//! connection) are pure byte-in/byte-out codecs; `ws::session` speaks the gateway protocol on top;
+//! connection) are pure byte-in/byte-out codecs; `rpc` speaks the gateway protocol on top;
 //! `server` is the thin mio shell that moves bytes between sockets, codecs and workers.
 
 #![forbid(unsafe_code)]
@@ -21,6 +21,7 @@ pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod openai;
+pub mod rpc;
 pub mod server;
 pub mod session;
 pub mod sse;

@@ -12,8 +12,20 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::agent::backend::client::POOL_STATS;
-use crate::gateway::Gateway;
+/// Counters of every upstream pool in this process, read by `/metrics`.
+#[derive(Debug)]
+pub struct PoolStats {
+    /// Idle pooled connections now.
+    pub idle: AtomicI64,
+    /// Connections opened.
+    pub opened: AtomicU64,
+    /// Requests sent on a pooled (reused) connection.
+    pub reused: AtomicU64,
+}
+
+/// The process-wide upstream pool counters.
+pub static POOL_STATS: PoolStats =
+    PoolStats { idle: AtomicI64::new(0), opened: AtomicU64::new(0), reused: AtomicU64::new(0) };
 
 /// Routes counted in `gatelet_http_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,8 +286,8 @@ fn esc(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-/// The whole exposition for `gw`.
-pub fn render(gw: &Gateway) -> String {
+/// The whole exposition; `queued_runs` is the worker pool's queue length.
+pub fn render(queued_runs: usize) -> String {
     let m = &*METRICS;
     let mut out = String::with_capacity(8 * 1024);
 
@@ -337,7 +349,7 @@ pub fn render(gw: &Gateway) -> String {
     };
     gauge(&mut out, "gatelet_active_runs", "Agent runs executing on a worker now.", m.active_runs.load(Relaxed));
     gauge(&mut out, "gatelet_active_streams", "SSE responses being streamed now.", m.active_streams.load(Relaxed));
-    gauge(&mut out, "gatelet_queued_runs", "Runs admitted and waiting for a worker.", gw.pool.pending() as i64);
+    gauge(&mut out, "gatelet_queued_runs", "Runs admitted and waiting for a worker.", queued_runs as i64);
     let conns = m.open_conns.load(Relaxed);
     let ws = m.open_ws.load(Relaxed);
     head(&mut out, "gatelet_open_connections", "gauge", "Open client connections, by protocol.");

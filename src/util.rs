@@ -14,16 +14,25 @@ pub fn now_secs() -> u64 {
     now_ms() / 1000
 }
 
-/// `n` bytes from the operating system's random source (falls back to a hashed clock).
-pub fn os_random(buf: &mut [u8]) {
-    let ok = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf)).is_ok();
-    if !ok {
-        let mut x = seed_fallback();
-        for b in buf.iter_mut() {
-            x = splitmix(&mut x.clone());
-            *b = x as u8;
-        }
+/// Fill `buf` from the operating system's cryptographic source (`/dev/urandom`). Returns false,
+/// leaving `buf` unspecified, when that source cannot be read.
+pub fn os_random(buf: &mut [u8]) -> bool {
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf)).is_ok()
+}
+
+/// `bytes` bytes from the operating system's cryptographic source, as lower-case hex; `None` when
+/// that source cannot be read (the caller decides how to fall back, and says so).
+pub fn secure_hex(bytes: usize) -> Option<String> {
+    let mut buf = vec![0u8; bytes];
+    if !os_random(&mut buf) {
+        return None;
     }
+    let mut s = String::with_capacity(bytes * 2);
+    for b in buf {
+        s.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        s.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+    }
+    Some(s)
 }
 
 fn seed_fallback() -> u64 {
@@ -42,8 +51,12 @@ fn splitmix(state: &mut u64) -> u64 {
 thread_local! {
     static RNG: Cell<u64> = Cell::new({
         let mut b = [0u8; 8];
-        os_random(&mut b);
-        u64::from_le_bytes(b)
+        if os_random(&mut b) {
+            u64::from_le_bytes(b)
+        } else {
+            // Ids only need to differ, not to be unguessable: a hashed clock will do.
+            splitmix(&mut seed_fallback())
+        }
     });
 }
 
@@ -121,6 +134,14 @@ mod tests {
         v.push(b' ');
         push_hex(&mut v, 0x1a2f);
         assert_eq!(v, b"0 18446744073709551615 0 1a2f");
+    }
+
+    #[test]
+    fn secure_hex_reads_the_os_source() {
+        let a = secure_hex(16).expect("/dev/urandom");
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_ne!(a, secure_hex(16).unwrap());
     }
 
     #[test]

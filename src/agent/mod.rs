@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod pool;
 pub mod registry;
+pub mod resolve;
 pub mod run;
 pub mod tool_exec;
 pub mod tools;
@@ -17,61 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
-/// Who said a message in a conversation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Instructions (`system` and `developer` in the OpenAI surface).
-    System,
-    /// The caller.
-    User,
-    /// The agent.
-    Assistant,
-    /// A tool result (`tool`, and the legacy `function`).
-    Tool,
-}
-
-impl Role {
-    /// The lower-case wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-            Role::Tool => "tool",
-        }
-    }
-}
-
-/// The tool-calling fields of a message (`tool_call_id`, `tool_calls`, `name`), kept verbatim so
-/// that an upstream that checks them accepts the history.
-pub type ToolFields = serde_json::Map<String, serde_json::Value>;
-
-/// One message of a conversation: its text, the content exactly as sent when that was not a
-/// plain string (an array of parts, or `null`), and its tool-calling fields.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    /// Who said it.
-    pub role: Role,
-    /// What was said (text parts joined): what `echo`, `command` and token estimates work on.
-    pub content: String,
-    /// The original `content` when it was an array of parts (images, audio, files…) or `null`;
-    /// upstreams that understand parts get this instead of the text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub raw_content: Option<serde_json::Value>,
-    /// Tool-calling fields, when the message had any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool: Option<ToolFields>,
-}
+pub use crate::session::message::{ChatMessage, Role, ToolFields, Usage};
 
 impl ChatMessage {
-    /// A message with `role` and `content`.
-    pub fn new(role: Role, content: impl Into<String>) -> Self {
-        ChatMessage { role, content: content.into(), raw_content: None, tool: None }
-    }
-
     /// An assistant message that calls `calls` (content `null` when `text` is empty, as OpenAI
     /// sends it).
     pub fn assistant_calls(text: &str, calls: &[tools::ToolCall]) -> Self {
@@ -84,21 +33,6 @@ impl ChatMessage {
             m.tool = Some([("tool_calls".to_string(), serde_json::Value::Array(v))].into_iter().collect());
         }
         m
-    }
-
-    /// A `tool` message answering call `id`.
-    pub fn tool_result(id: &str, content: impl Into<String>) -> Self {
-        let mut m = ChatMessage::new(Role::Tool, content);
-        m.tool = Some([("tool_call_id".to_string(), serde_json::Value::from(id))].into_iter().collect());
-        m
-    }
-
-    /// The `content` as it goes to an upstream that takes OpenAI messages.
-    pub fn wire_content(&self) -> serde_json::Value {
-        match &self.raw_content {
-            Some(v) => v.clone(),
-            None => serde_json::Value::String(self.content.clone()),
-        }
     }
 }
 
@@ -140,22 +74,6 @@ pub struct RunInput {
     pub messages: Vec<ChatMessage>,
     /// Sampling options.
     pub options: RunOptions,
-}
-
-/// Token counts of a run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    /// Tokens in the context given to the model.
-    pub prompt_tokens: u64,
-    /// Tokens in the reply.
-    pub completion_tokens: u64,
-}
-
-impl Usage {
-    /// `prompt_tokens + completion_tokens`.
-    pub fn total(&self) -> u64 {
-        self.prompt_tokens + self.completion_tokens
-    }
 }
 
 /// Why a run finished normally.
@@ -204,18 +122,26 @@ impl fmt::Display for RunError {
 
 impl std::error::Error for RunError {}
 
-/// Where a backend sends what it produces.
-pub trait EventSink {
+/// Where a backend sends what it produces: everything a surface sees ([`RunSink`]), plus the
+/// token counts and the finish reason, which the run path keeps and returns in its outcome.
+pub trait EventSink: RunSink {
+    /// Token counts reported by the backend (the last report wins).
+    fn usage(&mut self, usage: Usage);
+    /// The finish reason reported by the backend (default `stop`).
+    fn finish(&mut self, reason: FinishReason);
+}
+
+/// Where a run's output goes on its surface (SSE records, WebSocket events, the terminal): what
+/// a client sees while the run goes. Usage and the finish reason are not pushed here; they come
+/// back in the run's outcome ([`run::RunOutcome`]). `()` is the sink of a run whose client only
+/// wants the outcome.
+pub trait RunSink {
     /// A piece of reply text. An error means the consumer is gone: stop and return
     /// `Err(RunError::Cancelled)`.
     fn delta(&mut self, text: &str) -> Result<(), RunError>;
-    /// Token counts reported by the backend (the last report wins).
-    fn usage(&mut self, usage: Usage);
     /// A piece of a tool call. The first piece of each call carries its `id` and `name`; calls
     /// are numbered 0, 1, 2… in the order they start. An error means: stop with it.
     fn tool_call(&mut self, piece: &tools::ToolCallPiece) -> Result<(), RunError>;
-    /// The finish reason reported by the backend (default `stop`).
-    fn finish(&mut self, reason: FinishReason);
     /// An agent tool started or ended (the gateway runs those itself; clients never see them as
     /// reply content).
     fn tool_event(&mut self, _ev: &tools::ToolEvent<'_>) {}
@@ -230,6 +156,15 @@ pub trait EventSink {
     fn batch_begin(&mut self) {}
     /// End of a batch: everything held back goes out now. An error means: stop with it.
     fn batch_end(&mut self) -> Result<(), RunError> {
+        Ok(())
+    }
+}
+
+impl RunSink for () {
+    fn delta(&mut self, _: &str) -> Result<(), RunError> {
+        Ok(())
+    }
+    fn tool_call(&mut self, _: &tools::ToolCallPiece) -> Result<(), RunError> {
         Ok(())
     }
 }
@@ -287,7 +222,7 @@ impl CancelToken {
 }
 
 /// The longest a backend may go without checking [`RunControl`] and calling
-/// [`EventSink::tick`].
+/// [`RunSink::tick`].
 pub const TICK: Duration = Duration::from_millis(250);
 
 /// Cancellation and deadline of one run, as seen by a backend.
@@ -333,6 +268,17 @@ impl RunControl {
             out.tick()?;
         }
     }
+}
+
+/// A configured agent with its backend.
+#[derive(Debug)]
+pub struct Agent {
+    /// Its configuration.
+    pub cfg: crate::config::AgentConfig,
+    /// The backend answering its runs.
+    pub backend: Arc<dyn Backend>,
+    /// Its counters in `/metrics`.
+    pub stats: Arc<crate::metrics::AgentStats>,
 }
 
 /// A model or program that answers runs.

@@ -3,20 +3,21 @@
 
 use std::time::{Duration, Instant};
 
+use super::Agent;
 use super::tools::{Calls, ToolCall, ToolCallPiece, ToolEvent};
 use super::{
-    CancelToken, ChatMessage, EventSink, FinishReason, Role, RunControl, RunError, RunInput, RunOptions, Usage,
-    count_words, tool_exec,
+    CancelToken, ChatMessage, EventSink, FinishReason, Role, RunControl, RunError, RunInput, RunOptions, RunSink,
+    Usage, count_words, tool_exec,
 };
 use crate::config::AgentToolConfig;
-use crate::gateway::Gateway;
+use crate::session::SessionStore;
 
 /// A resolved request for one agent turn.
 #[derive(Debug, Clone)]
 pub struct RunRequest {
     /// Unique run id.
     pub run_id: String,
-    /// Index of the agent in [`Gateway::agents`].
+    /// Index of the agent in the gateway's agent list.
     pub agent: usize,
     /// Session key (`agent:<id>:…`).
     pub session_key: String,
@@ -68,7 +69,7 @@ pub struct RunOutcome {
 /// text and the calls, forwards text and the pieces of calls to the client's tools (numbered
 /// among themselves), and holds back the pieces of calls to the agent's own tools.
 struct Recorder<'a> {
-    inner: &'a mut dyn EventSink,
+    inner: &'a mut dyn RunSink,
     agent_tools: &'a [AgentToolConfig],
     text: String,
     step_text: String,
@@ -92,7 +93,7 @@ impl Recorder<'_> {
     }
 }
 
-impl EventSink for Recorder<'_> {
+impl RunSink for Recorder<'_> {
     fn delta(&mut self, text: &str) -> Result<(), RunError> {
         if text.is_empty() {
             return Ok(());
@@ -120,13 +121,6 @@ impl EventSink for Recorder<'_> {
             None => Ok(()),
         }
     }
-    fn usage(&mut self, usage: Usage) {
-        self.usage = Some(usage);
-        self.inner.usage(usage);
-    }
-    fn finish(&mut self, reason: FinishReason) {
-        self.finish = reason;
-    }
     fn tick(&mut self) -> Result<(), RunError> {
         self.inner.tick()
     }
@@ -141,19 +135,34 @@ impl EventSink for Recorder<'_> {
     }
 }
 
+impl EventSink for Recorder<'_> {
+    fn usage(&mut self, usage: Usage) {
+        self.usage = Some(usage);
+    }
+    fn finish(&mut self, reason: FinishReason) {
+        self.finish = reason;
+    }
+}
+
 /// The messages of a request that form its new turn: those after its last `assistant` message.
 pub fn new_turn(messages: &[ChatMessage]) -> &[ChatMessage] {
     let start = messages.iter().rposition(|m| m.role == Role::Assistant).map_or(0, |i| i + 1);
     &messages[start..]
 }
 
-/// Run `req` to completion on the calling thread, streaming events into `sink`.
+/// Run `req` on `agent` to completion on the calling thread, streaming events into `sink`; a
+/// sticky run reads its context from and appends its turn to `sessions`.
 ///
 /// When the backend calls the agent's own tools, they run here, their calls and results join
 /// the conversation and the backend is called again, up to the agent's `maxToolSteps` (SPEC
 /// §5.1). A call to any other tool ends the run with `tool_calls` for the client to run.
-pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut dyn EventSink) -> RunOutcome {
-    let agent = &gw.agents[req.agent];
+pub fn execute(
+    agent: &Agent,
+    sessions: &SessionStore,
+    req: &RunRequest,
+    cancel: &CancelToken,
+    sink: &mut dyn RunSink,
+) -> RunOutcome {
     let started = Instant::now();
     let _active = crate::metrics::run_guard();
     let mut system_prompt = agent.cfg.system_prompt.clone();
@@ -166,7 +175,7 @@ pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut 
     let sticky = req.sticky;
     let (messages, turn) = if sticky {
         let turn = new_turn(&req.messages);
-        (gw.sessions.context_for_run(&req.session_key, turn), turn)
+        (sessions.context_for_run(&req.session_key, turn), turn)
     } else {
         (req.messages.clone(), &req.messages[..])
     };
@@ -286,8 +295,7 @@ pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut 
     let usage =
         reported.unwrap_or_else(|| Usage { prompt_tokens: prompt_words, completion_tokens: count_words(&rec.text) });
     if sticky
-        && let Err(e) =
-            gw.sessions.append_turn(&req.session_key, &agent.cfg.id, turn, &produced, usage, error.is_some())
+        && let Err(e) = sessions.append_turn(&req.session_key, &agent.cfg.id, turn, &produced, usage, error.is_some())
     {
         crate::log!(Error, "session {}: transcript write failed: {e}", req.session_key);
     }
@@ -315,7 +323,6 @@ pub fn execute(gw: &Gateway, req: &RunRequest, cancel: &CancelToken, sink: &mut 
         usage.completion_tokens,
         steps
     );
-    rec.inner.finish(rec.finish);
     RunOutcome { text: rec.text, tool_calls: client_calls, usage, finish: rec.finish, error }
 }
 

@@ -187,19 +187,23 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::RunSink;
     use crate::agent::tools::ToolCallPiece;
     use crate::agent::{CancelToken, FinishReason, Usage};
     use crate::config::CommandBackendConfig;
     use std::collections::BTreeMap;
 
     struct Quiet;
-    impl EventSink for Quiet {
+    impl RunSink for Quiet {
         fn delta(&mut self, _: &str) -> Result<(), RunError> {
             Ok(())
         }
         fn tool_call(&mut self, _: &ToolCallPiece) -> Result<(), RunError> {
             Ok(())
         }
+    }
+
+    impl EventSink for Quiet {
         fn usage(&mut self, _: Usage) {}
         fn finish(&mut self, _: FinishReason) {}
     }

@@ -79,10 +79,8 @@ pub enum ToolEvent<'a> {
     },
 }
 
-/// Function names: `[A-Za-z0-9_-]{1,64}`.
-pub fn valid_tool_name(s: &str) -> bool {
-    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
+/// Function names (the rule agent tools are configured with).
+pub use crate::config::valid_tool_name;
 
 /// A fresh call id, for backends and upstreams that do not give one.
 pub fn new_call_id() -> String {
@@ -200,16 +198,6 @@ pub fn split_pieces(s: &str, max: usize) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names() {
-        assert!(valid_tool_name("get_weather-2"));
-        assert!(valid_tool_name(&"a".repeat(64)));
-        assert!(!valid_tool_name(&"a".repeat(65)));
-        assert!(!valid_tool_name(""));
-        assert!(!valid_tool_name("get weather"));
-        assert!(!valid_tool_name("é"));
-    }
 
     #[test]
     fn assembler_numbers_calls_in_order_of_appearance() {

@@ -821,7 +821,7 @@ impl Validator {
             let tp = format!("{p}[{i}]");
             let m = self.object(Some(t), &tp, &["name", "description", "parameters", "command"]);
             let name = match self.string(m, &tp, "name") {
-                Some(n) if crate::agent::tools::valid_tool_name(&n) => n,
+                Some(n) if valid_tool_name(&n) => n,
                 Some(n) => {
                     self.problem(&format!("{tp}.name"), format!("tool name {n:?} must match [A-Za-z0-9_-]{{1,64}}"));
                     continue;
@@ -948,7 +948,7 @@ impl Validator {
             ],
         );
         let base_url = self.string(m, p, "baseUrl").unwrap_or_default();
-        let url = crate::agent::backend::upstream::BaseUrl::parse(&base_url);
+        let url = crate::http::url::BaseUrl::parse(&base_url);
         match &url {
             Ok(u) if u.tls && !cfg!(feature = "tls") => self.problem(
                 &format!("{p}.baseUrl"),
@@ -1062,7 +1062,7 @@ impl Validator {
             }
         };
         #[cfg(feature = "tls")]
-        match crate::agent::backend::client::parse_ca_pem(&pem) {
+        match crate::http::pem::parse_ca_pem(&pem) {
             Ok(c) => c,
             Err(e) => {
                 self.problem(path, format!("{file}: {e}"));
@@ -1152,6 +1152,11 @@ impl Config {
     }
 }
 
+/// Function names: `[A-Za-z0-9_-]{1,64}`.
+pub fn valid_tool_name(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1163,6 +1168,16 @@ mod tests {
     fn parse_str(s: &str) -> Result<Config, ConfigError> {
         let ov = Overrides::default();
         parse(s, Some("cfg.json5".into()), "/tmp/st".into(), &ov, &env_none)
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_tool_name("get_weather-2"));
+        assert!(valid_tool_name(&"a".repeat(64)));
+        assert!(!valid_tool_name(&"a".repeat(65)));
+        assert!(!valid_tool_name(""));
+        assert!(!valid_tool_name("get weather"));
+        assert!(!valid_tool_name("é"));
     }
 
     #[test]

@@ -4,10 +4,15 @@
 use serde_json::{Value, json};
 
 use super::ApiError;
+use crate::agent::resolve;
 use crate::agent::run::RunRequest;
 use crate::agent::tools::{MAX_TOOLS, ToolCall, ToolCallPiece, valid_tool_name};
 use crate::agent::{ChatMessage, FinishReason, Role, RunOptions, ToolFields, Usage};
 use crate::gateway::Gateway;
+use crate::session;
+
+/// The request header naming a session key.
+pub const SESSION_KEY_HEADER: &str = "x-gatelet-session-key";
 
 /// A validated chat completion request.
 #[derive(Debug, Clone, PartialEq)]
@@ -305,58 +310,6 @@ fn check_tool_choice(v: &Value) -> Result<Value, ApiError> {
     }
 }
 
-fn unknown_model(model: &str) -> ApiError {
-    ApiError::invalid(
-        404,
-        "model_not_found",
-        format!(
-            "The model `{model}` does not exist. Use `gatelet` or `gatelet/default` for the default agent, or \
-             `gatelet/<agentId>`, `gatelet:<agentId>`, `agent:<agentId>` or a bare agent id (see GET /v1/models)"
-        ),
-    )
-}
-
-fn no_agent(id: &str) -> ApiError {
-    ApiError::invalid(404, "model_not_found", format!("No agent `{id}` is configured (see GET /v1/models)"))
-}
-
-/// Pick the agent: `x-gatelet-agent-id` header > `model` > the default agent (SPEC §5).
-pub fn resolve_agent(gw: &Gateway, header: Option<&str>, model: Option<&str>) -> Result<usize, ApiError> {
-    if let Some(h) = header.filter(|h| !h.is_empty()) {
-        return gw.agent_index(h).ok_or_else(|| no_agent(h));
-    }
-    let Some(model) = model.map(str::trim).filter(|m| !m.is_empty()) else { return Ok(gw.default_agent()) };
-    let lower = model.to_ascii_lowercase();
-    if lower == "gatelet" || lower == "gatelet/default" {
-        return Ok(gw.default_agent());
-    }
-    for prefix in ["gatelet/", "gatelet:", "agent:"] {
-        if let Some(id) = lower.strip_prefix(prefix) {
-            return gw.agent_index(id).ok_or_else(|| no_agent(id));
-        }
-    }
-    gw.agent_index(&lower).ok_or_else(|| unknown_model(model))
-}
-
-/// The session key for a request (SPEC §5) and whether it is sticky.
-pub fn session_key(agent_id: &str, header: Option<&str>, user: Option<&str>) -> Result<(String, bool), ApiError> {
-    if let Some(k) = header.filter(|k| !k.is_empty()) {
-        if k.len() > 256 || !k.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-            return Err(ApiError::invalid_value(
-                "x-gatelet-session-key",
-                "x-gatelet-session-key must be at most 256 printable ASCII characters",
-            ));
-        }
-        let prefix = format!("agent:{agent_id}:");
-        let key = if k.starts_with(&prefix) { k.to_string() } else { format!("{prefix}{k}") };
-        return Ok((key, true));
-    }
-    if let Some(u) = user {
-        return Ok((format!("agent:{agent_id}:openai-user:{u}"), true));
-    }
-    Ok((format!("agent:{agent_id}:openai:{}", crate::util::random_hex(24)), false))
-}
-
 /// Turn a validated request into a run request.
 pub fn to_run(
     gw: &Gateway,
@@ -364,8 +317,9 @@ pub fn to_run(
     agent_header: Option<&str>,
     session_header: Option<&str>,
 ) -> Result<RunRequest, ApiError> {
-    let agent = resolve_agent(gw, agent_header, req.model.as_deref())?;
-    let (session_key, sticky) = session_key(&gw.agents[agent].cfg.id, session_header, req.user.as_deref())?;
+    let agent = resolve::agent_for_model(&gw.agents, gw.default_agent(), agent_header, req.model.as_deref())?;
+    let (session_key, sticky) = session::key_for(&gw.agents[agent].cfg.id, session_header, req.user.as_deref())
+        .map_err(resolve::ResolveError::from)?;
     Ok(RunRequest {
         run_id: format!("chatcmpl-{}", crate::util::random_hex(24)),
         agent,
@@ -381,10 +335,6 @@ pub fn to_run(
 /// The `model` echoed in responses: the request's, else the agent target.
 pub fn echo_model(req: &ChatRequest, agent_id: &str) -> String {
     req.model.clone().unwrap_or_else(|| format!("gatelet/{agent_id}"))
-}
-
-fn usage_json(u: Usage) -> Value {
-    json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total() })
 }
 
 /// The non-streaming `chat.completion` body. With tool calls, `content` is `null` when there is
@@ -408,7 +358,7 @@ pub fn completion_body(
     let v = json!({
         "id": id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{ "index": 0, "message": message, "logprobs": null, "finish_reason": finish.as_str() }],
-        "usage": usage_json(usage),
+        "usage": usage.to_json(false),
     });
     serde_json::to_vec(&v).unwrap_or_default()
 }
@@ -506,7 +456,7 @@ impl ChunkEncoder {
         }
         out.extend_from_slice(&self.prefix);
         out.extend_from_slice(b"[],\"usage\":");
-        let _ = serde_json::to_writer(&mut *out, &usage_json(usage));
+        let _ = serde_json::to_writer(&mut *out, &usage.to_json(false));
         out.extend_from_slice(b"}\n\n");
     }
 
@@ -723,18 +673,6 @@ mod tests {
         assert_eq!(parse(body.as_bytes()).unwrap_err().param.as_deref(), Some("user"));
         let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"user":"{}"}}"#, "u".repeat(256));
         assert_eq!(parse(body.as_bytes()).unwrap().user.map(|u| u.len()), Some(256));
-    }
-
-    #[test]
-    fn session_keys() {
-        assert_eq!(session_key("main", Some("abc"), Some("u")).unwrap(), ("agent:main:abc".into(), true));
-        assert_eq!(session_key("main", Some("agent:main:abc"), None).unwrap(), ("agent:main:abc".into(), true));
-        assert_eq!(session_key("main", None, Some("bob")).unwrap(), ("agent:main:openai-user:bob".into(), true));
-        let (k, sticky) = session_key("main", None, None).unwrap();
-        assert!(k.starts_with("agent:main:openai:") && !sticky);
-        assert_ne!(k, session_key("main", None, None).unwrap().0);
-        assert!(session_key("main", Some(&"x".repeat(257)), None).is_err());
-        assert!(session_key("main", Some("tab\there"), None).is_err());
     }
 
     #[test]

@@ -16,8 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::handler;
-use crate::http::chunked::{ChunkError, ChunkedDecoder};
+use crate::http::chunked::ChunkedDecoder;
 use crate::http::head::{self, BodyFraming, Head};
 use crate::openai::ApiError;
 
@@ -183,7 +182,7 @@ impl HttpConn {
                     }
                     Err(e) => {
                         self.closing(now);
-                        Some(Action::Refuse(handler::framing_error(e.status(), e.to_string()), None))
+                        Some(Action::Refuse(ApiError::from(e), None))
                     }
                     Ok(Some((h, n))) => {
                         buf.drain(..n);
@@ -209,10 +208,7 @@ impl HttpConn {
                             d.is_done()
                         }
                         Err(e) => {
-                            let err = match e {
-                                ChunkError::BodyTooLarge => handler::too_large(*limit),
-                                e => handler::framing_error(400, e.to_string()),
-                            };
+                            let err = ApiError::from_chunk(e, *limit);
                             let Inner::Body { head, .. } = std::mem::replace(&mut self.inner, Inner::Idle) else {
                                 return None;
                             };
@@ -295,11 +291,11 @@ impl HttpConn {
         match std::mem::replace(&mut self.inner, Inner::Closing) {
             Inner::Head => {
                 self.deadline = Some(now + self.t.linger);
-                Some(Action::Refuse(handler::timed_out(), None))
+                Some(Action::Refuse(ApiError::timed_out(), None))
             }
             Inner::Body { head, .. } => {
                 self.deadline = Some(now + self.t.linger);
-                Some(Action::Refuse(handler::timed_out(), Some(head)))
+                Some(Action::Refuse(ApiError::timed_out(), Some(head)))
             }
             Inner::Idle | Inner::Closing => {
                 self.deadline = None;

@@ -115,7 +115,7 @@ fn metrics(gw: &Gateway, head: &Head, ip: IpAddr) -> Result<Response, ApiError> 
     if !gw.config.gateway.metrics_public {
         check_auth(gw, head, ip)?;
     }
-    let mut r = Response::json(200, crate::metrics::render(gw).into_bytes());
+    let mut r = Response::json(200, crate::metrics::render(gw.pool.pending()).into_bytes());
     r.headers[0].1 = crate::metrics::CONTENT_TYPE.into();
     Ok(r.header("Cache-Control", "no-store"))
 }
@@ -154,7 +154,7 @@ pub fn on_head(gw: &Gateway, head: &Head, ip: IpAddr) -> HeadAction {
             Ok(()) => {
                 let limit = gw.config.gateway.max_body_bytes;
                 return match head.body {
-                    Some(BodyFraming::Length(n)) if n > limit => Err(too_large(limit)),
+                    Some(BodyFraming::Length(n)) if n > limit => Err(ApiError::too_large(limit)),
                     _ => Ok(HeadAction::ReadBody { limit, continue_100: head.expect_continue && head.minor >= 1 }),
                 }
                 .unwrap_or_else(|e: ApiError| HeadAction::Respond(with_headers(e.response(), api_headers(gw, head))));
@@ -175,58 +175,4 @@ pub fn on_head(gw: &Gateway, head: &Head, ip: IpAddr) -> HeadAction {
 pub fn with_headers(mut resp: Response, headers: Vec<(&'static str, String)>) -> Response {
     resp.headers.extend(headers);
     resp
-}
-
-/// 413 for a body over the limit.
-pub fn too_large(limit: u64) -> ApiError {
-    ApiError::invalid(413, "payload_too_large", format!("Request body is larger than maxBodyBytes ({limit} bytes)"))
-}
-
-/// 429 for a client address that already has `limit` runs going or queued
-/// (`gateway.maxRunsPerIp`): a per-client limit, not a server fault, so it is a 429 as nginx's
-/// and HAProxy's rate limits are usually configured — retried by clients after `Retry-After`,
-/// and not counted by a load balancer as a failing instance the way a 503 would be.
-pub fn too_many_runs(limit: usize) -> ApiError {
-    ApiError {
-        status: 429,
-        kind: "rate_limit_error",
-        code: Some("rate_limit_exceeded"),
-        message: format!(
-            "Too many concurrent runs from this address (gateway.maxRunsPerIp is {limit}); retry when one has finished"
-        ),
-        param: None,
-        headers: vec![("Retry-After", "1".to_string())],
-    }
-}
-
-/// 503 for a body that does not fit in the budget for bodies in flight
-/// (`gateway.http.maxBodyBytesInFlight`): the gateway is busy, as with a full run queue.
-pub fn bodies_over_budget(limit: u64) -> ApiError {
-    ApiError::server(
-        503,
-        "overloaded",
-        format!(
-            "The gateway is overloaded: request bodies in flight would exceed gateway.http.maxBodyBytesInFlight \
-             ({limit} bytes)"
-        ),
-    )
-    .with_header("Retry-After", "1")
-}
-
-/// 408 for a request that did not arrive in time.
-pub fn timed_out() -> ApiError {
-    ApiError::invalid(408, "request_timeout", "The request was not received in time")
-}
-
-/// The error for a refused head or body framing (SPEC §4 codes).
-pub fn framing_error(status: u16, message: String) -> ApiError {
-    let code = match status {
-        413 => "payload_too_large",
-        414 => "uri_too_long",
-        431 => "headers_too_large",
-        501 => "not_implemented",
-        505 => "http_version_not_supported",
-        _ => "bad_request",
-    };
-    ApiError::invalid(status, code, message)
 }

@@ -16,6 +16,7 @@ pub mod conn;
 pub mod cors;
 pub mod exchange;
 pub mod handler;
+mod outbox;
 pub mod stream;
 
 use std::cmp::Reverse;
@@ -37,7 +38,7 @@ use crate::gateway::Gateway;
 use crate::http::head::{BodyFraming, Head};
 use crate::http::response::Response;
 use crate::openai::ApiError;
-use crate::ws;
+use crate::{rpc, ws};
 use conn::{Action, HttpConn, State, Timeouts};
 use handler::HeadAction;
 
@@ -113,7 +114,7 @@ pub enum Done {
         /// Connection id.
         id: u64,
         /// What to send.
-        msg: ws::Outgoing,
+        msg: rpc::Outgoing,
     },
 }
 
@@ -135,12 +136,8 @@ pub struct Notifier {
     backlog: Option<Arc<Backlog>>,
 }
 
-fn ws_len(msg: &ws::Outgoing) -> usize {
-    match msg {
-        ws::Outgoing::Res(t) => t.len(),
-        ws::Outgoing::Event { payload, .. } => payload.len(),
-        ws::Outgoing::RunEnded { .. } | ws::Outgoing::Waited { .. } => 64,
-    }
+fn ws_len(msg: &rpc::Outgoing) -> usize {
+    msg.wire_len()
 }
 
 impl Notifier {
@@ -242,7 +239,7 @@ struct Conn {
     /// Framing and timers.
     http: HttpConn,
     /// The WebSocket session, once upgraded.
-    ws: Option<Box<ws::Session>>,
+    ws: Option<Box<rpc::Session>>,
     /// The deadline this connection is filed under in the loop's timers.
     timer: Option<Instant>,
     eof: bool,
@@ -1115,8 +1112,7 @@ fn finish_exchange(conn: &mut Conn, close: bool, gw: &Gateway) {
 /// Parse and act on whatever complete requests are buffered, in order.
 fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
     if let Some(s) = &mut conn.ws {
-        let notifier = conn.notifier.as_ref().unwrap_or(ctx.notifier);
-        let n = s.on_bytes(&conn.rbuf, &mut conn.wbuf, ctx.gw, ctx.slot, conn.id, notifier, conn.peer.ip());
+        let n = s.on_bytes(&conn.rbuf, &mut conn.wbuf, ctx.gw, conn.peer.ip());
         conn.rbuf.drain(..n);
         if s.is_closed() {
             conn.ws_closed(Instant::now());
@@ -1210,10 +1206,13 @@ fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Box<Head>) {
                 conn.gauge.upgrade();
                 conn.wbuf.extend_from_slice(&resp_bytes);
                 conn.http.upgraded();
-                conn.notifier = Some(ctx.notifier.for_connection());
-                conn.ws = Some(Box::new(ws::Session::new(ctx.gw, Instant::now(), &mut conn.wbuf)));
+                let notifier = ctx.notifier.for_connection();
+                let outbox = Arc::new(outbox::ConnOutbox { notifier: notifier.clone(), slot: ctx.slot, id: conn.id });
+                conn.notifier = Some(notifier);
+                conn.ws = Some(Box::new(rpc::Session::new(outbox, conn.id, Instant::now(), &mut conn.wbuf)));
             }
-            Err(resp) => {
+            Err(e) => {
+                let resp = ApiError::from(e).response();
                 let close = h.close || has_body;
                 let (status, before) = (resp.status, conn.wbuf.len());
                 encode(conn, resp, head_only, close);
@@ -1248,7 +1247,7 @@ fn over_budget(conn: &mut Conn, gw: &Gateway, h: Option<&Head>) {
     crate::log!(Warn, "request bodies in flight over gateway.http.maxBodyBytesInFlight: 503 to {}", conn.peer);
     crate::metrics::run_rejected();
     let rid = format!("req-{}", crate::util::random_hex(24));
-    let e = handler::bodies_over_budget(gw.config.gateway.max_body_in_flight);
+    let e = ApiError::bodies_over_budget(gw.config.gateway.max_body_in_flight);
     let headers = h.map(|h| handler::api_headers(gw, h)).unwrap_or_default();
     let resp = handler::with_headers(e.response(), headers).header("x-request-id", rid.clone());
     let (status, before) = (resp.status, conn.wbuf.len());
@@ -1279,7 +1278,7 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
         Err(Refused::PerIp(limit)) => {
             crate::log!(Debug, "{} has {limit} runs (gateway.maxRunsPerIp): 429", conn.peer);
             crate::metrics::run_rejected();
-            return chat_error(conn, handler::too_many_runs(limit), &h, gw);
+            return chat_error(conn, ApiError::too_many_runs(limit), &h, gw);
         }
     };
     let cancel = CancelToken::new();
@@ -1308,7 +1307,7 @@ mod tests {
     use super::*;
 
     fn event(len: usize) -> Done {
-        Done::Ws { slot: 0, id: 1, msg: ws::Outgoing::Event { name: "agent", payload: "x".repeat(len) } }
+        Done::Ws { slot: 0, id: 1, msg: rpc::Outgoing::Event { name: "agent", payload: "x".repeat(len) } }
     }
 
     fn notifier() -> (Notifier, Receiver<Done>, Poll) {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::agent::registry::RunSummary;
 use crate::agent::run::{RunOutcome, RunRequest, execute};
 use crate::agent::tools::ToolCallPiece;
-use crate::agent::{CancelToken, EventSink, FinishReason, RunError, Usage};
+use crate::agent::{CancelToken, RunError, RunSink};
 use crate::gateway::Gateway;
 use crate::http::response::{LAST_CHUNK, Response, push_chunk, push_header, push_status_line};
 use crate::openai::ApiError;
@@ -113,15 +113,6 @@ pub struct ChatJob {
     pub status: Cell<u16>,
 }
 
-/// The error response for a failed run.
-pub fn run_error(e: &RunError) -> ApiError {
-    match e {
-        RunError::Timeout => ApiError::server(504, "agent_timeout", "The agent run timed out (agents timeoutSeconds)"),
-        RunError::Backend(m) => ApiError::server(502, "backend_error", m.clone()),
-        RunError::Cancelled => ApiError::server(500, "internal_error", "The run was cancelled"),
-    }
-}
-
 /// The run registry's record of an HTTP run's end.
 pub fn summary(gw: &Gateway, run: &RunRequest, accepted_at: u64, out: RunOutcome) -> RunSummary {
     RunSummary {
@@ -163,19 +154,8 @@ impl ChatJob {
 
     /// A non-streaming run: the full response bytes, or `None` when the client went away.
     pub fn run_buffered(&self) -> Option<Response> {
-        struct Null;
-        impl EventSink for Null {
-            fn delta(&mut self, _: &str) -> Result<(), RunError> {
-                Ok(())
-            }
-            fn tool_call(&mut self, _: &ToolCallPiece) -> Result<(), RunError> {
-                Ok(())
-            }
-            fn usage(&mut self, _: Usage) {}
-            fn finish(&mut self, _: FinishReason) {}
-        }
         let created = crate::util::now_secs();
-        let out = execute(&self.gw, &self.run, &self.cancel, &mut Null);
+        let out = execute(&self.gw.agents[self.run.agent], &self.gw.sessions, &self.run, &self.cancel, &mut ());
         self.ended(&out);
         let mut resp = match &out.error {
             None => Response::json(
@@ -191,7 +171,7 @@ impl ChatJob {
                 ),
             ),
             Some(RunError::Cancelled) if self.gone() => return None,
-            Some(e) => run_error(e).response(),
+            Some(e) => ApiError::from(e).response(),
         };
         for (k, v) in self.headers() {
             resp = resp.header(k, v);
@@ -218,7 +198,7 @@ impl ChatJob {
             last_write: Instant::now(),
             keepalive: self.gw.config.gateway.keepalive,
         };
-        let out = execute(&self.gw, &self.run, &self.cancel, &mut sink);
+        let out = execute(&self.gw.agents[self.run.agent], &self.gw.sessions, &self.run, &self.cancel, &mut sink);
         self.ended(&out);
         if sink.dead || (out.error == Some(RunError::Cancelled) && self.gone()) {
             return false;
@@ -235,7 +215,7 @@ impl ChatJob {
             }
             Some(e) if !sink.head_sent => {
                 // Nothing sent yet: a real HTTP error status.
-                let mut resp = run_error(e).response();
+                let mut resp = ApiError::from(e).response();
                 for (k, v) in self.headers() {
                     resp = resp.header(k, v);
                 }
@@ -245,7 +225,7 @@ impl ChatJob {
                 sink.write_out() && !close
             }
             Some(e) => {
-                ChunkEncoder::error(&mut sink.rec, &run_error(e));
+                ChunkEncoder::error(&mut sink.rec, &ApiError::from(e));
                 sink.end()
             }
         }
@@ -351,7 +331,7 @@ impl SseSink<'_> {
     }
 }
 
-impl EventSink for SseSink<'_> {
+impl RunSink for SseSink<'_> {
     fn delta(&mut self, text: &str) -> Result<(), RunError> {
         self.start()?;
         self.enc.content(&mut self.rec, text);
@@ -372,10 +352,6 @@ impl EventSink for SseSink<'_> {
         self.enc.tool_call(&mut self.rec, piece);
         self.send()
     }
-
-    fn usage(&mut self, _: Usage) {}
-
-    fn finish(&mut self, _: FinishReason) {}
 
     fn tick(&mut self) -> Result<(), RunError> {
         if self.dead {

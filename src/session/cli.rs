@@ -133,7 +133,7 @@ fn find(store: &SessionStore, cfg: &Config, given: &str) -> Option<String> {
         return Some(given.to_string());
     }
     let agent = &cfg.agents[cfg.default_agent].id;
-    let (k, _) = crate::openai::chat::session_key(agent, Some(given), None).ok()?;
+    let (k, _) = super::key_for(agent, Some(given), None).ok()?;
     store.info(&k).map(|_| k)
 }
 

@@ -10,6 +10,7 @@
 //! writes, and listing never waits on a disk write at all.
 
 pub mod cli;
+pub mod message;
 pub mod persist;
 
 use std::collections::HashMap;
@@ -19,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::agent::{ChatMessage, Role, Usage};
 use crate::util::now_ms;
+pub use message::{ChatMessage, Role, ToolFields, Usage};
 
 /// One transcript entry.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -39,7 +40,7 @@ pub struct StoredMessage {
     pub usage: Option<Usage>,
     /// Tool-calling fields of the message (`tool_call_id`, `tool_calls`, `name`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tool: Option<crate::agent::ToolFields>,
+    pub tool: Option<ToolFields>,
     /// The reply was cut short by a cancel, timeout or error.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub aborted: bool,
@@ -63,6 +64,44 @@ pub struct SessionInfo {
     pub output_tokens: u64,
     /// Transcript length.
     pub message_count: usize,
+}
+
+/// Why a client's session key was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyError {
+    /// Over [`MAX_KEY_BYTES`] bytes, or a byte outside printable ASCII (SPEC §5).
+    Invalid,
+}
+
+impl std::fmt::Display for KeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyError::Invalid => write!(f, "must be at most {MAX_KEY_BYTES} printable ASCII characters"),
+        }
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+/// The longest session key a client may give.
+pub const MAX_KEY_BYTES: usize = 256;
+
+/// The session key of a run of agent `agent_id` (SPEC §5) and whether it is sticky: a given
+/// key, prefixed with `agent:<id>:` unless it already is; else the `user`'s key; else a fresh
+/// ephemeral key, never stored.
+pub fn key_for(agent_id: &str, given: Option<&str>, user: Option<&str>) -> Result<(String, bool), KeyError> {
+    if let Some(k) = given.filter(|k| !k.is_empty()) {
+        if k.len() > MAX_KEY_BYTES || !k.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err(KeyError::Invalid);
+        }
+        let prefix = format!("agent:{agent_id}:");
+        let key = if k.starts_with(&prefix) { k.to_string() } else { format!("{prefix}{k}") };
+        return Ok((key, true));
+    }
+    if let Some(u) = user {
+        return Ok((format!("agent:{agent_id}:openai-user:{u}"), true));
+    }
+    Ok((format!("agent:{agent_id}:openai:{}", crate::util::random_hex(24)), false))
 }
 
 /// The agent id inside `agent:<id>:…`.
@@ -631,6 +670,18 @@ mod tests {
     fn cut(pattern: &str, max: usize) -> usize {
         let r = roles(pattern);
         history_start(r.len(), max, |i| r[i])
+    }
+
+    #[test]
+    fn session_keys() {
+        assert_eq!(key_for("main", Some("abc"), Some("u")).unwrap(), ("agent:main:abc".into(), true));
+        assert_eq!(key_for("main", Some("agent:main:abc"), None).unwrap(), ("agent:main:abc".into(), true));
+        assert_eq!(key_for("main", None, Some("bob")).unwrap(), ("agent:main:openai-user:bob".into(), true));
+        let (k, sticky) = key_for("main", None, None).unwrap();
+        assert!(k.starts_with("agent:main:openai:") && !sticky);
+        assert_ne!(k, key_for("main", None, None).unwrap().0);
+        assert!(key_for("main", Some(&"x".repeat(257)), None).is_err());
+        assert!(key_for("main", Some("tab\there"), None).is_err());
     }
 
     #[test]

@@ -27,8 +27,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::message::{Role, Usage};
 use super::{SessionInfo, StoredMessage};
-use crate::agent::{Role, Usage};
 
 const SNAPSHOT: &str = "sessions.json";
 const JOURNAL: &str = "sessions.journal";
@@ -589,8 +589,7 @@ fn header(i: &SessionInfo) -> Value {
 fn message_line(m: &StoredMessage) -> Value {
     let mut v = json!({ "type": "message", "role": m.role.as_str(), "content": m.content, "timestamp": m.timestamp });
     if let Some(u) = m.usage {
-        v["usage"] = json!({ "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                             "total_tokens": u.total() });
+        v["usage"] = u.to_json(false);
     }
     // `content` stays a string so that any reader of these files finds text there; parts and
     // a `null` content live beside it.
@@ -725,7 +724,7 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use super::super::{SessionStore, StoreOptions};
-    use crate::agent::{ChatMessage, Role, Usage};
+    use crate::session::message::{ChatMessage, Role, Usage};
 
     fn tmpdir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("gatelet-persist-{name}-{}", std::process::id()));
@@ -1026,12 +1025,11 @@ mod tests {
         let mut user = ChatMessage::new(Role::User, "look");
         user.raw_content =
             Some(serde_json::json!([{"type":"text","text":"look"},{"type":"image_url","image_url":{"url":"data:,"}}]));
-        let call = crate::agent::tools::ToolCall { id: "call_1".into(), name: "f".into(), arguments: "{}".into() };
-        let produced = [
-            ChatMessage::assistant_calls("", &[call]),
-            ChatMessage::tool_result("call_1", "42"),
-            ChatMessage::new(Role::Assistant, "done"),
-        ];
+        let mut call = ChatMessage::new(Role::Assistant, "");
+        call.raw_content = Some(serde_json::Value::Null);
+        let calls = serde_json::json!([{"id":"call_1","type":"function","function":{"name":"f","arguments":"{}"}}]);
+        call.tool = Some([("tool_calls".to_string(), calls)].into_iter().collect());
+        let produced = [call, ChatMessage::tool_result("call_1", "42"), ChatMessage::new(Role::Assistant, "done")];
         {
             let (s, _) = SessionStore::open(&dir, true);
             s.append_turn(key, "main", &[user.clone()], &produced, Usage::default(), false).unwrap();

@@ -178,22 +178,11 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ws::frame::{apply_mask, close, parse_header};
+    use crate::ws::frame::{close, encode_masked, parse_header};
 
     fn frame(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
-        let key = [9, 8, 7, 6];
-        let mut v = vec![if fin { 0x80 } else { 0 } | op];
-        let n = payload.len();
-        if n < 126 {
-            v.push(0x80 | n as u8);
-        } else {
-            v.push(0x80 | 126);
-            v.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        v.extend_from_slice(&key);
-        let mut p = payload.to_vec();
-        apply_mask(&mut p, key, 0);
-        v.extend(p);
+        let mut v = Vec::new();
+        encode_masked(&mut v, if fin { 0x80 } else { 0 } | op, payload, [9, 8, 7, 6]);
         v
     }
 

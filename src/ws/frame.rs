@@ -431,18 +431,35 @@ impl Decoder {
 
 /// Append one unmasked, final frame (§5.2; server frames are never masked, §5.1).
 pub fn encode(out: &mut Vec<u8>, op: OpCode, payload: &[u8]) {
-    out.push(0x80 | op.as_u8());
-    let n = payload.len();
+    push_header(out, 0x80 | op.as_u8(), payload.len(), None);
+    out.extend_from_slice(payload);
+}
+
+/// Append a client frame: first byte `b0` as given (FIN, RSV bits, opcode), `payload` masked with
+/// `key` (§5.3). The gateway never sends one; tests and fuzz targets play the client with it.
+pub fn encode_masked(out: &mut Vec<u8>, b0: u8, payload: &[u8], key: [u8; 4]) {
+    push_header(out, b0, payload.len(), Some(key));
+    let start = out.len();
+    out.extend_from_slice(payload);
+    apply_mask(&mut out[start..], key, 0);
+}
+
+/// The frame header: first byte, the shortest length form (§5.2), the mask key if any.
+fn push_header(out: &mut Vec<u8>, b0: u8, n: usize, key: Option<[u8; 4]>) {
+    let m = if key.is_some() { 0x80 } else { 0 };
+    out.push(b0);
     if n < 126 {
-        out.push(n as u8);
+        out.push(m | n as u8);
     } else if n <= 0xffff {
-        out.push(126);
+        out.push(m | 126);
         out.extend_from_slice(&(n as u16).to_be_bytes());
     } else {
-        out.push(127);
+        out.push(m | 127);
         out.extend_from_slice(&(n as u64).to_be_bytes());
     }
-    out.extend_from_slice(payload);
+    if let Some(k) = key {
+        out.extend_from_slice(&k);
+    }
 }
 
 /// Append a close frame with `code` and `reason` (cut to fit the 125-byte control limit on a
@@ -465,21 +482,8 @@ mod tests {
 
     /// A masked client frame, with a raw first byte so tests can set any bit.
     fn raw(b0: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
-        let mut v = vec![b0];
-        let n = payload.len();
-        if n < 126 {
-            v.push(0x80 | n as u8);
-        } else if n <= 0xffff {
-            v.push(0x80 | 126);
-            v.extend_from_slice(&(n as u16).to_be_bytes());
-        } else {
-            v.push(0x80 | 127);
-            v.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-        v.extend_from_slice(&key);
-        let mut p = payload.to_vec();
-        apply_mask(&mut p, key, 0);
-        v.extend_from_slice(&p);
+        let mut v = Vec::new();
+        encode_masked(&mut v, b0, payload, key);
         v
     }
 

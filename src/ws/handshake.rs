@@ -8,14 +8,12 @@ use base64::engine::general_purpose::STANDARD;
 use sha1::{Digest, Sha1};
 
 use crate::http::head::{BodyFraming, Head};
-use crate::http::response::Response;
-use crate::openai::ApiError;
 
 /// The GUID appended to the key (RFC 6455 §1.3).
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// Why an upgrade request was refused. Each variant names one rule of RFC 6455 §4.2.1;
-/// [`HandshakeError::response`] is the one place that maps them to HTTP responses.
+/// the OpenAI surface maps them to HTTP answers (`openai::ApiError::from`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandshakeError {
     /// Not GET (§4.2.1 item 1).
@@ -45,19 +43,6 @@ impl fmt::Display for HandshakeError {
             HandshakeError::WsVersion => "unsupported Sec-WebSocket-Version: this server speaks version 13",
             HandshakeError::Body => "a WebSocket upgrade request must not have a body",
         })
-    }
-}
-
-impl HandshakeError {
-    /// The HTTP error response: 426 with `Sec-WebSocket-Version: 13` for a version mismatch,
-    /// 400 for everything else.
-    pub fn response(self) -> Response {
-        match self {
-            HandshakeError::WsVersion => ApiError::invalid(426, "upgrade_required", self.to_string())
-                .with_header("Sec-WebSocket-Version", "13")
-                .response(),
-            _ => ApiError::invalid(400, "bad_request", self.to_string()).response(),
-        }
     }
 }
 
@@ -96,9 +81,11 @@ pub fn validate(head: &Head) -> Result<&str, HandshakeError> {
     }
 }
 
-/// Validate an upgrade request: the `101` response bytes, or the error response.
-pub fn accept(head: &Head) -> Result<Vec<u8>, Response> {
-    let key = validate(head).map_err(HandshakeError::response)?;
+impl std::error::Error for HandshakeError {}
+
+/// Validate an upgrade request: the `101` response bytes, or the rule it breaks.
+pub fn accept(head: &Head) -> Result<Vec<u8>, HandshakeError> {
+    let key = validate(head)?;
     let mut out = Vec::with_capacity(160);
     out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n");
     out.extend_from_slice(b"Sec-WebSocket-Accept: ");
@@ -154,9 +141,5 @@ mod tests {
         // Token lists and case are accepted.
         let lists = OK.replacen("Connection: Upgrade", "Connection: keep-alive, UPGRADE", 1);
         assert!(validate(&parse(&lists)).is_ok());
-        let r = HandshakeError::WsVersion.response();
-        assert_eq!(r.status, 426);
-        assert!(r.headers.iter().any(|(k, v)| *k == "Sec-WebSocket-Version" && v == "13"));
-        assert_eq!(HandshakeError::Key.response().status, 400);
     }
 }

@@ -12,10 +12,10 @@
 //! `Connection: close`; a cancelled or failed exchange drops its connection, which closes it — that
 //! is how the upstream learns to stop generating.
 
+use crate::metrics::POOL_STATS;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -74,21 +74,6 @@ impl Pool {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
-
-/// Counters of every upstream pool in this process, read by `/metrics`.
-#[derive(Debug)]
-pub struct PoolStats {
-    /// Idle pooled connections now.
-    pub idle: AtomicI64,
-    /// Connections opened.
-    pub opened: AtomicU64,
-    /// Requests sent on a pooled (reused) connection.
-    pub reused: AtomicU64,
-}
-
-/// The process-wide upstream pool counters.
-pub static POOL_STATS: PoolStats =
-    PoolStats { idle: AtomicI64::new(0), opened: AtomicU64::new(0), reused: AtomicU64::new(0) };
 
 fn idle_gone(n: usize) {
     POOL_STATS.idle.fetch_sub(n as i64, Relaxed);
@@ -492,24 +477,6 @@ fn tls_config(
     let name =
         ServerName::try_from(host.to_string()).map_err(|e| format!("{host:?} is not a valid TLS server name: {e}"))?;
     Ok((Arc::new(cfg), name))
-}
-
-/// Parse the PEM text of a `caFile`: its certificates (DER), or why it cannot be used.
-#[cfg(feature = "tls")]
-pub fn parse_ca_pem(pem: &[u8]) -> Result<Vec<Vec<u8>>, String> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut out = Vec::new();
-    for c in CertificateDer::pem_slice_iter(pem) {
-        let c = c.map_err(|e| format!("not a PEM certificate file: {e}"))?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(c.clone()).map_err(|e| format!("unusable certificate: {e}"))?;
-        out.push(c.to_vec());
-    }
-    if out.is_empty() {
-        return Err("no PEM certificates (-----BEGIN CERTIFICATE-----) in it".into());
-    }
-    Ok(out)
 }
 
 #[derive(Debug)]

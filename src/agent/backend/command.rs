@@ -429,6 +429,7 @@ impl Backend for Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::RunSink;
     use crate::agent::{CancelToken, ChatMessage, Role, RunOptions};
     use std::collections::BTreeMap;
 
@@ -521,7 +522,7 @@ mod tests {
         finish: Option<FinishReason>,
         calls: Vec<ToolCallPiece>,
     }
-    impl EventSink for Collect {
+    impl RunSink for Collect {
         fn delta(&mut self, t: &str) -> Result<(), RunError> {
             self.text.push_str(t);
             Ok(())
@@ -530,6 +531,9 @@ mod tests {
             self.calls.push(p.clone());
             Ok(())
         }
+    }
+
+    impl EventSink for Collect {
         fn usage(&mut self, _: Usage) {}
         fn finish(&mut self, f: FinishReason) {
             self.finish = Some(f);

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::client::{Client, ClientOptions, Exchange};
 use super::upstream::{self, BaseUrl, Stop, UpstreamError};
 use crate::agent::tools::{Assembler, Calls, ToolCall, ToolCallPiece};
-use crate::agent::{Backend, EventSink, FinishReason, Role, RunControl, RunError, RunInput, Usage};
+use crate::agent::{Backend, EventSink, FinishReason, Role, RunControl, RunError, RunInput, RunSink, Usage};
 use crate::config::OpenAiBackendConfig;
 use crate::sse::{Event, SseDecoder, SseError};
 
@@ -196,20 +196,14 @@ struct Watch<'a> {
     delta: bool,
 }
 
-impl EventSink for Watch<'_> {
+impl RunSink for Watch<'_> {
     fn delta(&mut self, text: &str) -> Result<(), RunError> {
         self.delta = true;
         self.inner.delta(text)
     }
-    fn usage(&mut self, usage: Usage) {
-        self.inner.usage(usage)
-    }
     fn tool_call(&mut self, piece: &ToolCallPiece) -> Result<(), RunError> {
         self.delta = true;
         self.inner.tool_call(piece)
-    }
-    fn finish(&mut self, reason: FinishReason) {
-        self.inner.finish(reason)
     }
     fn tool_event(&mut self, ev: &crate::agent::tools::ToolEvent<'_>) {
         self.inner.tool_event(ev)
@@ -222,6 +216,15 @@ impl EventSink for Watch<'_> {
     }
     fn batch_end(&mut self) -> Result<(), RunError> {
         self.inner.batch_end()
+    }
+}
+
+impl EventSink for Watch<'_> {
+    fn usage(&mut self, usage: Usage) {
+        self.inner.usage(usage)
+    }
+    fn finish(&mut self, reason: FinishReason) {
+        self.inner.finish(reason)
     }
 }
 
@@ -510,7 +513,7 @@ pub struct Decoded {
 
 struct Collect<'a>(&'a mut Decoded, Calls);
 
-impl EventSink for Collect<'_> {
+impl RunSink for Collect<'_> {
     fn delta(&mut self, text: &str) -> Result<(), RunError> {
         self.0.text.push_str(text);
         Ok(())
@@ -518,6 +521,9 @@ impl EventSink for Collect<'_> {
     fn tool_call(&mut self, piece: &ToolCallPiece) -> Result<(), RunError> {
         self.1.add(piece).map_err(RunError::Backend)
     }
+}
+
+impl EventSink for Collect<'_> {
     fn usage(&mut self, _: Usage) {}
     fn finish(&mut self, reason: FinishReason) {
         self.0.finish = Some(reason);
@@ -903,7 +909,7 @@ mod tests {
         pieces: Vec<ToolCallPiece>,
         calls: Calls,
     }
-    impl EventSink for Seen {
+    impl RunSink for Seen {
         fn delta(&mut self, t: &str) -> Result<(), RunError> {
             self.text.push_str(t);
             Ok(())
@@ -913,6 +919,9 @@ mod tests {
             self.pieces.push(p.clone());
             Ok(())
         }
+    }
+
+    impl EventSink for Seen {
         fn usage(&mut self, _: Usage) {}
         fn finish(&mut self, _: FinishReason) {}
     }

@@ -1,13 +1,13 @@
 //! The worker side of a run started over WebSocket: the shared run path
 //! ([`crate::agent::run::execute`]) with a sink that turns backend events into `agent` or `chat`
-//! event payloads and posts them to the connection through the loop's [`Notifier`].
+//! event payloads and posts them to the connection through its [`Outbox`].
 //!
 //! Payloads are rendered here, on the worker, so the event loop only frames and writes them.
 //!
 //! Output is bounded per run, not per token: `agent` assistant events are coalesced to at most
 //! one per [`AGENT_EVENT_EVERY`] (each carries the `delta` since the previous one and the
 //! cumulative `text`, SPEC §8), `chat` deltas to one per `CHAT_DELTA_EVERY`, and while the
-//! connection has more than its bound on the way to the client ([`Link::congested`]) both wait
+//! connection has more than its bound on the way to the client ([`Outbox::congested`]) both wait
 //! and merge into the next event, so a client that reads slowly gets fewer, larger events
 //! instead of a growing queue.
 
@@ -16,14 +16,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::Outgoing;
 use super::protocol;
+use super::{Outbox, Outgoing};
 use crate::agent::registry::RunSummary;
 use crate::agent::run::{RunRequest, execute};
 use crate::agent::tools::{ToolCall, ToolCallPiece, ToolEvent};
-use crate::agent::{CancelToken, EventSink, FinishReason, RunError, Usage};
+use crate::agent::{CancelToken, FinishReason, RunError, RunSink, Usage};
 use crate::gateway::Gateway;
-use crate::server::{Done, Notifier};
 use crate::util::now_ms;
 
 /// Chat deltas carry the whole text so far, so they are sent at most this often (the final
@@ -32,28 +31,8 @@ const CHAT_DELTA_EVERY: Duration = Duration::from_millis(150);
 /// `agent` assistant events per run are sent at most this often (SPEC §8).
 pub const AGENT_EVENT_EVERY: Duration = Duration::from_millis(50);
 
-/// Where a connection's messages go: the loop, addressed by slot and connection id.
-#[derive(Debug, Clone)]
-pub struct Link {
-    /// The loop's channel.
-    pub notifier: Notifier,
-    /// Connection slot.
-    pub slot: usize,
-    /// Connection id (slots are reused).
-    pub id: u64,
-}
-
-impl Link {
-    /// Post `msg` to the connection (dropped by the loop if the connection is gone).
-    pub fn send(&self, msg: Outgoing) {
-        self.notifier.send(Done::Ws { slot: self.slot, id: self.id, msg });
-    }
-
-    /// Whether the connection is behind: mergeable events should wait.
-    pub fn congested(&self) -> bool {
-        self.notifier.congested()
-    }
-}
+/// A connection's outbox, shared by its runs and waiters.
+pub type Link = Arc<dyn Outbox>;
 
 /// Which surface started the run, which decides the events it emits.
 #[derive(Debug, Clone)]
@@ -108,7 +87,7 @@ impl Sink<'_> {
         let seq = self.next_seq();
         let p = json!({ "runId": self.r.run.run_id, "seq": seq, "stream": stream, "ts": now_ms(), "data": data,
                         "sessionKey": self.r.run.session_key });
-        self.r.link.send(Outgoing::Event { name: "agent", payload: p.to_string() });
+        self.r.link.post(Outgoing::Event { name: "agent", payload: p.to_string() });
     }
 
     fn chat_event(&mut self, state: &str, extra: Value) {
@@ -120,7 +99,7 @@ impl Sink<'_> {
         if let (Value::Object(p), Value::Object(e)) = (&mut p, extra) {
             p.extend(e);
         }
-        self.r.link.send(Outgoing::Event { name: "chat", payload: p.to_string() });
+        self.r.link.post(Outgoing::Event { name: "chat", payload: p.to_string() });
     }
 
     /// Send the pending assistant text as one `agent` event when one is due (always, when
@@ -152,7 +131,7 @@ impl Sink<'_> {
     }
 }
 
-impl EventSink for Sink<'_> {
+impl RunSink for Sink<'_> {
     fn delta(&mut self, d: &str) -> Result<(), RunError> {
         if self.r.cancel.is_cancelled() {
             return Err(RunError::Cancelled);
@@ -195,10 +174,6 @@ impl EventSink for Sink<'_> {
         };
         self.agent_event("tool", data);
     }
-
-    fn usage(&mut self, _: Usage) {}
-
-    fn finish(&mut self, _: FinishReason) {}
 
     fn tick(&mut self) -> Result<(), RunError> {
         if self.r.cancel.is_cancelled() {
@@ -246,7 +221,7 @@ impl WsRun {
         if let Kind::Agent { .. } = self.kind {
             sink.agent_event("lifecycle", json!({ "phase": "start", "startedAt": now_ms() }));
         }
-        let out = execute(&self.gw, &self.run, &self.cancel, &mut sink);
+        let out = execute(&self.gw.agents[self.run.agent], &self.gw.sessions, &self.run, &self.cancel, &mut sink);
         fin.armed = false;
         if let Kind::Agent { .. } = self.kind {
             // The deltas sent add up to the whole reply before the run's end is reported.
@@ -267,9 +242,7 @@ impl WsRun {
                 sink.agent_event("lifecycle", json!({ "phase": "error", "error": e.to_string() }));
             }
             (Kind::Chat, err) => {
-                let usage = json!({ "promptTokens": s.usage.prompt_tokens,
-                                    "completionTokens": s.usage.completion_tokens,
-                                    "totalTokens": s.usage.total() });
+                let usage = s.usage.to_json(true);
                 sink.text = s.text.clone();
                 match err {
                     None => {
@@ -318,8 +291,8 @@ impl WsRun {
     /// The `agent` request's second answer, and the end of the run for its connection.
     fn answer(&self, s: &RunSummary) {
         if let Kind::Agent { req_id } = &self.kind {
-            self.link.send(Outgoing::Res(protocol::agent_final(req_id, s)));
+            self.link.post(Outgoing::Res(protocol::agent_final(req_id, s)));
         }
-        self.link.send(Outgoing::RunEnded { run_id: s.run_id.clone() });
+        self.link.post(Outgoing::RunEnded { run_id: s.run_id.clone() });
     }
 }

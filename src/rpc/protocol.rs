@@ -12,6 +12,7 @@ use serde_json::{Map, Value, json};
 
 use crate::agent::RunError;
 use crate::agent::registry::RunSummary;
+use crate::agent::resolve::ResolveError;
 
 /// The protocol version spoken.
 pub const PROTOCOL: u64 = 3;
@@ -153,6 +154,21 @@ pub fn event(name: &str, payload_json: &str, seq: u64) -> String {
     s
 }
 
+/// An agent or session key a request names that cannot be used: `NOT_FOUND` for an agent,
+/// `INVALID_REQUEST` for a key, in the protocol's own parameter names.
+impl From<ResolveError> for ErrorShape {
+    fn from(e: ResolveError) -> Self {
+        match e {
+            ResolveError::NoAgent(id) => ErrorShape::new(ErrorCode::NotFound, format!("no agent {id} is configured")),
+            ResolveError::UnknownModel(m) => ErrorShape::new(ErrorCode::NotFound, format!("no model {m}")),
+            ResolveError::Key(e) => ErrorShape::invalid(format!("sessionKey {e}")),
+            ResolveError::KeyOfOtherAgent { key_agent, agent } => {
+                ErrorShape::invalid(format!("sessionKey belongs to agent {key_agent}, not {agent}"))
+            }
+        }
+    }
+}
+
 /// The error answer for a failed run.
 pub fn run_error(e: &RunError) -> ErrorShape {
     match e {
@@ -177,8 +193,7 @@ pub fn run_result(s: &RunSummary) -> Value {
     let mut v = json!({
         "text": s.text,
         "finishReason": if s.error.is_some() { "error" } else { s.finish.as_str() },
-        "usage": { "promptTokens": s.usage.prompt_tokens, "completionTokens": s.usage.completion_tokens,
-                   "totalTokens": s.usage.total() },
+        "usage": s.usage.to_json(true),
         "sessionKey": s.session_key,
         "agentId": s.agent_id,
     });

@@ -12,21 +12,19 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::Outgoing;
-use super::conn::{self, Conn, Incoming};
-use super::frame::{self, OpCode, close};
-use super::protocol::{self, ErrorCode, ErrorShape, PROTOCOL, Request};
+use super::protocol::{self, ErrorCode, ErrorShape, FrameError, PROTOCOL, Request};
 use super::run::{Kind, Link, WsRun};
+use super::{Outbox, Outgoing};
 use crate::agent::CancelToken;
 use crate::agent::pool::Refused;
 use crate::agent::registry::{Start, Wait};
+use crate::agent::resolve;
 use crate::agent::run::RunRequest;
 use crate::auth::AuthResult;
 use crate::gateway::Gateway;
-use crate::openai::{self, ApiError, chat};
-use crate::server::Notifier;
-use crate::session::agent_of;
-use crate::util::{now_ms, random_hex};
+use crate::util::{now_ms, random_hex, secure_hex};
+use crate::ws::conn::{self, Conn, Incoming};
+use crate::ws::frame::{self, OpCode, close};
 
 /// Largest message before `connect` succeeds (SPEC §8: over → 1009).
 pub const PRE_AUTH_MAX_PAYLOAD: usize = 64 * 1024;
@@ -37,11 +35,16 @@ pub const MAX_BUFFERED: usize = 8 * 1024 * 1024;
 /// Unsent bytes above which no further client message is handled until the peer reads some:
 /// its requests and pings then wait in the socket, and TCP holds it back.
 pub const PAUSE_OUTPUT: usize = 64 * 1024;
+/// Text messages longer than this (after `connect`) are parsed on the store thread, not the
+/// event loop: a 25 MiB request would otherwise hold every connection for tens of milliseconds.
+/// The connection reads nothing further until the parsed request is back, so requests keep
+/// their order.
+pub const PARSE_OFF_LOOP: usize = 64 * 1024;
 /// Time allowed for the `connect` request.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `tick` interval.
 pub const TICK_INTERVAL: Duration = Duration::from_secs(30);
-pub use super::conn::CLOSE_TIMEOUT;
+pub use crate::ws::conn::CLOSE_TIMEOUT;
 /// Default and largest `agent.wait` timeout.
 const WAIT_DEFAULT_MS: u64 = 30_000;
 const WAIT_MAX_MS: u64 = 600_000;
@@ -92,7 +95,8 @@ struct PendingWait {
 /// What a request handler needs besides the session.
 struct Ctx<'a> {
     gw: &'a Arc<Gateway>,
-    link: Link,
+    link: &'a Link,
+    conn_id: u64,
     ip: IpAddr,
     now: Instant,
 }
@@ -100,6 +104,10 @@ struct Ctx<'a> {
 /// One WebSocket connection's protocol state.
 #[derive(Debug)]
 pub struct Session {
+    /// Where runs, waiters and the store thread post this connection's messages.
+    outbox: Link,
+    /// Connection id, for logs and `hello-ok`.
+    id: u64,
     state: State,
     conn: Conn,
     seq: u64,
@@ -109,6 +117,10 @@ pub struct Session {
     runs: HashMap<String, CancelToken>,
     waits: Vec<PendingWait>,
     next_wait: u64,
+    /// A large message is being parsed off the loop: no further input is taken meanwhile.
+    parsing: bool,
+    /// The parsed large message, handled on the next [`Session::on_bytes`].
+    parsed: Option<Result<Request, FrameError>>,
 }
 
 impl Drop for Session {
@@ -122,9 +134,12 @@ fn send_text(out: &mut Vec<u8>, text: &str) {
 }
 
 impl Session {
-    /// A new session, right after the handshake response: queues `connect.challenge`.
-    pub fn new(_gw: &Arc<Gateway>, now: Instant, out: &mut Vec<u8>) -> Self {
+    /// A new session for connection `id`, right after the handshake response: queues
+    /// `connect.challenge`. Messages from other threads reach the connection through `outbox`.
+    pub fn new(outbox: Arc<dyn Outbox>, id: u64, now: Instant, out: &mut Vec<u8>) -> Self {
         let mut s = Session {
+            outbox,
+            id,
             state: State::AwaitConnect,
             conn: Conn::new(PRE_AUTH_MAX_PAYLOAD),
             seq: 0,
@@ -133,29 +148,28 @@ impl Session {
             runs: HashMap::new(),
             waits: Vec::new(),
             next_wait: 0,
+            parsing: false,
+            parsed: None,
         };
-        let payload = json!({ "nonce": random_hex(32), "ts": now_ms() });
+        let payload = json!({ "nonce": challenge_nonce(), "ts": now_ms() });
         s.event(out, "connect.challenge", &payload.to_string());
         s
     }
 
     /// Consume client bytes, queueing frames to send in `out`. Returns bytes consumed, which is
     /// less than `input` while `out` holds more than [`PAUSE_OUTPUT`] bytes.
-    #[allow(clippy::too_many_arguments)]
-    pub fn on_bytes(
-        &mut self,
-        input: &[u8],
-        out: &mut Vec<u8>,
-        gw: &Arc<Gateway>,
-        slot: usize,
-        conn_id: u64,
-        notifier: &Notifier,
-        ip: IpAddr,
-    ) -> usize {
+    pub fn on_bytes(&mut self, input: &[u8], out: &mut Vec<u8>, gw: &Arc<Gateway>, ip: IpAddr) -> usize {
         let now = Instant::now();
-        let mut ctx = Ctx { gw, link: Link { notifier: notifier.clone(), slot, id: conn_id }, ip, now };
+        let link = self.outbox.clone();
+        let conn_id = self.id;
+        let mut ctx = Ctx { gw, link: &link, conn_id, ip, now };
+        if let Some(r) = self.parsed.take()
+            && self.conn.is_open()
+        {
+            self.on_request(r, out, &mut ctx);
+        }
         let mut pos = 0;
-        while pos < input.len() && out.len() < PAUSE_OUTPUT && !self.conn.is_closed() {
+        while pos < input.len() && out.len() < PAUSE_OUTPUT && !self.conn.is_closed() && !self.parsing {
             let (n, ev) = self.conn.feed(&input[pos..], now, out);
             pos += n;
             let Some(ev) = ev else { break };
@@ -173,7 +187,7 @@ impl Session {
                 Incoming::Binary(_) => {
                     self.fail(out, close::POLICY, "the first message must be a connect request", now)
                 }
-                Incoming::Text(t) => self.on_text(&t, out, &mut ctx),
+                Incoming::Text(t) => self.on_text(t, out, &mut ctx),
             }
         }
         if self.conn.is_closed() { input.len() } else { pos }
@@ -183,6 +197,12 @@ impl Session {
     pub fn outgoing(&mut self, msg: Outgoing, out: &mut Vec<u8>) {
         if let Outgoing::RunEnded { run_id } = &msg {
             self.runs.remove(run_id);
+            return;
+        }
+        if let Outgoing::Parsed(r) = msg {
+            // Handled by the next `on_bytes`, which the loop calls right after this.
+            self.parsing = false;
+            self.parsed = Some(*r);
             return;
         }
         if self.state != State::Open || !self.conn.is_open() {
@@ -204,7 +224,7 @@ impl Session {
                 };
                 send_text(out, &text);
             }
-            Outgoing::RunEnded { .. } => {}
+            Outgoing::RunEnded { .. } | Outgoing::Parsed(_) => {}
         }
     }
 
@@ -286,8 +306,24 @@ impl Session {
         self.abort_runs();
     }
 
-    fn on_text(&mut self, text: &str, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
-        let req = match protocol::parse_request(text) {
+    fn on_text(&mut self, text: String, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
+        if self.state == State::Open && text.len() > PARSE_OFF_LOOP {
+            let link = ctx.link.clone();
+            let job = Box::new(move || link.post(Outgoing::Parsed(Box::new(protocol::parse_request(&text)))));
+            if crate::session::run_off_loop(job) {
+                self.parsing = true;
+            } else {
+                let e = ErrorShape::new(ErrorCode::Unavailable, "the gateway is busy")
+                    .with_details(json!({ "retryable": true, "retryAfterMs": 1000 }));
+                send_text(out, &protocol::res_err(None, &e));
+            }
+            return;
+        }
+        self.on_request(protocol::parse_request(&text), out, ctx);
+    }
+
+    fn on_request(&mut self, req: Result<Request, FrameError>, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
+        let req = match req {
             Ok(r) => r,
             Err(e) => {
                 send_text(out, &protocol::res_err(e.id.as_deref(), &ErrorShape::invalid(e.message)));
@@ -368,7 +404,7 @@ impl Session {
         let hello = json!({
             "type": "hello-ok",
             "protocol": PROTOCOL,
-            "server": { "version": env!("CARGO_PKG_VERSION"), "connId": format!("conn-{}", ctx.link.id) },
+            "server": { "version": env!("CARGO_PKG_VERSION"), "connId": format!("conn-{}", ctx.conn_id) },
             "features": { "methods": METHODS, "events": EVENTS },
             "policy": { "maxPayload": MAX_PAYLOAD, "maxBufferedBytes": MAX_BUFFERED,
                         "tickIntervalMs": TICK_INTERVAL.as_millis() as u64 },
@@ -524,7 +560,7 @@ impl Session {
         let token = self.next_wait;
         let link = ctx.link.clone();
         let waiter = Box::new(move |s: &crate::agent::registry::RunSummary| {
-            link.send(Outgoing::Waited { token, summary: Box::new(s.clone()) });
+            link.post(Outgoing::Waited { token, summary: Box::new(s.clone()) });
         });
         let answer = |s| match kind {
             WaitKind::Wait => protocol::res_ok(&req.id, &protocol::wait_payload(s)),
@@ -567,13 +603,26 @@ fn store_method(req: Request, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
             "sessions.reset" => sessions_change(&gw, p, false),
             _ => sessions_change(&gw, p, true),
         };
-        link.send(Outgoing::Res(answer_text(&req.id, answer)));
+        link.post(Outgoing::Res(answer_text(&req.id, answer)));
     });
     if !crate::session::run_off_loop(job) {
         let e = ErrorShape::new(ErrorCode::Unavailable, "the session store is busy")
             .with_details(json!({ "retryable": true, "retryAfterMs": 1000 }));
         send_text(out, &protocol::res_err(Some(&id), &e));
     }
+}
+
+/// The `connect.challenge` nonce: 16 bytes from the operating system's cryptographic source.
+/// Without one (no `/dev/urandom`, e.g. a bare chroot) the nonce comes from the per-thread id
+/// generator, which is not unpredictable; that is logged once.
+fn challenge_nonce() -> String {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    secure_hex(16).unwrap_or_else(|| {
+        WARNED.call_once(|| {
+            crate::log!(Warn, "/dev/urandom is unreadable: WebSocket challenge nonces are not cryptographically random")
+        });
+        random_hex(32)
+    })
 }
 
 fn answer_text(id: &str, r: Result<Value, ErrorShape>) -> String {
@@ -603,26 +652,9 @@ fn message_param(p: &Value) -> Result<String, ErrorShape> {
     Ok(m.to_string())
 }
 
-fn api_error(e: ApiError) -> ErrorShape {
-    let code = if e.status == 404 { ErrorCode::NotFound } else { ErrorCode::InvalidRequest };
-    ErrorShape::new(code, e.message)
-}
-
-/// Agent and session key for a WebSocket run, with the same rules as the HTTP surface
-/// ([`chat::resolve_agent`], [`chat::session_key`]): an explicit `agentId` wins; otherwise a key
-/// of the form `agent:<id>:…` names its agent; otherwise the default agent.
+/// Agent and session key for a WebSocket run: the shared rule ([`resolve::agent_for_key`]).
 fn resolve(gw: &Gateway, agent_id: Option<&str>, key: Option<&str>) -> Result<(usize, String, bool), ErrorShape> {
-    let from_key = key.and_then(agent_of);
-    let agent = match (agent_id, from_key) {
-        (Some(a), Some(k)) if !a.eq_ignore_ascii_case(k) => {
-            return Err(ErrorShape::invalid(format!("sessionKey belongs to agent {k}, not {a}")));
-        }
-        (Some(a), _) | (None, Some(a)) => chat::resolve_agent(gw, Some(a), None).map_err(api_error)?,
-        (None, None) => gw.default_agent(),
-    };
-    let (session_key, sticky) = chat::session_key(&gw.agents[agent].cfg.id, key, None)
-        .map_err(|e| ErrorShape::invalid(e.message.replace("x-gatelet-session-key", "sessionKey")))?;
-    Ok((agent, session_key, sticky))
+    Ok(resolve::agent_for_key(&gw.agents, gw.default_agent(), agent_id, key)?)
 }
 
 /// A session key as given, or with the default agent's prefix (how runs store it).
@@ -645,7 +677,7 @@ fn status(gw: &Gateway) -> Value {
 
 fn models(gw: &Gateway) -> Value {
     let m: Vec<Value> =
-        openai::model_ids(gw).into_iter().map(|id| json!({ "id": id, "name": id, "provider": "gatelet" })).collect();
+        gw.model_ids().into_iter().map(|id| json!({ "id": id, "name": id, "provider": "gatelet" })).collect();
     json!({ "models": m })
 }
 
@@ -698,12 +730,81 @@ fn sessions_change(gw: &Gateway, p: &Value, delete: bool) -> Result<Value, Error
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{self, Overrides};
+
+    /// An outbox that keeps nothing: these tests drive the session from the loop's side only.
+    #[derive(Debug)]
+    struct Nowhere;
+
+    impl Outbox for Nowhere {
+        fn post(&self, _: Outgoing) {}
+        fn congested(&self) -> bool {
+            false
+        }
+    }
+
+    fn outbox() -> Arc<dyn Outbox> {
+        Arc::new(Nowhere)
+    }
 
     fn gateway() -> Arc<Gateway> {
         let text = "{ gateway: { auth: { token: 't' } }, session: { persist: false } }";
-        let cfg = config::parse(text, None, std::env::temp_dir(), &Overrides::default(), &|_| None).unwrap();
+        let cfg = crate::config::parse(text, None, std::env::temp_dir(), &Default::default(), &|_| None).unwrap();
         Arc::new(Gateway::new(cfg).0)
+    }
+
+    /// An outbox that keeps what is posted, as the loop's channel would.
+    #[derive(Debug, Default)]
+    struct Collect(std::sync::Mutex<Vec<Outgoing>>);
+
+    impl Outbox for Collect {
+        fn post(&self, msg: Outgoing) {
+            self.0.lock().unwrap().push(msg);
+        }
+        fn congested(&self) -> bool {
+            false
+        }
+    }
+
+    /// A masked client text frame.
+    fn client_text(payload: &str) -> Vec<u8> {
+        let mut v = Vec::new();
+        frame::encode_masked(&mut v, 0x81, payload.as_bytes(), [1, 2, 3, 4]);
+        v
+    }
+
+    #[test]
+    fn a_large_request_is_parsed_off_the_loop_and_later_ones_wait_for_it() {
+        let gw = gateway();
+        let ob = Arc::new(Collect::default());
+        let mut out = Vec::new();
+        let mut s = Session::new(ob.clone(), 1, Instant::now(), &mut out);
+        s.state = State::Open;
+        s.conn.set_max_message(MAX_PAYLOAD);
+        out.clear();
+        let pad = "x".repeat(PARSE_OFF_LOOP);
+        let big = client_text(&format!(r#"{{"type":"req","id":"big","method":"health","params":{{"pad":"{pad}"}}}}"#));
+        let mut input = big.clone();
+        input.extend(client_text(r#"{"type":"req","id":"small","method":"health"}"#));
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let n = s.on_bytes(&input, &mut out, &gw, ip);
+        assert_eq!(n, big.len(), "nothing after the large message is taken while it is parsed");
+        assert!(out.is_empty(), "the loop did not answer it");
+        let t0 = Instant::now();
+        let parsed = loop {
+            if let Some(m) = ob.0.lock().unwrap().pop() {
+                break m;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "the store thread never answered");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(matches!(parsed, Outgoing::Parsed(_)));
+        s.outgoing(parsed, &mut out);
+        assert_eq!(s.on_bytes(&input[n..], &mut out, &gw, ip), input.len() - n);
+        let ids: Vec<String> = frames(&out)
+            .iter()
+            .map(|(_, p)| serde_json::from_slice::<Value>(p).unwrap()["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids, ["big", "small"]);
     }
 
     /// Server frames in `out`, as (opcode, payload).
@@ -731,10 +832,9 @@ mod tests {
 
     #[test]
     fn challenge_then_handshake_deadline() {
-        let gw = gateway();
         let t0 = Instant::now();
         let mut out = Vec::new();
-        let mut s = Session::new(&gw, t0, &mut out);
+        let mut s = Session::new(outbox(), 1, t0, &mut out);
         let f = frames(&out);
         assert_eq!(event_name(&f[0].1), "connect.challenge");
         out.clear();
@@ -752,10 +852,9 @@ mod tests {
 
     #[test]
     fn ticks_every_30s_and_shutdown_closes_1001() {
-        let gw = gateway();
         let t0 = Instant::now();
         let mut out = Vec::new();
-        let mut s = Session::new(&gw, t0, &mut out);
+        let mut s = Session::new(outbox(), 1, t0, &mut out);
         s.state = State::Open;
         s.next_tick = Some(t0 + TICK_INTERVAL);
         out.clear();
@@ -784,9 +883,8 @@ mod tests {
 
     #[test]
     fn slow_consumer_is_closed_and_its_runs_aborted() {
-        let gw = gateway();
         let mut out = Vec::new();
-        let mut s = Session::new(&gw, Instant::now(), &mut out);
+        let mut s = Session::new(outbox(), 1, Instant::now(), &mut out);
         s.state = State::Open;
         let c = CancelToken::new();
         s.runs.insert("run-1".into(), c.clone());
@@ -805,9 +903,8 @@ mod tests {
 
     #[test]
     fn dropping_a_session_aborts_its_runs() {
-        let gw = gateway();
         let mut out = Vec::new();
-        let mut s = Session::new(&gw, Instant::now(), &mut out);
+        let mut s = Session::new(outbox(), 1, Instant::now(), &mut out);
         let c = CancelToken::new();
         s.runs.insert("run-1".into(), c.clone());
         s.outgoing(Outgoing::RunEnded { run_id: "run-2".into() }, &mut out);
