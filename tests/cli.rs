@@ -9,24 +9,15 @@ use serde_json::Value;
 use util::temp_dir;
 
 fn gatelet(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gatelet"))
-        .args(args)
-        .env("GATELET_STATE_DIR", dir)
-        .env_remove("GATELET_CONFIG_PATH")
-        .env_remove("GATELET_GATEWAY_TOKEN")
-        .env_remove("GATELET_GATEWAY_PASSWORD")
-        .env_remove("GATELET_GATEWAY_PORT")
-        .env_remove("GATELET_LOG")
-        .output()
-        .expect("run gatelet")
+    util::run_cli(dir, args)
 }
 
 fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    util::stdout_of(o)
 }
 
 fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    util::stderr_of(o)
 }
 
 #[test]

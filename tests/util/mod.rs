@@ -444,3 +444,28 @@ pub fn flood(s: &mut TcpStream, unit: &[u8], total: usize, stall: Duration) -> u
     }
     written
 }
+
+/// Run the `gatelet` binary with `args` on state dir `dir`, with no `GATELET_*` setting inherited
+/// from the environment that could change what it does.
+pub fn run_cli(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_gatelet"))
+        .args(args)
+        .env("GATELET_STATE_DIR", dir)
+        .env_remove("GATELET_CONFIG_PATH")
+        .env_remove("GATELET_GATEWAY_TOKEN")
+        .env_remove("GATELET_GATEWAY_PASSWORD")
+        .env_remove("GATELET_GATEWAY_PORT")
+        .env_remove("GATELET_LOG")
+        .output()
+        .expect("run gatelet")
+}
+
+/// A command's standard output, as text.
+pub fn stdout_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A command's standard error, as text.
+pub fn stderr_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
