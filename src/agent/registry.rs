@@ -1,12 +1,15 @@
 //! Runs in flight and recently finished, for the surfaces that address runs by id: waiting for a
 //! run (`agent.wait`), aborting the runs of a session (`chat.abort`) and idempotent starts.
 //!
-//! Finished runs are kept for [`RETAIN`] (at most [`MAX_FINISHED`] of them); idempotency keys
-//! for [`RETAIN`] (at most [`MAX_KEYS`]). Waiters are callbacks run on the thread that finishes
-//! the run, outside the registry lock.
+//! Finished runs are kept for [`RETAIN`] (at most [`MAX_FINISHED`] of them) as a small record:
+//! how the run ended, when, and its token counts, which is all `agent.wait` answers with. The
+//! reply itself is kept only for a run started with an idempotency key, whose `agent` request
+//! may be sent again to get the result ([`MAX_REPLY_BYTES`] of such replies at most).
+//! Idempotency keys are kept for [`RETAIN`] (at most [`MAX_KEYS`]). Waiters are callbacks run on
+//! the thread that finishes the run, outside the registry lock.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{CancelToken, FinishReason, RunError, Usage};
@@ -14,10 +17,10 @@ use super::{CancelToken, FinishReason, RunError, Usage};
 /// How long finished runs and idempotency keys are remembered.
 pub const RETAIN: Duration = Duration::from_secs(5 * 60);
 /// Most finished runs remembered.
-pub const MAX_FINISHED: usize = 4096;
-/// Most reply text kept for finished runs, in bytes: long replies age out sooner, so memory
-/// stays bounded whatever the replies' sizes.
-pub const MAX_FINISHED_BYTES: usize = 16 * 1024 * 1024;
+pub const MAX_FINISHED: usize = 1024;
+/// Most reply bytes kept for finished runs started with an idempotency key: long replies age out
+/// sooner, so memory stays bounded whatever the replies' sizes.
+pub const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
 /// Most waiters one run keeps: further waits are refused rather than piling up callbacks.
 pub const MAX_WAITERS: usize = 256;
 /// Most idempotency keys remembered.
@@ -58,22 +61,77 @@ impl RunSummary {
 /// Called once with the summary when a run ends.
 pub type Waiter = Box<dyn FnOnce(&RunSummary) + Send>;
 
-struct Entry {
+struct Running {
     /// Kept after it finishes (for `agent.wait` and idempotent starts); an HTTP run is not:
     /// its client already has the answer, and thousands of requests a second must not pile up.
     keep: bool,
+    /// Started with an idempotency key: the whole summary is kept, for a repeated request.
+    replay: bool,
     session_key: String,
     cancel: CancelToken,
-    done: Option<RunSummary>,
     waiters: Vec<Waiter>,
+}
+
+/// What is remembered of a finished run.
+struct Finished {
+    started_at: u64,
+    ended_at: u64,
+    finish: FinishReason,
+    usage: Usage,
+    error: Option<RunError>,
+    /// The whole summary, for a run started with an idempotency key.
+    reply: Option<Box<RunSummary>>,
+}
+
+impl Finished {
+    fn new(s: &RunSummary, replay: bool) -> Self {
+        Finished {
+            started_at: s.started_at,
+            ended_at: s.ended_at,
+            finish: s.finish,
+            usage: s.usage,
+            error: s.error.clone(),
+            reply: replay.then(|| Box::new(s.clone())),
+        }
+    }
+
+    fn reply_bytes(&self) -> usize {
+        self.reply.as_ref().map_or(0, |r| r.held_bytes())
+    }
+
+    /// The summary `wait` answers with: without a kept reply, no text, tool calls, session or
+    /// agent (nothing that reads a finished run without a key needs them).
+    fn summary(&self, run_id: &str) -> RunSummary {
+        if let Some(r) = &self.reply {
+            return (**r).clone();
+        }
+        RunSummary {
+            run_id: run_id.to_string(),
+            session_key: String::new(),
+            agent_id: String::new(),
+            started_at: self.started_at,
+            ended_at: self.ended_at,
+            text: String::new(),
+            tool_calls: Vec::new(),
+            finish: self.finish,
+            usage: self.usage,
+            error: self.error.clone(),
+        }
+    }
+}
+
+enum Entry {
+    Running(Running),
+    Finished(Finished),
 }
 
 #[derive(Default)]
 struct Inner {
-    runs: HashMap<String, Entry>,
-    finished: VecDeque<(Instant, String)>,
+    /// Keyed by run id, shared with `finished` (one allocation per id).
+    runs: HashMap<Arc<str>, Entry>,
+    finished: VecDeque<(Instant, Arc<str>)>,
     /// Reply bytes held by the runs in `finished`.
-    finished_bytes: usize,
+    reply_bytes: usize,
     keys: HashMap<String, (String, Instant)>,
     key_order: VecDeque<(Instant, String)>,
 }
@@ -83,12 +141,12 @@ impl Inner {
         while let Some((t, id)) = self.finished.front() {
             if now.duration_since(*t) < RETAIN
                 && self.finished.len() <= MAX_FINISHED
-                && self.finished_bytes <= MAX_FINISHED_BYTES
+                && self.reply_bytes <= MAX_REPLY_BYTES
             {
                 break;
             }
-            if let Some(e) = self.runs.remove(id) {
-                self.finished_bytes -= e.done.map_or(0, |d| d.held_bytes());
+            if let Some(Entry::Finished(f)) = self.runs.remove(id) {
+                self.reply_bytes -= f.reply_bytes();
             }
             self.finished.pop_front();
         }
@@ -101,6 +159,19 @@ impl Inner {
                 self.keys.remove(k);
             }
             self.key_order.pop_front();
+        }
+        // Give back the room a burst of runs took once it is over.
+        if self.runs.capacity() > 4 * self.runs.len() + 64 {
+            self.runs.shrink_to(2 * self.runs.len());
+        }
+        if self.finished.capacity() > 4 * self.finished.len() + 64 {
+            self.finished.shrink_to(2 * self.finished.len());
+        }
+        if self.keys.capacity() > 4 * self.keys.len() + 64 {
+            self.keys.shrink_to(2 * self.keys.len());
+        }
+        if self.key_order.capacity() > 4 * self.key_order.len() + 64 {
+            self.key_order.shrink_to(2 * self.key_order.len());
         }
     }
 }
@@ -121,7 +192,8 @@ pub enum Wait {
     NotFound,
     /// Still running: the waiter will be called when it ends.
     Pending,
-    /// Already ended (the waiter was not kept).
+    /// Already ended (the waiter was not kept). The reply, session and agent are there only for
+    /// a run started with an idempotency key.
     Done(RunSummary),
     /// Still running, and already has [`MAX_WAITERS`] waiters (the waiter was not kept).
     Busy,
@@ -168,37 +240,35 @@ impl Registry {
         g.prune(now);
         if let Some(k) = idempotency_key {
             if let Some((id, _)) = g.keys.get(k)
-                && g.runs.contains_key(id)
+                && g.runs.contains_key(id.as_str())
             {
                 return Start::Existing(id.clone());
             }
             g.keys.insert(k.to_string(), (run_id.to_string(), now));
             g.key_order.push_back((now, k.to_string()));
         }
-        g.runs.insert(
-            run_id.to_string(),
-            Entry {
-                keep: true,
-                session_key: session_key.to_string(),
-                cancel: cancel.clone(),
-                done: None,
-                waiters: Vec::new(),
-            },
-        );
+        let entry = Running {
+            keep: true,
+            replay: idempotency_key.is_some(),
+            session_key: session_key.to_string(),
+            cancel: cancel.clone(),
+            waiters: Vec::new(),
+        };
+        g.runs.insert(run_id.into(), Entry::Running(entry));
         Start::New
     }
 
     /// Register a run that is visible while it runs (counted, abortable by session) and
     /// forgotten as soon as it finishes.
     pub fn start_transient(&self, run_id: &str, session_key: &str, cancel: &CancelToken) {
-        let entry = Entry {
+        let entry = Running {
             keep: false,
+            replay: false,
             session_key: session_key.to_string(),
             cancel: cancel.clone(),
-            done: None,
             waiters: Vec::new(),
         };
-        self.lock().runs.insert(run_id.to_string(), entry);
+        self.lock().runs.insert(run_id.into(), Entry::Running(entry));
     }
 
     /// Forget a run that was registered but never started (the queue was full).
@@ -213,22 +283,19 @@ impl Registry {
         let now = Instant::now();
         let waiters = {
             let mut g = self.lock();
-            let Some(e) = g.runs.get_mut(&summary.run_id) else { return };
-            if !e.keep {
-                let w = std::mem::take(&mut e.waiters);
-                g.runs.remove(&summary.run_id);
-                drop(g);
-                for w in w {
-                    w(&summary);
-                }
+            // A run ends once: a second report (or one for an unknown run) changes nothing.
+            if !matches!(g.runs.get(summary.run_id.as_str()), Some(Entry::Running(_))) {
                 return;
             }
-            let w = std::mem::take(&mut e.waiters);
-            e.done = Some(summary.clone());
-            g.finished_bytes += summary.held_bytes();
-            g.finished.push_back((now, summary.run_id.clone()));
+            let Some((id, Entry::Running(r))) = g.runs.remove_entry(summary.run_id.as_str()) else { return };
+            if r.keep {
+                let f = Finished::new(&summary, r.replay);
+                g.reply_bytes += f.reply_bytes();
+                g.finished.push_back((now, id.clone()));
+                g.runs.insert(id, Entry::Finished(f));
+            }
             g.prune(now);
-            w
+            r.waiters
         };
         for w in waiters {
             w(&summary);
@@ -237,7 +304,7 @@ impl Registry {
 
     /// Whether `run_id` is known and still running.
     pub fn is_running(&self, run_id: &str) -> bool {
-        self.lock().runs.get(run_id).is_some_and(|e| e.done.is_none())
+        matches!(self.lock().runs.get(run_id), Some(Entry::Running(_)))
     }
 
     /// Call `waiter` when `run_id` ends; with no waiter, only look.
@@ -245,12 +312,12 @@ impl Registry {
         let mut g = self.lock();
         match g.runs.get_mut(run_id) {
             None => Wait::NotFound,
-            Some(Entry { done: Some(s), .. }) => Wait::Done(s.clone()),
-            Some(e) => match waiter {
+            Some(Entry::Finished(f)) => Wait::Done(f.summary(run_id)),
+            Some(Entry::Running(r)) => match waiter {
                 None => Wait::Pending,
-                Some(_) if e.waiters.len() >= MAX_WAITERS => Wait::Busy,
+                Some(_) if r.waiters.len() >= MAX_WAITERS => Wait::Busy,
                 Some(w) => {
-                    e.waiters.push(w);
+                    r.waiters.push(w);
                     Wait::Pending
                 }
             },
@@ -263,12 +330,12 @@ impl Registry {
         let mut ids: Vec<String> = g
             .runs
             .iter()
-            .filter(|(id, e)| {
-                e.done.is_none() && e.session_key == session_key && run_id.is_none_or(|r| r == id.as_str())
-            })
-            .map(|(id, e)| {
-                e.cancel.cancel();
-                id.clone()
+            .filter_map(|(id, e)| match e {
+                Entry::Running(r) if r.session_key == session_key && run_id.is_none_or(|x| x == &**id) => {
+                    r.cancel.cancel();
+                    Some(id.to_string())
+                }
+                _ => None,
             })
             .collect();
         ids.sort();
@@ -277,7 +344,7 @@ impl Registry {
 
     /// Runs registered and not yet finished.
     pub fn active(&self) -> usize {
-        self.lock().runs.values().filter(|e| e.done.is_none()).count()
+        self.lock().runs.values().filter(|e| matches!(e, Entry::Running(_))).count()
     }
 }
 
@@ -359,7 +426,7 @@ mod tests {
         assert_eq!(called.load(Ordering::Relaxed), 1, "waiters still hear the end");
         assert_eq!(r.active(), 0);
         assert!(matches!(r.wait("chatcmpl-1", None), Wait::NotFound));
-        assert!(r.lock().finished.is_empty() && r.lock().finished_bytes == 0);
+        assert!(r.lock().finished.is_empty() && r.lock().reply_bytes == 0);
     }
 
     #[test]
@@ -376,18 +443,62 @@ mod tests {
     }
 
     #[test]
-    fn finished_reply_text_is_bounded_in_bytes() {
+    fn kept_replies_are_bounded_in_bytes() {
         let r = Registry::new();
-        let big = "x".repeat(MAX_FINISHED_BYTES / 4 + 1);
+        let big = "x".repeat(MAX_REPLY_BYTES / 4 + 1);
+        for i in 0..8 {
+            let id = format!("r{i}");
+            r.start(&id, Some(&format!("agent\0k{i}")), "agent:main:s", &CancelToken::new());
+            r.finish(summary(&id, &big));
+        }
+        // Only the newest runs whose replies fit in the byte budget are remembered.
+        assert!(matches!(r.wait("r0", None), Wait::NotFound));
+        assert!(matches!(r.wait("r7", None), Wait::Done(s) if s.text == big));
+        assert!(r.lock().reply_bytes <= MAX_REPLY_BYTES);
+    }
+
+    #[test]
+    fn a_finished_run_without_a_key_keeps_its_outcome_but_not_its_reply() {
+        let r = Registry::new();
+        let big = "x".repeat(MAX_REPLY_BYTES);
         for i in 0..8 {
             let id = format!("r{i}");
             r.start(&id, None, "agent:main:s", &CancelToken::new());
-            r.finish(summary(&id, &big));
+            let mut s = summary(&id, &big);
+            s.usage = Usage { prompt_tokens: 3, completion_tokens: i };
+            if i == 7 {
+                s.error = Some(RunError::Timeout);
+                s.finish = FinishReason::Length;
+            }
+            r.finish(s);
         }
-        // Only the newest runs that fit in the byte budget are remembered.
-        assert!(matches!(r.wait("r0", None), Wait::NotFound));
-        assert!(matches!(r.wait("r7", None), Wait::Done(_)));
-        assert!(r.lock().finished_bytes <= MAX_FINISHED_BYTES);
+        assert_eq!(r.lock().reply_bytes, 0, "no reply is kept");
+        // What `agent.wait` answers with is all there, for every run.
+        let Wait::Done(s) = r.wait("r0", None) else { panic!("r0 forgotten") };
+        assert_eq!((s.run_id.as_str(), s.started_at, s.ended_at, s.text.as_str()), ("r0", 1, 2, ""));
+        assert_eq!(s.error, None);
+        let Wait::Done(s) = r.wait("r7", Some(Box::new(|_| {}))) else { panic!("r7 forgotten") };
+        assert_eq!((s.usage.completion_tokens, s.finish, s.error), (7, FinishReason::Length, Some(RunError::Timeout)));
+        // A run ends once: a second report does not forget it or change it.
+        r.finish(summary("r7", "again"));
+        assert!(matches!(r.wait("r7", None), Wait::Done(s) if s.error == Some(RunError::Timeout)));
+    }
+
+    #[test]
+    fn the_table_gives_room_back_after_a_burst() {
+        let r = Registry::new();
+        let c = CancelToken::new();
+        let ids: Vec<String> = (0..10_000).map(|i| format!("chatcmpl-{i}")).collect();
+        for id in &ids {
+            r.start_transient(id, "agent:main:s", &c);
+        }
+        let burst = r.lock().runs.capacity();
+        for id in &ids {
+            r.finish(summary(id, ""));
+        }
+        let g = r.lock();
+        assert!(g.runs.is_empty());
+        assert!(g.runs.capacity() < burst / 8, "{} of {burst}", g.runs.capacity());
     }
 
     #[test]
