@@ -335,7 +335,10 @@ fn duplicate_idempotency_key_returns_the_first_run() {
     let mut other = Ws::connected(&gw);
     let c = other.call("c", "agent", p);
     assert_eq!(c["payload"]["runId"], run_id);
-    assert_eq!(other.res_for("c")["payload"]["status"], "ok");
+    // The finished run's reply was kept for its key: the repeat gets the whole result.
+    let fc = other.res_for("c");
+    assert_eq!(fc["payload"]["status"], "ok");
+    assert_eq!(fc["payload"]["result"]["text"], "only once", "{fc}");
     // One turn in the transcript, not three.
     let h = other.call("h", "chat.history", json!({ "sessionKey": "idem" }));
     assert_eq!(h["payload"]["messages"].as_array().unwrap().len(), 2, "{h}");
