@@ -67,7 +67,11 @@ pub enum Action {
 }
 
 enum BodyReader {
-    Length(u64),
+    /// A declared length: the body is allocated to it up front and filled in place, so that the
+    /// loop can read straight into it ([`HttpConn::body_room`]) instead of through its buffer.
+    Length {
+        filled: usize,
+    },
     Chunked(ChunkedDecoder),
 }
 
@@ -149,8 +153,32 @@ impl HttpConn {
     /// Bytes of body read so far, while reading one.
     pub fn body_len(&self) -> Option<u64> {
         match &self.inner {
+            Inner::Body { reader: BodyReader::Length { filled }, .. } => Some(*filled as u64),
             Inner::Body { body, .. } => Some(body.len() as u64),
             _ => None,
+        }
+    }
+
+    /// The unread part of a body of declared length, to read into in place: a large upload is
+    /// then copied once (by the kernel), not through the read buffer. `None` otherwise.
+    pub fn body_room(&mut self) -> Option<&mut [u8]> {
+        match &mut self.inner {
+            Inner::Body { reader: BodyReader::Length { filled }, body, .. } if *filled < body.len() => {
+                Some(&mut body[*filled..])
+            }
+            _ => None,
+        }
+    }
+
+    /// `n` bytes were read into [`HttpConn::body_room`]; the next [`HttpConn::feed`] dispatches
+    /// the request once the body is complete.
+    pub fn body_read(&mut self, n: usize, now: Instant) {
+        if let Inner::Body { reader: BodyReader::Length { filled }, body, .. } = &mut self.inner {
+            *filled = (*filled + n).min(body.len());
+            if n > 0 {
+                // A slow upload that keeps making progress is not a stalled one.
+                self.deadline = Some(now + self.t.header);
+            }
         }
     }
 
@@ -195,12 +223,12 @@ impl HttpConn {
             Inner::Body { reader, body, limit, .. } => {
                 let before = buf.len();
                 let done = match reader {
-                    BodyReader::Length(left) => {
-                        let n = (*left).min(buf.len() as u64) as usize;
-                        body.extend_from_slice(&buf[..n]);
+                    BodyReader::Length { filled } => {
+                        let n = (body.len() - *filled).min(buf.len());
+                        body[*filled..*filled + n].copy_from_slice(&buf[..n]);
                         buf.drain(..n);
-                        *left -= n as u64;
-                        *left == 0
+                        *filled += n;
+                        *filled == body.len()
                     }
                     BodyReader::Chunked(d) => match d.decode(buf, body) {
                         Ok(n) => {
@@ -237,16 +265,13 @@ impl HttpConn {
     /// The request with `head` has a body to read (up to `limit` bytes when chunked; a declared
     /// length was checked against the limit by the router).
     pub fn read_body(&mut self, head: Box<Head>, limit: u64, now: Instant) {
-        let reader = match head.body {
-            Some(BodyFraming::Length(n)) => BodyReader::Length(n),
-            Some(BodyFraming::Chunked) => BodyReader::Chunked(ChunkedDecoder::new(limit)),
-            _ => BodyReader::Length(0),
-        };
-        // A declared length (at most `limit`, and within the body budget) is reserved at once:
-        // growing by doubling would copy a large body several times on the loop.
-        let body = match reader {
-            BodyReader::Length(n) => Vec::with_capacity(n.min(limit) as usize),
-            BodyReader::Chunked(_) => Vec::new(),
+        // A declared length (at most `limit`: the router refuses a longer one; and within the
+        // body budget) is allocated at once: growing by doubling would copy a large body several
+        // times on the loop. Zeroed memory that large comes fresh from the kernel, unwritten.
+        let (reader, body) = match head.body {
+            Some(BodyFraming::Chunked) => (BodyReader::Chunked(ChunkedDecoder::new(limit)), Vec::new()),
+            Some(BodyFraming::Length(n)) => (BodyReader::Length { filled: 0 }, vec![0; n.min(limit) as usize]),
+            _ => (BodyReader::Length { filled: 0 }, Vec::new()),
         };
         self.deadline = Some(now + self.t.header);
         self.inner = Inner::Body { head, reader, body, limit };
@@ -436,6 +461,35 @@ mod tests {
         assert!(c.on_timer(t0 + secs(1000)).is_none());
         c.answered(false, t0 + secs(5));
         assert_eq!(c.deadline(), Some(t0 + secs(65)));
+    }
+
+    #[test]
+    fn a_declared_body_is_read_in_place_and_dispatched_whole() {
+        let t0 = Instant::now();
+        let mut c = HttpConn::new(t0, T);
+        let h = head_of(&mut c, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\n", t0);
+        c.read_body(h, 100, t0);
+        // What came with the head is taken from the buffer; the rest is read straight in.
+        let mut buf = b"ab".to_vec();
+        assert!(c.feed(&mut buf, t0, false).is_none());
+        assert!(buf.is_empty());
+        let room = c.body_room().expect("room for the rest");
+        assert_eq!(room.len(), 4);
+        room[..3].copy_from_slice(b"cde");
+        c.body_read(3, t0 + secs(20));
+        assert_eq!(c.deadline(), Some(t0 + secs(50)), "progress in place is progress");
+        assert_eq!(c.body_len(), Some(5));
+        assert!(c.feed(&mut buf, t0 + secs(20), false).is_none(), "one byte still to come");
+        c.body_room().expect("one byte of room")[0] = b'f';
+        c.body_read(1, t0 + secs(21));
+        assert!(c.body_room().is_none(), "no room past the declared length");
+        let mut next = b"GET".to_vec();
+        match c.feed(&mut next, t0 + secs(21), false) {
+            Some(Action::Dispatch(_, body)) => assert_eq!(body, b"abcdef"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(next, b"GET", "pipelined bytes stay for the next request");
+        assert!(c.body_room().is_none());
     }
 
     #[test]

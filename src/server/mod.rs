@@ -742,10 +742,25 @@ impl Server {
                     && (conn.rbuf.len() < READ_CAP || conn.http.reading_request());
                 let mut progressed = false;
                 if reading {
-                    match stream.read(&mut self.scratch) {
+                    // A body of declared length is read straight into place (nothing buffered
+                    // may come before it); up to what is left of this turn's budget.
+                    let room = if conn.rbuf.is_empty() { conn.http.body_room() } else { None };
+                    let in_place = room.is_some();
+                    let read = match room {
+                        Some(room) => {
+                            let n = room.len().min(READ_BUDGET.saturating_sub(taken).max(1));
+                            stream.read(&mut room[..n])
+                        }
+                        None => stream.read(&mut self.scratch),
+                    };
+                    match read {
                         Ok(0) => conn.eof = true,
                         Ok(n) => {
-                            conn.rbuf.extend_from_slice(&self.scratch[..n]);
+                            if in_place {
+                                conn.http.body_read(n, Instant::now());
+                            } else {
+                                conn.rbuf.extend_from_slice(&self.scratch[..n]);
+                            }
                             progressed = true;
                             taken += n;
                         }
