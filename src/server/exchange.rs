@@ -8,9 +8,9 @@
 //! A sticky run continues as a follow-up job queued behind its session's earlier runs.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use super::access::RunInfo;
 use super::stream::{self, ChatJob, WRITE_STEP};
@@ -19,6 +19,59 @@ use crate::agent::CancelToken;
 use crate::gateway::Gateway;
 use crate::http::head::Head;
 use crate::openai::{ApiError, chat};
+
+/// Bodies from this size on are parsed in a lane of their own ([`LargeParses`]).
+pub const LARGE_BODY: usize = 1024 * 1024;
+
+/// At most `lanes` large bodies are parsed (and turned into a run's messages) at once: tens of
+/// milliseconds of CPU each, so that on a small machine concurrent large uploads cannot take
+/// every core from the event loop and from small requests. The others wait their turn, holding
+/// a worker but no CPU.
+#[derive(Debug)]
+pub struct LargeParses {
+    lanes: usize,
+    busy: Mutex<usize>,
+    free: Condvar,
+}
+
+/// A lane held until dropped.
+#[derive(Debug)]
+pub struct Lane<'a>(&'a LargeParses);
+
+impl LargeParses {
+    /// Up to `lanes` (at least one) at once.
+    pub fn new(lanes: usize) -> Self {
+        LargeParses { lanes: lanes.max(1), busy: Mutex::new(0), free: Condvar::new() }
+    }
+
+    /// The gateway's: one core fewer than the machine has (one on a two-core machine).
+    pub fn global() -> &'static LargeParses {
+        static G: OnceLock<LargeParses> = OnceLock::new();
+        G.get_or_init(|| LargeParses::new(std::thread::available_parallelism().map_or(1, |n| n.get() - 1)))
+    }
+
+    /// Wait for a free lane.
+    pub fn take(&self) -> Lane<'_> {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy >= self.lanes {
+            busy = self.free.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        *busy += 1;
+        Lane(self)
+    }
+
+    /// Lanes in use.
+    pub fn busy(&self) -> usize {
+        *self.busy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Lane<'_> {
+    fn drop(&mut self) {
+        *self.0.busy.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        self.0.free.notify_one();
+    }
+}
 
 /// The socket a streaming run gets from the loop, with what the loop had not yet written
 /// (answers to earlier pipelined requests) and the request's access-log record.
@@ -91,6 +144,7 @@ impl Exchange {
     /// earlier runs).
     pub fn run(mut self) {
         let mut guard = self.guard();
+        let lane = (self.body.len() >= LARGE_BODY).then(|| LargeParses::global().take());
         let parsed = chat::parse(&self.body);
         self.body = Vec::new();
         self.ticket = None;
@@ -110,6 +164,7 @@ impl Exchange {
                 return self.refuse(e);
             }
         };
+        drop(lane);
         let agent_id = gw.agents[run.agent].cfg.id.clone();
         crate::log!(Debug, "run {} {} agent={} stream={}", run.run_id, self.peer, agent_id, req.stream);
         // In the run registry, so that WebSocket `status` counts it and `chat.abort` on its
@@ -224,5 +279,49 @@ impl Stage {
         }
         guard.armed = false;
         notifier.send(Done::Return { slot, id, stream: reuse.then_some(sock) });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn large_parses_take_turns_in_their_lanes() {
+        let lanes = Arc::new(LargeParses::new(2));
+        let (inside, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (lanes, inside, most) = (lanes.clone(), inside.clone(), most.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        let _lane = lanes.take();
+                        let n = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(n, Ordering::SeqCst);
+                        std::thread::yield_now();
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(most.load(Ordering::SeqCst) <= 2, "{} at once", most.load(Ordering::SeqCst));
+        assert_eq!(lanes.busy(), 0, "every lane given back");
+        // A lane is given back when its holder panics, too.
+        let l = lanes.clone();
+        assert!(
+            std::thread::spawn(move || {
+                let _lane = l.take();
+                panic!("parse failed")
+            })
+            .join()
+            .is_err()
+        );
+        assert_eq!(lanes.busy(), 0);
+        let zero = LargeParses::new(0);
+        drop(zero.take());
     }
 }
