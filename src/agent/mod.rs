@@ -289,6 +289,45 @@ pub trait Backend: Send + Sync + fmt::Debug {
 }
 
 /// Counts whitespace-separated words: the token estimate used by `echo` and as a fallback.
+/// As `split_whitespace().count()`, but decoding only non-ASCII characters: prompts can be tens
+/// of MiB, counted on a worker for every run.
 pub fn count_words(s: &str) -> u64 {
-    s.split_whitespace().count() as u64
+    let b = s.as_bytes();
+    let (mut words, mut in_word, mut i) = (0, false, 0);
+    while i < b.len() {
+        let (space, len) = match b[i] {
+            c @ 0..0x80 => (matches!(c, b' ' | b'\t'..=b'\r'), 1),
+            _ => s[i..].chars().next().map_or((false, 1), |c| (c.is_whitespace(), c.len_utf8())),
+        };
+        words += u64::from(!space && !in_word);
+        in_word = !space;
+        i += len;
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_words;
+
+    #[test]
+    fn words_are_counted_as_split_whitespace_counts_them() {
+        let cases = [
+            "",
+            "   ",
+            "one",
+            " one two  three ",
+            "a\tb\nc\x0bd\x0ce\rf",
+            "a\x1cb",
+            "héllo wörld",
+            "non\u{a0}breaking\u{2003}em\u{3000}ideographic\u{85}next",
+            "日本語 テキスト",
+            "x\u{200b}zero-width-is-not-space",
+        ];
+        for s in cases {
+            assert_eq!(count_words(s), s.split_whitespace().count() as u64, "{s:?}");
+        }
+        let long = "word ".repeat(10_000) + &"x".repeat(100_000);
+        assert_eq!(count_words(&long), 10_001);
+    }
 }
