@@ -75,8 +75,20 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::invalid(400, "invalid_json", format!("We could not parse the JSON body of your request: {e}"))
     })?;
-    let Value::Object(o) = v else {
+    let Value::Object(mut o) = v else {
         return Err(ApiError::invalid(400, "invalid_json", "The request body must be a JSON object"));
+    };
+    // String contents move out of the document rather than being copied: they can be tens of
+    // MiB. (An empty string is left, which reads the same for the checks below.)
+    let mut texts: Vec<Option<String>> = match o.get_mut("messages") {
+        Some(Value::Array(a)) => a
+            .iter_mut()
+            .map(|m| match m.get_mut("content") {
+                Some(Value::String(s)) => Some(std::mem::take(s)),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
     };
     let model = match opt(&o, "model") {
         None => None,
@@ -121,7 +133,10 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
                 ));
             }
         };
-        let text = content_text(mo.get("content"), &format!("messages[{i}].content"))?;
+        let text = match texts[i].take() {
+            Some(t) => t,
+            None => content_text(mo.get("content"), &format!("messages[{i}].content"))?,
+        };
         if role == Role::System {
             system.push(text);
         } else {
@@ -310,10 +325,11 @@ fn check_tool_choice(v: &Value) -> Result<Value, ApiError> {
     }
 }
 
-/// Turn a validated request into a run request.
+/// Turn a validated request into a run request. The messages and system prompts move into it
+/// (they can be tens of MiB): `req` keeps the rest.
 pub fn to_run(
     gw: &Gateway,
-    req: &ChatRequest,
+    req: &mut ChatRequest,
     agent_header: Option<&str>,
     session_header: Option<&str>,
 ) -> Result<RunRequest, ApiError> {
@@ -325,8 +341,8 @@ pub fn to_run(
         agent,
         session_key,
         sticky,
-        extra_system: req.system.clone(),
-        messages: req.messages.clone(),
+        extra_system: std::mem::take(&mut req.system),
+        messages: std::mem::take(&mut req.messages),
         options: req.options.clone(),
         timeout: None,
     })

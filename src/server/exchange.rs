@@ -148,7 +148,7 @@ impl Exchange {
         let parsed = chat::parse(&self.body);
         self.body = Vec::new();
         self.ticket = None;
-        let req = match parsed {
+        let mut req = match parsed {
             Ok(r) => r,
             Err(e) => {
                 guard.armed = false;
@@ -157,7 +157,7 @@ impl Exchange {
         };
         let gw = &self.gw;
         let h = &self.head;
-        let run = match chat::to_run(gw, &req, h.agent_id.as_deref(), h.session_key.as_deref()) {
+        let run = match chat::to_run(gw, &mut req, h.agent_id.as_deref(), h.session_key.as_deref()) {
             Ok(r) => r,
             Err(e) => {
                 guard.armed = false;
