@@ -10,7 +10,8 @@ with --port (a free port) and a throwaway state dir, and stops it at the end.
 Prints a human summary and one JSON line (prefix "RESULT ") for the main bench to collect.
 Figures: RSS before and after opening --conns connections that completed `connect`; sequential
 `agent` round trips per second (send, read the streamed events, wait for the final answer); the
-same with --window runs in flight at once.
+same with --window runs in flight at once; RSS after the runs (the connections still open) and
+6 s after every client has gone.
 """
 
 import argparse
@@ -230,6 +231,9 @@ def main():
             rss2 = rss_kib(gw.pid)
             for x in conns + [c]:
                 x.s.close()
+            # After the section: every client gone, and past the loop's 5 s shrink of idle buffers.
+            time.sleep(6)
+            rss3 = rss_kib(gw.pid)
         finally:
             gw.terminate()
             try:
@@ -245,6 +249,7 @@ def main():
     print(f"  agent round trips, 1 in flight:   {seq_rps:,.0f}/s ({seq_n} runs)")
     print(f"  agent round trips, {a.window} in flight:  {win_rps:,.0f}/s ({win_n} runs)")
     print(f"  RSS after the runs:               {rss2 / 1024:.1f} MiB")
+    print(f"  RSS 6 s after every client left:  {rss3 / 1024:.1f} MiB ({(rss3 - rss0) / 1024:+.1f} MiB from idle)")
     result = {
         "bench": "ws",
         "machine": machine,
@@ -256,6 +261,7 @@ def main():
         "rt_per_s_window": round(win_rps, 1),
         "window": a.window,
         "rss_after_runs_kib": rss2,
+        "rss_after_close_kib": rss3,
     }
     print("RESULT " + json.dumps(result))
 
