@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use crate::auth::{AuthResult, bearer};
 use crate::gateway::Gateway;
-use crate::http::head::{BodyFraming, Head};
+use crate::http::framing::Framing;
+use crate::http::head::Head;
 use crate::http::response::Response;
 use crate::metrics::RouteLabel;
 use crate::openai::{self, ApiError};
@@ -154,7 +155,7 @@ pub fn on_head(gw: &Gateway, head: &Head, ip: IpAddr) -> HeadAction {
             Ok(()) => {
                 let limit = gw.config.gateway.max_body_bytes;
                 return match head.body {
-                    Some(BodyFraming::Length(n)) if n > limit => Err(ApiError::too_large(limit)),
+                    Some(Framing::Length(n)) if n > limit => Err(ApiError::too_large(limit)),
                     _ => Ok(HeadAction::ReadBody { limit, continue_100: head.expect_continue && head.minor >= 1 }),
                 }
                 .unwrap_or_else(|e: ApiError| HeadAction::Respond(with_headers(e.response(), api_headers(gw, head))));

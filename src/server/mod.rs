@@ -35,7 +35,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::agent::CancelToken;
 use crate::agent::pool::Refused;
 use crate::gateway::Gateway;
-use crate::http::head::{BodyFraming, Head};
+use crate::http::framing::Framing;
+use crate::http::head::Head;
 use crate::http::response::Response;
 use crate::openai::ApiError;
 use crate::{rpc, ws};
@@ -1165,7 +1166,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
 fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Box<Head>) {
     let start = Instant::now();
     let head_only = h.method == "HEAD";
-    let has_body = !matches!(h.body, Some(BodyFraming::None) | None);
+    let has_body = !matches!(h.body, Some(Framing::None) | None);
     match handler::on_head(ctx.gw, &h, conn.peer.ip()) {
         HeadAction::Respond(mut resp) => {
             if route_is_chat(&h) {
@@ -1184,7 +1185,7 @@ fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Box<Head>) {
             // A declared body takes its whole share of the budget before it is read.
             let mut ticket = budget::Ticket::new(ctx.bodies);
             let declared = match h.body {
-                Some(BodyFraming::Length(n)) => n,
+                Some(Framing::Length(n)) => n,
                 _ => 0,
             };
             if !ticket.hold(declared, ctx.gw.config.gateway.max_body_in_flight) {

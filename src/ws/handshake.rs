@@ -7,7 +7,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use sha1::{Digest, Sha1};
 
-use crate::http::head::{BodyFraming, Head};
+use crate::http::framing::Framing;
+use crate::http::head::Head;
 
 /// The GUID appended to the key (RFC 6455 §1.3).
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -68,7 +69,7 @@ pub fn validate(head: &Head) -> Result<&str, HandshakeError> {
     if !head.connection_upgrade {
         return Err(HandshakeError::Connection);
     }
-    if !matches!(head.body, None | Some(BodyFraming::None)) {
+    if !matches!(head.body, None | Some(Framing::None)) {
         return Err(HandshakeError::Body);
     }
     if head.ws_version.as_deref() != Some("13") {
