@@ -53,6 +53,12 @@ fn fill(s: &mut TcpStream, buf: &mut Vec<u8>, chunk: &mut [u8]) -> io::Result<bo
     Ok(n > 0)
 }
 
+/// The `Date` for an error response sent now.
+fn date() -> gatelet::http::response::HttpDate {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    gatelet::http::response::HttpDate::from_unix(now)
+}
+
 fn serve(mut s: TcpStream) -> io::Result<()> {
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(HEAD_TIMEOUT))?;
@@ -69,7 +75,12 @@ fn serve(mut s: TcpStream) -> io::Result<()> {
             Err(e) => {
                 let mut out = Vec::new();
                 let body = serde_json::json!({ "error": { "message": e.to_string() } }).to_string();
-                gatelet::http::response::Response::json(e.status(), body.into_bytes()).encode(&mut out, false, true);
+                gatelet::http::response::Response::json(e.status(), body.into_bytes()).encode(
+                    &mut out,
+                    &date(),
+                    false,
+                    true,
+                );
                 return s.write_all(&out);
             }
         }
@@ -78,7 +89,7 @@ fn serve(mut s: TcpStream) -> io::Result<()> {
         Ok(resp) => s.write_all(&resp)?,
         Err(e) => {
             let mut out = Vec::new();
-            gatelet::openai::ApiError::from(e).response().encode(&mut out, false, true);
+            gatelet::openai::ApiError::from(e).response().encode(&mut out, &date(), false, true);
             return s.write_all(&out);
         }
     }

@@ -37,7 +37,7 @@ use crate::agent::pool::Refused;
 use crate::gateway::Gateway;
 use crate::http::framing::Framing;
 use crate::http::head::Head;
-use crate::http::response::Response;
+use crate::http::response::{HttpDate, Response};
 use crate::openai::ApiError;
 use crate::{rpc, ws};
 use conn::{Action, HttpConn, State, Timeouts};
@@ -1097,7 +1097,25 @@ fn timeouts(gw: &Gateway) -> Timeouts {
 /// Queue a response; an HTTP/1.0 client that asked for keep-alive gets it confirmed.
 fn encode(conn: &mut Conn, resp: Response, head_only: bool, close: bool) {
     let resp = if conn.http.minor() == 0 && !close { resp.header("Connection", "keep-alive") } else { resp };
-    resp.encode(&mut conn.wbuf, head_only, close);
+    resp.encode(&mut conn.wbuf, &http_date(), head_only, close);
+}
+
+thread_local! {
+    static DATE: std::cell::Cell<Option<HttpDate>> = const { std::cell::Cell::new(None) };
+}
+
+/// The `Date` for responses sent now: rendered at most once a second per thread (the loop and
+/// each worker), since `http::response` reads no clock.
+pub(crate) fn http_date() -> HttpDate {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|d| match d.get() {
+        Some(date) if date.secs() == now => date,
+        _ => {
+            let date = HttpDate::from_unix(now);
+            d.set(Some(date));
+            date
+        }
+    })
 }
 
 /// After a response: back to idle (with the idle timer), or closing.
@@ -1306,6 +1324,15 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_response_date_is_the_current_second_rendered() {
+        let unix = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let before = unix();
+        let d = http_date();
+        assert!((before..=unix()).contains(&d.secs()), "{d:?}");
+        assert_eq!(d, HttpDate::from_unix(d.secs()));
+    }
 
     fn event(len: usize) -> Done {
         Done::Ws { slot: 0, id: 1, msg: rpc::Outgoing::Event { name: "agent", payload: "x".repeat(len) } }

@@ -221,7 +221,7 @@ impl ChatJob {
                 }
                 self.status.set(resp.status);
                 let close = self.http10 || self.closing();
-                resp.encode(&mut sink.out, self.head_only, close);
+                resp.encode(&mut sink.out, &super::http_date(), self.head_only, close);
                 sink.write_out() && !close
             }
             Some(e) => {
@@ -260,7 +260,7 @@ impl SseSink<'_> {
         self.head_sent = true;
         self.job.status.set(200);
         let out = &mut self.out;
-        push_status_line(out, 200);
+        push_status_line(out, 200, &super::http_date());
         push_header(out, "Content-Type", b"text/event-stream; charset=utf-8");
         push_header(out, "Cache-Control", b"no-cache");
         push_header(out, "X-Accel-Buffering", b"no");
