@@ -358,8 +358,8 @@ fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
 impl Server {
     /// Bind the configured address.
     pub fn bind(gw: Arc<Gateway>) -> io::Result<Server> {
-        let addr = SocketAddr::new(gw.config.gateway.bind, gw.config.gateway.port);
-        let mut listener = listen(addr, gw.config.gateway.listen_backlog)?;
+        let addr = SocketAddr::new(gw.config().gateway.bind, gw.config().gateway.port);
+        let mut listener = listen(addr, gw.config().gateway.listen_backlog)?;
         let poll = Poll::new()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -435,7 +435,7 @@ impl Server {
         for what in restart {
             crate::log!(Warn, "config reload: a change to {what} takes effect only after a restart");
         }
-        let l = &gw.config.gateway.log;
+        let l = &gw.config().gateway.log;
         crate::log::apply(l.level, l.format.as_deref(), l.access);
         crate::metrics::reloaded(true);
         crate::log!(Info, "config reloaded (agents: {})", gw.agent_ids());
@@ -542,7 +542,7 @@ impl Server {
 
     /// Stop accepting, tell WebSocket clients, close idle connections, let runs finish.
     fn start_drain(&mut self) {
-        let grace = self.gw.config.gateway.drain_timeout;
+        let grace = self.gw.config().gateway.drain_timeout;
         crate::log!(Info, "stop signal: draining (up to {} s; send again to exit now)", grace.as_secs());
         self.gw.set_ready(false);
         self.draining = Some(Instant::now() + grace);
@@ -577,9 +577,9 @@ impl Server {
         if self.draining.is_some() {
             return;
         }
-        let per_ip_cap = self.gw.config.gateway.max_connections_per_ip;
+        let per_ip_cap = self.gw.config().gateway.max_connections_per_ip;
         for _ in 0..ACCEPT_BUDGET {
-            let full = self.live >= self.gw.config.gateway.max_connections;
+            let full = self.live >= self.gw.config().gateway.max_connections;
             if full && self.victim().is_none() {
                 // Leave the rest in the backlog until a connection closes.
                 self.accept_paused = true;
@@ -594,7 +594,7 @@ impl Server {
                         crate::log!(Debug, "{ip} holds {held} connections (gateway.maxConnectionsPerIp): closed");
                         continue;
                     }
-                    if self.live >= self.gw.config.gateway.max_connections
+                    if self.live >= self.gw.config().gateway.max_connections
                         && let Some(v) = self.victim()
                     {
                         crate::log!(Debug, "at maxConnections: closing #{} for a newcomer", self.conn_id(v));
@@ -1090,7 +1090,7 @@ fn flush(conn: &mut Conn) -> bool {
 
 /// The connection timeouts of the current config.
 fn timeouts(gw: &Gateway) -> Timeouts {
-    let g = &gw.config.gateway;
+    let g = &gw.config().gateway;
     Timeouts { header: g.header_timeout, idle: g.idle_timeout, linger: LINGER }
 }
 
@@ -1138,7 +1138,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
         }
         return;
     }
-    let limit = ctx.gw.config.gateway.max_body_in_flight;
+    let limit = ctx.gw.config().gateway.max_body_in_flight;
     loop {
         let hold = conn.wbuf.len() >= WRITE_CAP;
         let Some(action) = conn.http.feed(&mut conn.rbuf, Instant::now(), hold) else {
@@ -1206,7 +1206,7 @@ fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Box<Head>) {
                 Some(Framing::Length(n)) => n,
                 _ => 0,
             };
-            if !ticket.hold(declared, ctx.gw.config.gateway.max_body_in_flight) {
+            if !ticket.hold(declared, ctx.gw.config().gateway.max_body_in_flight) {
                 // The body is not read: the connection closes after the answer.
                 conn.http.answered(true, Instant::now());
                 conn.access = Some(Box::new(access::Pending::new(&h, start)));
@@ -1266,7 +1266,7 @@ fn over_budget(conn: &mut Conn, gw: &Gateway, h: Option<&Head>) {
     crate::log!(Warn, "request bodies in flight over gateway.http.maxBodyBytesInFlight: 503 to {}", conn.peer);
     crate::metrics::run_rejected();
     let rid = format!("req-{}", crate::util::random_hex(24));
-    let e = ApiError::bodies_over_budget(gw.config.gateway.max_body_in_flight);
+    let e = ApiError::bodies_over_budget(gw.config().gateway.max_body_in_flight);
     let headers = h.map(|h| handler::api_headers(gw, h)).unwrap_or_default();
     let resp = handler::with_headers(e.response(), headers).header("x-request-id", rid.clone());
     let (status, before) = (resp.status, conn.wbuf.len());
@@ -1287,7 +1287,7 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     if conn.rbuf.capacity() > 4096 {
         conn.rbuf.shrink_to(conn.rbuf.len());
     }
-    let admission = match gw.pool.admit_from(Some(conn.peer.ip().to_canonical())) {
+    let admission = match gw.pool().admit_from(Some(conn.peer.ip().to_canonical())) {
         Ok(a) => a,
         Err(Refused::Full) => {
             crate::log!(Warn, "run queue full: 503 to {}", conn.peer);
