@@ -108,9 +108,7 @@ impl Response {
         }
         // A 204 has no body and must not announce one (RFC 9110 §8.6).
         if self.status != 204 {
-            out.extend_from_slice(b"Content-Length: ");
-            push_decimal(out, self.body.len() as u64);
-            out.extend_from_slice(b"\r\n");
+            push_content_length(out, self.body.len() as u64);
         }
         out.extend_from_slice(if close { b"Connection: close\r\n\r\n" } else { b"\r\n" });
         if !head_only && self.status != 204 {
@@ -134,6 +132,13 @@ pub fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `Content-Length: n\r\n`, without formatting through a string.
+pub fn push_content_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"Content-Length: ");
+    push_decimal(out, n);
     out.extend_from_slice(b"\r\n");
 }
 

@@ -1,6 +1,7 @@
 //! The upstream HTTP/1.1 client codec: what the worker-side client writes and reads.
 //!
-//! The pieces are pure: [`BaseUrl`] parsing (in `http::url`), [`encode_request`] and
+//! The pieces are pure: [`BaseUrl`] parsing (in `http::url`), [`encode_request`] (header lines
+//! through the writer the server's responses use, `http::response::push_header`) and
 //! [`parse_head`] (status line and headers through httparse, framing decided by
 //! `http::framing` in its response role). The body is read with `http::framing::BodyDecoder`,
 //! the same decoder the server reads request bodies with. The connections, their pool and TLS
@@ -11,6 +12,7 @@ use std::io;
 use std::time::Duration;
 
 use super::framing::{Framing, FramingError, FramingFields, Role};
+use super::response::{push_content_length, push_header};
 pub use super::url::{BaseUrl, UrlError};
 use crate::http::chunked::ChunkError;
 
@@ -94,15 +96,13 @@ pub fn encode_request<'a>(
     out.extend_from_slice(b"POST ");
     out.extend_from_slice(base.path.as_bytes());
     out.extend_from_slice(suffix.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
-    out.extend_from_slice(base.authority.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    push_header(out, "Host", base.authority.as_bytes());
     for (k, v) in headers {
-        super::response::push_header(out, k, v.as_bytes());
+        push_header(out, k, v.as_bytes());
     }
-    out.extend_from_slice(b"Content-Length: ");
-    crate::util::push_decimal(out, body.len() as u64);
-    out.extend_from_slice(b"\r\n\r\n");
+    push_content_length(out, body.len() as u64);
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
 }
 
