@@ -52,8 +52,8 @@ pub enum Role {
     },
 }
 
-/// A framing field that cannot be honoured. Each variant names one rule; [`FramingError::status`]
-/// is what a server answers.
+/// A framing field that cannot be honoured. Each variant names one rule; the server's status for
+/// it is `http::head::HeadError::status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FramingError {
     /// `Content-Length` that is not all digits, overflows, or disagrees with another.
@@ -68,16 +68,6 @@ pub enum FramingError {
     ChunkedNotLast,
     /// A transfer coding other than `chunked` (RFC 9112 §6.1: 501).
     UnsupportedCoding,
-}
-
-impl FramingError {
-    /// HTTP status a server answers a request with this error.
-    pub fn status(self) -> u16 {
-        match self {
-            FramingError::UnsupportedCoding => 501,
-            _ => 400,
-        }
-    }
 }
 
 impl fmt::Display for FramingError {
@@ -323,8 +313,6 @@ mod tests {
             assert_eq!(decide(&[], &["gzip, chunked"]), Err(FramingError::ChunkedNotLast));
             assert_eq!(decide(&[], &["chunked", "chunked"]), Err(FramingError::ChunkedNotLast));
         }
-        assert_eq!(FramingError::UnsupportedCoding.status(), 501);
-        assert_eq!(FramingError::ContentLength.status(), 400);
     }
 
     #[test]

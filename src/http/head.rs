@@ -106,7 +106,7 @@ impl HeadError {
         match self {
             HeadError::UriTooLong => 414,
             HeadError::HeadersTooLarge => 431,
-            HeadError::Framing(e) => e.status(),
+            HeadError::Framing(FramingError::UnsupportedCoding) => 501,
             HeadError::VersionNotSupported => 505,
             _ => 400,
         }
