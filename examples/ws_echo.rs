@@ -55,8 +55,7 @@ fn fill(s: &mut TcpStream, buf: &mut Vec<u8>, chunk: &mut [u8]) -> io::Result<bo
 
 /// The `Date` for an error response sent now.
 fn date() -> gatelet::http::response::HttpDate {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    gatelet::http::response::HttpDate::from_unix(now)
+    gatelet::http::response::HttpDate::from_unix(gatelet::util::now_secs())
 }
 
 fn serve(mut s: TcpStream) -> io::Result<()> {

@@ -268,7 +268,7 @@ fn agent(mut args: Args) -> Result<i32, i32> {
     let gw = build(cfg, state_lock.is_some());
     // The WebSocket rule: --agent wins, else a key `agent:<id>:…` names its agent, else the default.
     let (agent, session_key, sticky) =
-        resolve::agent_for_key(&gw.agents(), gw.default_agent(), agent_id.as_deref(), key.as_deref()).map_err(|e| {
+        resolve::agent_for_key(gw.agents(), gw.default_agent(), agent_id.as_deref(), key.as_deref()).map_err(|e| {
             usage_err(match e {
                 ResolveError::NoAgent(id) => format!("agent: no agent {id:?} (configured: {})", gw.agent_ids()),
                 ResolveError::Key(e) => format!("agent: --session-key {e}"),
@@ -286,7 +286,7 @@ fn agent(mut args: Args) -> Result<i32, i32> {
     let run2 = run.clone();
     adm.submit(run.sticky.then(|| run.session_key.clone()), move || {
         let mut p = Printer { stream: stream && !json };
-        let _ = tx.send(execute(&gw2.agents()[run2.agent], &gw2.sessions(), &run2, &CancelToken::new(), &mut p));
+        let _ = tx.send(execute(&gw2.agents()[run2.agent], gw2.sessions(), &run2, &CancelToken::new(), &mut p));
     });
     let Ok(out) = rx.recv() else {
         eprintln!("gatelet: the run ended without a result");

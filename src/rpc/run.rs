@@ -221,7 +221,7 @@ impl WsRun {
         if let Kind::Agent { .. } = self.kind {
             sink.agent_event("lifecycle", json!({ "phase": "start", "startedAt": now_ms() }));
         }
-        let out = execute(&self.gw.agents()[self.run.agent], &self.gw.sessions(), &self.run, &self.cancel, &mut sink);
+        let out = execute(&self.gw.agents()[self.run.agent], self.gw.sessions(), &self.run, &self.cancel, &mut sink);
         fin.armed = false;
         if let Kind::Agent { .. } = self.kind {
             // The deltas sent add up to the whole reply before the run's end is reported.

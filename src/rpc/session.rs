@@ -654,7 +654,7 @@ fn message_param(p: &Value) -> Result<String, ErrorShape> {
 
 /// Agent and session key for a WebSocket run: the shared rule ([`resolve::agent_for_key`]).
 fn resolve(gw: &Gateway, agent_id: Option<&str>, key: Option<&str>) -> Result<(usize, String, bool), ErrorShape> {
-    Ok(resolve::agent_for_key(&gw.agents(), gw.default_agent(), agent_id, key)?)
+    Ok(resolve::agent_for_key(gw.agents(), gw.default_agent(), agent_id, key)?)
 }
 
 /// A session key as given, or with the default agent's prefix (how runs store it).

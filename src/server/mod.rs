@@ -1107,7 +1107,7 @@ thread_local! {
 /// The `Date` for responses sent now: rendered at most once a second per thread (the loop and
 /// each worker), since `http::response` reads no clock.
 pub(crate) fn http_date() -> HttpDate {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = crate::util::now_secs();
     DATE.with(|d| match d.get() {
         Some(date) if date.secs() == now => date,
         _ => {
@@ -1327,10 +1327,9 @@ mod tests {
 
     #[test]
     fn the_response_date_is_the_current_second_rendered() {
-        let unix = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-        let before = unix();
+        let before = crate::util::now_secs();
         let d = http_date();
-        assert!((before..=unix()).contains(&d.secs()), "{d:?}");
+        assert!((before..=crate::util::now_secs()).contains(&d.secs()), "{d:?}");
         assert_eq!(d, HttpDate::from_unix(d.secs()));
     }
 

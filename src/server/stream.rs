@@ -155,7 +155,7 @@ impl ChatJob {
     /// A non-streaming run: the full response bytes, or `None` when the client went away.
     pub fn run_buffered(&self) -> Option<Response> {
         let created = crate::util::now_secs();
-        let out = execute(&self.gw.agents()[self.run.agent], &self.gw.sessions(), &self.run, &self.cancel, &mut ());
+        let out = execute(&self.gw.agents()[self.run.agent], self.gw.sessions(), &self.run, &self.cancel, &mut ());
         self.ended(&out);
         let mut resp = match &out.error {
             None => Response::json(
@@ -198,7 +198,7 @@ impl ChatJob {
             last_write: Instant::now(),
             keepalive: self.gw.config().gateway.keepalive,
         };
-        let out = execute(&self.gw.agents()[self.run.agent], &self.gw.sessions(), &self.run, &self.cancel, &mut sink);
+        let out = execute(&self.gw.agents()[self.run.agent], self.gw.sessions(), &self.run, &self.cancel, &mut sink);
         self.ended(&out);
         if sink.dead || (out.error == Some(RunError::Cancelled) && self.gone()) {
             return false;
