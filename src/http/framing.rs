@@ -298,6 +298,9 @@ mod tests {
             assert_eq!(fields(&[], &[te]), Err(FramingError::EmptyTransferEncoding), "{te:?}");
         }
         assert_eq!(fields(&[], &["chunked", ""]), Err(FramingError::EmptyTransferEncoding));
+        // Optional whitespace is spaces and tabs only: a no-break space is part of the coding.
+        assert_eq!(fields(&[], &["chunked\u{a0}"]).unwrap().decide(REQ), Err(FramingError::UnsupportedCoding));
+        assert_eq!(fields(&["5\u{a0}"], &[]), Err(FramingError::ContentLength));
         // Not UTF-8: no coding to name.
         assert_eq!(FramingFields::default().transfer_encoding(b"\xe9"), Err(FramingError::UnsupportedCoding));
         for role in [REQ, OK] {
