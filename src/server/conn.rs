@@ -16,8 +16,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::http::chunked::ChunkedDecoder;
-use crate::http::head::{self, BodyFraming, Head};
+use crate::http::framing::{BodyDecoder, Framing};
+use crate::http::head::{self, Head};
 use crate::openai::ApiError;
 
 /// The connection's timeouts (`gateway.http.headerTimeoutSeconds`, `idleTimeoutSeconds`).
@@ -66,19 +66,10 @@ pub enum Action {
     Close,
 }
 
-enum BodyReader {
-    /// A declared length: the body is allocated to it up front and filled in place, so that the
-    /// loop can read straight into it ([`HttpConn::body_room`]) instead of through its buffer.
-    Length {
-        filled: usize,
-    },
-    Chunked(ChunkedDecoder),
-}
-
 enum Inner {
     Idle,
     Head,
-    Body { head: Box<Head>, reader: BodyReader, body: Vec<u8>, limit: u64 },
+    Body { head: Box<Head>, reader: BodyDecoder, body: Vec<u8>, limit: u64 },
     Running,
     Lent,
     Upgraded,
@@ -153,33 +144,34 @@ impl HttpConn {
     /// Bytes of body read so far, while reading one.
     pub fn body_len(&self) -> Option<u64> {
         match &self.inner {
-            Inner::Body { reader: BodyReader::Length { filled }, .. } => Some(*filled as u64),
             Inner::Body { body, .. } => Some(body.len() as u64),
             _ => None,
         }
     }
 
-    /// The unread part of a body of declared length, to read into in place: a large upload is
-    /// then copied once (by the kernel), not through the read buffer. `None` otherwise.
-    pub fn body_room(&mut self) -> Option<&mut [u8]> {
-        match &mut self.inner {
-            Inner::Body { reader: BodyReader::Length { filled }, body, .. } if *filled < body.len() => {
-                Some(&mut body[*filled..])
-            }
-            _ => None,
+    /// Read up to `max` bytes of a body of declared length straight into place with `read`: a
+    /// large upload is then copied once (by the kernel), not through the read buffer. `None`
+    /// when no such body is being read (or none of it is left); else what `read` returned.
+    pub fn read_body_in_place(
+        &mut self,
+        max: usize,
+        now: Instant,
+        read: impl FnOnce(&mut [u8]) -> std::io::Result<usize>,
+    ) -> Option<std::io::Result<usize>> {
+        let Inner::Body { reader, body, .. } = &mut self.inner else { return None };
+        let left = reader.left_in_place().filter(|&n| n > 0)?;
+        let start = body.len();
+        // Within the capacity reserved for the declared length: no reallocation.
+        body.resize(start + left.min(max.max(1) as u64) as usize, 0);
+        let r = read(&mut body[start..]);
+        let n = r.as_ref().map_or(0, |&n| n.min(body.len() - start));
+        body.truncate(start + n);
+        reader.read_in_place(n as u64);
+        if n > 0 {
+            // A slow upload that keeps making progress is not a stalled one.
+            self.deadline = Some(now + self.t.header);
         }
-    }
-
-    /// `n` bytes were read into [`HttpConn::body_room`]; the next [`HttpConn::feed`] dispatches
-    /// the request once the body is complete.
-    pub fn body_read(&mut self, n: usize, now: Instant) {
-        if let Inner::Body { reader: BodyReader::Length { filled }, body, .. } = &mut self.inner {
-            *filled = (*filled + n).min(body.len());
-            if n > 0 {
-                // A slow upload that keeps making progress is not a stalled one.
-                self.deadline = Some(now + self.t.header);
-            }
-        }
+        Some(r)
     }
 
     /// Whether the machine is reading a request (bytes should be read however many are
@@ -222,30 +214,20 @@ impl HttpConn {
             }
             Inner::Body { reader, body, limit, .. } => {
                 let before = buf.len();
-                let done = match reader {
-                    BodyReader::Length { filled } => {
-                        let n = (body.len() - *filled).min(buf.len());
-                        body[*filled..*filled + n].copy_from_slice(&buf[..n]);
+                match reader.decode(buf, body) {
+                    Ok(n) => {
                         buf.drain(..n);
-                        *filled += n;
-                        *filled == body.len()
                     }
-                    BodyReader::Chunked(d) => match d.decode(buf, body) {
-                        Ok(n) => {
-                            buf.drain(..n);
-                            d.is_done()
-                        }
-                        Err(e) => {
-                            let err = ApiError::from_chunk(e, *limit);
-                            let Inner::Body { head, .. } = std::mem::replace(&mut self.inner, Inner::Idle) else {
-                                return None;
-                            };
-                            self.closing(now);
-                            return Some(Action::Refuse(err, Some(head)));
-                        }
-                    },
-                };
-                if !done {
+                    Err(e) => {
+                        let err = ApiError::from_chunk(e, *limit);
+                        let Inner::Body { head, .. } = std::mem::replace(&mut self.inner, Inner::Idle) else {
+                            return None;
+                        };
+                        self.closing(now);
+                        return Some(Action::Refuse(err, Some(head)));
+                    }
+                }
+                if !reader.is_done() {
                     if buf.len() < before {
                         // A slow upload that keeps making progress is not a stalled one.
                         self.deadline = Some(now + self.t.header);
@@ -265,14 +247,14 @@ impl HttpConn {
     /// The request with `head` has a body to read (up to `limit` bytes when chunked; a declared
     /// length was checked against the limit by the router).
     pub fn read_body(&mut self, head: Box<Head>, limit: u64, now: Instant) {
-        // A declared length (at most `limit`: the router refuses a longer one; and within the
-        // body budget) is allocated at once: growing by doubling would copy a large body several
-        // times on the loop. Zeroed memory that large comes fresh from the kernel, unwritten.
-        let (reader, body) = match head.body {
-            Some(BodyFraming::Chunked) => (BodyReader::Chunked(ChunkedDecoder::new(limit)), Vec::new()),
-            Some(BodyFraming::Length(n)) => (BodyReader::Length { filled: 0 }, vec![0; n.min(limit) as usize]),
-            _ => (BodyReader::Length { filled: 0 }, Vec::new()),
+        let framing = head.body.unwrap_or(Framing::None);
+        // A declared length (at most `limit`, and within the body budget) is reserved at once:
+        // growing by doubling would copy a large body several times on the loop.
+        let body = match framing {
+            Framing::Length(n) => Vec::with_capacity(n.min(limit) as usize),
+            _ => Vec::new(),
         };
+        let reader = BodyDecoder::new(framing, limit);
         self.deadline = Some(now + self.t.header);
         self.inner = Inner::Body { head, reader, body, limit };
     }
@@ -473,23 +455,33 @@ mod tests {
         let mut buf = b"ab".to_vec();
         assert!(c.feed(&mut buf, t0, false).is_none());
         assert!(buf.is_empty());
-        let room = c.body_room().expect("room for the rest");
-        assert_eq!(room.len(), 4);
-        room[..3].copy_from_slice(b"cde");
-        c.body_read(3, t0 + secs(20));
+        let r = c.read_body_in_place(3, t0 + secs(20), |b| {
+            assert_eq!(b.len(), 3, "at most `max` bytes");
+            b.copy_from_slice(b"cde");
+            Ok(3)
+        });
+        assert_eq!(r.unwrap().unwrap(), 3);
         assert_eq!(c.deadline(), Some(t0 + secs(50)), "progress in place is progress");
         assert_eq!(c.body_len(), Some(5));
         assert!(c.feed(&mut buf, t0 + secs(20), false).is_none(), "one byte still to come");
-        c.body_room().expect("one byte of room")[0] = b'f';
-        c.body_read(1, t0 + secs(21));
-        assert!(c.body_room().is_none(), "no room past the declared length");
+        // A read that fails or finds nothing leaves the body as it was.
+        let e = c.read_body_in_place(64, t0 + secs(21), |_| Err(std::io::ErrorKind::WouldBlock.into()));
+        assert!(e.unwrap().is_err());
+        assert_eq!(c.body_len(), Some(5));
+        let r = c.read_body_in_place(64, t0 + secs(21), |b| {
+            assert_eq!(b.len(), 1, "never past the declared length");
+            b[0] = b'f';
+            Ok(1)
+        });
+        assert_eq!(r.unwrap().unwrap(), 1);
+        assert!(c.read_body_in_place(64, t0, |_| panic!("nothing left to read")).is_none());
         let mut next = b"GET".to_vec();
         match c.feed(&mut next, t0 + secs(21), false) {
             Some(Action::Dispatch(_, body)) => assert_eq!(body, b"abcdef"),
             other => panic!("{other:?}"),
         }
         assert_eq!(next, b"GET", "pipelined bytes stay for the next request");
-        assert!(c.body_room().is_none());
+        assert!(c.read_body_in_place(64, t0, |_| panic!("not reading a body")).is_none());
     }
 
     #[test]
