@@ -291,57 +291,6 @@ pub trait Backend: Send + Sync + fmt::Debug {
 }
 
 /// Counts whitespace-separated words: the token estimate used by `echo` and as a fallback.
-/// As `split_whitespace().count()`; ASCII text (the usual case) is counted without decoding
-/// characters, a few times faster: prompts can be tens of MiB, counted on a worker every run.
 pub fn count_words(s: &str) -> u64 {
-    let b = s.as_bytes();
-    if !s.is_ascii() || b.is_empty() {
-        return s.split_whitespace().count() as u64;
-    }
-    // Branch-free (`|`, not `||`) so that the loop below vectorises.
-    fn space(c: u8) -> u8 {
-        u8::from(c == b' ') | u8::from(c.wrapping_sub(b'\t') < 5)
-    }
-    // A word starts at the first byte, or where a space is followed by a non-space. Counted in
-    // runs of 255 pairs so that the sum fits a byte.
-    let mut words = u64::from(space(b[0]) == 0);
-    for (x, y) in b[..b.len() - 1].chunks(255).zip(b[1..].chunks(255)) {
-        let mut starts = 0u8;
-        for i in 0..x.len().min(y.len()) {
-            starts += space(x[i]) & (space(y[i]) ^ 1);
-        }
-        words += u64::from(starts);
-    }
-    words
-}
-
-#[cfg(test)]
-mod tests {
-    use super::count_words;
-
-    #[test]
-    fn words_are_counted_as_split_whitespace_counts_them() {
-        let cases = [
-            "",
-            "   ",
-            "one",
-            " one two  three ",
-            "a\tb\nc\x0bd\x0ce\rf",
-            "a\x1cb",
-            "héllo wörld",
-            "non\u{a0}breaking\u{2003}em\u{3000}ideographic\u{85}next",
-            "日本語 テキスト",
-            "x\u{200b}zero-width-is-not-space",
-        ];
-        for s in cases {
-            assert_eq!(count_words(s), s.split_whitespace().count() as u64, "{s:?}");
-        }
-        let long = "word ".repeat(10_000) + &"x".repeat(100_000);
-        assert_eq!(count_words(&long), 10_001);
-        // Every split of a run of starts across the counting runs of 255.
-        let dense = " a".repeat(1000);
-        for n in 0..dense.len() {
-            assert_eq!(count_words(&dense[n..]), dense[n..].split_whitespace().count() as u64, "{n}");
-        }
-    }
+    s.split_whitespace().count() as u64
 }
