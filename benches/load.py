@@ -672,6 +672,9 @@ http {{
         res["nginx"]["binary_bytes"] = os.path.getsize(have["nginx"])
 
     # --- report ----------------------------------------------------------------------------
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "latest-raw.json"), "w") as f:
+        json.dump(res, f, indent=1)  # kept even if rendering fails
     table = render(res, servers, conns, a)
     print(table)
     os.makedirs(a.out, exist_ok=True)
@@ -769,7 +772,7 @@ def render(res, servers, conns, a):
                         (f"RSS, {ic} idle conns (after one request each)", ("idle_conns", "after_one_request", "VmRSS"))):
         g, n = get(G, *path), get(N, *path)
         row(label, kib(g), kib(n) if n is not None else "—", ratio(g, n))
-    f3 = lambda x: f"{x:.2f} KiB"
+    f3 = lambda x: "—" if x is None else f"{x:.2f} KiB"
     row("RSS per idle conn (connected / after one request)",
         pair(G, ("per_conn_kib_connected", "per_conn_kib_after_request"), f3, "idle_conns"),
         pair(N, ("per_conn_kib_connected", "per_conn_kib_after_request"), f3, "idle_conns"), "—")
