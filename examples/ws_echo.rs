@@ -53,6 +53,11 @@ fn fill(s: &mut TcpStream, buf: &mut Vec<u8>, chunk: &mut [u8]) -> io::Result<bo
     Ok(n > 0)
 }
 
+/// The `Date` for an error response sent now.
+fn date() -> gatelet::http::response::HttpDate {
+    gatelet::http::response::HttpDate::from_unix(gatelet::util::now_secs())
+}
+
 fn serve(mut s: TcpStream) -> io::Result<()> {
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(HEAD_TIMEOUT))?;
@@ -69,7 +74,12 @@ fn serve(mut s: TcpStream) -> io::Result<()> {
             Err(e) => {
                 let mut out = Vec::new();
                 let body = serde_json::json!({ "error": { "message": e.to_string() } }).to_string();
-                gatelet::http::response::Response::json(e.status(), body.into_bytes()).encode(&mut out, false, true);
+                gatelet::http::response::Response::json(e.status(), body.into_bytes()).encode(
+                    &mut out,
+                    &date(),
+                    false,
+                    true,
+                );
                 return s.write_all(&out);
             }
         }
@@ -78,7 +88,7 @@ fn serve(mut s: TcpStream) -> io::Result<()> {
         Ok(resp) => s.write_all(&resp)?,
         Err(e) => {
             let mut out = Vec::new();
-            gatelet::openai::ApiError::from(e).response().encode(&mut out, false, true);
+            gatelet::openai::ApiError::from(e).response().encode(&mut out, &date(), false, true);
             return s.write_all(&out);
         }
     }

@@ -172,25 +172,25 @@ fn gateway(mut args: Args) -> Result<i32, i32> {
     let mut server = match crate::server::Server::bind(gw.clone()) {
         Ok(s) => s,
         Err(e) => {
-            let g = &gw.config.gateway;
+            let g = &gw.config().gateway;
             eprintln!("gatelet: cannot listen on {}:{}: {e}", g.bind, g.port);
             return Err(1);
         }
     };
     server.set_reloader(Box::new(move || config::load(&ov, &config::process_env)));
     let addr = server.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let cc = if gw.config.gateway.chat_completions { "enabled" } else { "disabled" };
+    let cc = if gw.config().gateway.chat_completions { "enabled" } else { "disabled" };
     crate::log!(
         Info,
         "listening on http://{addr} (agents: {}; chat completions {cc}; {} workers)",
-        gw.agents.iter().map(|a| a.cfg.id.as_str()).collect::<Vec<_>>().join(", "),
-        gw.config.gateway.workers
+        gw.agents().iter().map(|a| a.cfg.id.as_str()).collect::<Vec<_>>().join(", "),
+        gw.config().gateway.workers
     );
     let code = match server.run() {
         Ok(()) => {
             // Workers finish (or notice the cancel of) what they hold; transcripts are complete.
-            gw.pool.shutdown();
-            if let Err(e) = gw.sessions.flush() {
+            gw.pool().shutdown();
+            if let Err(e) = gw.sessions().flush() {
                 crate::log!(Warn, "session index snapshot failed (the journal keeps the changes): {e}");
             }
             Ok(0)
@@ -268,7 +268,7 @@ fn agent(mut args: Args) -> Result<i32, i32> {
     let gw = build(cfg, state_lock.is_some());
     // The WebSocket rule: --agent wins, else a key `agent:<id>:…` names its agent, else the default.
     let (agent, session_key, sticky) =
-        resolve::agent_for_key(&gw.agents, gw.default_agent(), agent_id.as_deref(), key.as_deref()).map_err(|e| {
+        resolve::agent_for_key(gw.agents(), gw.default_agent(), agent_id.as_deref(), key.as_deref()).map_err(|e| {
             usage_err(match e {
                 ResolveError::NoAgent(id) => format!("agent: no agent {id:?} (configured: {})", gw.agent_ids()),
                 ResolveError::Key(e) => format!("agent: --session-key {e}"),
@@ -281,12 +281,12 @@ fn agent(mut args: Args) -> Result<i32, i32> {
     let run = RunRequest::user_turn(agent, session_key, sticky, message);
     // The same worker pool as the gateway, so the run path is identical.
     let (tx, rx) = mpsc::channel::<RunOutcome>();
-    let Some(adm) = gw.pool.admit() else { return Err(1) };
+    let Some(adm) = gw.pool().admit() else { return Err(1) };
     let gw2 = gw.clone();
     let run2 = run.clone();
     adm.submit(run.sticky.then(|| run.session_key.clone()), move || {
         let mut p = Printer { stream: stream && !json };
-        let _ = tx.send(execute(&gw2.agents[run2.agent], &gw2.sessions, &run2, &CancelToken::new(), &mut p));
+        let _ = tx.send(execute(&gw2.agents()[run2.agent], gw2.sessions(), &run2, &CancelToken::new(), &mut p));
     });
     let Ok(out) = rx.recv() else {
         eprintln!("gatelet: the run ended without a result");
@@ -296,7 +296,7 @@ fn agent(mut args: Args) -> Result<i32, i32> {
         let v = serde_json::json!({
             "reply": out.text, "finishReason": out.error.as_ref().map_or(out.finish.as_str(), |_| "error"),
             "usage": out.usage.to_json(false),
-            "sessionKey": run.session_key, "agentId": gw.agents[agent].cfg.id,
+            "sessionKey": run.session_key, "agentId": gw.agents()[agent].cfg.id,
             "error": out.error.as_ref().map(|e| e.to_string()),
         });
         let mut v = v;
@@ -309,9 +309,9 @@ fn agent(mut args: Args) -> Result<i32, i32> {
     } else {
         println!("{}", out.text);
     }
-    gw.pool.shutdown();
+    gw.pool().shutdown();
     if state_lock.is_some() {
-        gw.sessions.snapshot_if_due();
+        gw.sessions().snapshot_if_due();
     }
     match out.error {
         None => Ok(0),

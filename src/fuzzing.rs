@@ -8,9 +8,11 @@
 
 use serde_json::Value;
 
-use crate::agent::backend::{command, upstream};
-use crate::http::chunked::{ChunkError, ChunkedDecoder};
-use crate::http::head::{self, BodyFraming, HeadError};
+use crate::agent::backend::command;
+use crate::http::chunked::ChunkError;
+use crate::http::framing::{BodyDecoder, Framing};
+use crate::http::head::{self, HeadError};
+use crate::http::upstream;
 use crate::rpc::protocol;
 use crate::sse::{Event, SseDecoder, SseError};
 use crate::ws::frame::{Decoder, Message, ProtocolError};
@@ -97,7 +99,7 @@ pub enum Verdict {
         /// 0 or 1 (later 1.x minors are served as 1).
         minor: u8,
         /// Body framing.
-        framing: BodyFraming,
+        framing: Framing,
         /// Bytes of head.
         len: usize,
     },
@@ -130,7 +132,7 @@ fn ours(data: &[u8]) -> Result<Verdict, HeadError> {
             method: h.method,
             target: h.target,
             minor: h.minor,
-            framing: h.body.unwrap_or(BodyFraming::None),
+            framing: h.body.unwrap_or(Framing::None),
             len,
         }),
         Err(e) => Err(e),
@@ -225,11 +227,11 @@ pub fn reference(data: &[u8]) -> Verdict {
         {
             return reject;
         }
-        BodyFraming::Chunked
+        Framing::Chunked
     } else {
         match length {
-            None | Some(0) => BodyFraming::None,
-            Some(n) => BodyFraming::Length(n),
+            None | Some(0) => Framing::None,
+            Some(n) => Framing::Length(n),
         }
     };
     Verdict::Accept {
@@ -344,7 +346,7 @@ type ChunkedOutcome = (Result<usize, ChunkError>, Vec<u8>, bool);
 /// Decode `parts` in order as a connection does: once a part is not fully consumed the body is
 /// complete and the rest is pipelined data.
 fn chunked_run(parts: &[&[u8]]) -> ChunkedOutcome {
-    let mut d = ChunkedDecoder::new(1 << 20);
+    let mut d = BodyDecoder::new(Framing::Chunked, 1 << 20);
     let mut out = Vec::new();
     let mut total = 0;
     for p in parts {
@@ -363,8 +365,9 @@ fn chunked_run(parts: &[&[u8]]) -> ChunkedOutcome {
     (Ok(total), out, d.is_done())
 }
 
-/// `http::chunked::ChunkedDecoder`: any split of the input gives the same bytes consumed, body,
-/// `is_done()` or error as one feed; the body never exceeds the bytes given.
+/// `http::framing::BodyDecoder` for a chunked body (the decoder of request and upstream response
+/// bodies, over `http::chunked::ChunkedDecoder`): any split of the input gives the same bytes
+/// consumed, body, `is_done()` or error as one feed; the body never exceeds the bytes given.
 pub fn chunked(data: &[u8], depth: Depth) {
     let Some((cut, input)) = cut_input(data) else { return };
     let whole = chunked_run(&[input]);
@@ -611,12 +614,12 @@ fn upstream_run(parts: &[&[u8]]) -> UpstreamOutcome {
     };
     assert!(n <= buf.len());
     let mut body = Vec::new();
-    let mut d = upstream::BodyDecoder::new(head.framing);
+    let mut d = BodyDecoder::new(head.framing, u64::MAX);
     let mut consumed = 0;
     let mut pending: Vec<&[u8]> = vec![&buf[n..]];
     pending.extend(rest.copied());
     for p in pending {
-        let c = d.decode(p, &mut body).map_err(|e| e.to_string())?;
+        let c = d.decode(p, &mut body).map_err(|e| upstream::UpstreamError::Chunked(e).to_string())?;
         assert!(c <= p.len());
         consumed += c;
         if c < p.len() {
@@ -625,16 +628,17 @@ fn upstream_run(parts: &[&[u8]]) -> UpstreamOutcome {
         }
     }
     match head.framing {
-        upstream::Framing::Length(l) => assert!(body.len() as u64 <= l),
-        upstream::Framing::Close => assert!(d.eof().is_ok()),
-        upstream::Framing::Chunked => {}
+        Framing::Length(l) => assert!(body.len() as u64 <= l),
+        Framing::None => assert!(body.is_empty() && d.is_done()),
+        Framing::CloseDelimited => assert!(d.complete_at_close()),
+        Framing::Chunked => {}
     }
     let done = d.is_done();
-    assert_eq!(d.eof().is_ok(), done || head.framing == upstream::Framing::Close);
+    assert_eq!(d.complete_at_close(), done || head.framing == Framing::CloseDelimited);
     Ok((Some((head, n)), body, consumed, done))
 }
 
-/// `agent::backend::upstream::{parse_head, BodyDecoder}`: never panics; the head never claims
+/// `http::upstream::parse_head` and `http::framing::BodyDecoder`: never panics; the head never claims
 /// more than it was given; 204/304 have no body; any split of head and body gives the same
 /// head, body, bytes consumed and end-of-body as one read.
 pub fn upstream_response(data: &[u8], depth: Depth) {

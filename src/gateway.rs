@@ -20,17 +20,17 @@ use crate::session::SessionStore;
 #[derive(Debug)]
 pub struct Gateway {
     /// The validated configuration.
-    pub config: Config,
+    config: Config,
     /// Agents, in config order.
-    pub agents: Vec<Agent>,
+    agents: Vec<Agent>,
     /// Sticky sessions.
-    pub sessions: Arc<SessionStore>,
+    sessions: Arc<SessionStore>,
     /// Agent-run workers.
-    pub pool: Arc<Pool>,
+    pool: Arc<Pool>,
     /// Secret checks and the failure limiter.
-    pub auth: Authorizer,
+    auth: Authorizer,
     /// Runs addressable by id (WebSocket `agent.wait`, `chat.abort`, idempotency).
-    pub runs: Arc<Registry>,
+    runs: Arc<Registry>,
     ready: Arc<AtomicBool>,
 }
 
@@ -95,6 +95,37 @@ impl Gateway {
             ready: self.ready.clone(),
         };
         (gw, restart)
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Agents, in config order.
+    pub fn agents(&self) -> &[Agent] {
+        &self.agents
+    }
+
+    /// Sticky sessions (shared with workers, hence the `Arc`).
+    pub fn sessions(&self) -> &Arc<SessionStore> {
+        &self.sessions
+    }
+
+    /// Agent-run workers.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Secret checks and the failure limiter.
+    pub fn auth(&self) -> &Authorizer {
+        &self.auth
+    }
+
+    /// Runs addressable by id (WebSocket `agent.wait`, `chat.abort`, idempotency; shared with
+    /// workers).
+    pub fn runs(&self) -> &Arc<Registry> {
+        &self.runs
     }
 
     /// The agents' ids, comma-separated (for log lines).

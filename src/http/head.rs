@@ -1,10 +1,13 @@
 //! Request head parsing and the framing decision (RFC 9112 §2–§6).
 //!
 //! httparse parses the head; this layer adds the rules httparse leaves to the caller: size limits,
-//! bare-LF rejection, a strict `Content-Length` grammar, `Transfer-Encoding` validation and the
-//! CL/TE conflict. The result is a small owned [`Head`] with only the fields the server uses.
+//! bare-LF rejection, `Host`, and the framing decision of `http::framing` (the `Content-Length` /
+//! `Transfer-Encoding` grammar shared with the upstream client, in its strict request role). The
+//! result is a small owned [`Head`] with only the fields the server uses.
 
 use std::fmt;
+
+use super::framing::{Framing, FramingError, FramingFields, Role};
 
 /// Most headers accepted in one request.
 pub const MAX_HEADERS: usize = 64;
@@ -12,17 +15,6 @@ pub const MAX_HEADERS: usize = 64;
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Longest request target: beyond → 414.
 pub const MAX_TARGET_BYTES: usize = 8 * 1024;
-
-/// How the request body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyFraming {
-    /// No body.
-    None,
-    /// Exactly this many bytes.
-    Length(u64),
-    /// `Transfer-Encoding: chunked`.
-    Chunked,
-}
 
 /// The parsed request head.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,8 +43,8 @@ pub struct Head {
     pub ws_key: Option<String>,
     /// `Sec-WebSocket-Version`.
     pub ws_version: Option<String>,
-    /// Body framing.
-    pub body: Option<BodyFraming>,
+    /// Body framing: [`Framing::None`], [`Framing::Length`] or [`Framing::Chunked`].
+    pub body: Option<Framing>,
     /// `Origin` (CORS).
     pub origin: Option<String>,
     /// `Access-Control-Request-Headers` (CORS preflight).
@@ -90,8 +82,6 @@ pub enum HeadError {
     VersionNotSupported,
     /// A `Host` value that is not `uri-host [ ":" port ]` (RFC 9112 §3.2, RFC 3986 §3.2.2).
     HostValue,
-    /// A `Transfer-Encoding` field with no coding in it (RFC 9112 §6.1: `1#transfer-coding`).
-    EmptyTransferEncoding,
     /// A line ended in LF without CR (RFC 9112 §2.2: we choose to reject).
     BareLf,
     /// Request target over [`MAX_TARGET_BYTES`].
@@ -100,16 +90,14 @@ pub enum HeadError {
     HeadersTooLarge,
     /// HTTP/1.1 without exactly one `Host` (RFC 9112 §3.2).
     Host,
-    /// `Content-Length` that is not all digits, overflows, or disagrees with another.
-    ContentLength,
-    /// Both `Content-Length` and `Transfer-Encoding` (RFC 9112 §6.3 p.3).
-    LengthAndChunked,
-    /// `Transfer-Encoding` in an HTTP/1.0 request (RFC 9112 §6.1).
-    ChunkedInHttp10,
-    /// `chunked` is not the final coding, or appears twice (RFC 9112 §6.3 p.4).
-    ChunkedNotLast,
-    /// A transfer coding other than `chunked` (RFC 9112 §6.1: 501).
-    UnsupportedCoding,
+    /// A framing field the request role refuses (`http::framing`).
+    Framing(FramingError),
+}
+
+impl From<FramingError> for HeadError {
+    fn from(e: FramingError) -> Self {
+        HeadError::Framing(e)
+    }
 }
 
 impl HeadError {
@@ -118,7 +106,7 @@ impl HeadError {
         match self {
             HeadError::UriTooLong => 414,
             HeadError::HeadersTooLarge => 431,
-            HeadError::UnsupportedCoding => 501,
+            HeadError::Framing(FramingError::UnsupportedCoding) => 501,
             HeadError::VersionNotSupported => 505,
             _ => 400,
         }
@@ -132,18 +120,13 @@ impl fmt::Display for HeadError {
             HeadError::RequestLine => "malformed request line: expected `method SP target SP HTTP/1.x`",
             HeadError::VersionNotSupported => "unsupported HTTP version: this server speaks HTTP/1.x",
             HeadError::HostValue => "invalid Host: expected host[:port] (no userinfo, path, list or spaces)",
-            HeadError::EmptyTransferEncoding => "Transfer-Encoding names no transfer coding",
             HeadError::BareLf => "malformed request head: line ends in LF without CR",
             HeadError::UriTooLong => "request target is longer than 8192 bytes",
             HeadError::HeadersTooLarge => {
                 "request header section is larger than 16384 bytes or has more than 64 headers"
             }
             HeadError::Host => "HTTP/1.1 request needs exactly one Host header",
-            HeadError::ContentLength => "invalid Content-Length",
-            HeadError::LengthAndChunked => "both Content-Length and Transfer-Encoding are present",
-            HeadError::ChunkedInHttp10 => "Transfer-Encoding is not allowed in an HTTP/1.0 request",
-            HeadError::ChunkedNotLast => "chunked must be the final transfer coding, applied once",
-            HeadError::UnsupportedCoding => "only the chunked transfer coding is supported",
+            HeadError::Framing(e) => return fmt::Display::fmt(e, f),
         };
         f.write_str(m)
     }
@@ -329,8 +312,7 @@ fn parse_with(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
         ..Head::default()
     };
     let mut hosts = 0;
-    let mut length: Option<u64> = None;
-    let mut codings: Vec<String> = Vec::new();
+    let mut framing = FramingFields::default();
     for hd in req.headers.iter() {
         let name = hd.name;
         let value = std::str::from_utf8(hd.value).ok();
@@ -341,22 +323,9 @@ fn parse_with(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
                 return Err(HeadError::HostValue);
             }
         } else if eq("content-length") {
-            for part in hd.value.split(|&b| b == b',') {
-                let n = parse_digits(trim(part)).ok_or(HeadError::ContentLength)?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(HeadError::ContentLength);
-                }
-                length = Some(n);
-            }
+            framing.content_length(hd.value)?;
         } else if eq("transfer-encoding") {
-            // RFC 9112 §6.1: `Transfer-Encoding = #transfer-coding`; RFC 9110 §5.6.1: empty list
-            // elements are ignored, but a field with no coding at all frames nothing.
-            let v = value.ok_or(HeadError::UnsupportedCoding)?;
-            let before = codings.len();
-            codings.extend(v.split(',').map(|c| c.trim().to_ascii_lowercase()).filter(|c| !c.is_empty()));
-            if codings.len() == before {
-                return Err(HeadError::EmptyTransferEncoding);
-            }
+            framing.transfer_encoding(hd.value)?;
         } else if eq("connection") {
             for t in value.unwrap_or("").split(',').map(str::trim) {
                 if t.eq_ignore_ascii_case("close") {
@@ -390,52 +359,8 @@ fn parse_with(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
     if minor == 1 && hosts != 1 || hosts > 1 {
         return Err(HeadError::Host);
     }
-    h.body = Some(if !codings.is_empty() {
-        if length.is_some() {
-            return Err(HeadError::LengthAndChunked);
-        }
-        if minor == 0 {
-            return Err(HeadError::ChunkedInHttp10);
-        }
-        let chunked = codings.iter().filter(|c| *c == "chunked").count();
-        if codings.iter().any(|c| c != "chunked") {
-            if chunked > 0 {
-                return Err(HeadError::ChunkedNotLast);
-            }
-            return Err(HeadError::UnsupportedCoding);
-        }
-        if chunked != 1 {
-            return Err(HeadError::ChunkedNotLast);
-        }
-        BodyFraming::Chunked
-    } else {
-        match length {
-            Some(0) | None => BodyFraming::None,
-            Some(n) => BodyFraming::Length(n),
-        }
-    });
+    h.body = Some(framing.decide(Role::Request { minor })?);
     Ok(Some((h, len)))
-}
-
-fn trim(b: &[u8]) -> &[u8] {
-    let s = b.iter().position(|c| !matches!(c, b' ' | b'\t')).unwrap_or(b.len());
-    let e = b.iter().rposition(|c| !matches!(c, b' ' | b'\t')).map_or(s, |i| i + 1);
-    &b[s..e]
-}
-
-/// `1*DIGIT` into a u64, refusing signs, spaces, empty input and overflow (RFC 9110 §8.6).
-pub fn parse_digits(b: &[u8]) -> Option<u64> {
-    if b.is_empty() {
-        return None;
-    }
-    let mut n: u64 = 0;
-    for &c in b {
-        if !c.is_ascii_digit() {
-            return None;
-        }
-        n = n.checked_mul(10)?.checked_add((c - b'0') as u64)?;
-    }
-    Some(n)
 }
 
 #[cfg(test)]
@@ -455,7 +380,7 @@ mod tests {
         let h = head("GET /health?x=1 HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!(h.method, "GET");
         assert_eq!(h.path(), "/health");
-        assert_eq!(h.body, Some(BodyFraming::None));
+        assert_eq!(h.body, Some(Framing::None));
         assert!(!h.close);
         assert_eq!(p("GET / HTTP/1.1\r\nHost: a\r\n").unwrap(), None);
         assert_eq!(head("GET http://a:1/health?x HTTP/1.1\r\nHost: a\r\n\r\n").path(), "/health");
@@ -475,42 +400,44 @@ mod tests {
 
     #[test]
     fn framing_table() {
-        let cases: &[(&str, Result<BodyFraming, HeadError>)] = &[
-            ("Content-Length: 5", Ok(BodyFraming::Length(5))),
-            ("Content-Length: 5\r\nContent-Length: 5", Ok(BodyFraming::Length(5))),
-            ("Content-Length: 5, 5", Ok(BodyFraming::Length(5))),
-            ("Content-Length: +5", Err(HeadError::ContentLength)),
-            ("Content-Length: -1", Err(HeadError::ContentLength)),
-            ("Content-Length: 1,2", Err(HeadError::ContentLength)),
-            ("Content-Length: 5\r\nContent-Length: 6", Err(HeadError::ContentLength)),
-            ("Content-Length: 0x10", Err(HeadError::ContentLength)),
-            ("Content-Length: 99999999999999999999", Err(HeadError::ContentLength)),
-            ("Content-Length:", Err(HeadError::ContentLength)),
-            ("Transfer-Encoding: chunked", Ok(BodyFraming::Chunked)),
-            ("Transfer-Encoding: CHUNKED", Ok(BodyFraming::Chunked)),
-            ("Transfer-Encoding: chunked\r\nContent-Length: 3", Err(HeadError::LengthAndChunked)),
-            ("Transfer-Encoding: gzip, chunked", Err(HeadError::ChunkedNotLast)),
-            ("Transfer-Encoding: chunked, gzip", Err(HeadError::ChunkedNotLast)),
-            ("Transfer-Encoding: chunked, chunked", Err(HeadError::ChunkedNotLast)),
-            ("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked", Err(HeadError::ChunkedNotLast)),
-            ("Transfer-Encoding: gzip", Err(HeadError::UnsupportedCoding)),
-            ("Transfer-Encoding: identity", Err(HeadError::UnsupportedCoding)),
-            ("Transfer-Encoding: chunkedx", Err(HeadError::UnsupportedCoding)),
+        use FramingError::*;
+        let cases: &[(&str, Result<Framing, FramingError>)] = &[
+            ("Content-Length: 5", Ok(Framing::Length(5))),
+            ("Content-Length: 5\r\nContent-Length: 5", Ok(Framing::Length(5))),
+            ("Content-Length: 5, 5", Ok(Framing::Length(5))),
+            ("Content-Length: +5", Err(ContentLength)),
+            ("Content-Length: -1", Err(ContentLength)),
+            ("Content-Length: 1,2", Err(ContentLength)),
+            ("Content-Length: 5\r\nContent-Length: 6", Err(ContentLength)),
+            ("Content-Length: 0x10", Err(ContentLength)),
+            ("Content-Length: 99999999999999999999", Err(ContentLength)),
+            ("Content-Length:", Err(ContentLength)),
+            ("Transfer-Encoding: chunked", Ok(Framing::Chunked)),
+            ("Transfer-Encoding: CHUNKED", Ok(Framing::Chunked)),
+            ("Transfer-Encoding: chunked\r\nContent-Length: 3", Err(LengthAndChunked)),
+            ("Transfer-Encoding: gzip, chunked", Err(ChunkedNotLast)),
+            ("Transfer-Encoding: chunked, gzip", Err(ChunkedNotLast)),
+            ("Transfer-Encoding: chunked, chunked", Err(ChunkedNotLast)),
+            ("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked", Err(ChunkedNotLast)),
+            ("Transfer-Encoding: gzip", Err(UnsupportedCoding)),
+            ("Transfer-Encoding: identity", Err(UnsupportedCoding)),
+            ("Transfer-Encoding: chunkedx", Err(UnsupportedCoding)),
             // RFC 9112 §6.1 / RFC 9110 §5.6.1: empty elements are ignored, no coding at all is 400.
-            ("Transfer-Encoding:", Err(HeadError::EmptyTransferEncoding)),
-            ("Transfer-Encoding:  ", Err(HeadError::EmptyTransferEncoding)),
-            ("Transfer-Encoding: ,", Err(HeadError::EmptyTransferEncoding)),
-            ("Transfer-Encoding: , ,", Err(HeadError::EmptyTransferEncoding)),
-            ("Transfer-Encoding: chunked\r\nTransfer-Encoding:", Err(HeadError::EmptyTransferEncoding)),
-            ("Transfer-Encoding: , chunked,", Ok(BodyFraming::Chunked)),
-            ("Content-Length: 3\r\nTransfer-Encoding:", Err(HeadError::EmptyTransferEncoding)),
+            ("Transfer-Encoding:", Err(EmptyTransferEncoding)),
+            ("Transfer-Encoding:  ", Err(EmptyTransferEncoding)),
+            ("Transfer-Encoding: ,", Err(EmptyTransferEncoding)),
+            ("Transfer-Encoding: , ,", Err(EmptyTransferEncoding)),
+            ("Transfer-Encoding: chunked\r\nTransfer-Encoding:", Err(EmptyTransferEncoding)),
+            ("Transfer-Encoding: , chunked,", Ok(Framing::Chunked)),
+            ("Content-Length: 3\r\nTransfer-Encoding:", Err(EmptyTransferEncoding)),
         ];
         for (hdrs, want) in cases {
             let req = format!("POST / HTTP/1.1\r\nHost: a\r\n{hdrs}\r\n\r\n");
             let got = p(&req).map(|o| o.unwrap().0.body.unwrap());
-            assert_eq!(&got, want, "{hdrs}");
+            assert_eq!(got, want.map_err(HeadError::Framing), "{hdrs}");
         }
-        assert_eq!(HeadError::EmptyTransferEncoding.status(), 400);
+        assert_eq!(HeadError::Framing(EmptyTransferEncoding).status(), 400);
+        assert_eq!(HeadError::Framing(UnsupportedCoding).status(), 501);
     }
 
     #[test]
@@ -521,7 +448,10 @@ mod tests {
         );
         assert_eq!(p("GET / HTTP/1.1\nHost: a\n\n"), Err(HeadError::BareLf));
         assert_eq!(p("GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n"), Err(HeadError::Syntax("header value")));
-        assert_eq!(p("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"), Err(HeadError::ChunkedInHttp10));
+        assert_eq!(
+            p("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Err(HeadError::Framing(FramingError::ChunkedInHttp10))
+        );
         assert_eq!(p("GET / HTTP/1.1\r\n\r\n"), Err(HeadError::Host));
         assert_eq!(p("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), Err(HeadError::Host));
     }
@@ -570,7 +500,7 @@ mod tests {
         // Leading empty lines are skipped before a later minor, and the offset still lands on it.
         let h = head("\r\n\r\nPOST /v1 HTTP/1.7\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}");
         assert_eq!((h.method.as_str(), h.target.as_str(), h.minor), ("POST", "/v1", 1));
-        assert_eq!(h.body, Some(BodyFraming::Length(2)));
+        assert_eq!(h.body, Some(Framing::Length(2)));
     }
 
     /// RFC 9112 §3.2 with RFC 3986 §3.2.2–3.2.3: `Host = uri-host [ ":" port ]`, exactly one on

@@ -1,17 +1,20 @@
 //! The upstream HTTP/1.1 client codec: what the worker-side client writes and reads.
 //!
-//! The pieces are pure: [`BaseUrl`] parsing (in `http::url`), [`encode_request`],
-//! [`parse_head`] (status line and headers through httparse, framing decided per RFC 9112 §6.3)
-//! and [`BodyDecoder`] (chunked through the strict decoder of `http::chunked`, `Content-Length`,
-//! or read until close). The connections, their pool and TLS live in `agent::backend::client`; no socket or
-//! clock here.
+//! The pieces are pure: [`BaseUrl`] parsing (in `http::url`), [`encode_request`] (header lines
+//! through the writer the server's responses use, `http::response::push_header`) and
+//! [`parse_head`] (status line and headers through httparse, framing decided by
+//! `http::framing` in its response role). The body is read with `http::framing::BodyDecoder`,
+//! the same decoder the server reads request bodies with. The connections, their pool and TLS
+//! live in `agent::backend::client`; no socket or clock here.
 
 use std::fmt;
 use std::io;
 use std::time::Duration;
 
+use super::framing::{Framing, FramingError, FramingFields, Role};
+use super::response::{push_content_length, push_header};
 pub use super::url::{BaseUrl, UrlError};
-use crate::http::chunked::{ChunkError, ChunkedDecoder};
+use crate::http::chunked::ChunkError;
 
 /// Largest response head accepted from an upstream.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -44,7 +47,7 @@ pub enum UpstreamError {
     HeadTooLarge,
     /// A framing header that cannot be honoured (unknown transfer coding, bad or conflicting
     /// `Content-Length`).
-    BadFraming(&'static str),
+    BadFraming(FramingError),
     /// The chunked body is malformed.
     Chunked(ChunkError),
     /// The TLS handshake or a TLS record failed (certificate problems included).
@@ -93,27 +96,14 @@ pub fn encode_request<'a>(
     out.extend_from_slice(b"POST ");
     out.extend_from_slice(base.path.as_bytes());
     out.extend_from_slice(suffix.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
-    out.extend_from_slice(base.authority.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    push_header(out, "Host", base.authority.as_bytes());
     for (k, v) in headers {
-        super::response::push_header(out, k, v.as_bytes());
+        push_header(out, k, v.as_bytes());
     }
-    out.extend_from_slice(b"Content-Length: ");
-    crate::util::push_decimal(out, body.len() as u64);
-    out.extend_from_slice(b"\r\n\r\n");
+    push_content_length(out, body.len() as u64);
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
-}
-
-/// How the response body is delimited (RFC 9112 §6.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
-    /// `Transfer-Encoding: chunked`.
-    Chunked,
-    /// `Content-Length: n`.
-    Length(u64),
-    /// Until the connection closes.
-    Close,
 }
 
 /// A parsed response head.
@@ -126,7 +116,8 @@ pub struct ResponseHead {
     /// `Content-Type`, lower-cased, parameters dropped.
     pub content_type: Option<String>,
     /// The upstream lets the connection carry another request after this response (HTTP/1.1
-    /// without `Connection: close`).
+    /// without `Connection: close`, and not framed by both `Content-Length` and
+    /// `Transfer-Encoding`).
     pub keep_alive: bool,
 }
 
@@ -152,35 +143,15 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, UpstreamE
             skipped += n;
             continue;
         }
-        let mut chunked = false;
-        let mut te = false;
-        let mut length: Option<u64> = None;
+        let mut fields = FramingFields::default();
         let mut content_type = None;
         let mut keep_alive = resp.version == Some(1);
         for h in resp.headers.iter() {
             let value = std::str::from_utf8(h.value).unwrap_or("").trim();
             if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                te = true;
-                // Only `chunked` is requested implicitly (no TE/Accept-Encoding is sent), and
-                // it must be the final coding (RFC 9112 §6.3 item 4).
-                for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-                    if chunked || !coding.eq_ignore_ascii_case("chunked") {
-                        return Err(UpstreamError::BadFraming("unsupported transfer coding"));
-                    }
-                    chunked = true;
-                }
+                fields.transfer_encoding(h.value).map_err(UpstreamError::BadFraming)?;
             } else if h.name.eq_ignore_ascii_case("content-length") {
-                for part in value.split(',').map(str::trim) {
-                    let n = part
-                        .parse::<u64>()
-                        .ok()
-                        .filter(|_| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
-                        .ok_or(UpstreamError::BadFraming("invalid Content-Length"))?;
-                    if length.is_some_and(|l| l != n) {
-                        return Err(UpstreamError::BadFraming("conflicting Content-Length values"));
-                    }
-                    length = Some(n);
-                }
+                fields.content_length(h.value).map_err(UpstreamError::BadFraming)?;
             } else if h.name.eq_ignore_ascii_case("connection") {
                 if value.split(',').any(|o| o.trim().eq_ignore_ascii_case("close")) {
                     keep_alive = false;
@@ -190,81 +161,10 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, UpstreamE
                 content_type = Some(ct);
             }
         }
-        if te && !chunked {
-            return Err(UpstreamError::BadFraming("empty Transfer-Encoding"));
-        }
-        // Transfer-Encoding overrides Content-Length (§6.3 item 3); 204 and 304 have no body.
-        let framing = if status == 204 || status == 304 {
-            Framing::Length(0)
-        } else if chunked {
-            Framing::Chunked
-        } else if let Some(n) = length {
-            Framing::Length(n)
-        } else {
-            Framing::Close
-        };
+        let framing = fields.decide(Role::Response { status }).map_err(UpstreamError::BadFraming)?;
+        // RFC 9112 §6.3 p.3: such a response may be an attempt at response splitting.
+        keep_alive &= !fields.length_and_chunked();
         return Ok(Some((ResponseHead { status, framing, content_type, keep_alive }, skipped + n)));
-    }
-}
-
-/// Decodes a response body by its framing.
-#[derive(Debug, Clone)]
-pub struct BodyDecoder {
-    kind: BodyKind,
-}
-
-#[derive(Debug, Clone)]
-enum BodyKind {
-    Chunked(ChunkedDecoder),
-    Length(u64),
-    Close,
-}
-
-impl BodyDecoder {
-    /// A decoder for `framing`.
-    pub fn new(framing: Framing) -> Self {
-        let kind = match framing {
-            Framing::Chunked => BodyKind::Chunked(ChunkedDecoder::new(u64::MAX)),
-            Framing::Length(n) => BodyKind::Length(n),
-            Framing::Close => BodyKind::Close,
-        };
-        BodyDecoder { kind }
-    }
-
-    /// Append the body bytes in `input` to `out`; returns bytes consumed (less than
-    /// `input.len()` only when the body ended).
-    pub fn decode(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize, UpstreamError> {
-        match &mut self.kind {
-            BodyKind::Chunked(d) => d.decode(input, out).map_err(UpstreamError::Chunked),
-            BodyKind::Length(left) => {
-                let n = (*left).min(input.len() as u64) as usize;
-                out.extend_from_slice(&input[..n]);
-                *left -= n as u64;
-                Ok(n)
-            }
-            BodyKind::Close => {
-                out.extend_from_slice(input);
-                Ok(input.len())
-            }
-        }
-    }
-
-    /// Whether the framing says the body is complete.
-    pub fn is_done(&self) -> bool {
-        match &self.kind {
-            BodyKind::Chunked(d) => d.is_done(),
-            BodyKind::Length(left) => *left == 0,
-            BodyKind::Close => false,
-        }
-    }
-
-    /// The connection closed: fine for a close-delimited or complete body, else truncation.
-    pub fn eof(&self) -> Result<(), UpstreamError> {
-        match &self.kind {
-            BodyKind::Close => Ok(()),
-            _ if self.is_done() => Ok(()),
-            _ => Err(UpstreamError::ClosedMidBody),
-        }
     }
 }
 
@@ -308,14 +208,14 @@ mod tests {
             head("HTTP/1.1 200 OK\r\nConnection: Keep-Alive, Close\r\nContent-Length: 0\r\n\r\n").unwrap().unwrap();
         assert!(!h.keep_alive);
         let (h, _) = head("HTTP/1.1 200 OK\r\n\r\n").unwrap().unwrap();
-        assert_eq!(h.framing, Framing::Close);
-        // Transfer-Encoding wins over Content-Length.
+        assert_eq!(h.framing, Framing::CloseDelimited);
+        // Transfer-Encoding wins over Content-Length, and such a connection is not reused.
         let (h, _) =
             head("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap().unwrap();
-        assert_eq!(h.framing, Framing::Chunked);
+        assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
         // Interim responses are skipped.
         let (h, n) = head("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n").unwrap().unwrap();
-        assert_eq!((h.status, h.framing, n), (204, Framing::Length(0), 52));
+        assert_eq!((h.status, h.framing, n), (204, Framing::None, 52));
         assert!(head("HTTP/1.1 200 OK\r\nContent-").unwrap().is_none());
         assert!(head("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 2").unwrap().is_none());
         for bad in [
@@ -325,41 +225,12 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
             "HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding:\r\n\r\n",
         ] {
             assert!(matches!(head(bad), Err(UpstreamError::BadFraming(_))), "{bad:?}");
         }
         assert!(matches!(head("SSH-2.0-OpenSSH\r\n\r\n"), Err(UpstreamError::BadHead(_))));
         let big = format!("HTTP/1.1 200 OK\r\nX: {}", "a".repeat(MAX_HEAD));
         assert!(matches!(head(&big), Err(UpstreamError::HeadTooLarge)));
-    }
-
-    #[test]
-    fn body_framings() {
-        let mut out = Vec::new();
-        let mut d = BodyDecoder::new(Framing::Length(3));
-        assert_eq!(d.decode(b"abcdef", &mut out).unwrap(), 3);
-        assert!(d.is_done() && d.eof().is_ok());
-        assert_eq!(out, b"abc");
-
-        let mut d = BodyDecoder::new(Framing::Length(3));
-        d.decode(b"a", &mut out).unwrap();
-        assert!(matches!(d.eof(), Err(UpstreamError::ClosedMidBody)));
-
-        out.clear();
-        let mut d = BodyDecoder::new(Framing::Chunked);
-        d.decode(b"3\r\nabc\r\n", &mut out).unwrap();
-        assert!(!d.is_done());
-        assert!(matches!(d.eof(), Err(UpstreamError::ClosedMidBody)));
-        d.decode(b"0\r\n\r\n", &mut out).unwrap();
-        assert!(d.is_done() && d.eof().is_ok());
-        assert_eq!(out, b"abc");
-        let mut d = BodyDecoder::new(Framing::Chunked);
-        assert!(matches!(d.decode(b"zz\r\n", &mut out), Err(UpstreamError::Chunked(_))));
-
-        out.clear();
-        let mut d = BodyDecoder::new(Framing::Close);
-        d.decode(b"xyz", &mut out).unwrap();
-        assert!(!d.is_done() && d.eof().is_ok());
-        assert_eq!(out, b"xyz");
     }
 }

@@ -317,8 +317,8 @@ pub fn to_run(
     agent_header: Option<&str>,
     session_header: Option<&str>,
 ) -> Result<RunRequest, ApiError> {
-    let agent = resolve::agent_for_model(&gw.agents, gw.default_agent(), agent_header, req.model.as_deref())?;
-    let (session_key, sticky) = session::key_for(&gw.agents[agent].cfg.id, session_header, req.user.as_deref())
+    let agent = resolve::agent_for_model(gw.agents(), gw.default_agent(), agent_header, req.model.as_deref())?;
+    let (session_key, sticky) = session::key_for(&gw.agents()[agent].cfg.id, session_header, req.user.as_deref())
         .map_err(resolve::ResolveError::from)?;
     Ok(RunRequest {
         run_id: format!("chatcmpl-{}", crate::util::random_hex(24)),

@@ -199,7 +199,7 @@ impl Drop for Finisher<'_> {
         if self.armed {
             let err = Some(RunError::Backend("the run failed unexpectedly".into()));
             let s = self.r.summary(String::new(), Vec::new(), FinishReason::Stop, Usage::default(), err);
-            self.r.gw.runs.finish(s.clone());
+            self.r.gw.runs().finish(s.clone());
             self.r.answer(&s);
         }
     }
@@ -221,7 +221,7 @@ impl WsRun {
         if let Kind::Agent { .. } = self.kind {
             sink.agent_event("lifecycle", json!({ "phase": "start", "startedAt": now_ms() }));
         }
-        let out = execute(&self.gw.agents[self.run.agent], &self.gw.sessions, &self.run, &self.cancel, &mut sink);
+        let out = execute(&self.gw.agents()[self.run.agent], self.gw.sessions(), &self.run, &self.cancel, &mut sink);
         fin.armed = false;
         if let Kind::Agent { .. } = self.kind {
             // The deltas sent add up to the whole reply before the run's end is reported.
@@ -230,7 +230,7 @@ impl WsRun {
         let summary = self.summary(out.text, out.tool_calls, out.finish, out.usage, out.error);
         // The registry learns of the end first, so that a client reacting to the final event
         // (`chat.abort`, `agent.wait`) sees the run as finished.
-        self.gw.runs.finish(summary.clone());
+        self.gw.runs().finish(summary.clone());
         let s = &summary;
         match (&self.kind, &s.error) {
             (Kind::Agent { .. }, None) => {

@@ -383,7 +383,7 @@ impl Session {
             return refuse(self, out, ErrorShape::invalid("auth must be an object"), close::POLICY);
         }
         let secret = auth["token"].as_str().or_else(|| auth["password"].as_str());
-        match ctx.gw.auth.check(secret, ctx.ip, ctx.now) {
+        match ctx.gw.auth().check(secret, ctx.ip, ctx.now) {
             AuthResult::Ok => {}
             AuthResult::Invalid => {
                 let e = ErrorShape::new(ErrorCode::Unauthorized, "missing or incorrect gateway token or password");
@@ -472,14 +472,14 @@ impl Session {
     ) {
         let gw = ctx.gw;
         let cancel = CancelToken::new();
-        match gw.runs.start(&run.run_id, idem.as_deref(), &run.session_key, &cancel) {
+        match gw.runs().start(&run.run_id, idem.as_deref(), &run.session_key, &cancel) {
             Start::Existing(id) => return self.duplicate(req, &id, &kind, out, ctx),
             Start::New => {}
         }
-        let admission = match gw.pool.admit_from(Some(ctx.ip.to_canonical())) {
+        let admission = match gw.pool().admit_from(Some(ctx.ip.to_canonical())) {
             Ok(a) => a,
             Err(refused) => {
-                gw.runs.forget(&run.run_id);
+                gw.runs().forget(&run.run_id);
                 let msg = match refused {
                     Refused::Full => "the gateway is overloaded: the run queue is full".to_string(),
                     Refused::PerIp(n) => {
@@ -499,7 +499,7 @@ impl Session {
         };
         send_text(out, &protocol::res_ok(&req.id, &first));
         self.runs.insert(run.run_id.clone(), cancel.clone());
-        let agent_id = gw.agents[run.agent].cfg.id.clone();
+        let agent_id = gw.agents()[run.agent].cfg.id.clone();
         crate::log!(Debug, "ws run {} agent={} session={}", run.run_id, agent_id, run.session_key);
         let sticky = run.sticky.then(|| run.session_key.clone());
         let job = WsRun { gw: gw.clone(), run, agent_id, link: ctx.link.clone(), kind, cancel, accepted_at };
@@ -510,7 +510,7 @@ impl Session {
     fn duplicate(&mut self, req: &Request, id: &str, kind: &Kind, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
         match kind {
             Kind::Chat => {
-                let status = if ctx.gw.runs.is_running(id) { "in_flight" } else { "ok" };
+                let status = if ctx.gw.runs().is_running(id) { "in_flight" } else { "ok" };
                 send_text(out, &protocol::res_ok(&req.id, &json!({ "runId": id, "status": status, "deduped": true })));
             }
             Kind::Agent { .. } => {
@@ -569,7 +569,7 @@ impl Session {
         // A wait whose deadline has already passed only looks: it must not leave a callback
         // behind on a run that may go on for minutes.
         let expired = deadline.is_some_and(|d| d <= ctx.now);
-        match ctx.gw.runs.wait(id, (!expired).then_some(waiter as crate::agent::registry::Waiter)) {
+        match ctx.gw.runs().wait(id, (!expired).then_some(waiter as crate::agent::registry::Waiter)) {
             Wait::Busy => {
                 let e = ErrorShape::new(ErrorCode::Unavailable, format!("too many waiters on run {id}"));
                 send_text(out, &protocol::res_err(Some(&req.id), &e));
@@ -654,7 +654,7 @@ fn message_param(p: &Value) -> Result<String, ErrorShape> {
 
 /// Agent and session key for a WebSocket run: the shared rule ([`resolve::agent_for_key`]).
 fn resolve(gw: &Gateway, agent_id: Option<&str>, key: Option<&str>) -> Result<(usize, String, bool), ErrorShape> {
-    Ok(resolve::agent_for_key(&gw.agents, gw.default_agent(), agent_id, key)?)
+    Ok(resolve::agent_for_key(gw.agents(), gw.default_agent(), agent_id, key)?)
 }
 
 /// A session key as given, or with the default agent's prefix (how runs store it).
@@ -666,12 +666,12 @@ fn status(gw: &Gateway) -> Value {
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "protocol": PROTOCOL,
-        "uptimeMs": gw.runs.started().elapsed().as_millis() as u64,
-        "runs": { "active": gw.runs.active(), "queued": gw.pool.pending() },
-        "workers": gw.config.gateway.workers,
-        "agents": gw.agents.iter().map(|a| a.cfg.id.as_str()).collect::<Vec<_>>(),
-        "defaultAgentId": gw.agents[gw.default_agent()].cfg.id,
-        "sessions": gw.sessions.count(),
+        "uptimeMs": gw.runs().started().elapsed().as_millis() as u64,
+        "runs": { "active": gw.runs().active(), "queued": gw.pool().pending() },
+        "workers": gw.config().gateway.workers,
+        "agents": gw.agents().iter().map(|a| a.cfg.id.as_str()).collect::<Vec<_>>(),
+        "defaultAgentId": gw.agents()[gw.default_agent()].cfg.id,
+        "sessions": gw.sessions().count(),
     })
 }
 
@@ -684,14 +684,14 @@ fn models(gw: &Gateway) -> Value {
 fn agents(gw: &Gateway) -> Value {
     let d = gw.default_agent();
     let list: Vec<Value> =
-        gw.agents.iter().enumerate().map(|(i, a)| json!({ "id": a.cfg.id, "default": i == d })).collect();
-    json!({ "defaultId": gw.agents[d].cfg.id, "agents": list })
+        gw.agents().iter().enumerate().map(|(i, a)| json!({ "id": a.cfg.id, "default": i == d })).collect();
+    json!({ "defaultId": gw.agents()[d].cfg.id, "agents": list })
 }
 
 fn chat_abort(gw: &Gateway, p: &Value) -> Result<Value, ErrorShape> {
     let key = normalize_key(gw, req_str(p, "sessionKey")?)?;
     let run_id = opt_str(p, "runId")?;
-    let ids = gw.runs.abort(&key, run_id);
+    let ids = gw.runs().abort(&key, run_id);
     Ok(json!({ "ok": true, "aborted": !ids.is_empty(), "runIds": ids, "sessionKey": key }))
 }
 
@@ -701,12 +701,12 @@ fn chat_history(gw: &Gateway, p: &Value) -> Result<Value, ErrorShape> {
         Value::Null => None,
         v => Some(v.as_u64().ok_or_else(|| ErrorShape::invalid("limit must be a non-negative integer"))? as usize),
     };
-    let messages = gw.sessions.transcript(&key, limit).unwrap_or_default();
+    let messages = gw.sessions().transcript(&key, limit).unwrap_or_default();
     Ok(json!({ "sessionKey": key, "messages": messages }))
 }
 
 fn sessions_list(gw: &Gateway) -> Value {
-    let list: Vec<Value> = gw.sessions.list().iter().map(crate::session::cli::info_json).collect();
+    let list: Vec<Value> = gw.sessions().list().iter().map(crate::session::cli::info_json).collect();
     json!({ "count": list.len(), "sessions": list })
 }
 
@@ -717,7 +717,7 @@ fn sessions_change(gw: &Gateway, p: &Value, delete: bool) -> Result<Value, Error
         keys.push(k);
     }
     for key in keys {
-        let r = if delete { gw.sessions.delete(&key) } else { gw.sessions.reset(&key) };
+        let r = if delete { gw.sessions().delete(&key) } else { gw.sessions().reset(&key) };
         match r {
             Ok(true) => return Ok(json!({ "ok": true, "key": key })),
             Ok(false) => {}

@@ -16,8 +16,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::http::chunked::ChunkedDecoder;
-use crate::http::head::{self, BodyFraming, Head};
+use crate::http::framing::{BodyDecoder, Framing};
+use crate::http::head::{self, Head};
 use crate::openai::ApiError;
 
 /// The connection's timeouts (`gateway.http.headerTimeoutSeconds`, `idleTimeoutSeconds`).
@@ -66,15 +66,10 @@ pub enum Action {
     Close,
 }
 
-enum BodyReader {
-    Length(u64),
-    Chunked(ChunkedDecoder),
-}
-
 enum Inner {
     Idle,
     Head,
-    Body { head: Box<Head>, reader: BodyReader, body: Vec<u8>, limit: u64 },
+    Body { head: Box<Head>, reader: BodyDecoder, body: Vec<u8>, limit: u64 },
     Running,
     Lent,
     Upgraded,
@@ -194,30 +189,20 @@ impl HttpConn {
             }
             Inner::Body { reader, body, limit, .. } => {
                 let before = buf.len();
-                let done = match reader {
-                    BodyReader::Length(left) => {
-                        let n = (*left).min(buf.len() as u64) as usize;
-                        body.extend_from_slice(&buf[..n]);
+                match reader.decode(buf, body) {
+                    Ok(n) => {
                         buf.drain(..n);
-                        *left -= n as u64;
-                        *left == 0
                     }
-                    BodyReader::Chunked(d) => match d.decode(buf, body) {
-                        Ok(n) => {
-                            buf.drain(..n);
-                            d.is_done()
-                        }
-                        Err(e) => {
-                            let err = ApiError::from_chunk(e, *limit);
-                            let Inner::Body { head, .. } = std::mem::replace(&mut self.inner, Inner::Idle) else {
-                                return None;
-                            };
-                            self.closing(now);
-                            return Some(Action::Refuse(err, Some(head)));
-                        }
-                    },
-                };
-                if !done {
+                    Err(e) => {
+                        let err = ApiError::from_chunk(e, *limit);
+                        let Inner::Body { head, .. } = std::mem::replace(&mut self.inner, Inner::Idle) else {
+                            return None;
+                        };
+                        self.closing(now);
+                        return Some(Action::Refuse(err, Some(head)));
+                    }
+                }
+                if !reader.is_done() {
                     if buf.len() < before {
                         // A slow upload that keeps making progress is not a stalled one.
                         self.deadline = Some(now + self.t.header);
@@ -237,17 +222,14 @@ impl HttpConn {
     /// The request with `head` has a body to read (up to `limit` bytes when chunked; a declared
     /// length was checked against the limit by the router).
     pub fn read_body(&mut self, head: Box<Head>, limit: u64, now: Instant) {
-        let reader = match head.body {
-            Some(BodyFraming::Length(n)) => BodyReader::Length(n),
-            Some(BodyFraming::Chunked) => BodyReader::Chunked(ChunkedDecoder::new(limit)),
-            _ => BodyReader::Length(0),
-        };
+        let framing = head.body.unwrap_or(Framing::None);
         // A declared length (at most `limit`, and within the body budget) is reserved at once:
         // growing by doubling would copy a large body several times on the loop.
-        let body = match reader {
-            BodyReader::Length(n) => Vec::with_capacity(n.min(limit) as usize),
-            BodyReader::Chunked(_) => Vec::new(),
+        let body = match framing {
+            Framing::Length(n) => Vec::with_capacity(n.min(limit) as usize),
+            _ => Vec::new(),
         };
+        let reader = BodyDecoder::new(framing, limit);
         self.deadline = Some(now + self.t.header);
         self.inner = Inner::Body { head, reader, body, limit };
     }

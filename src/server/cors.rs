@@ -20,12 +20,12 @@ const EXPOSE: &str = "x-request-id, x-gatelet-session-key";
 
 /// Whether CORS is configured.
 pub fn enabled(gw: &Gateway) -> bool {
-    !gw.config.gateway.cors_origins.is_empty()
+    !gw.config().gateway.cors_origins.is_empty()
 }
 
 /// The `Access-Control-Allow-Origin` value for `origin`, when it is allowed.
 fn allow_origin<'a>(gw: &'a Gateway, origin: Option<&'a str>) -> Option<&'a str> {
-    let list = &gw.config.gateway.cors_origins;
+    let list = &gw.config().gateway.cors_origins;
     if list.iter().any(|o| o == "*") {
         return Some("*");
     }

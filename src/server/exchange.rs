@@ -65,7 +65,7 @@ impl Exchange {
             notifier: self.notifier.clone(),
             slot: self.slot,
             id: self.id,
-            runs: self.gw.runs.clone(),
+            runs: self.gw.runs().clone(),
             summary: None,
             buffered: Some((self.headers.clone(), self.head.method == "HEAD")),
             armed: true,
@@ -110,11 +110,11 @@ impl Exchange {
                 return self.refuse(e);
             }
         };
-        let agent_id = gw.agents[run.agent].cfg.id.clone();
+        let agent_id = gw.agents()[run.agent].cfg.id.clone();
         crate::log!(Debug, "run {} {} agent={} stream={}", run.run_id, self.peer, agent_id, req.stream);
         // In the run registry, so that WebSocket `status` counts it and `chat.abort` on its
         // session reaches it.
-        gw.runs.start_transient(&run.run_id, &run.session_key, &self.cancel);
+        gw.runs().start_transient(&run.run_id, &run.session_key, &self.cancel);
         let accepted_at = crate::util::now_ms();
         let job = ChatJob {
             gw: gw.clone(),
@@ -137,7 +137,7 @@ impl Exchange {
         guard.armed = false;
         match stage.job.run.sticky.then(|| stage.job.run.session_key.clone()) {
             // Turns of one session run one at a time, in order.
-            Some(key) => self.gw.pool.follow_up(Some(key), move || stage.run()),
+            Some(key) => self.gw.pool().follow_up(Some(key), move || stage.run()),
             None => stage.run(),
         }
     }
@@ -176,7 +176,7 @@ impl Stage {
             notifier: notifier.clone(),
             slot,
             id,
-            runs: job.gw.runs.clone(),
+            runs: job.gw.runs().clone(),
             summary: Some(summary),
             buffered: Some((job.headers.clone(), job.head_only)),
             armed: true,
@@ -194,7 +194,7 @@ impl Stage {
         let Ok(lent) = rx.recv() else {
             // The connection is gone: the run never starts.
             guard.armed = false;
-            job.gw.runs.finish(stream::summary(
+            job.gw.runs().finish(stream::summary(
                 &job.gw,
                 &job.run,
                 job.accepted_at,

@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use crate::auth::{AuthResult, bearer};
 use crate::gateway::Gateway;
-use crate::http::head::{BodyFraming, Head};
+use crate::http::framing::Framing;
+use crate::http::head::Head;
 use crate::http::response::Response;
 use crate::metrics::RouteLabel;
 use crate::openai::{self, ApiError};
@@ -73,7 +74,7 @@ fn disabled() -> ApiError {
 }
 
 fn check_auth(gw: &Gateway, head: &Head, ip: IpAddr) -> Result<(), ApiError> {
-    match gw.auth.check(bearer(head.authorization.as_deref()), ip, Instant::now()) {
+    match gw.auth().check(bearer(head.authorization.as_deref()), ip, Instant::now()) {
         AuthResult::Ok => Ok(()),
         AuthResult::Invalid => Err(ApiError::unauthorized()),
         AuthResult::Locked(secs) => Err(ApiError::locked_out(secs)),
@@ -112,10 +113,10 @@ pub fn api_headers(gw: &Gateway, head: &Head) -> Vec<(&'static str, String)> {
 }
 
 fn metrics(gw: &Gateway, head: &Head, ip: IpAddr) -> Result<Response, ApiError> {
-    if !gw.config.gateway.metrics_public {
+    if !gw.config().gateway.metrics_public {
         check_auth(gw, head, ip)?;
     }
-    let mut r = Response::json(200, crate::metrics::render(gw.pool.pending()).into_bytes());
+    let mut r = Response::json(200, crate::metrics::render(gw.pool().pending()).into_bytes());
     r.headers[0].1 = crate::metrics::CONTENT_TYPE.into();
     Ok(r.header("Cache-Control", "no-store"))
 }
@@ -146,15 +147,15 @@ pub fn on_head(gw: &Gateway, head: &Head, ip: IpAddr) -> HeadAction {
         }),
         Route::Metrics if get_like => metrics(gw, head, ip),
         Route::Health | Route::Ready | Route::Metrics => Err(ApiError::method_not_allowed(m, path, "GET, HEAD")),
-        Route::Chat | Route::Models | Route::Model if !gw.config.gateway.chat_completions => Err(disabled()),
+        Route::Chat | Route::Models | Route::Model if !gw.config().gateway.chat_completions => Err(disabled()),
         Route::Chat if m != "POST" => Err(ApiError::method_not_allowed(m, path, "POST")),
         Route::Models | Route::Model if !get_like => Err(ApiError::method_not_allowed(m, path, "GET, HEAD")),
         Route::Chat => match check_auth(gw, head, ip) {
             Err(e) => Err(e),
             Ok(()) => {
-                let limit = gw.config.gateway.max_body_bytes;
+                let limit = gw.config().gateway.max_body_bytes;
                 return match head.body {
-                    Some(BodyFraming::Length(n)) if n > limit => Err(ApiError::too_large(limit)),
+                    Some(Framing::Length(n)) if n > limit => Err(ApiError::too_large(limit)),
                     _ => Ok(HeadAction::ReadBody { limit, continue_100: head.expect_continue && head.minor >= 1 }),
                 }
                 .unwrap_or_else(|e: ApiError| HeadAction::Respond(with_headers(e.response(), api_headers(gw, head))));

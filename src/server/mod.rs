@@ -35,8 +35,9 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::agent::CancelToken;
 use crate::agent::pool::Refused;
 use crate::gateway::Gateway;
-use crate::http::head::{BodyFraming, Head};
-use crate::http::response::Response;
+use crate::http::framing::Framing;
+use crate::http::head::Head;
+use crate::http::response::{HttpDate, Response};
 use crate::openai::ApiError;
 use crate::{rpc, ws};
 use conn::{Action, HttpConn, State, Timeouts};
@@ -357,8 +358,8 @@ fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
 impl Server {
     /// Bind the configured address.
     pub fn bind(gw: Arc<Gateway>) -> io::Result<Server> {
-        let addr = SocketAddr::new(gw.config.gateway.bind, gw.config.gateway.port);
-        let mut listener = listen(addr, gw.config.gateway.listen_backlog)?;
+        let addr = SocketAddr::new(gw.config().gateway.bind, gw.config().gateway.port);
+        let mut listener = listen(addr, gw.config().gateway.listen_backlog)?;
         let poll = Poll::new()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -434,7 +435,7 @@ impl Server {
         for what in restart {
             crate::log!(Warn, "config reload: a change to {what} takes effect only after a restart");
         }
-        let l = &gw.config.gateway.log;
+        let l = &gw.config().gateway.log;
         crate::log::apply(l.level, l.format.as_deref(), l.access);
         crate::metrics::reloaded(true);
         crate::log!(Info, "config reloaded (agents: {})", gw.agent_ids());
@@ -541,7 +542,7 @@ impl Server {
 
     /// Stop accepting, tell WebSocket clients, close idle connections, let runs finish.
     fn start_drain(&mut self) {
-        let grace = self.gw.config.gateway.drain_timeout;
+        let grace = self.gw.config().gateway.drain_timeout;
         crate::log!(Info, "stop signal: draining (up to {} s; send again to exit now)", grace.as_secs());
         self.gw.set_ready(false);
         self.draining = Some(Instant::now() + grace);
@@ -576,9 +577,9 @@ impl Server {
         if self.draining.is_some() {
             return;
         }
-        let per_ip_cap = self.gw.config.gateway.max_connections_per_ip;
+        let per_ip_cap = self.gw.config().gateway.max_connections_per_ip;
         for _ in 0..ACCEPT_BUDGET {
-            let full = self.live >= self.gw.config.gateway.max_connections;
+            let full = self.live >= self.gw.config().gateway.max_connections;
             if full && self.victim().is_none() {
                 // Leave the rest in the backlog until a connection closes.
                 self.accept_paused = true;
@@ -593,7 +594,7 @@ impl Server {
                         crate::log!(Debug, "{ip} holds {held} connections (gateway.maxConnectionsPerIp): closed");
                         continue;
                     }
-                    if self.live >= self.gw.config.gateway.max_connections
+                    if self.live >= self.gw.config().gateway.max_connections
                         && let Some(v) = self.victim()
                     {
                         crate::log!(Debug, "at maxConnections: closing #{} for a newcomer", self.conn_id(v));
@@ -1089,14 +1090,32 @@ fn flush(conn: &mut Conn) -> bool {
 
 /// The connection timeouts of the current config.
 fn timeouts(gw: &Gateway) -> Timeouts {
-    let g = &gw.config.gateway;
+    let g = &gw.config().gateway;
     Timeouts { header: g.header_timeout, idle: g.idle_timeout, linger: LINGER }
 }
 
 /// Queue a response; an HTTP/1.0 client that asked for keep-alive gets it confirmed.
 fn encode(conn: &mut Conn, resp: Response, head_only: bool, close: bool) {
     let resp = if conn.http.minor() == 0 && !close { resp.header("Connection", "keep-alive") } else { resp };
-    resp.encode(&mut conn.wbuf, head_only, close);
+    resp.encode(&mut conn.wbuf, &http_date(), head_only, close);
+}
+
+thread_local! {
+    static DATE: std::cell::Cell<Option<HttpDate>> = const { std::cell::Cell::new(None) };
+}
+
+/// The `Date` for responses sent now: rendered at most once a second per thread (the loop and
+/// each worker), since `http::response` reads no clock.
+pub(crate) fn http_date() -> HttpDate {
+    let now = crate::util::now_secs();
+    DATE.with(|d| match d.get() {
+        Some(date) if date.secs() == now => date,
+        _ => {
+            let date = HttpDate::from_unix(now);
+            d.set(Some(date));
+            date
+        }
+    })
 }
 
 /// After a response: back to idle (with the idle timer), or closing.
@@ -1119,7 +1138,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
         }
         return;
     }
-    let limit = ctx.gw.config.gateway.max_body_in_flight;
+    let limit = ctx.gw.config().gateway.max_body_in_flight;
     loop {
         let hold = conn.wbuf.len() >= WRITE_CAP;
         let Some(action) = conn.http.feed(&mut conn.rbuf, Instant::now(), hold) else {
@@ -1165,7 +1184,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
 fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Box<Head>) {
     let start = Instant::now();
     let head_only = h.method == "HEAD";
-    let has_body = !matches!(h.body, Some(BodyFraming::None) | None);
+    let has_body = !matches!(h.body, Some(Framing::None) | None);
     match handler::on_head(ctx.gw, &h, conn.peer.ip()) {
         HeadAction::Respond(mut resp) => {
             if route_is_chat(&h) {
@@ -1184,10 +1203,10 @@ fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Box<Head>) {
             // A declared body takes its whole share of the budget before it is read.
             let mut ticket = budget::Ticket::new(ctx.bodies);
             let declared = match h.body {
-                Some(BodyFraming::Length(n)) => n,
+                Some(Framing::Length(n)) => n,
                 _ => 0,
             };
-            if !ticket.hold(declared, ctx.gw.config.gateway.max_body_in_flight) {
+            if !ticket.hold(declared, ctx.gw.config().gateway.max_body_in_flight) {
                 // The body is not read: the connection closes after the answer.
                 conn.http.answered(true, Instant::now());
                 conn.access = Some(Box::new(access::Pending::new(&h, start)));
@@ -1247,7 +1266,7 @@ fn over_budget(conn: &mut Conn, gw: &Gateway, h: Option<&Head>) {
     crate::log!(Warn, "request bodies in flight over gateway.http.maxBodyBytesInFlight: 503 to {}", conn.peer);
     crate::metrics::run_rejected();
     let rid = format!("req-{}", crate::util::random_hex(24));
-    let e = ApiError::bodies_over_budget(gw.config.gateway.max_body_in_flight);
+    let e = ApiError::bodies_over_budget(gw.config().gateway.max_body_in_flight);
     let headers = h.map(|h| handler::api_headers(gw, h)).unwrap_or_default();
     let resp = handler::with_headers(e.response(), headers).header("x-request-id", rid.clone());
     let (status, before) = (resp.status, conn.wbuf.len());
@@ -1268,7 +1287,7 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     if conn.rbuf.capacity() > 4096 {
         conn.rbuf.shrink_to(conn.rbuf.len());
     }
-    let admission = match gw.pool.admit_from(Some(conn.peer.ip().to_canonical())) {
+    let admission = match gw.pool().admit_from(Some(conn.peer.ip().to_canonical())) {
         Ok(a) => a,
         Err(Refused::Full) => {
             crate::log!(Warn, "run queue full: 503 to {}", conn.peer);
@@ -1305,6 +1324,14 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_response_date_is_the_current_second_rendered() {
+        let before = crate::util::now_secs();
+        let d = http_date();
+        assert!((before..=crate::util::now_secs()).contains(&d.secs()), "{d:?}");
+        assert_eq!(d, HttpDate::from_unix(d.secs()));
+    }
 
     fn event(len: usize) -> Done {
         Done::Ws { slot: 0, id: 1, msg: rpc::Outgoing::Event { name: "agent", payload: "x".repeat(len) } }

@@ -118,7 +118,7 @@ pub fn summary(gw: &Gateway, run: &RunRequest, accepted_at: u64, out: RunOutcome
     RunSummary {
         run_id: run.run_id.clone(),
         session_key: run.session_key.clone(),
-        agent_id: gw.agents.get(run.agent).map(|a| a.cfg.id.clone()).unwrap_or_default(),
+        agent_id: gw.agents().get(run.agent).map(|a| a.cfg.id.clone()).unwrap_or_default(),
         started_at: accepted_at,
         ended_at: crate::util::now_ms(),
         text: out.text,
@@ -137,7 +137,7 @@ impl ChatJob {
 
     /// Tell the run registry the run ended.
     fn ended(&self, out: &RunOutcome) {
-        self.gw.runs.finish(summary(&self.gw, &self.run, self.accepted_at, out.clone()));
+        self.gw.runs().finish(summary(&self.gw, &self.run, self.accepted_at, out.clone()));
     }
 
     /// The connection closes after this answer: the client asked, or the gateway is draining
@@ -155,7 +155,7 @@ impl ChatJob {
     /// A non-streaming run: the full response bytes, or `None` when the client went away.
     pub fn run_buffered(&self) -> Option<Response> {
         let created = crate::util::now_secs();
-        let out = execute(&self.gw.agents[self.run.agent], &self.gw.sessions, &self.run, &self.cancel, &mut ());
+        let out = execute(&self.gw.agents()[self.run.agent], self.gw.sessions(), &self.run, &self.cancel, &mut ());
         self.ended(&out);
         let mut resp = match &out.error {
             None => Response::json(
@@ -196,9 +196,9 @@ impl ChatJob {
             batching: false,
             started: Instant::now(),
             last_write: Instant::now(),
-            keepalive: self.gw.config.gateway.keepalive,
+            keepalive: self.gw.config().gateway.keepalive,
         };
-        let out = execute(&self.gw.agents[self.run.agent], &self.gw.sessions, &self.run, &self.cancel, &mut sink);
+        let out = execute(&self.gw.agents()[self.run.agent], self.gw.sessions(), &self.run, &self.cancel, &mut sink);
         self.ended(&out);
         if sink.dead || (out.error == Some(RunError::Cancelled) && self.gone()) {
             return false;
@@ -221,7 +221,7 @@ impl ChatJob {
                 }
                 self.status.set(resp.status);
                 let close = self.http10 || self.closing();
-                resp.encode(&mut sink.out, self.head_only, close);
+                resp.encode(&mut sink.out, &super::http_date(), self.head_only, close);
                 sink.write_out() && !close
             }
             Some(e) => {
@@ -260,7 +260,7 @@ impl SseSink<'_> {
         self.head_sent = true;
         self.job.status.set(200);
         let out = &mut self.out;
-        push_status_line(out, 200);
+        push_status_line(out, 200, &super::http_date());
         push_header(out, "Content-Type", b"text/event-stream; charset=utf-8");
         push_header(out, "Cache-Control", b"no-cache");
         push_header(out, "X-Accel-Buffering", b"no");
@@ -304,7 +304,7 @@ impl SseSink<'_> {
         if self.out.is_empty() {
             return true;
         }
-        let stall = self.job.gw.config.gateway.stall_timeout;
+        let stall = self.job.gw.config().gateway.stall_timeout;
         let ok = write_bounded(self.sock, &self.out, Instant::now() + WRITE_TIMEOUT, stall, &mut self.timeout);
         if ok {
             self.job.written.set(self.job.written.get() + self.out.len() as u64);

@@ -7,7 +7,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use sha1::{Digest, Sha1};
 
-use crate::http::head::{BodyFraming, Head};
+use crate::http::framing::Framing;
+use crate::http::head::Head;
+use crate::http::response::push_header;
 
 /// The GUID appended to the key (RFC 6455 §1.3).
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -68,7 +70,7 @@ pub fn validate(head: &Head) -> Result<&str, HandshakeError> {
     if !head.connection_upgrade {
         return Err(HandshakeError::Connection);
     }
-    if !matches!(head.body, None | Some(BodyFraming::None)) {
+    if !matches!(head.body, None | Some(Framing::None)) {
         return Err(HandshakeError::Body);
     }
     if head.ws_version.as_deref() != Some("13") {
@@ -87,10 +89,11 @@ impl std::error::Error for HandshakeError {}
 pub fn accept(head: &Head) -> Result<Vec<u8>, HandshakeError> {
     let key = validate(head)?;
     let mut out = Vec::with_capacity(160);
-    out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n");
-    out.extend_from_slice(b"Sec-WebSocket-Accept: ");
-    out.extend_from_slice(accept_key(key).as_bytes());
-    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n");
+    push_header(&mut out, "Upgrade", b"websocket");
+    push_header(&mut out, "Connection", b"Upgrade");
+    push_header(&mut out, "Sec-WebSocket-Accept", accept_key(key).as_bytes());
+    out.extend_from_slice(b"\r\n");
     Ok(out)
 }
 

@@ -19,8 +19,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use super::upstream::{self, BaseUrl, BodyDecoder, Framing, ResponseHead, Stop, UpstreamError};
+use super::upstream::{self, BaseUrl, ResponseHead, Stop, UpstreamError};
 use crate::agent::{EventSink, RunControl, TICK};
+use crate::http::framing::{BodyDecoder, Framing};
 
 /// A pooled connection idle for longer than this is probed (a non-blocking peek) before reuse,
 /// so one the upstream closed a while ago is not even written to. Younger ones rely on the retry.
@@ -126,7 +127,7 @@ impl Exchange {
     pub fn read_body(&mut self, plain: &mut Vec<u8>, ctl: &RunControl, out: &mut dyn EventSink) -> Result<bool, Stop> {
         loop {
             if !self.buf.is_empty() {
-                let used = self.body.decode(&self.buf, plain)?;
+                let used = self.body.decode(&self.buf, plain).map_err(UpstreamError::Chunked)?;
                 self.buf.drain(..used);
                 if used > 0 || self.body.is_done() {
                     return Ok(!self.body.is_done());
@@ -136,7 +137,9 @@ impl Exchange {
                 return Ok(false);
             }
             if self.conn.recv(&mut self.buf, ctl, out)? == 0 {
-                self.body.eof()?;
+                if !self.body.complete_at_close() {
+                    return Err(UpstreamError::ClosedMidBody.into());
+                }
                 return Ok(false);
             }
         }
@@ -231,7 +234,7 @@ impl Client {
         let reusable = ex.head.keep_alive
             && ex.body.is_done()
             && ex.buf.is_empty()
-            && !matches!(ex.head.framing, Framing::Close)
+            && !matches!(ex.head.framing, Framing::CloseDelimited)
             && self.pool.max_idle > 0;
         if !reusable {
             return;
@@ -296,7 +299,7 @@ impl Client {
             match upstream::parse_head(&buf) {
                 Ok(Some((head, n))) => {
                     buf.drain(..n);
-                    let body = BodyDecoder::new(head.framing);
+                    let body = BodyDecoder::new(head.framing, u64::MAX);
                     return Ok(Exchange { conn, head, buf, body });
                 }
                 Ok(None) => {}
