@@ -55,6 +55,34 @@ pub struct SseDecoder {
     /// Still at the very start of the stream (BOM check pending).
     at_start: bool,
     max: usize,
+    /// Data buffers of events handed back through [`SseDecoder::recycle`], reused for the next
+    /// events so that a long stream does not allocate per record.
+    spare: Vec<String>,
+}
+
+/// Most buffers kept for reuse, and the largest one kept.
+const SPARE_COUNT: usize = 256;
+const SPARE_CAPACITY: usize = 4096;
+
+/// The index of the first CR or LF in `s`. Eight bytes at a time: a line of a token stream is a
+/// few hundred bytes, and this search runs over every byte of the stream.
+fn line_end(s: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let mut words = s.chunks_exact(8);
+    let mut at = 0;
+    for w in &mut words {
+        let v = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        // Only the lowest flagged byte is exact (a borrow can flag bytes above it), and only it
+        // is used.
+        let hit = zero_byte(v ^ (ONES * u64::from(b'\n'))) | zero_byte(v ^ (ONES * u64::from(b'\r')));
+        if hit != 0 {
+            return Some(at + (hit.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    words.remainder().iter().position(|&b| b == b'\n' || b == b'\r').map(|i| at + i)
 }
 
 impl Default for SseDecoder {
@@ -74,6 +102,7 @@ impl SseDecoder {
             after_cr: false,
             at_start: true,
             max,
+            spare: Vec::new(),
         }
     }
 
@@ -105,24 +134,29 @@ impl SseDecoder {
                 input = &input[1..];
             }
         }
-        while let Some(i) = input.iter().position(|&b| b == b'\n' || b == b'\r') {
+        while let Some(i) = line_end(input) {
             if self.line.len() + i > self.max {
                 return Err(SseError::TooLong);
             }
-            self.line.extend_from_slice(&input[..i]);
-            let cr = input[i] == b'\r';
-            input = &input[i + 1..];
-            if cr {
+            let (line, rest) = input.split_at(i);
+            input = &rest[1..];
+            if rest[0] == b'\r' {
                 match input.first() {
                     Some(b'\n') => input = &input[1..],
                     Some(_) => {}
                     None => self.after_cr = true,
                 }
             }
-            let line = std::mem::take(&mut self.line);
-            self.line_done(&line, out)?;
-            self.line = line;
-            self.line.clear();
+            if self.line.is_empty() {
+                // The whole line is in this feed: read it in place.
+                self.line_done(line, out)?;
+            } else {
+                self.line.extend_from_slice(line);
+                let line = std::mem::take(&mut self.line);
+                self.line_done(&line, out)?;
+                self.line = line;
+                self.line.clear();
+            }
         }
         if self.line.len() + input.len() > self.max {
             return Err(SseError::TooLong);
@@ -134,7 +168,8 @@ impl SseDecoder {
     fn line_done(&mut self, line: &[u8], out: &mut Vec<Event>) -> Result<(), SseError> {
         if line.is_empty() {
             if self.has_data {
-                out.push(Event { event: self.event.take(), data: std::mem::take(&mut self.data) });
+                let data = std::mem::replace(&mut self.data, self.spare.pop().unwrap_or_default());
+                out.push(Event { event: self.event.take(), data });
             }
             self.has_data = false;
             self.event = None;
@@ -165,6 +200,18 @@ impl SseDecoder {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Empty `events`, keeping their data buffers for the events to come (optional: dropping
+    /// the events is fine too, it just costs an allocation per event).
+    pub fn recycle(&mut self, events: &mut Vec<Event>) {
+        for ev in events.drain(..) {
+            let mut data = ev.data;
+            if self.spare.len() < SPARE_COUNT && data.capacity() <= SPARE_CAPACITY {
+                data.clear();
+                self.spare.push(data);
+            }
+        }
     }
 
     /// The end of the stream. A last event without its blank line is returned (the standard
@@ -249,6 +296,59 @@ mod tests {
         for (name, input, want) in cases {
             assert_eq!(decode_every_split(input), want, "{name}");
         }
+    }
+
+    #[test]
+    fn line_end_finds_the_first_cr_or_lf() {
+        let naive = |s: &[u8]| s.iter().position(|&b| b == b'\n' || b == b'\r');
+        let fillers = [b'a', 0x00, 0x01, 0x09, 0x0b, 0x0c, 0x0e, 0x8a, 0x8d, 0xff, 0x7f, 0x80];
+        for len in 0..40 {
+            for &fill in &fillers {
+                let mut s = vec![fill; len];
+                assert_eq!(line_end(&s), naive(&s), "none in {s:?}");
+                for at in 0..len {
+                    for eol in [b'\n', b'\r'] {
+                        s[at] = eol;
+                        assert_eq!(line_end(&s), Some(at), "{s:?}");
+                        // A later line end, and a borrow-prone byte just before the first.
+                        if at + 1 < len {
+                            s[at + 1] = b'\n';
+                            assert_eq!(line_end(&s), Some(at), "{s:?}");
+                            s[at + 1] = fill;
+                        }
+                        s[at] = fill;
+                    }
+                }
+            }
+        }
+        // Pseudo-random bytes, many line ends.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..2000 {
+            let s: Vec<u8> = (0..(x % 64) as usize)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    [b'\n', b'\r', x as u8, x as u8, x as u8, x as u8][(x >> 40) as usize % 6]
+                })
+                .collect();
+            assert_eq!(line_end(&s), naive(&s), "{s:?}");
+            for from in 0..s.len() {
+                assert_eq!(line_end(&s[from..]), naive(&s[from..]), "{:?}", &s[from..]);
+            }
+        }
+    }
+
+    #[test]
+    fn recycled_buffers_do_not_leak_into_later_events() {
+        let mut d = SseDecoder::default();
+        let mut out = Vec::new();
+        d.feed(b"data: a long first event\n\ndata: second\n\n", &mut out).unwrap();
+        assert_eq!(out, vec![ev(None, "a long first event"), ev(None, "second")]);
+        d.recycle(&mut out);
+        assert!(out.is_empty());
+        d.feed(b"data: x\n\ndata: y\ndata: z\n\n", &mut out).unwrap();
+        assert_eq!(out, vec![ev(None, "x"), ev(None, "y\nz")]);
     }
 
     #[test]

@@ -152,7 +152,9 @@ pub trait RunSink {
         Ok(())
     }
     /// The backend has several events at hand (records decoded from one upstream read): until
-    /// [`batch_end`](Self::batch_end) the sink may hold deltas back to write them together.
+    /// [`batch_end`](Self::batch_end) the sink may hold deltas back to write them together. A
+    /// backend whose reply ends with the batch may leave out `batch_end`: what is held then
+    /// leaves with the end of the run (or before an agent tool runs, see `tool_event`).
     fn batch_begin(&mut self) {}
     /// End of a batch: everything held back goes out now. An error means: stop with it.
     fn batch_end(&mut self) -> Result<(), RunError> {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::agent::registry::RunSummary;
 use crate::agent::run::{RunOutcome, RunRequest, execute};
-use crate::agent::tools::ToolCallPiece;
+use crate::agent::tools::{ToolCallPiece, ToolEvent};
 use crate::agent::{CancelToken, RunError, RunSink};
 use crate::gateway::Gateway;
 use crate::http::response::{LAST_CHUNK, Response, push_chunk, push_header, push_status_line};
@@ -345,6 +345,16 @@ impl RunSink for SseSink<'_> {
     fn batch_end(&mut self) -> Result<(), RunError> {
         self.batching = false;
         if self.rec.is_empty() && self.out.is_empty() { Ok(()) } else { self.send() }
+    }
+
+    fn tool_event(&mut self, _: &ToolEvent<'_>) {
+        // An agent tool may take a while: whatever a backend left held back (its last batch,
+        // when its stream ended with it) leaves before the tool runs.
+        self.batching = false;
+        if !(self.rec.is_empty() && self.out.is_empty()) {
+            // A failed write marks the sink dead; the run sees it at its next step.
+            let _ = self.send();
+        }
     }
 
     fn tool_call(&mut self, piece: &ToolCallPiece) -> Result<(), RunError> {

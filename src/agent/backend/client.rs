@@ -382,6 +382,23 @@ fn resolve(
     ctl: &RunControl,
     out: &mut dyn EventSink,
 ) -> Result<Vec<SocketAddr>, Stop> {
+    resolve_with(host, port, end, timeout, ctl, out, system_lookup)
+}
+
+fn system_lookup(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    (host, port).to_socket_addrs().map(Vec::from_iter)
+}
+
+/// [`resolve`] with the blocking lookup given (tests stand in a resolver that never answers).
+fn resolve_with(
+    host: &str,
+    port: u16,
+    end: Instant,
+    timeout: Duration,
+    ctl: &RunControl,
+    out: &mut dyn EventSink,
+    lookup: fn(&str, u16) -> io::Result<Vec<SocketAddr>>,
+) -> Result<Vec<SocketAddr>, Stop> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
@@ -390,7 +407,7 @@ fn resolve(
     std::thread::Builder::new()
         .name("gatelet-dns".into())
         .spawn(move || {
-            let _ = tx.send((name.as_str(), port).to_socket_addrs().map(Vec::from_iter));
+            let _ = tx.send(lookup(&name, port));
         })
         .map_err(UpstreamError::Resolve)?;
     loop {
@@ -751,5 +768,74 @@ impl Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         let _ = self.sock().shutdown(Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::tools::ToolCallPiece;
+    use crate::agent::{CancelToken, FinishReason, RunError, RunSink, Usage};
+
+    struct Quiet;
+    impl RunSink for Quiet {
+        fn delta(&mut self, _: &str) -> Result<(), RunError> {
+            Ok(())
+        }
+        fn tool_call(&mut self, _: &ToolCallPiece) -> Result<(), RunError> {
+            Ok(())
+        }
+    }
+    impl EventSink for Quiet {
+        fn usage(&mut self, _: Usage) {}
+        fn finish(&mut self, _: FinishReason) {}
+    }
+
+    /// A resolver that never answers (a DNS server that drops every query, with no timeout).
+    fn never(_: &str, _: u16) -> io::Result<Vec<SocketAddr>> {
+        loop {
+            std::thread::park();
+        }
+    }
+
+    /// Resolve `upstream.example` with [`never`] on a thread of its own; what it returned, or a
+    /// panic when it did not return within a generous bound (it would otherwise hang forever).
+    fn resolve_stuck(ctl: RunControl, budget: Duration) -> Result<Vec<SocketAddr>, Stop> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let end = Instant::now() + budget;
+            let _ = tx.send(resolve_with("upstream.example", 443, end, budget, &ctl, &mut Quiet, never));
+        });
+        rx.recv_timeout(Duration::from_secs(60)).expect("resolve did not give up on a silent resolver")
+    }
+
+    #[test]
+    fn a_resolver_that_never_answers_ends_with_the_connect_budget() {
+        let budget = Duration::from_millis(300);
+        let r = resolve_stuck(RunControl::new(CancelToken::new(), Duration::from_secs(3600)), budget);
+        assert!(matches!(r, Err(Stop::Upstream(UpstreamError::ConnectTimeout(t))) if t == budget), "{r:?}");
+    }
+
+    #[test]
+    fn a_resolver_that_never_answers_yields_to_cancel_and_the_run_deadline() {
+        let hour = Duration::from_secs(3600);
+        let cancel = CancelToken::new();
+        let c = cancel.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            c.cancel();
+        });
+        let r = resolve_stuck(RunControl::new(cancel, hour), hour);
+        assert!(matches!(r, Err(Stop::Run(RunError::Cancelled))), "{r:?}");
+        let r = resolve_stuck(RunControl::new(CancelToken::new(), Duration::from_millis(200)), hour);
+        assert!(matches!(r, Err(Stop::Run(RunError::Timeout))), "{r:?}");
+    }
+
+    #[test]
+    fn ip_literals_need_no_resolver() {
+        let ctl = RunControl::new(CancelToken::new(), Duration::from_secs(3600));
+        let end = Instant::now() + Duration::from_secs(3600);
+        let r = resolve_with("127.0.0.1", 8080, end, Duration::from_secs(1), &ctl, &mut Quiet, never);
+        assert_eq!(r.unwrap(), vec![SocketAddr::from(([127, 0, 0, 1], 8080))]);
     }
 }

@@ -548,12 +548,13 @@ pub fn decode_body(parts: &[&[u8]]) -> Result<Decoded, String> {
             Some(b) => dec.feed(b, &mut events),
             None => dec.finish(&mut events),
         };
-        for ev in events.drain(..) {
-            handle(&ev, &mut p, &mut sink).map_err(fail)?;
+        for ev in &events {
+            handle(ev, &mut p, &mut sink).map_err(fail)?;
             if p.done {
                 break;
             }
         }
+        dec.recycle(&mut events);
         if p.done {
             break;
         }
@@ -620,13 +621,19 @@ fn stream(client: &Client, mut ex: Exchange, ctl: &RunControl, out: &mut dyn Eve
         // The records of one read leave together, and at once: nothing waits for the next read.
         out.batch_begin();
         let mut applied = Ok(());
-        for ev in events.drain(..) {
-            applied = handle(&ev, &mut p, out);
+        for ev in &events {
+            applied = handle(ev, &mut p, out);
             if applied.is_err() || p.done {
                 break;
             }
         }
-        out.batch_end()?;
+        dec.recycle(&mut events);
+        // When `[DONE]` came with the end of the body, the run ends right here: what the sink
+        // holds leaves in one write with the end of the stream instead of two.
+        let ends_now = p.done && ex.is_done();
+        if applied.is_err() || !ends_now {
+            out.batch_end()?;
+        }
         applied?;
         if p.done {
             // Nothing after `[DONE]` matters: keep the connection when the body ends right
@@ -678,7 +685,7 @@ fn plain_content(ev: &Event) -> Option<std::borrow::Cow<'_, str>> {
     #[derive(Deserialize)]
     struct Record<'a> {
         #[serde(borrow)]
-        choices: Vec<Choice<'a>>,
+        choices: OnlyOne<Choice<'a>>,
         usage: Option<IgnoredAny>,
         error: Option<IgnoredAny>,
     }
@@ -701,7 +708,7 @@ fn plain_content(ev: &Event) -> Option<std::borrow::Cow<'_, str>> {
         return None;
     }
     let r: Record<'_> = serde_json::from_str(&ev.data).ok()?;
-    let [c] = <[Choice<'_>; 1]>::try_from(r.choices).ok()?;
+    let c = r.choices.0?;
     let plain = r.usage.is_none()
         && r.error.is_none()
         && c.index.is_none_or(|i| i == 0)
@@ -712,6 +719,31 @@ fn plain_content(ev: &Event) -> Option<std::borrow::Cow<'_, str>> {
         return None;
     }
     c.delta.content
+}
+
+/// The element of a one-element JSON array, without collecting the array (`None` for any other
+/// length).
+struct OnlyOne<T>(Option<T>);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for OnlyOne<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Seq<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Seq<T> {
+            type Value = OnlyOne<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an array")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let first = seq.next_element::<T>()?;
+                let mut more = false;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    more = true;
+                }
+                Ok(OnlyOne(first.filter(|_| !more)))
+            }
+        }
+        d.deserialize_seq(Seq(std::marker::PhantomData))
+    }
 }
 
 /// Read the rest of a body, at most `cap` bytes (best effort: a read error ends it).
