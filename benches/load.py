@@ -130,6 +130,16 @@ def proc_status(pid):
     return out
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far (all its threads, live or exited), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def sockstat_tcp():
     with open("/proc/net/sockstat") as f:
         for line in f:
@@ -272,6 +282,13 @@ def median_minmax(xs):
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
+def cpu_per(runs, key):
+    """Server CPU µs per unit (`key` of each run) over all runs, or None."""
+    n = sum(r.get(key) or 0 for r in runs)
+    cpu = sum(r.get("server_cpu_s") or 0 for r in runs)
+    return cpu * 1e6 / n if n else None
+
+
 def idle_connections(pid, port, n, raw):
     """RSS with `n` idle keep-alive connections: first just connected, then after one request each."""
     base = proc_status(pid)
@@ -383,6 +400,8 @@ def ratio(a, b):
 
 
 def kib(x):
+    if x is None:
+        return "—"
     return f"{x / 1024:.1f} MiB" if x >= 1024 else f"{x:.0f} KiB"
 
 
@@ -406,7 +425,13 @@ def main():
     ap.add_argument("--ops-off", metavar="BIN",
                     help="also run BIN (`same` = --gatelet) with the access log off and nobody scraping /metrics, "
                          "interleaved with the main gatelet, which then has its access log on and /metrics "
-                         "scraped every second; adds an on-vs-off table")
+                         "scraped every second; adds an on-vs-off table (with a third gatelet, the --gatelet "
+                         "binary with the access log off and /metrics scraped: metrics only)")
+    ap.add_argument("--ops-before", metavar="BIN",
+                    help="with --ops-off: also run BIN in the same three settings (its own access log off, "
+                         "metrics only, metrics and access log), interleaved: before/after in one run")
+    ap.add_argument("--ops-only", action="store_true",
+                    help="with --ops-off: skip nginx and the idle-connection test (only the ops table matters)")
     a = ap.parse_args()
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -466,14 +491,32 @@ def main():
 
     g, gport, gdir = start_gatelet(a.gatelet, "gatelet", True)
     res["gatelet"] = {"idle": proc_status(g.pid)}
-    off = None
+    # Extra gatelets for the ops table: (name, process, port, state dir), interleaved with the
+    # main one in every figure. `-metrics` ones are scraped but have the access log off.
+    ops_servers, scrapers = [], []
     if a.ops_off:
         off_bin = a.gatelet if a.ops_off == "same" else a.ops_off
-        off, oport, odir = start_gatelet(off_bin, "gatelet-off", False)
-        res["gatelet-off"] = {"binary": off_bin}
+        sets = [("gatelet", a.gatelet, off_bin)]
+        if a.ops_before:
+            sets.append(("before", a.ops_before, a.ops_before))
+        for label, on_bin, base_bin in sets:
+            if label != "gatelet":
+                p, port, d = start_gatelet(on_bin, label, True)
+                ops_servers.append((label, p, port, d))
+                res[label] = {"binary": on_bin}
+            p, port, d = start_gatelet(on_bin, f"{label}-metrics", False)
+            ops_servers.append((f"{label}-metrics", p, port, d))
+            res[f"{label}-metrics"] = {"binary": on_bin}
+            p, port, d = start_gatelet(base_bin, f"{label}-off", False)
+            ops_servers.append((f"{label}-off", p, port, d))
+            res[f"{label}-off"] = {"binary": base_bin}
         res["versions"]["gatelet-off"] = tool_version([off_bin, "--version"])
-        scraper = Scraper(gport)
-        scraper.start()
+        for name, _, port, _ in [("gatelet", g, gport, gdir)] + ops_servers:
+            if not name.endswith("-off"):
+                scrapers.append((name, Scraper(port)))
+        for _, sc in scrapers:
+            sc.start()
+    off = bool(ops_servers)
 
     short_body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": SHORT_MESSAGE}]},
                             separators=(",", ":")).encode()
@@ -496,7 +539,7 @@ def main():
 
     # --- nginx -----------------------------------------------------------------------------
     n = None
-    if have["nginx"]:
+    if have["nginx"] and not a.ops_only:
         nport = free_port()
         ndir = os.path.join(tmp, "nginx")
         os.makedirs(os.path.join(ndir, "www", "sse"))
@@ -544,11 +587,10 @@ http {{
         res["nginx"]["response"] = {"head_bytes": len(nhead), "body_bytes": len(nbody)}
     servers = [("gatelet", g, gport)] + ([("nginx", n, nport)] if n else [])
     idle_servers = list(servers)
-    if off:
-        servers.append(("gatelet-off", off, oport))
+    servers += [(name, p, port) for name, p, port, _ in ops_servers]
 
     # --- idle connections ------------------------------------------------------------------
-    for name, p, port in idle_servers:
+    for name, p, port in ([] if a.ops_only else idle_servers):
         print(f"[{name}] {a.idle_conns} idle connections", file=sys.stderr)
         res[name]["idle_conns"] = idle_connections(p.pid, port, a.idle_conns, chat_request(port, short_body))
 
@@ -568,7 +610,9 @@ http {{
         for rep in range(a.reps):
             for c in conns:
                 for name, p, port in servers:
+                    cpu0 = cpu_seconds(p.pid)
                     r = wrk(port, lua, c, a.duration, cli_cpu)
+                    r["server_cpu_s"] = cpu_seconds(p.pid) - cpu0
                     print(f"[{name}] rep {rep + 1}/{a.reps} c={c}: {r['rps']} req/s, non-2xx {r['non2xx']}, "
                           f"socket errors {r['socket_errors']}", file=sys.stderr)
                     runs[name][c].append(r)
@@ -577,6 +621,9 @@ http {{
                 "runs": runs[name][c],
                 "rps": median_minmax([r["rps"] for r in runs[name][c]]),
                 **{f"p{q}_ms": median_minmax([r["lat_ms"].get(q) for r in runs[name][c]]) for q in ("50", "90", "99")},
+                # Server CPU time (user + system, all threads) over all reps / requests served:
+                # steadier than req/s on a shared machine, where a neighbour can take the CPU.
+                "cpu_us_per_req": cpu_per(runs[name][c], "total"),
             } for c in conns}
 
     # --- SSE -------------------------------------------------------------------------------
@@ -584,8 +631,11 @@ http {{
         sse_reps = max(5, a.reps)  # one stream takes well under a second
         for name, p, port in servers:
             print(f"[{name}] SSE stream x{sse_reps}", file=sys.stderr)
-            if name.startswith("gatelet"):
-                runs_ = sse_curl(f"http://{HOST}:{port}/v1/chat/completions", sse_file, cli_cpu, 1 + sse_reps)[1:]
+            if name != "nginx":
+                sse_curl(f"http://{HOST}:{port}/v1/chat/completions", sse_file, cli_cpu, 1)
+                cpu0 = cpu_seconds(p.pid)
+                runs_ = sse_curl(f"http://{HOST}:{port}/v1/chat/completions", sse_file, cli_cpu, sse_reps)
+                cpu_s = cpu_seconds(p.pid) - cpu0
             else:
                 runs_ = sse_curl(f"http://{HOST}:{port}/sse/stream", None, cli_cpu, 1 + sse_reps)[1:]
             ok = [r for r in runs_ if r["code"] == 200 and r["bytes"] == len(sse_body)]
@@ -596,6 +646,8 @@ http {{
                 "ttfb_ms": median_minmax([r["ttfb_s"] * 1000 for r in ok]),
                 "failed_runs": len(runs_) - len(ok),
             }
+            if name != "nginx":
+                res[name]["sse"]["cpu_ms_per_stream"] = cpu_s * 1000 / len(runs_)
 
     # --- after load, binary size -----------------------------------------------------------
     for name, p, _ in servers:
@@ -604,13 +656,14 @@ http {{
     mach["busy_at_end_pct"] = cpu_busy(1.0)
     res["gatelet"]["log_complaints"] = log_complaints(os.path.join(gdir, "gatelet.log"), ("warn", "error"))
     if off:
-        scraper.stop()
-        res["gatelet"]["scrapes"] = {"ok": scraper.ok, "failed": scraper.failed}
-        if scraper.failed:
-            res["gatelet"].setdefault("scrape_failures", scraper.failed)
-        res["gatelet-off"]["log_complaints"] = log_complaints(os.path.join(odir, "gatelet.log"), ("warn", "error"))
-        with open(os.path.join(gdir, "gatelet.log"), "rb") as f:
-            res["gatelet"]["access_lines"] = sum(1 for ln in f if b" access method=" in ln)
+        for name, sc in scrapers:
+            sc.stop()
+            res[name]["scrapes"] = {"ok": sc.ok, "failed": sc.failed}
+        for name, _, _, d in ops_servers:
+            res[name]["log_complaints"] = log_complaints(os.path.join(d, "gatelet.log"), ("warn", "error"))
+        for name, d in [("gatelet", gdir)] + [(nm, d) for nm, _, _, d in ops_servers]:
+            with open(os.path.join(d, "gatelet.log"), "rb") as f:
+                res[name]["access_lines"] = sum(1 for ln in f if b" access method=" in ln)
     if n:
         res["nginx"]["log_complaints"] = log_complaints(os.path.join(ndir, "error.log"), ("[warn]", "[error]", "[crit]", "[alert]", "[emerg]"))
     if a.stripped:
@@ -619,6 +672,9 @@ http {{
         res["nginx"]["binary_bytes"] = os.path.getsize(have["nginx"])
 
     # --- report ----------------------------------------------------------------------------
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "latest-raw.json"), "w") as f:
+        json.dump(res, f, indent=1)  # kept even if rendering fails
     table = render(res, servers, conns, a)
     print(table)
     os.makedirs(a.out, exist_ok=True)
@@ -716,7 +772,7 @@ def render(res, servers, conns, a):
                         (f"RSS, {ic} idle conns (after one request each)", ("idle_conns", "after_one_request", "VmRSS"))):
         g, n = get(G, *path), get(N, *path)
         row(label, kib(g), kib(n) if n is not None else "—", ratio(g, n))
-    f3 = lambda x: f"{x:.2f} KiB"
+    f3 = lambda x: "—" if x is None else f"{x:.2f} KiB"
     row("RSS per idle conn (connected / after one request)",
         pair(G, ("per_conn_kib_connected", "per_conn_kib_after_request"), f3, "idle_conns"),
         pair(N, ("per_conn_kib_connected", "per_conn_kib_after_request"), f3, "idle_conns"), "—")
@@ -777,24 +833,46 @@ def render(res, servers, conns, a):
         lines.append("MISSING: " + ", ".join(res["missing"]) + " (install with apt-get install -y "
                      + " ".join(res["missing"]) + ")")
     out = ["| figure | gatelet | nginx | ratio |", "|---|---|---|---|"] + rows + [""] + lines
-    O = res.get("gatelet-off")
-    if O:
-        out += ["", "Operations overhead, same run: gatelet with the access log on (to a file) and /metrics "
-                "scraped every second (`on`) against a gatelet with the access log off and no scrapes (`off`, "
-                f"{O['binary']}).", "", "| figure | on | off | on / off |", "|---|---|---|---|"]
-        for c in conns:
-            gr, orr = get(G, "wrk", str(c), "rps"), get(O, "wrk", str(c), "rps")
-            if gr:
-                out.append(f"| non-streaming req/s, {c} conn | {fmt_spread(gr, fmt_rps)} | {fmt_spread(orr, fmt_rps)} "
-                           f"| {ratio(med(gr), med(orr))} |")
-        g, o = get(G, "sse", "records_per_s"), get(O, "sse", "records_per_s")
-        if g:
-            out.append(f"| SSE records/s | {fmt_spread(g, fmt_rps)} | {fmt_spread(o, fmt_rps)} | {ratio(med(g), med(o))} |")
-        sc = G.get("scrapes", {})
-        out.append(f"\n/metrics scrapes during the run: {sc.get('ok', 0)} ok, {sc.get('failed', 0)} failed; "
-                   f"access-log lines written: {G.get('access_lines', 0):,}")
-        if sc.get("failed"):
-            problems.append(f"{sc['failed']} /metrics scrapes failed")
+    if res.get("gatelet-off"):
+        out += ["", "Operations overhead, same run, interleaved: `off` = access log off (GATELET_LOG=warn) and "
+                "nobody scraping /metrics; `metrics` = the same but /metrics scraped every second; `m+log` = "
+                "/metrics scraped and the access log on (to a file). Counters are always compiled in. CPU = "
+                "server user+system time (all threads) over all reps / requests (or streams).", ""]
+        def r3(x, y):
+            return "—" if x is None or not y else f"{x / y:.3f}"
+
+        sets = [("gatelet", a.gatelet, a.gatelet if a.ops_off == "same" else a.ops_off)]
+        if a.ops_before:
+            sets.append(("before", a.ops_before, a.ops_before))
+        for label, on_bin, base_bin in sets:
+            L, M, O = res.get(label), res.get(f"{label}-metrics"), res.get(f"{label}-off")
+            out += [f"{label}: on/metrics {on_bin}, off {base_bin}", "",
+                    "| figure | off | metrics | m+log | metrics / off | m+log / off |", "|---|---|---|---|---|---|"]
+            for c in conns:
+                vals = [get(S, "wrk", str(c), "rps") for S in (O, M, L)]
+                if vals[2]:
+                    out.append(f"| req/s, {c} conn | " + " | ".join(fmt_spread(v, fmt_rps) for v in vals)
+                               + f" | {r3(med(vals[1]), med(vals[0]))} | {r3(med(vals[2]), med(vals[0]))} |")
+                cpu = [get(S, "wrk", str(c), "cpu_us_per_req") for S in (O, M, L)]
+                if cpu[2]:
+                    out.append(f"| CPU µs/req, {c} conn | " + " | ".join(f"{v:.2f}" if v else "—" for v in cpu)
+                               + f" | {r3(cpu[1], cpu[0])} | {r3(cpu[2], cpu[0])} |")
+            vals = [get(S, "sse", "records_per_s") for S in (O, M, L)]
+            if vals[2]:
+                out.append("| SSE records/s | " + " | ".join(fmt_spread(v, fmt_rps) for v in vals)
+                           + f" | {r3(med(vals[1]), med(vals[0]))} | {r3(med(vals[2]), med(vals[0]))} |")
+                cpu = [get(S, "sse", "cpu_ms_per_stream") for S in (O, M, L)]
+                out.append("| SSE CPU ms/stream | " + " | ".join(f"{v:.1f}" if v else "—" for v in cpu)
+                           + f" | {r3(cpu[1], cpu[0])} | {r3(cpu[2], cpu[0])} |")
+            out.append("")
+        for name in [n for n, _, _ in servers if n != "nginx"]:
+            S = res[name]
+            sc = S.get("scrapes")
+            if sc:
+                out.append(f"{name}: /metrics scrapes {sc['ok']} ok, {sc['failed']} failed; "
+                           f"access-log lines {S.get('access_lines', 0):,}")
+                if sc["failed"]:
+                    problems.append(f"{name}: {sc['failed']} /metrics scrapes failed")
     out.append("problems: " + ("none (no non-2xx responses, no socket errors, no failed streams)" if not problems
                                else "\n  - " + "\n  - ".join(problems)))
     out.append(f"command: {res['command']}")

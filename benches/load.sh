@@ -4,6 +4,10 @@
 # benches/load.py, then the WebSocket and time-to-first-token benches. Extra arguments go to
 # load.py (see `python3 benches/load.py --help`).
 #
+#   GATELET_BIN=new bash benches/load.sh --ops-off same --ops-before old --ops-only
+#       # cost of /metrics and the access log: each binary with them off, metrics only, and both,
+#       # interleaved; server CPU per request beside req/s
+#
 #   bash benches/load.sh                       # build, then bench target/release/gatelet
 #   GATELET_BIN=/path/to/gatelet bash benches/load.sh   # bench an existing binary, no build
 #
@@ -33,6 +37,9 @@ exec_cmd="${GATELET_BIN:+GATELET_BIN=$GATELET_BIN }bash benches/load.sh${*:+ $*}
 timeout --kill-after=10 600 python3 "$here/load.py" \
   --gatelet "$scratch/gatelet.stripped" --stripped "$scratch/gatelet.stripped" \
   --rev "$rev" --command "$exec_cmd" "$@"
+
+# --ops-only: only the operations-overhead table was asked for.
+for arg in "$@"; do [[ $arg == --ops-only ]] && exit 0; done
 
 # Same binary, same run: WebSocket memory and round trips, then the time to first token added by
 # the `openai` backend over calling its upstream directly.

@@ -9,8 +9,7 @@
 //! exported in `/metrics`) instead of stalling the event loop. Before that (CLI commands,
 //! tests) lines are written directly.
 
-use std::cell::RefCell;
-use std::fmt::Write as _;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -78,6 +77,12 @@ struct Queue {
 thread_local! {
     /// Per-thread scratch for building a line without allocating.
     static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
+    /// The second this thread last stamped and its `2026-01-02T03:04:05.` prefix: the date is
+    /// computed once a second, not per line.
+    static STAMP: Cell<(u64, [u8; 20])> = const { Cell::new((u64::MAX, [0; 20])) };
+    /// The last session key this thread hashed and its hash: a sticky session's turns (and a
+    /// stream's line after its run) reuse it instead of hashing per line.
+    static LAST_HASH: RefCell<(String, [u8; 12])> = const { RefCell::new((String::new(), [0; 12])) };
 }
 
 /// Set the level and format from `GATELET_LOG` / `GATELET_LOG_FORMAT` (defaults `info`, text).
@@ -255,29 +260,52 @@ fn with_line(f: impl FnOnce(&mut Vec<u8>)) {
     });
 }
 
-/// `2026-01-02T03:04:05.678Z` for now.
-fn timestamp(out: &mut String) {
-    let ms = crate::util::now_ms();
+/// Append `2026-01-02T03:04:05.678Z` for `ms` (Unix milliseconds).
+fn push_timestamp(out: &mut Vec<u8>, ms: u64) {
     let secs = ms / 1000;
-    let days = (secs / 86400) as i64;
+    let (at, mut prefix) = STAMP.get();
+    if at != secs {
+        prefix = date_prefix(secs);
+        STAMP.set((secs, prefix));
+    }
+    out.extend_from_slice(&prefix);
+    let ms = ms % 1000;
+    out.extend_from_slice(&[b'0' + (ms / 100) as u8, b'0' + (ms / 10 % 10) as u8, b'0' + (ms % 10) as u8, b'Z']);
+}
+
+/// `2026-01-02T03:04:05.` for Unix second `secs`.
+fn date_prefix(secs: u64) -> [u8; 20] {
+    let (year, month, day) = crate::util::civil_from_days((secs / 86400) as i64);
     let rem = secs % 86400;
-    let (year, month, day) = crate::util::civil_from_days(days);
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
-    );
+    let two = |n: u64| [b'0' + (n / 10 % 10) as u8, b'0' + (n % 10) as u8];
+    let y = year.clamp(0, 9999) as u64;
+    let mut p = [0u8; 20];
+    p[..4].copy_from_slice(&[
+        b'0' + (y / 1000) as u8,
+        b'0' + (y / 100 % 10) as u8,
+        b'0' + (y / 10 % 10) as u8,
+        b'0' + (y % 10) as u8,
+    ]);
+    p[4] = b'-';
+    p[5..7].copy_from_slice(&two(month.into()));
+    p[7] = b'-';
+    p[8..10].copy_from_slice(&two(day.into()));
+    p[10] = b'T';
+    p[11..13].copy_from_slice(&two(rem / 3600));
+    p[13] = b':';
+    p[14..16].copy_from_slice(&two(rem % 3600 / 60));
+    p[16] = b':';
+    p[17..19].copy_from_slice(&two(rem % 60));
+    p[19] = b'.';
+    p
 }
 
 fn json_prefix(out: &mut Vec<u8>, l: Level) {
-    let mut s = String::with_capacity(64);
-    s.push_str("{\"ts\":\"");
-    timestamp(&mut s);
-    let _ = write!(s, "\",\"level\":\"{}\"", l.as_str());
-    out.extend_from_slice(s.as_bytes());
+    out.extend_from_slice(b"{\"ts\":\"");
+    push_timestamp(out, crate::util::now_ms());
+    out.extend_from_slice(b"\",\"level\":\"");
+    out.extend_from_slice(l.as_str().as_bytes());
+    out.push(b'"');
 }
 
 fn push_json_str(out: &mut Vec<u8>, v: &str) {
@@ -294,18 +322,22 @@ fn push_clean(out: &mut Vec<u8>, v: &str) {
 
 /// Write one line.
 pub fn write(l: Level, args: std::fmt::Arguments<'_>) {
-    let msg = args.to_string();
     with_line(|s| {
         if JSON.load(Relaxed) {
             json_prefix(s, l);
             s.extend_from_slice(b",\"msg\":");
-            push_json_str(s, &msg);
+            match args.as_str() {
+                Some(msg) => push_json_str(s, msg),
+                None => push_json_str(s, &args.to_string()),
+            }
             s.push(b'}');
         } else {
+            use std::io::Write as _;
             s.extend_from_slice(b"gatelet: ");
             s.extend_from_slice(l.as_str().as_bytes());
             s.extend_from_slice(b": ");
-            s.extend_from_slice(msg.as_bytes());
+            // Formatted straight into the line; writing to a Vec cannot fail.
+            let _ = s.write_fmt(args);
         }
     });
 }
@@ -338,13 +370,54 @@ pub fn session_hash(key: &str) -> String {
     String::from_utf8_lossy(&v).into_owned()
 }
 
-fn push_session_hash(out: &mut Vec<u8>, key: &str) {
+/// SHA-256's initial state (FIPS 180-4 §5.3.3).
+const SHA256_IV: [u32; 8] =
+    [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
+
+/// The first 6 bytes of SHA-256(`key`), in lower-case hex. A key of up to 55 bytes (every
+/// generated one) is padded by hand into one block and compressed once: the generic digest's
+/// buffering and finalisation cost more than the compression itself.
+fn hash_hex(key: &str) -> [u8; 12] {
     use sha2::{Digest, Sha256};
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    for b in &Sha256::digest(key.as_bytes())[..6] {
-        out.push(HEX[(b >> 4) as usize]);
-        out.push(HEX[(b & 15) as usize]);
+    let k = key.as_bytes();
+    let mut head = [0u8; 6];
+    if k.len() <= 55 {
+        let mut block = [0u8; 64];
+        block[..k.len()].copy_from_slice(k);
+        block[k.len()] = 0x80;
+        block[56..].copy_from_slice(&(k.len() as u64 * 8).to_be_bytes());
+        let mut state = SHA256_IV;
+        sha2::block_api::compress256(&mut state, &[block]);
+        head[..4].copy_from_slice(&state[0].to_be_bytes());
+        head[4..].copy_from_slice(&state[1].to_be_bytes()[..2]);
+    } else {
+        head.copy_from_slice(&Sha256::digest(k)[..6]);
     }
+    let mut out = [0u8; 12];
+    for (i, b) in head.iter().enumerate() {
+        out[2 * i] = HEX[(b >> 4) as usize];
+        out[2 * i + 1] = HEX[(b & 15) as usize];
+    }
+    out
+}
+
+/// Append [`session_hash`] of `key`, reusing this thread's last one when the key is the same.
+fn push_session_hash(out: &mut Vec<u8>, key: &str) {
+    let cached = LAST_HASH.with(|c| {
+        let mut c = c.try_borrow_mut().ok()?;
+        if c.0 != key {
+            // Very long keys are hashed every time rather than kept.
+            if key.len() > 1024 {
+                return None;
+            }
+            c.1 = hash_hex(key);
+            c.0.clear();
+            c.0.push_str(key);
+        }
+        Some(c.1)
+    });
+    out.extend_from_slice(&cached.unwrap_or_else(|| hash_hex(key)));
 }
 
 /// `<ms>.<µs>` without going through float formatting.
@@ -367,12 +440,16 @@ pub fn access(a: &Access<'_>) {
         cut -= 1;
     }
     let path = &a.path[..cut];
-    with_line(|s| access_line(s, a, path));
+    let json = JSON.load(Relaxed);
+    with_line(|s| access_line(s, a, path, json.then(crate::util::now_ms)));
 }
 
-fn access_line(s: &mut Vec<u8>, a: &Access<'_>, path: &str) {
-    if JSON.load(Relaxed) {
-        json_prefix(s, Level::Info);
+/// The access line for `a`: JSON stamped `json_ms` when given, text otherwise.
+fn access_line(s: &mut Vec<u8>, a: &Access<'_>, path: &str, json_ms: Option<u64>) {
+    if let Some(ms) = json_ms {
+        s.extend_from_slice(b"{\"ts\":\"");
+        push_timestamp(s, ms);
+        s.extend_from_slice(b"\",\"level\":\"info\"");
         s.extend_from_slice(b",\"msg\":\"access\",\"method\":");
         push_json_str(s, a.method);
         s.extend_from_slice(b",\"path\":");
@@ -440,21 +517,112 @@ macro_rules! log {
 mod tests {
     use super::*;
 
-    #[test]
-    fn timestamps_are_rfc3339_utc() {
-        let mut s = String::new();
-        timestamp(&mut s);
-        assert_eq!(s.len(), 24, "{s}");
-        assert!(s.ends_with('Z') && s.as_bytes()[10] == b'T', "{s}");
-        assert!(s.starts_with("20"), "{s}");
+    fn stamp(ms: u64) -> String {
+        let mut v = Vec::new();
+        push_timestamp(&mut v, ms);
+        String::from_utf8(v).unwrap()
     }
 
     #[test]
-    fn session_hash_is_short_and_stable() {
-        assert_eq!(session_hash("agent:main:x"), session_hash("agent:main:x"));
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(stamp(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(stamp(951_782_400_007), "2000-02-29T00:00:00.007Z");
+        assert_eq!(stamp(1_798_761_599_999), "2026-12-31T23:59:59.999Z");
+        let now = crate::util::now_ms();
+        let s = stamp(now);
+        assert_eq!(s.len(), 24, "{s}");
+        assert!(s.ends_with('Z') && s.as_bytes()[10] == b'T' && s.starts_with("20"), "{s}");
+    }
+
+    #[test]
+    fn the_per_second_date_is_recomputed_when_the_second_changes() {
+        // Same second (cached prefix), next second, next day, and back: each must match the
+        // stamp computed without the cache.
+        for ms in [86_399_000, 86_399_998, 86_400_000, 86_399_500, 1_798_761_600_000, 1_798_761_599_001] {
+            let fresh = {
+                let mut v = date_prefix(ms / 1000).to_vec();
+                v.extend_from_slice(format!("{:03}Z", ms % 1000).as_bytes());
+                String::from_utf8(v).unwrap()
+            };
+            assert_eq!(stamp(ms), fresh);
+        }
+        assert_eq!(stamp(86_400_000), "1970-01-02T00:00:00.000Z");
+        assert_eq!(stamp(86_399_998), "1970-01-01T23:59:59.998Z");
+    }
+
+    /// SHA-256 prefix computed here, independently of the cache.
+    fn documented_hash(key: &str) -> String {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(key.as_bytes())[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn session_hash_is_the_sha256_prefix_with_or_without_the_cache() {
+        // The FIPS 180-2 "abc" vector: SHA-256 = ba7816bf8f01cfea…
+        assert_eq!(session_hash("abc"), "ba7816bf8f01");
+        assert_eq!(documented_hash("abc"), "ba7816bf8f01");
+        // Repeated (cache hit), alternating (miss each time), empty and over-long keys.
+        let long = "k".repeat(5000);
+        for key in ["agent:main:x", "agent:main:x", "agent:main:y", "agent:main:x", "", &long, &long, "agent:main:y"] {
+            assert_eq!(session_hash(key), documented_hash(key), "{key:.20}");
+        }
         assert_ne!(session_hash("agent:main:x"), session_hash("agent:main:y"));
         assert_eq!(session_hash("k").len(), 12);
-        assert!(session_hash("k").bytes().all(|b| b.is_ascii_hexdigit()));
+        // Every length around the one-block limit (55 bytes) and past two blocks.
+        for n in 0..=140 {
+            let key: String = (0..n).map(|i| char::from(b'a' + (i * 7 % 26) as u8)).collect();
+            assert_eq!(session_hash(&key), documented_hash(&key), "length {n}");
+        }
+    }
+
+    fn line(a: &Access<'_>, json_ms: Option<u64>) -> String {
+        let mut v = Vec::new();
+        access_line(&mut v, a, a.path, json_ms);
+        String::from_utf8(v).unwrap()
+    }
+
+    #[test]
+    fn access_lines_keep_their_documented_format() {
+        let full = Access {
+            method: "POST",
+            path: "/v1/chat/completions",
+            status: 200,
+            bytes: 1234,
+            duration: Duration::from_micros(12_345),
+            agent: Some("main"),
+            session_key: Some("abc"),
+            request_id: Some("chatcmpl-1"),
+        };
+        assert_eq!(
+            line(&full, None),
+            "gatelet: info: access method=POST path=/v1/chat/completions status=200 bytes=1234 \
+             duration_ms=12.345 agent=main session=ba7816bf8f01 request_id=chatcmpl-1"
+        );
+        assert_eq!(
+            line(&full, Some(1_798_761_599_999)),
+            "{\"ts\":\"2026-12-31T23:59:59.999Z\",\"level\":\"info\",\"msg\":\"access\",\"method\":\"POST\",\
+             \"path\":\"/v1/chat/completions\",\"status\":200,\"bytes\":1234,\"duration_ms\":12.345,\"agent\":\"main\",\
+             \"session\":\"ba7816bf8f01\",\"request_id\":\"chatcmpl-1\"}"
+        );
+        let bare = Access {
+            method: "-",
+            path: "/a \"b\"\n",
+            status: 400,
+            bytes: 0,
+            duration: Duration::ZERO,
+            agent: None,
+            session_key: None,
+            request_id: None,
+        };
+        assert_eq!(
+            line(&bare, None),
+            "gatelet: info: access method=- path=/a?\"b\"? status=400 bytes=0 duration_ms=0.000 agent=- session=- \
+             request_id=-"
+        );
+        let j: serde_json::Value = serde_json::from_str(&line(&bare, Some(0))).unwrap();
+        assert_eq!(j["ts"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(j["path"], "/a \"b\"\n");
+        assert!(j["agent"].is_null() && j["session"].is_null() && j["request_id"].is_null(), "{j}");
     }
 
     #[test]

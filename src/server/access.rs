@@ -17,10 +17,9 @@ pub struct Pending {
     pub start: Instant,
     /// Its `/metrics` route.
     pub route: RouteLabel,
-    /// Method and path (empty when the access log is off: nothing to copy then).
-    pub method: String,
-    /// Path without the query.
-    pub path: String,
+    /// Method, a space and the path without the query, in one allocation (empty when the
+    /// access log is off: nothing to copy then).
+    target: String,
     /// The agent, once resolved.
     pub agent: Option<String>,
     /// The session key, once resolved.
@@ -32,12 +31,18 @@ pub struct Pending {
 impl Pending {
     /// A record for `head`, started at `start`.
     pub fn new(head: &Head, start: Instant) -> Self {
-        let log = crate::log::access_enabled();
+        let mut target = String::new();
+        if crate::log::access_enabled() {
+            let path = head.path();
+            target.reserve_exact(head.method.len() + 1 + path.len());
+            target.push_str(&head.method);
+            target.push(' ');
+            target.push_str(path);
+        }
         Pending {
             start,
             route: super::handler::route_label(head),
-            method: if log { head.method.clone() } else { String::new() },
-            path: if log { head.path().to_string() } else { String::new() },
+            target,
             agent: None,
             session_key: None,
             request_id: None,
@@ -48,9 +53,11 @@ impl Pending {
     pub fn finish(&self, status: u16, bytes: u64) {
         metrics::request(self.route, status);
         if crate::log::access_enabled() {
+            // A method has no space; a record started while the log was off has no target.
+            let (method, path) = self.target.split_once(' ').unwrap_or(("-", "-"));
             crate::log::access(&crate::log::Access {
-                method: &self.method,
-                path: &self.path,
+                method,
+                path,
                 status,
                 bytes,
                 duration: self.start.elapsed(),
@@ -75,8 +82,7 @@ pub fn immediate(head: Option<&Head>, start: Instant, status: u16, bytes: u64, r
             let p = Pending {
                 start,
                 route: RouteLabel::Other,
-                method: "-".into(),
-                path: "-".into(),
+                target: String::new(),
                 agent: None,
                 session_key: None,
                 request_id: None,
