@@ -171,6 +171,12 @@ impl RunSink for () {
     }
 }
 
+/// `()` drops usage and the finish reason too: for callers that want neither events nor report.
+impl EventSink for () {
+    fn usage(&mut self, _: Usage) {}
+    fn finish(&mut self, _: FinishReason) {}
+}
+
 /// A cancel flag that sleeping backends can wait on.
 #[derive(Clone, Default)]
 pub struct CancelToken(Arc<CancelInner>);

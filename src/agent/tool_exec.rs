@@ -187,26 +187,9 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::RunSink;
-    use crate::agent::tools::ToolCallPiece;
-    use crate::agent::{CancelToken, FinishReason, Usage};
+    use crate::agent::CancelToken;
     use crate::config::CommandBackendConfig;
     use std::collections::BTreeMap;
-
-    struct Quiet;
-    impl RunSink for Quiet {
-        fn delta(&mut self, _: &str) -> Result<(), RunError> {
-            Ok(())
-        }
-        fn tool_call(&mut self, _: &ToolCallPiece) -> Result<(), RunError> {
-            Ok(())
-        }
-    }
-
-    impl EventSink for Quiet {
-        fn usage(&mut self, _: Usage) {}
-        fn finish(&mut self, _: FinishReason) {}
-    }
 
     fn tool(script: &str, timeout: u64) -> AgentToolConfig {
         AgentToolConfig {
@@ -228,22 +211,22 @@ mod tests {
 
     #[test]
     fn arguments_in_result_out() {
-        let r = run(&tool("read -r a; echo \"got $a\"", 10), "{\"x\":1}", &ctl(), &mut Quiet).unwrap();
+        let r = run(&tool("read -r a; echo \"got $a\"", 10), "{\"x\":1}", &ctl(), &mut ()).unwrap();
         assert_eq!(r, Ok("got {\"x\":1}".to_string()));
     }
 
     #[test]
     fn failure_reports_status_and_stderr() {
-        let r = run(&tool("echo bad input >&2; exit 4", 10), "{}", &ctl(), &mut Quiet).unwrap();
+        let r = run(&tool("echo bad input >&2; exit 4", 10), "{}", &ctl(), &mut ()).unwrap();
         assert_eq!(r, Err("tool t exited with status 4; stderr: bad input".to_string()));
         let mut t = tool("", 10);
         t.command.argv = vec!["/nonexistent/tool".into()];
-        assert!(run(&t, "{}", &ctl(), &mut Quiet).unwrap().unwrap_err().contains("could not start"));
+        assert!(run(&t, "{}", &ctl(), &mut ()).unwrap().unwrap_err().contains("could not start"));
     }
 
     #[test]
     fn output_is_capped() {
-        let r = run(&tool("head -c 200000 /dev/zero | tr '\\0' x", 10), "{}", &ctl(), &mut Quiet).unwrap().unwrap();
+        let r = run(&tool("head -c 200000 /dev/zero | tr '\\0' x", 10), "{}", &ctl(), &mut ()).unwrap().unwrap();
         assert!(r.starts_with(&"x".repeat(MAX_RESULT)));
         assert!(r.ends_with("[output truncated at 65536 bytes]"), "{}", &r[r.len() - 50..]);
     }
@@ -253,6 +236,6 @@ mod tests {
         let c = CancelToken::new();
         c.cancel();
         let ctl = RunControl::new(c, Duration::from_secs(60));
-        assert_eq!(run(&tool("sleep 30", 10), "{}", &ctl, &mut Quiet), Err(RunError::Cancelled));
+        assert_eq!(run(&tool("sleep 30", 10), "{}", &ctl, &mut ()), Err(RunError::Cancelled));
     }
 }

@@ -317,7 +317,7 @@ impl Client {
     fn connect(&self, ctl: &RunControl, out: &mut dyn EventSink) -> Result<Conn, Stop> {
         let end = Instant::now() + self.opts.connect_timeout;
         let timeout = self.opts.connect_timeout;
-        let addrs = resolve(&self.url.host, self.url.port, end, timeout, ctl, out)?;
+        let addrs = resolve(&self.url.host, self.url.port, end, timeout, ctl, out, system_lookup)?;
         let mut last_err = None;
         let mut sock = None;
         for addr in addrs {
@@ -370,27 +370,17 @@ fn is_stale(e: &Stop) -> bool {
     }
 }
 
-/// The addresses of `host`, without letting a resolver that hangs hold the run: names (not IP
-/// literals) are resolved on a short-lived helper thread while this one waits in [`TICK`] steps,
-/// giving up at `end` (the connect budget), on cancel or at the run's deadline. A resolver that
-/// never answers leaves its helper thread behind until the system resolver gives up.
-fn resolve(
-    host: &str,
-    port: u16,
-    end: Instant,
-    timeout: Duration,
-    ctl: &RunControl,
-    out: &mut dyn EventSink,
-) -> Result<Vec<SocketAddr>, Stop> {
-    resolve_with(host, port, end, timeout, ctl, out, system_lookup)
-}
-
+/// The system's blocking name lookup (what [`resolve`] is given outside tests).
 fn system_lookup(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     (host, port).to_socket_addrs().map(Vec::from_iter)
 }
 
-/// [`resolve`] with the blocking lookup given (tests stand in a resolver that never answers).
-fn resolve_with(
+/// The addresses of `host`, without letting a resolver that hangs hold the run: names (not IP
+/// literals) are looked up with `lookup` on a short-lived helper thread while this one waits in
+/// [`TICK`] steps, giving up at `end` (the connect budget), on cancel or at the run's deadline. A
+/// resolver that never answers leaves its helper thread behind until the system resolver gives
+/// up. The lookup is a parameter so that tests can stand in a resolver that never answers.
+fn resolve(
     host: &str,
     port: u16,
     end: Instant,
@@ -774,22 +764,7 @@ impl Drop for Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::tools::ToolCallPiece;
-    use crate::agent::{CancelToken, FinishReason, RunError, RunSink, Usage};
-
-    struct Quiet;
-    impl RunSink for Quiet {
-        fn delta(&mut self, _: &str) -> Result<(), RunError> {
-            Ok(())
-        }
-        fn tool_call(&mut self, _: &ToolCallPiece) -> Result<(), RunError> {
-            Ok(())
-        }
-    }
-    impl EventSink for Quiet {
-        fn usage(&mut self, _: Usage) {}
-        fn finish(&mut self, _: FinishReason) {}
-    }
+    use crate::agent::{CancelToken, RunError};
 
     /// A resolver that never answers (a DNS server that drops every query, with no timeout).
     fn never(_: &str, _: u16) -> io::Result<Vec<SocketAddr>> {
@@ -804,7 +779,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let end = Instant::now() + budget;
-            let _ = tx.send(resolve_with("upstream.example", 443, end, budget, &ctl, &mut Quiet, never));
+            let _ = tx.send(resolve("upstream.example", 443, end, budget, &ctl, &mut (), never));
         });
         rx.recv_timeout(Duration::from_secs(60)).expect("resolve did not give up on a silent resolver")
     }
@@ -835,7 +810,7 @@ mod tests {
     fn ip_literals_need_no_resolver() {
         let ctl = RunControl::new(CancelToken::new(), Duration::from_secs(3600));
         let end = Instant::now() + Duration::from_secs(3600);
-        let r = resolve_with("127.0.0.1", 8080, end, Duration::from_secs(1), &ctl, &mut Quiet, never);
+        let r = resolve("127.0.0.1", 8080, end, Duration::from_secs(1), &ctl, &mut (), never);
         assert_eq!(r.unwrap(), vec![SocketAddr::from(([127, 0, 0, 1], 8080))]);
     }
 }
