@@ -403,9 +403,10 @@ fn client_disconnect_closes_the_upstream_and_frees_the_worker() {
     drop(s);
     let closed = up.wait_hangup(Duration::from_secs(10)).expect("upstream connection closed after the client left");
     assert!(closed.duration_since(t) < Duration::from_secs(5), "{:?}", closed.duration_since(t));
-    // The only worker is free again.
-    let r = gw.one(&chat_request(PLAIN_BODY));
-    assert_eq!(r.json()["choices"][0]["message"]["content"], "fast");
+    // The only worker is free again. Its place is given back just after it let go of the
+    // upstream (and a run's place counts until its worker is back), so a 503 may come first.
+    let r = gw.one_when_free(&chat_request(PLAIN_BODY));
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "fast", "{}", r.text());
 }
 
 #[test]

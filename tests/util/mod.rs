@@ -139,6 +139,20 @@ impl Gateway {
         read_response(&mut s).expect("a response")
     }
 
+    /// [`one`](Self::one) once a run's place is free again: a finished run's place is given back
+    /// just after its answer reaches the client, so a request sent at once may still get 503.
+    /// Gives up (returning the 503) after 30 s.
+    pub fn one_when_free(&self, req: &[u8]) -> Resp {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = self.one(req);
+            if r.status != 503 || Instant::now() > end {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stop the process with SIGTERM (a drain) and wait for it to exit.
     pub fn terminate(&mut self) {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
