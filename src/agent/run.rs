@@ -65,6 +65,20 @@ pub struct RunOutcome {
     pub error: Option<RunError>,
 }
 
+impl RunOutcome {
+    /// A run that produced nothing (yet): no text, no calls, no usage; `error` says why, if it
+    /// never ran.
+    pub fn nothing(error: Option<RunError>) -> Self {
+        RunOutcome {
+            text: String::new(),
+            tool_calls: Vec::new(),
+            usage: Usage::default(),
+            finish: FinishReason::Stop,
+            error,
+        }
+    }
+}
+
 /// Sits between the backend and the surface's sink for one backend call (a step): keeps the
 /// text and the calls, forwards text and the pieces of calls to the client's tools (numbered
 /// among themselves), and holds back the pieces of calls to the agent's own tools.

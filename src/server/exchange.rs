@@ -210,18 +210,7 @@ struct Stage {
 impl Stage {
     fn run(self) {
         let Stage { notifier, slot, id, stream, mut job } = self;
-        let summary = stream::summary(
-            &job.gw,
-            &job.run,
-            job.accepted_at,
-            crate::agent::run::RunOutcome {
-                text: String::new(),
-                tool_calls: Vec::new(),
-                usage: Default::default(),
-                finish: crate::agent::FinishReason::Stop,
-                error: None,
-            },
-        );
+        let summary = stream::summary(&job.gw, &job.run, job.accepted_at, crate::agent::run::RunOutcome::nothing(None));
         let info = RunInfo {
             agent: Some(summary.agent_id.clone()),
             session_key: Some(job.run.session_key.clone()),
@@ -253,13 +242,7 @@ impl Stage {
                 &job.gw,
                 &job.run,
                 job.accepted_at,
-                crate::agent::run::RunOutcome {
-                    text: String::new(),
-                    tool_calls: Vec::new(),
-                    usage: Default::default(),
-                    finish: crate::agent::FinishReason::Stop,
-                    error: Some(crate::agent::RunError::Cancelled),
-                },
+                crate::agent::run::RunOutcome::nothing(Some(crate::agent::RunError::Cancelled)),
             ));
             return;
         };
