@@ -39,12 +39,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-def rss_kib(pid):
+def rss_kib(pid, field="VmRSS"):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def mem(pid):
+    """RSS, its anonymous part (heap, stacks: what the process holds) and its file-backed part
+    (the binary's and libraries' pages, which the kernel can drop and read again), KiB; threads."""
+    return {k: rss_kib(pid, k) for k in ("VmRSS", "RssAnon", "RssFile", "Threads")}
 
 
 def mask_frame(opcode, payload, fin=True):
@@ -204,6 +210,7 @@ def main():
     ap.add_argument("--conns", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--smaps", help="write the gateway's /proc/PID/smaps here after clients left")
     ap.add_argument("--bin", default=os.environ.get("GATELET_BIN", str(ROOT / "target" / "release" / "gatelet")))
     a = ap.parse_args()
     if not Path(a.bin).exists():
@@ -217,7 +224,8 @@ def main():
         gw = start_gateway(a.bin, port, state)
         try:
             time.sleep(0.3)
-            rss0 = rss_kib(gw.pid)
+            m0 = mem(gw.pid)
+            rss0 = m0["VmRSS"]
             t0 = time.perf_counter()
             conns = [Conn(port).connect() for _ in range(a.conns)]
             open_s = time.perf_counter() - t0
@@ -228,12 +236,17 @@ def main():
             c = Conn(port).connect()
             seq_rps, seq_n = round_trips(c, a.seconds, 1)
             win_rps, win_n = round_trips(c, a.seconds, a.window)
-            rss2 = rss_kib(gw.pid)
+            m2 = mem(gw.pid)
+            rss2 = m2["VmRSS"]
             for x in conns + [c]:
                 x.s.close()
             # After the section: every client gone, and past the loop's 5 s shrink of idle buffers.
             time.sleep(6)
-            rss3 = rss_kib(gw.pid)
+            m3 = mem(gw.pid)
+            rss3 = m3["VmRSS"]
+            if a.smaps:
+                with open(f"/proc/{gw.pid}/smaps") as src, open(a.smaps, "w") as dst:
+                    dst.write(src.read())
         finally:
             gw.terminate()
             try:
@@ -250,6 +263,10 @@ def main():
     print(f"  agent round trips, {a.window} in flight:  {win_rps:,.0f}/s ({win_n} runs)")
     print(f"  RSS after the runs:               {rss2 / 1024:.1f} MiB")
     print(f"  RSS 6 s after every client left:  {rss3 / 1024:.1f} MiB ({(rss3 - rss0) / 1024:+.1f} MiB from idle)")
+    for name, m in (("idle", m0), ("after runs", m2), ("clients left", m3)):
+        print(f"    {name + ':':14} anon {m['RssAnon'] / 1024:.1f} MiB, file {m['RssFile'] / 1024:.1f} MiB, "
+              f"{m['Threads']} threads")
+    print(f"  anonymous RSS 6 s after every client left: {(m3['RssAnon'] - m0['RssAnon']) / 1024:+.1f} MiB from idle")
     result = {
         "bench": "ws",
         "machine": machine,
@@ -262,6 +279,11 @@ def main():
         "window": a.window,
         "rss_after_runs_kib": rss2,
         "rss_after_close_kib": rss3,
+        "anon_idle_kib": m0["RssAnon"],
+        "anon_after_close_kib": m3["RssAnon"],
+        "file_idle_kib": m0["RssFile"],
+        "file_after_close_kib": m3["RssFile"],
+        "threads_after_close": m3["Threads"],
     }
     print("RESULT " + json.dumps(result))
 

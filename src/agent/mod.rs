@@ -74,6 +74,16 @@ pub struct RunInput {
     pub messages: Vec<ChatMessage>,
     /// Sampling options.
     pub options: RunOptions,
+    /// Words in `system_prompt` and the messages' contents ([`count_words`]), counted once by
+    /// the run path for backends that report word-count usage.
+    pub prompt_words: u64,
+}
+
+impl RunInput {
+    /// Words in a system prompt and messages: [`RunInput::prompt_words`] for them.
+    pub fn count_prompt_words(system_prompt: &str, messages: &[ChatMessage]) -> u64 {
+        count_words(system_prompt) + messages.iter().map(|m| count_words(&m.content)).sum::<u64>()
+    }
 }
 
 /// Why a run finished normally.
@@ -297,6 +307,67 @@ pub trait Backend: Send + Sync + fmt::Debug {
 }
 
 /// Counts whitespace-separated words: the token estimate used by `echo` and as a fallback.
+///
+/// The same count as `s.split_whitespace().count()` (Unicode whitespace), a byte at a time over
+/// ASCII runs: prompts can be tens of MiB, and this runs once per run on a worker.
 pub fn count_words(s: &str) -> u64 {
-    s.split_whitespace().count() as u64
+    const BLOCK: usize = 16;
+    let b = s.as_bytes();
+    let mut words = 0u64;
+    let mut prev_ws = true;
+    let mut i = 0;
+    while i < b.len() {
+        if let Some(block) = b.get(i..i + BLOCK)
+            && block.is_ascii()
+        {
+            for &c in block {
+                let ws = c.is_ascii_whitespace() || c == 0x0b;
+                words += u64::from(prev_ws & !ws);
+                prev_ws = ws;
+            }
+            i += BLOCK;
+            continue;
+        }
+        // One character: a short tail or a non-ASCII one (`i` is always on a char boundary).
+        let c = s[i..].chars().next().unwrap_or(' ');
+        let ws = c.is_whitespace();
+        words += u64::from(prev_ws & !ws);
+        prev_ws = ws;
+        i += c.len_utf8();
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_count_matches_split_whitespace() {
+        let ws = [" ", "\t", "\n", "\r", "\u{b}", "\u{c}", "\u{85}", "\u{a0}", "\u{2028}", "\u{3000}", "\u{1c}"];
+        let words = ["a", "héllo", "x", "日本", "\u{200b}", "longer-word-than-a-block", "🙂"];
+        let mut cases: Vec<String> = vec![String::new(), " ".into(), "one".into(), "a  b ".into()];
+        // A deterministic mix that puts ASCII blocks, non-ASCII characters and every kind of
+        // whitespace on both sides of the 16-byte blocks.
+        let mut x = 12345u64;
+        for len in [5, 17, 40, 300] {
+            for _ in 0..50 {
+                let mut s = String::new();
+                for _ in 0..len {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let pick = (x >> 33) as usize;
+                    if pick.is_multiple_of(3) {
+                        s.push_str(ws[pick / 3 % ws.len()]);
+                    } else {
+                        s.push_str(words[pick / 3 % words.len()]);
+                    }
+                }
+                cases.push(s);
+            }
+        }
+        cases.push("x".repeat(1000) + " y");
+        for s in &cases {
+            assert_eq!(count_words(s), s.split_whitespace().count() as u64, "{s:?}");
+        }
+    }
 }

@@ -5,9 +5,12 @@
 //! one at a time per key, in arrival order; a job waiting for its session does not hold a worker.
 //!
 //! Runs mostly wait (on an upstream, a child process or a slow client), so the pool is sized for
-//! concurrency rather than cores: a few threads start with the pool, more start when work is
-//! queued and none is idle (up to `workers`), and those extra threads exit after a while without
-//! work. An address may be limited to a number of admitted runs so that one client cannot hold
+//! concurrency rather than cores: a few threads start with the pool, more start (up to `workers`)
+//! when a queued job has waited [`GRACE`] with no thread free to take it and no thread has
+//! finished a job meanwhile (all are blocked or busy with long work), and those extra threads
+//! exit after a while without work. Threads that keep finishing jobs drain a burst of short runs
+//! by themselves, even when they are slow only because the CPU is busy: more threads would then
+//! only add switching, and every thread started keeps an allocator arena after it exits. An address may be limited to a number of admitted runs so that one client cannot hold
 //! every worker.
 
 use std::collections::{HashMap, VecDeque};
@@ -16,7 +19,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 type Work = Box<dyn FnOnce() + Send + 'static>;
 
@@ -30,10 +33,17 @@ thread_local! {
 const CORE_THREADS: usize = 4;
 /// An extra thread with no work for this long exits.
 const IDLE_EXIT: Duration = Duration::from_secs(30);
+/// How long a queued job waits for a thread to come free before another thread is started for
+/// it: far below what a person or an upstream notices, longer than a short run takes.
+pub const GRACE: Duration = Duration::from_millis(5);
+/// After the system refused a thread, the next attempt waits this long.
+const SPAWN_RETRY: Duration = Duration::from_millis(100);
 
 struct Job {
     session: Option<String>,
     ip: Option<IpAddr>,
+    /// When the job became ready to run.
+    queued: Instant,
     work: Work,
 }
 
@@ -46,15 +56,31 @@ struct State {
     pending: usize,
     /// Jobs being executed.
     running: usize,
-    /// Worker threads alive, and how many of them wait for work.
+    /// Worker threads alive, how many of them wait for work, and how many have been started and
+    /// not yet looked for work.
     threads: usize,
     idle: usize,
+    starting: usize,
+    /// When a worker last finished a job (or the pool started).
+    last_done: Option<Instant>,
     /// Admitted, unfinished runs per client address.
     per_ip: HashMap<IpAddr, usize>,
     shutdown: bool,
 }
 
 impl State {
+    /// When another thread should start: once the oldest ready job that no free or starting
+    /// thread will take has waited its grace and no worker has finished a job for as long, if
+    /// there is such a job and room for another thread.
+    fn spawn_due(&self, workers: usize, grace: Duration) -> Option<Instant> {
+        if self.shutdown || self.threads >= workers {
+            return None;
+        }
+        let covered = self.idle + self.starting;
+        let oldest = self.ready.iter().skip(covered).map(|j| j.queued).min()?;
+        Some(self.last_done.map_or(oldest, |d| d.max(oldest)) + grace)
+    }
+
     fn release_ip(&mut self, ip: Option<IpAddr>) {
         let Some(ip) = ip else { return };
         if let Some(n) = self.per_ip.get_mut(&ip) {
@@ -72,7 +98,10 @@ impl State {
 struct Shared {
     state: Mutex<State>,
     cv: Condvar,
+    /// Wakes the thread that starts workers for jobs that waited too long.
+    spawner: Condvar,
     workers: usize,
+    grace: Duration,
     /// Changed by a config reload.
     max_queued: AtomicUsize,
     /// Changed by a config reload.
@@ -114,18 +143,24 @@ impl std::fmt::Debug for Admission {
     }
 }
 
-fn spawn(shared: &Arc<Shared>, s: &mut State) {
+/// Start a worker; false when the system refused a thread.
+fn spawn(shared: &Arc<Shared>, s: &mut State) -> bool {
     let sh = shared.clone();
     let spawned = std::thread::Builder::new().name("gatelet-worker".into()).spawn(move || worker(&sh));
     match spawned {
         Ok(h) => {
             s.threads += 1;
+            s.starting += 1;
             let mut hs = shared.handles.lock().unwrap_or_else(|e| e.into_inner());
             hs.retain(|h| !h.is_finished());
             hs.push(h);
+            true
         }
         // Out of threads: the queued job waits for a running worker instead.
-        Err(e) => crate::log!(Warn, "could not start a worker thread: {e}"),
+        Err(e) => {
+            crate::log!(Warn, "could not start a worker thread: {e}");
+            false
+        }
     }
 }
 
@@ -133,11 +168,17 @@ impl Pool {
     /// A pool of up to `workers` threads; at most `max_queued` runs wait beyond the ones being
     /// run, and one address may have at most `max_per_ip` runs admitted (0 = no limit).
     pub fn new(workers: usize, max_queued: usize, max_per_ip: usize) -> Self {
+        Self::with_grace(workers, max_queued, max_per_ip, GRACE)
+    }
+
+    fn with_grace(workers: usize, max_queued: usize, max_per_ip: usize, grace: Duration) -> Self {
         let workers = workers.max(1);
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
+            spawner: Condvar::new(),
             workers,
+            grace,
             max_queued: AtomicUsize::new(max_queued),
             max_per_ip: AtomicUsize::new(max_per_ip),
             handles: Mutex::new(Vec::new()),
@@ -146,6 +187,14 @@ impl Pool {
             let mut s = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             for _ in 0..workers.min(CORE_THREADS) {
                 spawn(&shared, &mut s);
+            }
+        }
+        if workers > CORE_THREADS {
+            let sh = shared.clone();
+            match std::thread::Builder::new().name("gatelet-pool".into()).spawn(move || spawner(&sh)) {
+                Ok(h) => shared.handles.lock().unwrap_or_else(|e| e.into_inner()).push(h),
+                // The core threads still run every job, one after another.
+                Err(e) => crate::log!(Warn, "could not start the worker pool's spawner thread: {e}"),
             }
         }
         Pool { shared }
@@ -218,6 +267,7 @@ impl Pool {
     pub fn shutdown(&self) {
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).shutdown = true;
         self.shared.cv.notify_all();
+        self.shared.spawner.notify_all();
         let handles = std::mem::take(&mut *self.shared.handles.lock().unwrap_or_else(|e| e.into_inner()));
         for h in handles {
             let _ = h.join();
@@ -229,7 +279,7 @@ impl Admission {
     /// Queue `work`; with a `session`, it runs after earlier jobs of that session.
     pub fn submit(mut self, session: Option<String>, work: impl FnOnce() + Send + 'static) {
         self.used = true;
-        let job = Job { session, ip: self.ip, work: Box::new(work) };
+        let job = Job { session, ip: self.ip, queued: Instant::now(), work: Box::new(work) };
         let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(k) = &job.session {
             if let Some(waiting) = s.busy.get_mut(k) {
@@ -240,11 +290,12 @@ impl Admission {
             s.busy.insert(k.clone(), VecDeque::new());
         }
         s.ready.push_back(job);
-        if s.idle < s.ready.len() && s.threads < self.shared.workers && !s.shutdown {
-            spawn(&self.shared, &mut s);
-        }
+        let wait = s.spawn_due(self.shared.workers, self.shared.grace).is_some();
         drop(s);
         self.shared.cv.notify_one();
+        if wait {
+            self.shared.spawner.notify_one();
+        }
     }
 }
 
@@ -258,10 +309,38 @@ impl Drop for Admission {
     }
 }
 
+/// Starts a worker for each ready job that has waited its grace with no thread to take it (all
+/// of them busy, whether running or blocked).
+fn spawner(shared: &Arc<Shared>) {
+    let mut s = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+    while !s.shutdown {
+        s = match s.spawn_due(shared.workers, shared.grace) {
+            None => shared.spawner.wait(s).unwrap_or_else(|e| e.into_inner()),
+            Some(due) => {
+                let now = Instant::now();
+                // Refused a thread: try again a while later rather than spin.
+                let wait = if due > now {
+                    due - now
+                } else if spawn(shared, &mut s) {
+                    continue;
+                } else {
+                    SPAWN_RETRY
+                };
+                shared.spawner.wait_timeout(s, wait).unwrap_or_else(|e| e.into_inner()).0
+            }
+        };
+    }
+}
+
 fn worker(shared: &Shared) {
+    let mut started = false;
     loop {
         let job = {
             let mut s = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            if !started {
+                started = true;
+                s.starting -= 1;
+            }
             loop {
                 if let Some(job) = s.ready.pop_front() {
                     s.pending -= 1;
@@ -291,16 +370,19 @@ fn worker(shared: &Shared) {
         let ip = RUNNING.with(|r| r.take());
         let mut s = shared.state.lock().unwrap_or_else(|e| e.into_inner());
         s.running -= 1;
+        s.last_done = Some(Instant::now());
         if let Some(ip) = ip {
             s.release_ip(ip);
         }
         if let Some(k) = session {
             let next = s.busy.get_mut(&k).and_then(VecDeque::pop_front);
             match next {
-                Some(j) => {
+                Some(mut j) => {
+                    j.queued = Instant::now();
                     s.ready.push_front(j);
                     drop(s);
                     shared.cv.notify_one();
+                    shared.spawner.notify_one();
                 }
                 None => {
                     s.busy.remove(&k);
@@ -443,6 +525,68 @@ mod tests {
             started_rx.recv_timeout(Duration::from_secs(5)).expect("every job started");
         }
         assert!(pool.threads() >= 10 && pool.threads() <= 16, "{}", pool.threads());
+        drop(gate_tx);
+        pool.shutdown();
+    }
+
+    #[test]
+    fn a_burst_taken_within_the_grace_starts_no_thread() {
+        // Short jobs that the core threads take in time need no more threads.
+        let pool = Pool::with_grace(16, 64, 0, Duration::from_secs(600));
+        let (tx, rx) = mpsc::channel();
+        for i in 0..12 {
+            let tx = tx.clone();
+            pool.admit().unwrap().submit(None, move || tx.send(i).unwrap());
+        }
+        for _ in 0..12 {
+            rx.recv_timeout(Duration::from_secs(10)).expect("every job ran");
+        }
+        assert_eq!(pool.threads(), CORE_THREADS);
+        pool.shutdown();
+    }
+
+    #[test]
+    fn a_thread_waits_for_a_grace_in_which_no_worker_finished() {
+        let (t0, grace) = (Instant::now(), Duration::from_millis(5));
+        let mut s = State { threads: CORE_THREADS, ..State::default() };
+        s.ready.push_back(Job { session: None, ip: None, queued: t0, work: Box::new(|| {}) });
+        assert_eq!(s.spawn_due(8, grace), Some(t0 + grace));
+        // Workers that keep finishing jobs (busy, not blocked) put the new thread off.
+        let later = t0 + Duration::from_millis(3);
+        s.last_done = Some(later);
+        assert_eq!(s.spawn_due(8, grace), Some(later + grace));
+        // A free or starting thread will take the job; a full pool starts none.
+        s.idle = 1;
+        assert_eq!(s.spawn_due(8, grace), None);
+        s.idle = 0;
+        s.starting = 1;
+        assert_eq!(s.spawn_due(8, grace), None);
+        s.starting = 0;
+        s.threads = 8;
+        assert_eq!(s.spawn_due(8, grace), None);
+    }
+
+    #[test]
+    fn a_job_gets_a_thread_when_every_worker_is_blocked() {
+        let pool = Pool::with_grace(8, 64, 0, Duration::from_millis(20));
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let gate = Arc::new(Mutex::new(gate_rx));
+        let (started_tx, started_rx) = mpsc::channel();
+        for _ in 0..CORE_THREADS {
+            let (gate, started) = (gate.clone(), started_tx.clone());
+            pool.admit().unwrap().submit(None, move || {
+                started.send(()).unwrap();
+                let _ = gate.lock().unwrap().recv();
+            });
+        }
+        for _ in 0..CORE_THREADS {
+            started_rx.recv_timeout(Duration::from_secs(10)).expect("the core threads took the blocking jobs");
+        }
+        // Nothing else will free a thread: the spawner must start one once the grace is over.
+        let (tx, rx) = mpsc::channel();
+        pool.admit().unwrap().submit(None, move || tx.send(7).unwrap());
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).expect("the queued job ran"), 7);
+        assert_eq!(pool.threads(), CORE_THREADS + 1);
         drop(gate_tx);
         pool.shutdown();
     }

@@ -120,9 +120,11 @@ impl Finished {
     }
 }
 
+/// Boxed, so that the table holds a pointer per run: a table that churns through
+/// [`MAX_FINISHED`] runs settles at twice as many buckets, each kept small.
 enum Entry {
-    Running(Running),
-    Finished(Finished),
+    Running(Box<Running>),
+    Finished(Box<Finished>),
 }
 
 #[derive(Default)]
@@ -137,18 +139,23 @@ struct Inner {
 }
 
 impl Inner {
+    fn forget_oldest(&mut self) {
+        if let Some((_, id)) = self.finished.pop_front()
+            && let Some(Entry::Finished(f)) = self.runs.remove(&id)
+        {
+            self.reply_bytes -= f.reply_bytes();
+        }
+    }
+
     fn prune(&mut self, now: Instant) {
-        while let Some((t, id)) = self.finished.front() {
+        while let Some((t, _)) = self.finished.front() {
             if now.duration_since(*t) < RETAIN
                 && self.finished.len() <= MAX_FINISHED
                 && self.reply_bytes <= MAX_REPLY_BYTES
             {
                 break;
             }
-            if let Some(Entry::Finished(f)) = self.runs.remove(id) {
-                self.reply_bytes -= f.reply_bytes();
-            }
-            self.finished.pop_front();
+            self.forget_oldest();
         }
         while let Some((t, k)) = self.key_order.front() {
             if now.duration_since(*t) < RETAIN && self.key_order.len() <= MAX_KEYS {
@@ -254,7 +261,7 @@ impl Registry {
             cancel: cancel.clone(),
             waiters: Vec::new(),
         };
-        g.runs.insert(run_id.into(), Entry::Running(entry));
+        g.runs.insert(run_id.into(), Entry::Running(Box::new(entry)));
         Start::New
     }
 
@@ -268,7 +275,7 @@ impl Registry {
             cancel: cancel.clone(),
             waiters: Vec::new(),
         };
-        self.lock().runs.insert(run_id.into(), Entry::Running(entry));
+        self.lock().runs.insert(run_id.into(), Entry::Running(Box::new(entry)));
     }
 
     /// Forget a run that was registered but never started (the queue was full).
@@ -289,10 +296,18 @@ impl Registry {
             }
             let Some((id, Entry::Running(r))) = g.runs.remove_entry(summary.run_id.as_str()) else { return };
             if r.keep {
+                // Room first, so that the queue never grows past its bound.
+                if g.finished.len() >= MAX_FINISHED {
+                    g.forget_oldest();
+                }
                 let f = Finished::new(&summary, r.replay);
                 g.reply_bytes += f.reply_bytes();
+                // A copy made here, on the thread that finishes the run: the id the run started
+                // with was made on the event loop, where a thousand small records kept for
+                // minutes would pin the pages a burst of connections freed around them.
+                let id: Arc<str> = Arc::from(&*id);
                 g.finished.push_back((now, id.clone()));
-                g.runs.insert(id, Entry::Finished(f));
+                g.runs.insert(id, Entry::Finished(Box::new(f)));
             }
             g.prune(now);
             r.waiters
@@ -439,7 +454,16 @@ mod tests {
             r.finish(summary(&id, ""));
         }
         assert!(matches!(r.wait("r0", None), Wait::NotFound));
-        assert!(r.lock().runs.len() <= MAX_FINISHED);
+        let g = r.lock();
+        assert!(g.runs.len() <= MAX_FINISHED);
+        // Room is made before a run is added: the queue never doubles past its bound.
+        assert!(g.finished.capacity() <= MAX_FINISHED, "{}", g.finished.capacity());
+    }
+
+    #[test]
+    fn a_table_entry_is_two_words() {
+        // The table of recent runs churns at twice MAX_FINISHED buckets: keep each one small.
+        assert!(std::mem::size_of::<Entry>() <= 16, "{}", std::mem::size_of::<Entry>());
     }
 
     #[test]

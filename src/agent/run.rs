@@ -202,6 +202,8 @@ pub fn execute(
         });
         options.tools.extend(agent.cfg.tools.iter().map(AgentToolConfig::to_json));
     }
+    // Counted once here: backends that count words take it from the input.
+    let prompt_words = RunInput::count_prompt_words(&system_prompt, &messages);
     let mut input = RunInput {
         run_id: req.run_id.clone(),
         agent_id: agent.cfg.id.clone(),
@@ -209,9 +211,8 @@ pub fn execute(
         system_prompt,
         messages,
         options,
+        prompt_words,
     };
-    let prompt_words =
-        count_words(&input.system_prompt) + input.messages.iter().map(|m| count_words(&m.content)).sum::<u64>();
     let ctl = RunControl::new(cancel.clone(), req.timeout.unwrap_or(agent.cfg.timeout));
     let mut rec = Recorder {
         inner: sink,
@@ -266,6 +267,7 @@ pub fn execute(
         }
         steps += 1;
         let step = ChatMessage::assistant_calls(&rec.step_text, &calls);
+        input.prompt_words += count_words(&step.content);
         input.messages.push(step.clone());
         produced.push(step);
         let mut stopped = None;
@@ -293,6 +295,7 @@ pub fn execute(
                 }
             };
             let msg = ChatMessage::tool_result(&c.id, result);
+            input.prompt_words += count_words(&msg.content);
             input.messages.push(msg.clone());
             produced.push(msg);
         }

@@ -503,6 +503,7 @@ mod tests {
             system_prompt: "S".into(),
             messages: vec![ChatMessage::new(Role::User, "hi")],
             options: RunOptions { max_tokens: Some(3), ..Default::default() },
+            prompt_words: 0,
         }
     }
 

@@ -39,40 +39,27 @@ pub struct Echo {
 }
 
 /// Split `text` into deltas: each starts with the whitespace before its word, so that the deltas
-/// concatenate back to `text` (trailing whitespace stays on the last delta).
-pub fn split_words(text: &str) -> Vec<&str> {
-    let mut starts = Vec::new();
-    let mut seen_word = false;
-    let mut prev_ws = true;
-    for (i, c) in text.char_indices() {
-        let ws = c.is_whitespace();
-        // A new delta starts with the whitespace run that follows a word.
-        if ws && !prev_ws && seen_word {
-            starts.push(i);
+/// concatenate back to `text` (trailing whitespace stays on the last delta). Lazy: a reply of
+/// millions of words is never held as a list.
+pub fn split_words(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
         }
-        seen_word |= !ws;
-        prev_ws = ws;
-    }
-    // Trailing whitespace stays on the last word rather than forming a delta of its own.
-    if prev_ws && !starts.is_empty() {
-        starts.pop();
-    }
-    let mut out = Vec::with_capacity(starts.len() + 1);
-    let mut from = 0;
-    for s in starts {
-        out.push(&text[from..s]);
-        from = s;
-    }
-    if from < text.len() {
-        out.push(&text[from..]);
-    }
-    out
+        let word = rest.trim_start();
+        let word_end = rest.len() - word.len() + word.find(char::is_whitespace).unwrap_or(word.len());
+        // Trailing whitespace stays on the last word rather than forming a delta of its own.
+        let end = if rest[word_end..].trim_start().is_empty() { rest.len() } else { word_end };
+        let (delta, r) = rest.split_at(end);
+        rest = r;
+        Some(delta)
+    })
 }
 
 impl Backend for Echo {
     fn run(&self, input: &RunInput, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), RunError> {
-        let prompt_tokens =
-            count_words(&input.system_prompt) + input.messages.iter().map(|m| count_words(&m.content)).sum::<u64>();
+        let prompt_tokens = input.prompt_words;
         let last = input.messages.last();
         let tool_said;
         let reply = if let Some(m) = last.filter(|m| m.role == Role::Tool) {
@@ -110,10 +97,9 @@ impl Backend for Echo {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let words = split_words(reply);
         let mut sent = 0u64;
         let mut reason = FinishReason::Stop;
-        for (i, w) in words.iter().enumerate() {
+        for (i, w) in split_words(reply).enumerate() {
             if limit.is_some_and(|l| sent >= l) {
                 reason = FinishReason::Length;
                 break;
@@ -138,12 +124,20 @@ mod tests {
 
     #[test]
     fn words_keep_their_spaces() {
-        assert_eq!(split_words("hello big  world"), vec!["hello", " big", "  world"]);
-        assert_eq!(split_words("  lead trail  "), vec!["  lead", " trail  "]);
-        assert_eq!(split_words(""), Vec::<&str>::new());
-        assert_eq!(split_words("   "), vec!["   "]);
-        assert_eq!(split_words("one"), vec!["one"]);
-        assert_eq!(split_words("a\nb\tc"), vec!["a", "\nb", "\tc"]);
+        let split = |s| split_words(s).collect::<Vec<_>>();
+        assert_eq!(split("hello big  world"), vec!["hello", " big", "  world"]);
+        assert_eq!(split("  lead trail  "), vec!["  lead", " trail  "]);
+        assert_eq!(split(""), Vec::<&str>::new());
+        assert_eq!(split("   "), vec!["   "]);
+        assert_eq!(split("one"), vec!["one"]);
+        assert_eq!(split("a\nb\tc"), vec!["a", "\nb", "\tc"]);
+        assert_eq!(split("\u{3000}x\u{a0}y\u{85}"), vec!["\u{3000}x", "\u{a0}y\u{85}"]);
+        // One word per delta, and nothing lost.
+        let text = "  many  words\there,\n and\u{2028}more  ";
+        let deltas = split(text);
+        assert_eq!(deltas.concat(), text);
+        assert!(deltas.iter().all(|d| count_words(d) == 1), "{deltas:?}");
+        assert_eq!(deltas.len() as u64, count_words(text));
     }
 
     #[test]

@@ -803,6 +803,7 @@ mod tests {
                 stop: vec!["\n".into()],
                 ..Default::default()
             },
+            prompt_words: 0,
         };
         let b = request_body("m", &input);
         assert_eq!(
@@ -832,6 +833,7 @@ mod tests {
             system_prompt: String::new(),
             messages: vec![ChatMessage::new(Role::User, "hi"), asst, tool],
             options: RunOptions::default(),
+            prompt_words: 0,
         };
         let b = request_body("m", &input);
         assert_eq!(b["messages"][1], json!({"role":"assistant","content":"","tool_calls":call}));
@@ -1084,6 +1086,7 @@ mod tests {
             system_prompt: String::new(),
             messages: vec![ChatMessage::new(Role::User, "hi")],
             options: o.clone(),
+            prompt_words: 0,
         };
         let keys = |b: &Value| b.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
         assert_eq!(keys(&request_body("m", &base)), vec!["messages", "model", "stream", "stream_options"]);
@@ -1114,6 +1117,7 @@ mod tests {
             system_prompt: String::new(),
             messages: vec![user, asst],
             options: RunOptions::default(),
+            prompt_words: 0,
         };
         let b = request_body("m", &input);
         assert_eq!(b["messages"][0]["content"], parts);
