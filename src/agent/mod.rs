@@ -308,31 +308,46 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
 /// Counts whitespace-separated words: the token estimate used by `echo` and as a fallback.
 ///
-/// The same count as `s.split_whitespace().count()` (Unicode whitespace), a byte at a time over
-/// ASCII runs: prompts can be tens of MiB, and this runs once per run on a worker.
+/// The same count as `s.split_whitespace().count()` (Unicode whitespace), eight ASCII bytes at a
+/// time: prompts can be tens of MiB, and this runs once per run on a worker.
 pub fn count_words(s: &str) -> u64 {
-    const BLOCK: usize = 16;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    const LO7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const fn splat(b: u8) -> u64 {
+        u64::from_ne_bytes([b; 8])
+    }
     let b = s.as_bytes();
     let mut words = 0u64;
-    let mut prev_ws = true;
+    // Bit 7 set when the byte before the current position is whitespace (or at the start).
+    let mut prev_ws = 0x80u64;
     let mut i = 0;
     while i < b.len() {
-        if let Some(block) = b.get(i..i + BLOCK)
-            && block.is_ascii()
-        {
-            for &c in block {
-                let ws = c.is_ascii_whitespace() || c == 0x0b;
-                words += u64::from(prev_ws & !ws);
-                prev_ws = ws;
+        for chunk in b[i..].chunks_exact(8) {
+            let x = u64::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3], chunk[4], chunk[5], chunk[6], chunk[7]]);
+            if x & HI != 0 {
+                break;
             }
-            i += BLOCK;
-            continue;
+            // Per byte, bit 7 = whitespace: a space, or 0x09..=0x0d (no carries: bytes < 0x80).
+            let t = x ^ splat(b' ');
+            let space = !((((t & LO7) + LO7) | t) & HI) & HI;
+            let ge_tab = x + splat(0x80 - 0x09);
+            let ge_so = x + splat(0x80 - 0x0e);
+            let ws = space | (ge_tab & !ge_so & HI);
+            // A word starts at a non-whitespace byte after a whitespace one (little endian: the
+            // next byte is the next 8 bits up).
+            let starts = !ws & HI & ((ws << 8) | prev_ws);
+            words += u64::from(starts.count_ones());
+            prev_ws = (ws >> 56) & 0x80;
+            i += 8;
+        }
+        if i >= b.len() {
+            break;
         }
         // One character: a short tail or a non-ASCII one (`i` is always on a char boundary).
         let c = s[i..].chars().next().unwrap_or(' ');
         let ws = c.is_whitespace();
-        words += u64::from(prev_ws & !ws);
-        prev_ws = ws;
+        words += u64::from(prev_ws != 0 && !ws);
+        prev_ws = if ws { 0x80 } else { 0 };
         i += c.len_utf8();
     }
     words
