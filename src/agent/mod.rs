@@ -323,7 +323,8 @@ pub fn count_words(s: &str) -> u64 {
     let mut i = 0;
     while i < b.len() {
         for chunk in b[i..].chunks_exact(8) {
-            let x = u64::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3], chunk[4], chunk[5], chunk[6], chunk[7]]);
+            let x =
+                u64::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3], chunk[4], chunk[5], chunk[6], chunk[7]]);
             if x & HI != 0 {
                 break;
             }

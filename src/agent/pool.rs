@@ -6,11 +6,12 @@
 //!
 //! Runs mostly wait (on an upstream, a child process or a slow client), so the pool is sized for
 //! concurrency rather than cores: a few threads start with the pool, more start (up to `workers`)
-//! when a queued job has waited [`GRACE`] with no thread free to take it and no thread has
-//! finished a job meanwhile (all are blocked or busy with long work), and those extra threads
-//! exit after a while without work. Threads that keep finishing jobs drain a burst of short runs
-//! by themselves, even when they are slow only because the CPU is busy: more threads would then
-//! only add switching, and every thread started keeps an allocator arena after it exits. An address may be limited to a number of admitted runs so that one client cannot hold
+//! when a queued job has waited [`GRACE`] with no thread free to take it, no thread has finished
+//! a job meanwhile, and fewer workers are runnable than there are cores (so some are blocked, on
+//! an upstream, a child or a client), and those extra threads exit after a while without work.
+//! Threads that keep finishing jobs, or that are slow only because the CPU is busy, drain a burst
+//! by themselves: more threads would only add switching, and every thread started keeps an
+//! allocator arena after it exits. An address may be limited to a number of admitted runs so that one client cannot hold
 //! every worker.
 
 use std::collections::{HashMap, VecDeque};
@@ -61,8 +62,10 @@ struct State {
     threads: usize,
     idle: usize,
     starting: usize,
-    /// When a worker last finished a job (or the pool started).
+    /// When a worker last finished a job.
     last_done: Option<Instant>,
+    /// Kernel thread ids of the workers (where the system tells them).
+    tids: Vec<u32>,
     /// Admitted, unfinished runs per client address.
     per_ip: HashMap<IpAddr, usize>,
     shutdown: bool,
@@ -79,6 +82,14 @@ impl State {
         let covered = self.idle + self.starting;
         let oldest = self.ready.iter().skip(covered).map(|j| j.queued).min()?;
         Some(self.last_done.map_or(oldest, |d| d.max(oldest)) + grace)
+    }
+
+    /// A worker thread exits.
+    fn leave(&mut self, tid: Option<u32>) {
+        self.threads -= 1;
+        if let Some(t) = tid {
+            self.tids.retain(|&x| x != t);
+        }
     }
 
     fn release_ip(&mut self, ip: Option<IpAddr>) {
@@ -102,6 +113,8 @@ struct Shared {
     spawner: Condvar,
     workers: usize,
     grace: Duration,
+    /// CPUs this process may use.
+    cores: usize,
     /// Changed by a config reload.
     max_queued: AtomicUsize,
     /// Changed by a config reload.
@@ -168,10 +181,11 @@ impl Pool {
     /// A pool of up to `workers` threads; at most `max_queued` runs wait beyond the ones being
     /// run, and one address may have at most `max_per_ip` runs admitted (0 = no limit).
     pub fn new(workers: usize, max_queued: usize, max_per_ip: usize) -> Self {
-        Self::with_grace(workers, max_queued, max_per_ip, GRACE)
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_grace(workers, max_queued, max_per_ip, GRACE, cores)
     }
 
-    fn with_grace(workers: usize, max_queued: usize, max_per_ip: usize, grace: Duration) -> Self {
+    fn with_grace(workers: usize, max_queued: usize, max_per_ip: usize, grace: Duration, cores: usize) -> Self {
         let workers = workers.max(1);
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
@@ -179,6 +193,7 @@ impl Pool {
             spawner: Condvar::new(),
             workers,
             grace,
+            cores,
             max_queued: AtomicUsize::new(max_queued),
             max_per_ip: AtomicUsize::new(max_per_ip),
             handles: Mutex::new(Vec::new()),
@@ -309,8 +324,8 @@ impl Drop for Admission {
     }
 }
 
-/// Starts a worker for each ready job that has waited its grace with no thread to take it (all
-/// of them busy, whether running or blocked).
+/// Starts a worker for each ready job that has waited its grace with no thread to take it, while
+/// some of the busy workers are blocked rather than computing.
 fn spawner(shared: &Arc<Shared>) {
     let mut s = shared.state.lock().unwrap_or_else(|e| e.into_inner());
     while !s.shutdown {
@@ -318,13 +333,25 @@ fn spawner(shared: &Arc<Shared>) {
             None => shared.spawner.wait(s).unwrap_or_else(|e| e.into_inner()),
             Some(due) => {
                 let now = Instant::now();
-                // Refused a thread: try again a while later rather than spin.
                 let wait = if due > now {
                     due - now
-                } else if spawn(shared, &mut s) {
-                    continue;
                 } else {
-                    SPAWN_RETRY
+                    // Read outside the lock: one small procfs file per worker.
+                    let tids = s.tids.clone();
+                    drop(s);
+                    let computing = runnable(&tids);
+                    s = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                    if computing >= shared.cores {
+                        // The CPU, not waiting, holds the job up: look again after a grace.
+                        shared.grace
+                    } else if s.spawn_due(shared.workers, shared.grace).is_none_or(|d| d > Instant::now()) {
+                        continue;
+                    } else if spawn(shared, &mut s) {
+                        continue;
+                    } else {
+                        // Refused a thread: try again a while later rather than spin.
+                        SPAWN_RETRY
+                    }
                 };
                 shared.spawner.wait_timeout(s, wait).unwrap_or_else(|e| e.into_inner()).0
             }
@@ -332,14 +359,34 @@ fn spawner(shared: &Arc<Shared>) {
     }
 }
 
+/// This thread's kernel id, where `/proc` tells it.
+fn own_tid() -> Option<u32> {
+    let link = std::fs::read_link("/proc/thread-self").ok()?;
+    link.file_name()?.to_str()?.parse().ok()
+}
+
+/// How many of the threads `tids` of this process are running or waiting for a CPU (state `R`);
+/// a thread that cannot be read counts as blocked.
+fn runnable(tids: &[u32]) -> usize {
+    tids.iter()
+        .filter(|t| {
+            let stat = std::fs::read_to_string(format!("/proc/self/task/{t}/stat")).unwrap_or_default();
+            // `pid (comm) S …`: the state follows the last parenthesis.
+            stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('R'))
+        })
+        .count()
+}
+
 fn worker(shared: &Shared) {
     let mut started = false;
+    let tid = own_tid();
     loop {
         let job = {
             let mut s = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             if !started {
                 started = true;
                 s.starting -= 1;
+                s.tids.extend(tid);
             }
             loop {
                 if let Some(job) = s.ready.pop_front() {
@@ -348,7 +395,7 @@ fn worker(shared: &Shared) {
                     break job;
                 }
                 if s.shutdown {
-                    s.threads -= 1;
+                    s.leave(tid);
                     return;
                 }
                 s.idle += 1;
@@ -356,7 +403,7 @@ fn worker(shared: &Shared) {
                 s = g;
                 s.idle -= 1;
                 if t.timed_out() && s.ready.is_empty() && s.threads > CORE_THREADS.min(shared.workers) {
-                    s.threads -= 1;
+                    s.leave(tid);
                     return;
                 }
             }
@@ -532,7 +579,7 @@ mod tests {
     #[test]
     fn a_burst_taken_within_the_grace_starts_no_thread() {
         // Short jobs that the core threads take in time need no more threads.
-        let pool = Pool::with_grace(16, 64, 0, Duration::from_secs(600));
+        let pool = Pool::with_grace(16, 64, 0, Duration::from_secs(600), 2);
         let (tx, rx) = mpsc::channel();
         for i in 0..12 {
             let tx = tx.clone();
@@ -567,8 +614,35 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_os = "linux")]
+    fn workers_that_compute_get_no_more_threads() {
+        // One core here: four workers spinning keep it busy, so queued jobs wait for them.
+        let pool = Pool::with_grace(16, 64, 0, Duration::from_millis(10), 1);
+        let (tx, rx) = mpsc::channel();
+        for i in 0..CORE_THREADS {
+            let tx = tx.clone();
+            pool.admit().unwrap().submit(None, move || {
+                let end = Instant::now() + Duration::from_millis(300);
+                while Instant::now() < end {
+                    std::hint::spin_loop();
+                }
+                tx.send(i).unwrap();
+            });
+        }
+        for i in 0..4 {
+            let tx = tx.clone();
+            pool.admit().unwrap().submit(None, move || tx.send(100 + i).unwrap());
+        }
+        for _ in 0..CORE_THREADS + 4 {
+            rx.recv_timeout(Duration::from_secs(20)).expect("every job ran");
+        }
+        assert_eq!(pool.threads(), CORE_THREADS);
+        pool.shutdown();
+    }
+
+    #[test]
     fn a_job_gets_a_thread_when_every_worker_is_blocked() {
-        let pool = Pool::with_grace(8, 64, 0, Duration::from_millis(20));
+        let pool = Pool::with_grace(8, 64, 0, Duration::from_millis(20), 2);
         let (gate_tx, gate_rx) = mpsc::channel::<()>();
         let gate = Arc::new(Mutex::new(gate_rx));
         let (started_tx, started_rx) = mpsc::channel();
