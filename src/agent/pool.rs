@@ -344,9 +344,10 @@ fn spawner(shared: &Arc<Shared>) {
                     if computing >= shared.cores {
                         // The CPU, not waiting, holds the job up: look again after a grace.
                         shared.grace
-                    } else if s.spawn_due(shared.workers, shared.grace).is_none_or(|d| d > Instant::now()) {
-                        continue;
-                    } else if spawn(shared, &mut s) {
+                    } else if s.spawn_due(shared.workers, shared.grace).is_none_or(|d| d > Instant::now())
+                        || spawn(shared, &mut s)
+                    {
+                        // Not due any more (taken meanwhile), or started: look again.
                         continue;
                     } else {
                         // Refused a thread: try again a while later rather than spin.
