@@ -1142,7 +1142,7 @@ fn finish_exchange(conn: &mut Conn, close: bool, gw: &Gateway) {
 /// Parse and act on whatever complete requests are buffered, in order.
 fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
     if let Some(s) = &mut conn.ws {
-        let n = s.on_bytes(&conn.rbuf, &mut conn.wbuf, ctx.gw, conn.peer.ip());
+        let n = s.on_bytes(&conn.rbuf, &mut conn.wbuf);
         conn.rbuf.drain(..n);
         if s.is_closed() {
             conn.ws_closed(Instant::now());
@@ -1239,7 +1239,8 @@ fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Box<Head>) {
                 let notifier = ctx.notifier.for_connection();
                 let outbox = Arc::new(outbox::ConnOutbox { notifier: notifier.clone(), slot: ctx.slot, id: conn.id });
                 conn.notifier = Some(notifier);
-                conn.ws = Some(Box::new(rpc::Session::new(outbox, conn.id, Instant::now(), &mut conn.wbuf)));
+                let (gw, ip, now) = (ctx.gw.clone(), conn.peer.ip(), Instant::now());
+                conn.ws = Some(Box::new(rpc::Session::new(outbox, gw, ip, conn.id, now, &mut conn.wbuf)));
             }
             Err(e) => {
                 let resp = ApiError::from(e).response();
