@@ -59,6 +59,7 @@ pub(crate) fn handle(lane: &Arc<Lane>, item: Item) {
             let reason = "the first message must be a connect request".into();
             lane.outbox.post(Outgoing::Close { res: None, code: close::POLICY, reason });
         }
+        Item::Mark => lane.outbox.post(Outgoing::Drained),
         Item::Connect(text) => match protocol::parse_request(&text) {
             Ok(req) => connect(req, &ctx),
             Err(e) => {

@@ -45,13 +45,16 @@ pub(crate) enum Item {
         /// Whether the connection had authenticated.
         open: bool,
     },
+    /// The connection is closing: answered with [`Outgoing::Drained`] once everything before it
+    /// has been, so that its close frame follows their answers.
+    Mark,
 }
 
 impl Item {
     fn len(&self) -> usize {
         match self {
             Item::Connect(t) | Item::Request(t) => t.len(),
-            Item::Binary { .. } => 0,
+            Item::Binary { .. } | Item::Mark => 0,
         }
     }
 }
@@ -123,12 +126,13 @@ impl Lane {
         full
     }
 
-    /// Queue `item` (loop side) and make sure a worker will take it.
-    pub fn push(self: &Arc<Self>, item: Item) {
+    /// Queue `item` (loop side) and make sure a worker will take it; false when the
+    /// connection is already closing (nothing is taken then).
+    pub fn push(self: &Arc<Self>, item: Item) -> bool {
         let schedule = {
             let mut s = self.lock();
             if s.closed {
-                return;
+                return false;
             }
             s.queued_bytes += item.len();
             s.queue.push_back(item);
@@ -137,6 +141,7 @@ impl Lane {
         if schedule {
             pool().schedule(self.clone());
         }
+        true
     }
 
     /// The connection is closing: drop what is queued and pending, cancel its runs.

@@ -62,6 +62,9 @@ pub enum Outgoing {
         /// Close reason.
         reason: String,
     },
+    /// Every message decoded before the connection started closing has been answered: its
+    /// close frame may go now.
+    Drained,
     /// Room again in the connection's request queue, or a new `agent.wait` deadline: read on
     /// and re-arm the timer.
     Wake,
@@ -75,7 +78,7 @@ impl Outgoing {
             Outgoing::Res(t) | Outgoing::Connected { hello: t } => t.len(),
             Outgoing::Event { payload, .. } => payload.len(),
             Outgoing::Close { res, .. } => res.as_ref().map_or(64, String::len),
-            Outgoing::RunEnded { .. } | Outgoing::Wake => 64,
+            Outgoing::RunEnded { .. } | Outgoing::Wake | Outgoing::Drained => 64,
         }
     }
 }

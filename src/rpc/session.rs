@@ -76,6 +76,10 @@ pub struct Session {
     /// A message whose answer decides what comes next (`connect`, a binary message) is with the
     /// workers: nothing further is decoded until it is answered.
     held: bool,
+    /// The close frame for a connection that failed or that the peer closed while requests
+    /// before it were still with the workers: sent after their answers
+    /// ([`Outgoing::Drained`]), as it would have been had they been answered at once.
+    close_after: Option<Vec<u8>>,
 }
 
 impl Drop for Session {
@@ -107,6 +111,7 @@ impl Session {
             deadline: now + HANDSHAKE_TIMEOUT,
             next_tick: None,
             held: false,
+            close_after: None,
         };
         let payload = json!({ "nonce": challenge_nonce(), "ts": now_ms() });
         s.event(out, "connect.challenge", &payload.to_string());
@@ -119,28 +124,37 @@ impl Session {
     pub fn on_bytes(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
         let now = Instant::now();
         let mut pos = 0;
-        while pos < input.len() && out.len() < PAUSE_OUTPUT && !self.conn.is_closed() && !self.held && !self.lane.full()
+        // Once closing, only the peer's close frame matters and it is always taken.
+        while pos < input.len()
+            && out.len() < PAUSE_OUTPUT
+            && !self.conn.is_closed()
+            && self.close_after.is_none()
+            && (!self.conn.is_open() || !self.held && !self.lane.full())
         {
+            let mark = out.len();
             let (n, ev) = self.conn.feed(&input[pos..], now, out);
             pos += n;
             let Some(ev) = ev else { break };
             match ev {
                 Incoming::Ping | Incoming::Pong => {}
-                Incoming::Closed(_) => self.lane.close(),
-                Incoming::Failed { reason, .. } => {
-                    crate::log!(Debug, "ws #{}: failing connection: {reason}", self.lane.conn_id);
-                    self.lane.close();
+                Incoming::Closed(_) | Incoming::Failed { .. } => {
+                    if let Incoming::Failed { reason, .. } = ev {
+                        crate::log!(Debug, "ws #{}: failing connection: {reason}", self.lane.conn_id);
+                    }
+                    // The close frame waits for the answers to what came before it (a worker
+                    // may have posted them without the loop having taken them yet).
+                    if self.lane.push(Item::Mark) {
+                        self.close_after = Some(out.split_off(mark));
+                    }
                 }
                 Incoming::Binary(_) => {
                     // Answered with a close after the requests before it.
-                    self.held = true;
-                    self.lane.push(Item::Binary { open: self.state == State::Open });
+                    self.held = self.lane.push(Item::Binary { open: self.state == State::Open });
                 }
-                Incoming::Text(t) if self.state == State::Open => self.lane.push(Item::Request(t)),
-                Incoming::Text(t) => {
-                    self.held = true;
-                    self.lane.push(Item::Connect(t));
+                Incoming::Text(t) if self.state == State::Open => {
+                    self.lane.push(Item::Request(t));
                 }
+                Incoming::Text(t) => self.held = self.lane.push(Item::Connect(t)),
             }
         }
         if self.conn.is_closed() { input.len() } else { pos }
@@ -155,9 +169,16 @@ impl Session {
             }
             // The loop reads on and re-arms the timer after any message.
             Outgoing::Wake => return,
+            Outgoing::Drained => {
+                if let Some(c) = self.close_after.take() {
+                    out.extend_from_slice(&c);
+                }
+                self.lane.close();
+                return;
+            }
             Outgoing::Close { res, code, reason } => {
                 self.held = false;
-                if self.conn.is_open() {
+                if self.answering() {
                     if let Some(r) = res {
                         send_text(out, &r);
                     }
@@ -167,7 +188,7 @@ impl Session {
             }
             Outgoing::Connected { hello } => {
                 self.held = false;
-                if self.state == State::AwaitConnect && self.conn.is_open() {
+                if self.state == State::AwaitConnect && self.answering() {
                     self.state = State::Open;
                     self.conn.set_max_message(MAX_PAYLOAD);
                     self.next_tick = Some(Instant::now() + TICK_INTERVAL);
@@ -177,7 +198,7 @@ impl Session {
             }
             Outgoing::Res(_) | Outgoing::Event { .. } => {}
         }
-        if self.state != State::Open || !self.conn.is_open() {
+        if self.state != State::Open || !self.answering() {
             return;
         }
         if out.len() > MAX_BUFFERED {
@@ -234,6 +255,7 @@ impl Session {
     /// The peer went away: abort this connection's runs.
     pub fn on_eof(&mut self) {
         self.conn.on_eof();
+        self.close_after = None;
         self.lane.close();
     }
 
@@ -248,7 +270,13 @@ impl Session {
 
     /// Whether the connection should close once `out` is flushed.
     pub fn is_closed(&self) -> bool {
-        self.conn.is_closed()
+        self.conn.is_closed() && self.close_after.is_none()
+    }
+
+    /// Whether answers may still be sent: the connection is open, or closing once the answers
+    /// to what came before its close have been.
+    fn answering(&self) -> bool {
+        self.conn.is_open() || self.close_after.is_some()
     }
 
     fn event(&mut self, out: &mut Vec<u8>, name: &str, payload: &str) {
@@ -259,6 +287,10 @@ impl Session {
     /// Send a close frame and wait (briefly) for the peer's; queued requests are dropped and
     /// runs aborted now.
     fn fail(&mut self, out: &mut Vec<u8>, code: u16, reason: &str, now: Instant) {
+        // A close frame already waiting goes now, and this one is not sent.
+        if let Some(c) = self.close_after.take() {
+            out.extend_from_slice(&c);
+        }
         self.conn.close(out, code, reason, now);
         self.lane.close();
     }
