@@ -211,7 +211,9 @@ fn start_run(req: &Request, run: RunRequest, kind: Kind, idem: Option<String>, c
             gw.runs().forget(&run.run_id);
             let msg = match refused {
                 Refused::Full => "the gateway is overloaded: the run queue is full".to_string(),
-                Refused::PerIp(n) => format!("too many concurrent runs from this address (gateway.maxRunsPerIp is {n})"),
+                Refused::PerIp(n) => {
+                    format!("too many concurrent runs from this address (gateway.maxRunsPerIp is {n})")
+                }
             };
             let e = ErrorShape::new(ErrorCode::Unavailable, msg)
                 .with_details(json!({ "retryable": true, "retryAfterMs": 1000 }));
@@ -467,4 +469,3 @@ fn sessions_change(gw: &Gateway, p: &Value, delete: bool) -> Result<Value, Error
     }
     Err(ErrorShape::new(ErrorCode::NotFound, format!("no session {given}")))
 }
-

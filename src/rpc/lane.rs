@@ -180,7 +180,11 @@ impl Lane {
             // waiting for an answer that never comes.
             let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| super::handler::handle(self, item)));
             if handled.is_err() {
-                crate::log!(Error, "internal error while handling a request on ws #{}; connection closed", self.conn_id);
+                crate::log!(
+                    Error,
+                    "internal error while handling a request on ws #{}; connection closed",
+                    self.conn_id
+                );
                 let reason = "internal error".to_string();
                 self.outbox.post(Outgoing::Close { res: None, code: crate::ws::frame::close::INTERNAL, reason });
             }
@@ -201,8 +205,11 @@ struct Pool {
 fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
     static START: Once = Once::new();
-    let p: &'static Pool =
-        POOL.get_or_init(|| Pool { ready: Mutex::new(VecDeque::new()), cv: Condvar::new(), threads: AtomicUsize::new(0) });
+    let p: &'static Pool = POOL.get_or_init(|| Pool {
+        ready: Mutex::new(VecDeque::new()),
+        cv: Condvar::new(),
+        threads: AtomicUsize::new(0),
+    });
     START.call_once(|| {
         let want = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, MAX_THREADS);
         let started = (0..want)

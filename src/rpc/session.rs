@@ -229,7 +229,8 @@ impl Session {
                 }
                 let expired: Vec<_> = {
                     let mut s = self.lane.lock();
-                    let (due, keep) = std::mem::take(&mut s.waits).into_iter().partition(|w| w.deadline.is_some_and(|d| now >= d));
+                    let (due, keep) =
+                        std::mem::take(&mut s.waits).into_iter().partition(|w| w.deadline.is_some_and(|d| now >= d));
                     s.waits = keep;
                     due
                 };
@@ -366,7 +367,12 @@ mod tests {
     /// the workers post, and "writes" its output. Returns the `res` frames' ids in the order
     /// they were sent, once `want` have been, and the largest number of bytes the session took
     /// from one call.
-    fn play(s: &mut Session, rx: &std::sync::mpsc::Receiver<Outgoing>, input: &[u8], want: usize) -> (Vec<String>, usize) {
+    fn play(
+        s: &mut Session,
+        rx: &std::sync::mpsc::Receiver<Outgoing>,
+        input: &[u8],
+        want: usize,
+    ) -> (Vec<String>, usize) {
         let (mut pos, mut ids, mut most, mut out) = (0, Vec::new(), 0, Vec::new());
         loop {
             let n = s.on_bytes(&input[pos..], &mut out);
