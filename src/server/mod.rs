@@ -244,6 +244,12 @@ struct Conn {
     /// The deadline this connection is filed under in the loop's timers.
     timer: Option<Instant>,
     eof: bool,
+    /// The kernel may hold bytes not read yet. A read that returns less than it asked for has
+    /// emptied the receive queue, and anything arriving later raises a new (edge-triggered)
+    /// readiness event: until then another read would only return `WouldBlock`.
+    readable: bool,
+    /// A readiness event said the peer closed its side: read on to the end, however short a read.
+    read_closed: bool,
     cancel: Option<CancelToken>,
     /// Counts this connection in `gatelet_open_connections`.
     gauge: crate::metrics::ConnGauge,
@@ -511,7 +517,7 @@ impl Server {
                         while matches!(self.hup.read(&mut b), Ok(n) if n > 0) {}
                         self.reload();
                     }
-                    Token(t) => self.on_event(t - 2, ev.is_read_closed() || ev.is_error()),
+                    Token(t) => self.on_event(t - 2, ev.is_readable(), ev.is_read_closed() || ev.is_error()),
                 }
             }
             // Bounded per turn, like reads and accepts, so that sockets keep getting turns.
@@ -631,6 +637,8 @@ impl Server {
                         ws: None,
                         timer: None,
                         eof: false,
+                        readable: true,
+                        read_closed: false,
                         cancel: None,
                         gauge: crate::metrics::ConnGauge::open(),
                         access: None,
@@ -709,8 +717,10 @@ impl Server {
             .map(|(_, i)| i)
     }
 
-    fn on_event(&mut self, slot: usize, hangup: bool) {
+    fn on_event(&mut self, slot: usize, readable: bool, hangup: bool) {
         let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
+        conn.readable |= readable || hangup;
+        conn.read_closed |= hangup;
         if conn.state() == State::Lent {
             if hangup {
                 conn.cancel_run();
@@ -738,6 +748,7 @@ impl Server {
             let mut ctx = Ctx { gw: &gw, bodies: &self.bodies, slot, notifier: &self.notifier };
             while let Some(stream) = conn.stream.as_mut() {
                 let reading = !conn.eof
+                    && conn.readable
                     && conn.http.state() != State::Closing
                     && conn.wbuf.len() < WRITE_CAP
                     && (conn.rbuf.len() < READ_CAP || conn.http.reading_request());
@@ -745,10 +756,12 @@ impl Server {
                 if reading {
                     // A body of declared length is read straight into place (nothing buffered
                     // may come before it); up to what is left of this turn's budget.
+                    let mut asked = self.scratch.len();
                     let read = match conn.rbuf.is_empty() {
-                        true => conn
-                            .http
-                            .read_body_in_place(READ_BUDGET.saturating_sub(taken), Instant::now(), |b| stream.read(b)),
+                        true => conn.http.read_body_in_place(READ_BUDGET.saturating_sub(taken), Instant::now(), |b| {
+                            asked = b.len();
+                            stream.read(b)
+                        }),
                         false => None,
                     };
                     let in_place = read.is_some();
@@ -758,10 +771,12 @@ impl Server {
                             if !in_place {
                                 conn.rbuf.extend_from_slice(&self.scratch[..n]);
                             }
+                            // Drained: skip the read that would only say `WouldBlock`.
+                            conn.readable = n == asked || conn.read_closed;
                             progressed = true;
                             taken += n;
                         }
-                        Err(e) if would_block(&e) => {}
+                        Err(e) if would_block(&e) => conn.readable = false,
                         Err(e) if interrupted(&e) => progressed = true,
                         Err(_) => conn.eof = true,
                     }
