@@ -253,11 +253,20 @@ impl Session {
         connect.into_iter().chain(self.next_tick).chain(waits).min()
     }
 
-    /// The peer went away: abort this connection's runs.
+    /// The peer has sent everything it will: nothing more is read. Requests it sent before are
+    /// still answered (and a close frame it sent, echoed after them); then the connection is
+    /// closed ([`Session::is_closed`]) and its runs aborted. Called again while that happens,
+    /// it does nothing more.
     pub fn on_eof(&mut self) {
+        if self.conn.is_closed() && self.close_after.is_none() {
+            self.lane.close();
+            return;
+        }
+        let closing = !self.conn.is_open();
         self.conn.on_eof();
-        self.close_after = None;
-        self.lane.close();
+        if self.close_after.is_none() && !closing && self.lane.push(Item::Mark) {
+            self.close_after = Some(Vec::new());
+        }
     }
 
     /// The gateway is stopping: queue the `shutdown` event and a 1001 close.
@@ -431,6 +440,33 @@ mod tests {
         assert_eq!(ids, want, "answers in request order");
         assert!(most < input.len() / 4, "the loop holds back while the lane is full (took {most} bytes at once)");
         assert_eq!(protocol::PARSED_HERE.with(|n| n.get()), before, "a request was parsed on the loop's thread");
+    }
+
+    #[test]
+    fn requests_before_the_end_of_input_are_answered_then_the_connection_closes() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut out = Vec::new();
+        let mut s = session(Arc::new(Chan(std::sync::Mutex::new(tx))), Instant::now(), &mut out);
+        let connect = client_text(CONNECT);
+        assert_eq!(play(&mut s, &rx, &connect, 1).0, ["c"]);
+        let mut input = Vec::new();
+        for id in ["a", "b", "c2"] {
+            input.extend(client_text(&format!(r#"{{"type":"req","id":"{id}","method":"health"}}"#)));
+        }
+        out.clear();
+        assert_eq!(s.on_bytes(&input, &mut out), input.len());
+        s.on_eof();
+        s.on_eof();
+        assert!(!s.is_closed(), "closed before its requests were answered");
+        while !s.is_closed() {
+            let msg = rx.recv_timeout(Duration::from_secs(120)).expect("the request workers never answered");
+            s.outgoing(msg, &mut out);
+        }
+        let ids: Vec<String> = frames(&out)
+            .iter()
+            .map(|(_, p)| serde_json::from_slice::<Value>(p).unwrap()["id"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(ids, ["a", "b", "c2"]);
     }
 
     #[test]

@@ -803,8 +803,11 @@ impl Server {
             let held = conn.wbuf.len() >= WRITE_CAP;
             if conn.eof {
                 if let Some(s) = &mut conn.ws {
+                    // Requests that came before the end are still answered.
                     s.on_eof();
-                    conn.ws_closed(Instant::now());
+                    if s.is_closed() {
+                        conn.ws_closed(Instant::now());
+                    }
                 } else {
                     match conn.state() {
                         State::Running => conn.cancel_run(),
