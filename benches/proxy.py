@@ -93,6 +93,7 @@ def upstream_bodies():
 
 WRK = {
     "rps": re.compile(r"^Requests/sec:\s+([\d.]+)", re.M),
+    "n": re.compile(r"(\d+) requests in"),
     "non2xx": re.compile(r"Non-2xx or 3xx responses:\s+(\d+)"),
     "sockerr": re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"),
 }
@@ -104,6 +105,8 @@ def wrk(url, lua, conns, duration, cpu):
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30).stdout
     m = WRK["rps"].search(out)
     r = {"rps": float(m.group(1)) if m else None, "lat": {}, "problems": []}
+    m = WRK["n"].search(out)
+    r["n"] = int(m.group(1)) if m else 0
     m = WRK["non2xx"].search(out)
     if m:
         r["problems"].append(f"{m.group(1)} non-2xx")
@@ -115,6 +118,15 @@ def wrk(url, lua, conns, duration, cpu):
     if r["rps"] is None:
         r["problems"].append("no result: " + out[-300:])
     return r
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of process `pid` (all its threads), from /proc."""
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def lua_file(tmp, name, body, auth):
@@ -175,7 +187,7 @@ http {{
 """)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     nlog = open(os.path.join(tmp, "nginx.out"), "w")
-    start(pin(srv_cpu) + [nginx, "-c", nginx_conf, "-e", f"{tmp}/nginx-error.log"], os.environ, nlog, up_port)
+    nginx_proc = start(pin(srv_cpu) + [nginx, "-c", nginx_conf, "-e", f"{tmp}/nginx-error.log"], os.environ, nlog, up_port)
 
     cfg = os.path.join(tmp, "gatelet.json5")
     with open(cfg, "w") as f:
@@ -191,7 +203,7 @@ http {{
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATELET_")}
     env.update(GATELET_STATE_DIR=tmp, GATELET_LOG="warn")
     glog = open(os.path.join(tmp, "gatelet.log"), "w")
-    start(pin(srv_cpu) + [a.bin, "gateway", "--config", cfg, "--port", str(gw_port)], env, glog, gw_port)
+    gatelet_proc = start(pin(srv_cpu) + [a.bin, "gateway", "--config", cfg, "--port", str(gw_port)], env, glog, gw_port)
 
     msgs = [{"role": "user", "content": "hello from the proxy bench"}]
     plain = lua_file(tmp, "plain", json.dumps({"model": "json", "messages": msgs}), False)
@@ -219,7 +231,15 @@ http {{
         order = [("d", d), ("g", g)] if i % 2 == 0 else [("g", g), ("d", d)]
         res = {}
         for k, (url, lua) in order:
+            before = [cpu_seconds(p.pid) for p in (nginx_proc, gatelet_proc)]
             res[k] = wrk(url, lua, conns, a.duration, cli_cpu)
+            after = [cpu_seconds(p.pid) for p in (nginx_proc, gatelet_proc)]
+            # CPU per request of each server: steadier than req/s on a shared machine, and it
+            # says where the time goes (the upstream's own share against gatelet's).
+            res[k]["cpu_us"] = [
+                (y - x) * 1e6 / res[k]["n"] if None not in (x, y) and res[k]["n"] else None
+                for x, y in zip(before, after)
+            ]
             problems += [f"{name} {'direct' if k == 'd' else 'gatelet'}: {p}" for p in res[k]["problems"]]
         rows.append((name, unit, res["d"], res["g"]))
 
@@ -234,6 +254,11 @@ http {{
     for name, unit, d, g in rows:
         ratio = f"{g['rps'] / d['rps']:.2f}×" if d["rps"] and g["rps"] else "–"
         print(f"| {name} | {cell(d, unit)} | {cell(g, unit)} | {ratio} |")
+    print()
+    print("CPU per request (µs, user + system, from /proc): | cell | nginx, direct | nginx, via gatelet | gatelet |")
+    us = lambda v: f"{v:.1f}" if v is not None else "–"
+    for name, unit, d, g in rows:
+        print(f"| {name} | {us(d['cpu_us'][0])} | {us(g['cpu_us'][0])} | {us(g['cpu_us'][1])} |")
     print()
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else []
     print(f"machine: {platform.platform()}, {os.cpu_count()} cpus, load average {' '.join(load)} at the end")

@@ -304,3 +304,19 @@ fn bodies_over_the_in_flight_budget_get_503_and_the_budget_comes_back() {
     let r = gw.one(format!("{}{small}", head(100)).as_bytes());
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+#[test]
+fn a_request_sent_with_the_end_of_input_is_answered_then_closed() {
+    let gw = Gateway::start();
+    // The request and the client's FIN usually arrive together: the gateway must still see the
+    // end after a short read, answer, and close rather than wait for the idle timeout. (A chat
+    // run's client that closes its side counts as gone: the run is cancelled, see `streaming.rs`.)
+    for _ in 0..20 {
+        let mut s = gw.connect();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let r = read_response(&mut s).expect("an answer to the request sent before the end");
+        assert_eq!(r.status, 200);
+        assert!(closed_within(&mut s, Duration::from_secs(10)), "closed after the answer");
+    }
+}

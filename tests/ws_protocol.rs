@@ -539,3 +539,32 @@ fn http_runs_are_counted_by_status_and_aborted_by_chat_abort() {
     assert!(r.text().contains("cancelled"), "{}", r.text());
     assert_eq!(ws.call("st2", "status", Value::Null)["payload"]["runs"]["active"], 0);
 }
+
+#[test]
+fn pipelined_requests_are_answered_in_order_even_when_the_client_stops_sending() {
+    let gw = Gateway::start();
+    let mut ws = Ws::connected(&gw);
+    // Parsed and answered off the event loop, one connection's requests in order: a flood,
+    // with a large request among small ones and the end of input right behind the last.
+    let pad = "x".repeat(200 * 1024);
+    let mut bytes = Vec::new();
+    let mut want = Vec::new();
+    for i in 0..400 {
+        let id = format!("r{i}");
+        let params = match i % 100 {
+            50 => json!({ "pad": pad }),
+            _ => Value::Null,
+        };
+        let method = if i % 7 == 3 { "models.list" } else { "health" };
+        bytes.extend(req_frame(&id, method, params));
+        want.push(id);
+    }
+    // Last, a large one: its answer comes well after the end of input has been read.
+    bytes.extend(req_frame("last", "health", json!({ "pad": "y".repeat(8 << 20) })));
+    want.push("last".to_string());
+    ws.send(&bytes);
+    ws.s.shutdown(std::net::Shutdown::Write).unwrap();
+    let got: Vec<String> = want.iter().map(|_| ws.next_res()["id"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(got, want);
+    assert!(ws.eof_within(Duration::from_secs(30)), "the connection is closed once they are answered");
+}

@@ -1,10 +1,16 @@
 //! The WebSocket gateway protocol (SPEC §8): the second surface beside the OpenAI HTTP one.
 //!
 //! [`protocol`] parses request frames and renders answers and events; [`session`] is one
-//! connection's state machine above the RFC 6455 connection ([`crate::ws::conn`]); [`run`] is the
-//! worker side of a run started over WebSocket. This surface reaches the event loop only through
-//! [`Outbox`], which the server implements: nothing here knows about sockets or the loop.
+//! connection's state machine on the event loop, above the RFC 6455 connection
+//! ([`crate::ws::conn`]); a connection's lane hands its text messages, in order, to the request
+//! workers (`gatelet-rpc` threads), which parse, validate, resolve and answer them; [`run`] is
+//! the worker side of a run started over WebSocket. The event loop never parses a request: it
+//! decodes frames, answers pings, runs the close handshake, enforces the limits and timers, and
+//! frames what the workers post. This surface reaches the loop only through [`Outbox`], which
+//! the server implements: nothing here knows about sockets or the loop.
 
+mod handler;
+mod lane;
 pub mod protocol;
 pub mod run;
 pub mod session;
@@ -23,10 +29,8 @@ pub trait Outbox: Send + Sync + fmt::Debug {
     fn congested(&self) -> bool;
 }
 
-use crate::agent::registry::RunSummary;
-use protocol::{FrameError, Request};
-
-/// A message from a run or a waiter (on a worker thread) to a WebSocket connection.
+/// A message from a request worker, a run or a waiter (on another thread) to a WebSocket
+/// connection.
 #[derive(Debug)]
 pub enum Outgoing {
     /// A complete `res` frame.
@@ -43,15 +47,27 @@ pub enum Outgoing {
         /// Its id.
         run_id: String,
     },
-    /// A large text message, parsed off the loop (see [`session::PARSE_OFF_LOOP`]).
-    Parsed(Box<Result<Request, FrameError>>),
-    /// A run watched by `agent.wait` (or a duplicate `agent` request) ended.
-    Waited {
-        /// Which pending wait.
-        token: u64,
-        /// How the run ended.
-        summary: Box<RunSummary>,
+    /// `connect` succeeded: open the connection and send this `hello-ok` response.
+    Connected {
+        /// The rendered response.
+        hello: String,
     },
+    /// Close the connection with `code`, after sending `res` if there is one (a refused
+    /// `connect`, a binary message).
+    Close {
+        /// A `res` frame to send first.
+        res: Option<String>,
+        /// Close code.
+        code: u16,
+        /// Close reason.
+        reason: String,
+    },
+    /// Every message decoded before the connection started closing has been answered: its
+    /// close frame may go now.
+    Drained,
+    /// Room again in the connection's request queue, or a new `agent.wait` deadline: read on
+    /// and re-arm the timer.
+    Wake,
 }
 
 impl Outgoing {
@@ -59,9 +75,10 @@ impl Outgoing {
     /// connection's outbound bound).
     pub fn wire_len(&self) -> usize {
         match self {
-            Outgoing::Res(t) => t.len(),
+            Outgoing::Res(t) | Outgoing::Connected { hello: t } => t.len(),
             Outgoing::Event { payload, .. } => payload.len(),
-            Outgoing::RunEnded { .. } | Outgoing::Waited { .. } | Outgoing::Parsed(_) => 64,
+            Outgoing::Close { res, .. } => res.as_ref().map_or(64, String::len),
+            Outgoing::RunEnded { .. } | Outgoing::Wake | Outgoing::Drained => 64,
         }
     }
 }

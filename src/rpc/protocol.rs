@@ -4,7 +4,8 @@
 //! - response `{"type":"res","id","ok","payload"|"error":{"code","message","details"}}`
 //! - event `{"type":"event","event","payload","seq"}`
 //!
-//! Parsing and rendering only; what the methods do lives in [`super::session`].
+//! Parsing and rendering only, called on the request workers and the run threads, never on the
+//! event loop; what the methods do lives in `super::handler`.
 
 use std::fmt;
 
@@ -101,8 +102,16 @@ impl fmt::Display for FrameError {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Requests parsed on this thread (tests check that the event loop's thread parses none).
+    pub(crate) static PARSED_HERE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Parse one text message as a request frame.
 pub fn parse_request(text: &str) -> Result<Request, FrameError> {
+    #[cfg(test)]
+    PARSED_HERE.with(|n| n.set(n.get() + 1));
     let err = |id: Option<String>, m: &str| FrameError { id, message: m.to_string() };
     let v: Value = serde_json::from_str(text).map_err(|e| err(None, &format!("invalid JSON: {e}")))?;
     let Value::Object(mut o) = v else { return Err(err(None, "a frame must be a JSON object")) };

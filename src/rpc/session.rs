@@ -1,26 +1,23 @@
-//! One WebSocket connection: the frame codec below, the gateway protocol (SPEC §8) above.
+//! One WebSocket connection on the event loop: the frame codec below, the gateway protocol
+//! (SPEC §8) above.
 //!
-//! Bytes in → frames out (into the loop's write buffer); runs go to the worker pool and come back
-//! as [`Outgoing`] messages through the loop. The RFC 6455 layer (pings, the close handshake,
-//! limits) is [`Conn`]; on top of it the states are: waiting for `connect` (10 s, 64 KiB
-//! messages) and open (25 MiB messages, `tick` every 30 s).
+//! Bytes in → frames out (into the loop's write buffer). The RFC 6455 layer (UTF-8 validation,
+//! pings, the close handshake, limits) is [`Conn`]; its text messages are not parsed here but
+//! handed, in order, to the connection's lane, whose request worker parses and answers them (see
+//! `rpc::lane`). What the workers and runs post comes back as [`Outgoing`] messages through the
+//! loop. On top of the codec the states are: waiting for `connect` (10 s, 64 KiB messages, one
+//! message at a time: nothing further is decoded until the worker has answered it) and open
+//! (25 MiB messages, `tick` every 30 s).
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::protocol::{self, ErrorCode, ErrorShape, FrameError, PROTOCOL, Request};
-use super::run::{Kind, Link, WsRun};
+use super::lane::{Item, Lane};
+use super::protocol;
 use super::{Outbox, Outgoing};
-use crate::agent::CancelToken;
-use crate::agent::pool::Refused;
-use crate::agent::registry::{Start, Wait};
-use crate::agent::resolve;
-use crate::agent::run::RunRequest;
-use crate::auth::AuthResult;
 use crate::gateway::Gateway;
 use crate::util::{now_ms, random_hex, secure_hex};
 use crate::ws::conn::{self, Conn, Incoming};
@@ -35,21 +32,12 @@ pub const MAX_BUFFERED: usize = 8 * 1024 * 1024;
 /// Unsent bytes above which no further client message is handled until the peer reads some:
 /// its requests and pings then wait in the socket, and TCP holds it back.
 pub const PAUSE_OUTPUT: usize = 64 * 1024;
-/// Text messages longer than this (after `connect`) are parsed on the store thread, not the
-/// event loop: a 25 MiB request would otherwise hold every connection for tens of milliseconds.
-/// The connection reads nothing further until the parsed request is back, so requests keep
-/// their order.
-pub const PARSE_OFF_LOOP: usize = 64 * 1024;
+pub use super::lane::{INBOX_BYTES, INBOX_MESSAGES};
 /// Time allowed for the `connect` request.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `tick` interval.
 pub const TICK_INTERVAL: Duration = Duration::from_secs(30);
 pub use crate::ws::conn::CLOSE_TIMEOUT;
-/// Default and largest `agent.wait` timeout.
-const WAIT_DEFAULT_MS: u64 = 30_000;
-const WAIT_MAX_MS: u64 = 600_000;
-/// Pending `agent.wait` requests per connection.
-const MAX_WAITS: usize = 256;
 
 /// Methods answered after `connect`.
 pub const METHODS: &[&str] = &[
@@ -75,57 +63,28 @@ enum State {
     Open,
 }
 
-#[derive(Debug)]
-enum WaitKind {
-    /// `agent.wait`: answer with the wait payload.
-    Wait,
-    /// A duplicate `agent` request: answer as the run's second response.
-    AgentFinal,
-}
-
-#[derive(Debug)]
-struct PendingWait {
-    token: u64,
-    req_id: String,
-    run_id: String,
-    kind: WaitKind,
-    deadline: Option<Instant>,
-}
-
-/// What a request handler needs besides the session.
-struct Ctx<'a> {
-    gw: &'a Arc<Gateway>,
-    link: &'a Link,
-    conn_id: u64,
-    ip: IpAddr,
-    now: Instant,
-}
-
 /// One WebSocket connection's protocol state.
 #[derive(Debug)]
 pub struct Session {
-    /// Where runs, waiters and the store thread post this connection's messages.
-    outbox: Link,
-    /// Connection id, for logs and `hello-ok`.
-    id: u64,
+    /// The connection's queue to the request workers, and what it shares with them.
+    lane: Arc<Lane>,
     state: State,
     conn: Conn,
     seq: u64,
     deadline: Instant,
     next_tick: Option<Instant>,
-    /// Runs this connection started that are still going: aborted when it closes.
-    runs: HashMap<String, CancelToken>,
-    waits: Vec<PendingWait>,
-    next_wait: u64,
-    /// A large message is being parsed off the loop: no further input is taken meanwhile.
-    parsing: bool,
-    /// The parsed large message, handled on the next [`Session::on_bytes`].
-    parsed: Option<Result<Request, FrameError>>,
+    /// A message whose answer decides what comes next (`connect`, a binary message) is with the
+    /// workers: nothing further is decoded until it is answered.
+    held: bool,
+    /// The close frame for a connection that failed or that the peer closed while requests
+    /// before it were still with the workers: sent after their answers
+    /// ([`Outgoing::Drained`]), as it would have been had they been answered at once.
+    close_after: Option<Vec<u8>>,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.abort_runs();
+        self.lane.close();
     }
 }
 
@@ -134,78 +93,112 @@ fn send_text(out: &mut Vec<u8>, text: &str) {
 }
 
 impl Session {
-    /// A new session for connection `id`, right after the handshake response: queues
+    /// A new session for connection `id` from `ip`, right after the handshake response: queues
     /// `connect.challenge`. Messages from other threads reach the connection through `outbox`.
-    pub fn new(outbox: Arc<dyn Outbox>, id: u64, now: Instant, out: &mut Vec<u8>) -> Self {
+    pub fn new(
+        outbox: Arc<dyn Outbox>,
+        gw: Arc<Gateway>,
+        ip: IpAddr,
+        id: u64,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Self {
         let mut s = Session {
-            outbox,
-            id,
+            lane: Arc::new(Lane::new(outbox, gw, ip, id)),
             state: State::AwaitConnect,
             conn: Conn::new(PRE_AUTH_MAX_PAYLOAD),
             seq: 0,
             deadline: now + HANDSHAKE_TIMEOUT,
             next_tick: None,
-            runs: HashMap::new(),
-            waits: Vec::new(),
-            next_wait: 0,
-            parsing: false,
-            parsed: None,
+            held: false,
+            close_after: None,
         };
         let payload = json!({ "nonce": challenge_nonce(), "ts": now_ms() });
         s.event(out, "connect.challenge", &payload.to_string());
         s
     }
 
-    /// Consume client bytes, queueing frames to send in `out`. Returns bytes consumed, which is
-    /// less than `input` while `out` holds more than [`PAUSE_OUTPUT`] bytes.
-    pub fn on_bytes(&mut self, input: &[u8], out: &mut Vec<u8>, gw: &Arc<Gateway>, ip: IpAddr) -> usize {
+    /// Consume client bytes, queueing frames to send in `out` and messages for the request
+    /// workers. Returns bytes consumed, which is less than `input` while `out` holds more than
+    /// [`PAUSE_OUTPUT`] bytes or the lane is full (see [`INBOX_BYTES`]).
+    pub fn on_bytes(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
         let now = Instant::now();
-        let link = self.outbox.clone();
-        let conn_id = self.id;
-        let mut ctx = Ctx { gw, link: &link, conn_id, ip, now };
-        if let Some(r) = self.parsed.take()
-            && self.conn.is_open()
-        {
-            self.on_request(r, out, &mut ctx);
-        }
         let mut pos = 0;
-        while pos < input.len() && out.len() < PAUSE_OUTPUT && !self.conn.is_closed() && !self.parsing {
+        // Once closing, only the peer's close frame matters and it is always taken.
+        while pos < input.len()
+            && out.len() < PAUSE_OUTPUT
+            && !self.conn.is_closed()
+            && self.close_after.is_none()
+            && (!self.conn.is_open() || !self.held && !self.lane.full())
+        {
+            let mark = out.len();
             let (n, ev) = self.conn.feed(&input[pos..], now, out);
             pos += n;
             let Some(ev) = ev else { break };
             match ev {
                 Incoming::Ping | Incoming::Pong => {}
-                Incoming::Closed(_) => self.abort_runs(),
-                Incoming::Failed { reason, .. } => {
-                    crate::log!(Debug, "ws #{conn_id}: failing connection: {reason}");
-                    self.waits.clear();
-                    self.abort_runs();
-                }
-                Incoming::Binary(_) if self.state == State::Open => {
-                    self.fail(out, close::UNSUPPORTED, "binary messages are not supported", now);
+                Incoming::Closed(_) | Incoming::Failed { .. } => {
+                    if let Incoming::Failed { reason, .. } = ev {
+                        crate::log!(Debug, "ws #{}: failing connection: {reason}", self.lane.conn_id);
+                    }
+                    // The close frame waits for the answers to what came before it (a worker
+                    // may have posted them without the loop having taken them yet).
+                    if self.lane.push(Item::Mark) {
+                        self.close_after = Some(out.split_off(mark));
+                    }
                 }
                 Incoming::Binary(_) => {
-                    self.fail(out, close::POLICY, "the first message must be a connect request", now)
+                    // Answered with a close after the requests before it.
+                    self.held = self.lane.push(Item::Binary { open: self.state == State::Open });
                 }
-                Incoming::Text(t) => self.on_text(t, out, &mut ctx),
+                Incoming::Text(t) if self.state == State::Open => {
+                    self.lane.push(Item::Request(t));
+                }
+                Incoming::Text(t) => self.held = self.lane.push(Item::Connect(t)),
             }
         }
         if self.conn.is_closed() { input.len() } else { pos }
     }
 
-    /// A message from a run or a waiter.
+    /// A message from a request worker, a run or a waiter.
     pub fn outgoing(&mut self, msg: Outgoing, out: &mut Vec<u8>) {
-        if let Outgoing::RunEnded { run_id } = &msg {
-            self.runs.remove(run_id);
-            return;
+        match msg {
+            Outgoing::RunEnded { run_id } => {
+                self.lane.lock().runs.remove(&run_id);
+                return;
+            }
+            // The loop reads on and re-arms the timer after any message.
+            Outgoing::Wake => return,
+            Outgoing::Drained => {
+                if let Some(c) = self.close_after.take() {
+                    out.extend_from_slice(&c);
+                }
+                self.lane.close();
+                return;
+            }
+            Outgoing::Close { res, code, reason } => {
+                self.held = false;
+                if self.answering() {
+                    if let Some(r) = res {
+                        send_text(out, &r);
+                    }
+                    self.fail(out, code, &reason, Instant::now());
+                }
+                return;
+            }
+            Outgoing::Connected { hello } => {
+                self.held = false;
+                if self.state == State::AwaitConnect && self.answering() {
+                    self.state = State::Open;
+                    self.conn.set_max_message(MAX_PAYLOAD);
+                    self.next_tick = Some(Instant::now() + TICK_INTERVAL);
+                    send_text(out, &hello);
+                }
+                return;
+            }
+            Outgoing::Res(_) | Outgoing::Event { .. } => {}
         }
-        if let Outgoing::Parsed(r) = msg {
-            // Handled by the next `on_bytes`, which the loop calls right after this.
-            self.parsing = false;
-            self.parsed = Some(*r);
-            return;
-        }
-        if self.state != State::Open || !self.conn.is_open() {
+        if self.state != State::Open || !self.answering() {
             return;
         }
         if out.len() > MAX_BUFFERED {
@@ -215,16 +208,7 @@ impl Session {
         match msg {
             Outgoing::Res(text) => send_text(out, &text),
             Outgoing::Event { name, payload } => self.event(out, name, &payload),
-            Outgoing::Waited { token, summary } => {
-                let Some(i) = self.waits.iter().position(|w| w.token == token) else { return };
-                let w = self.waits.swap_remove(i);
-                let text = match w.kind {
-                    WaitKind::Wait => protocol::res_ok(&w.req_id, &protocol::wait_payload(&summary)),
-                    WaitKind::AgentFinal => protocol::agent_final(&w.req_id, &summary),
-                };
-                send_text(out, &text);
-            }
-            Outgoing::RunEnded { .. } | Outgoing::Parsed(_) => {}
+            _ => {}
         }
     }
 
@@ -243,15 +227,16 @@ impl Session {
                     self.next_tick = Some(now + TICK_INTERVAL);
                     self.event(out, "tick", &json!({ "ts": now_ms() }).to_string());
                 }
-                let mut i = 0;
-                while i < self.waits.len() {
-                    if self.waits[i].deadline.is_some_and(|d| now >= d) {
-                        let w = self.waits.swap_remove(i);
-                        let p = json!({ "runId": w.run_id, "status": "timeout" });
-                        send_text(out, &protocol::res_ok(&w.req_id, &p));
-                    } else {
-                        i += 1;
-                    }
+                let expired: Vec<_> = {
+                    let mut s = self.lane.lock();
+                    let (due, keep) =
+                        std::mem::take(&mut s.waits).into_iter().partition(|w| w.deadline.is_some_and(|d| now >= d));
+                    s.waits = keep;
+                    due
+                };
+                for w in expired {
+                    let p = json!({ "runId": w.run_id, "status": "timeout" });
+                    send_text(out, &protocol::res_ok(&w.req_id, &p));
                 }
             }
             _ => {}
@@ -264,14 +249,24 @@ impl Session {
             return self.conn.deadline();
         }
         let connect = (self.state == State::AwaitConnect).then_some(self.deadline);
-        let waits = self.waits.iter().filter_map(|w| w.deadline);
+        let waits = self.lane.lock().waits.iter().filter_map(|w| w.deadline).min();
         connect.into_iter().chain(self.next_tick).chain(waits).min()
     }
 
-    /// The peer went away: abort this connection's runs.
+    /// The peer has sent everything it will: nothing more is read. Requests it sent before are
+    /// still answered (and a close frame it sent, echoed after them); then the connection is
+    /// closed ([`Session::is_closed`]) and its runs aborted. Called again while that happens,
+    /// it does nothing more.
     pub fn on_eof(&mut self) {
+        if self.conn.is_closed() && self.close_after.is_none() {
+            self.lane.close();
+            return;
+        }
+        let closing = !self.conn.is_open();
         self.conn.on_eof();
-        self.abort_runs();
+        if self.close_after.is_none() && !closing && self.lane.push(Item::Mark) {
+            self.close_after = Some(Vec::new());
+        }
     }
 
     /// The gateway is stopping: queue the `shutdown` event and a 1001 close.
@@ -285,13 +280,13 @@ impl Session {
 
     /// Whether the connection should close once `out` is flushed.
     pub fn is_closed(&self) -> bool {
-        self.conn.is_closed()
+        self.conn.is_closed() && self.close_after.is_none()
     }
 
-    fn abort_runs(&mut self) {
-        for (_, c) in self.runs.drain() {
-            c.cancel();
-        }
+    /// Whether answers may still be sent: the connection is open, or closing once the answers
+    /// to what came before its close have been.
+    fn answering(&self) -> bool {
+        self.conn.is_open() || self.close_after.is_some()
     }
 
     fn event(&mut self, out: &mut Vec<u8>, name: &str, payload: &str) {
@@ -299,316 +294,15 @@ impl Session {
         send_text(out, &protocol::event(name, payload, self.seq));
     }
 
-    /// Send a close frame and wait (briefly) for the peer's; runs are aborted now.
+    /// Send a close frame and wait (briefly) for the peer's; queued requests are dropped and
+    /// runs aborted now.
     fn fail(&mut self, out: &mut Vec<u8>, code: u16, reason: &str, now: Instant) {
+        // A close frame already waiting goes now, and this one is not sent.
+        if let Some(c) = self.close_after.take() {
+            out.extend_from_slice(&c);
+        }
         self.conn.close(out, code, reason, now);
-        self.waits.clear();
-        self.abort_runs();
-    }
-
-    fn on_text(&mut self, text: String, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
-        if self.state == State::Open && text.len() > PARSE_OFF_LOOP {
-            let link = ctx.link.clone();
-            let job = Box::new(move || link.post(Outgoing::Parsed(Box::new(protocol::parse_request(&text)))));
-            if crate::session::run_off_loop(job) {
-                self.parsing = true;
-            } else {
-                let e = ErrorShape::new(ErrorCode::Unavailable, "the gateway is busy")
-                    .with_details(json!({ "retryable": true, "retryAfterMs": 1000 }));
-                send_text(out, &protocol::res_err(None, &e));
-            }
-            return;
-        }
-        self.on_request(protocol::parse_request(&text), out, ctx);
-    }
-
-    fn on_request(&mut self, req: Result<Request, FrameError>, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
-        let req = match req {
-            Ok(r) => r,
-            Err(e) => {
-                send_text(out, &protocol::res_err(e.id.as_deref(), &ErrorShape::invalid(e.message)));
-                if self.state == State::AwaitConnect {
-                    self.fail(out, close::POLICY, "the first message must be a connect request", ctx.now);
-                }
-                return;
-            }
-        };
-        if self.state == State::AwaitConnect {
-            return self.connect(req, out, ctx);
-        }
-        let answer = match req.method.as_str() {
-            "connect" => Err(ErrorShape::invalid("already connected")),
-            "health" => Ok(json!({ "ok": true, "status": "live", "ts": now_ms() })),
-            "status" => Ok(status(ctx.gw)),
-            "models.list" => Ok(models(ctx.gw)),
-            "agents.list" => Ok(agents(ctx.gw)),
-            "agent" => return self.agent(&req, out, ctx),
-            "agent.wait" => return self.agent_wait(&req, out, ctx),
-            "chat.send" => return self.chat_send(&req, out, ctx),
-            "chat.abort" => chat_abort(ctx.gw, &req.params),
-            "chat.history" | "sessions.list" | "sessions.reset" | "sessions.delete" => {
-                return store_method(req, out, ctx);
-            }
-            m => Err(ErrorShape::invalid(format!("unknown method: {m}"))),
-        };
-        send_text(out, &answer_text(&req.id, answer));
-    }
-
-    /// The `connect` handshake (SPEC §8).
-    fn connect(&mut self, req: Request, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
-        let refuse = |s: &mut Self, out: &mut Vec<u8>, e: ErrorShape, code: u16| {
-            send_text(out, &protocol::res_err(Some(&req.id), &e));
-            s.fail(out, code, &e.message, ctx.now);
-        };
-        if req.method != "connect" {
-            let e = ErrorShape::invalid("the first request must be connect");
-            return refuse(self, out, e, close::POLICY);
-        }
-        let p = &req.params;
-        let (Some(min), Some(max)) = (p["minProtocol"].as_u64(), p["maxProtocol"].as_u64()) else {
-            let e = ErrorShape::invalid("connect needs integer minProtocol and maxProtocol");
-            return refuse(self, out, e, close::POLICY);
-        };
-        if !(min..=max).contains(&PROTOCOL) {
-            let e = ErrorShape::invalid("protocol mismatch").with_details(json!({ "expectedProtocol": PROTOCOL }));
-            return refuse(self, out, e, close::PROTOCOL);
-        }
-        let client = &p["client"];
-        if let Some(f) = ["id", "version", "platform", "mode"].iter().find(|f| !client[**f].is_string()) {
-            let e = ErrorShape::invalid(format!("connect needs client.{f} (a string)"));
-            return refuse(self, out, e, close::POLICY);
-        }
-        let auth = &p["auth"];
-        if !matches!(auth, Value::Null | Value::Object(_)) {
-            return refuse(self, out, ErrorShape::invalid("auth must be an object"), close::POLICY);
-        }
-        let secret = auth["token"].as_str().or_else(|| auth["password"].as_str());
-        match ctx.gw.auth().check(secret, ctx.ip, ctx.now) {
-            AuthResult::Ok => {}
-            AuthResult::Invalid => {
-                let e = ErrorShape::new(ErrorCode::Unauthorized, "missing or incorrect gateway token or password");
-                return refuse(self, out, e, close::POLICY);
-            }
-            AuthResult::Locked(secs) => {
-                let e = ErrorShape::new(
-                    ErrorCode::Unauthorized,
-                    format!("too many failed authentication attempts; retry after {secs} s"),
-                )
-                .with_details(json!({ "retryable": true, "retryAfterMs": secs * 1000 }));
-                return refuse(self, out, e, close::POLICY);
-            }
-        }
-        self.state = State::Open;
-        self.conn.set_max_message(MAX_PAYLOAD);
-        self.next_tick = Some(ctx.now + TICK_INTERVAL);
-        let hello = json!({
-            "type": "hello-ok",
-            "protocol": PROTOCOL,
-            "server": { "version": env!("CARGO_PKG_VERSION"), "connId": format!("conn-{}", ctx.conn_id) },
-            "features": { "methods": METHODS, "events": EVENTS },
-            "policy": { "maxPayload": MAX_PAYLOAD, "maxBufferedBytes": MAX_BUFFERED,
-                        "tickIntervalMs": TICK_INTERVAL.as_millis() as u64 },
-        });
-        send_text(out, &protocol::res_ok(&req.id, &hello));
-    }
-
-    /// `agent {message, agentId?, sessionKey?, extraSystemPrompt?, idempotencyKey?, timeout?}`.
-    fn agent(&mut self, req: &Request, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
-        let p = &req.params;
-        let parsed = (|| {
-            let message = message_param(p)?;
-            let agent_id = opt_str(p, "agentId")?;
-            let key = opt_str(p, "sessionKey")?;
-            let extra = opt_str(p, "extraSystemPrompt")?;
-            let timeout = match &p["timeout"] {
-                Value::Null => None,
-                v => match v.as_u64() {
-                    Some(s @ 1..=86_400) => Some(Duration::from_secs(s)),
-                    _ => return Err(ErrorShape::invalid("timeout must be whole seconds from 1 to 86400")),
-                },
-            };
-            let (agent, session_key, sticky) = resolve(ctx.gw, agent_id, key)?;
-            let run = RunRequest {
-                extra_system: extra.map(str::to_string).into_iter().collect(),
-                timeout,
-                ..RunRequest::user_turn(agent, session_key, sticky, message)
-            };
-            Ok((run, opt_str(p, "idempotencyKey")?))
-        })();
-        match parsed {
-            Ok((run, idem)) => {
-                let kind = Kind::Agent { req_id: req.id.clone() };
-                self.start_run(req, run, kind, idem.map(|k| format!("agent\0{k}")), out, ctx)
-            }
-            Err(e) => send_text(out, &protocol::res_err(Some(&req.id), &e)),
-        }
-    }
-
-    /// `chat.send {sessionKey, message, idempotencyKey?}`.
-    fn chat_send(&mut self, req: &Request, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
-        let p = &req.params;
-        let parsed = (|| {
-            let key = req_str(p, "sessionKey")?;
-            let message = message_param(p)?;
-            let (agent, session_key, sticky) = resolve(ctx.gw, None, Some(key))?;
-            let run = RunRequest::user_turn(agent, session_key, sticky, message);
-            Ok((run, opt_str(p, "idempotencyKey")?))
-        })();
-        match parsed {
-            Ok((run, idem)) => self.start_run(req, run, Kind::Chat, idem.map(|k| format!("chat\0{k}")), out, ctx),
-            Err(e) => send_text(out, &protocol::res_err(Some(&req.id), &e)),
-        }
-    }
-
-    /// Register, admit and submit a run; answer the first response.
-    fn start_run(
-        &mut self,
-        req: &Request,
-        run: RunRequest,
-        kind: Kind,
-        idem: Option<String>,
-        out: &mut Vec<u8>,
-        ctx: &mut Ctx<'_>,
-    ) {
-        let gw = ctx.gw;
-        let cancel = CancelToken::new();
-        match gw.runs().start(&run.run_id, idem.as_deref(), &run.session_key, &cancel) {
-            Start::Existing(id) => return self.duplicate(req, &id, &kind, out, ctx),
-            Start::New => {}
-        }
-        let admission = match gw.pool().admit_from(Some(ctx.ip.to_canonical())) {
-            Ok(a) => a,
-            Err(refused) => {
-                gw.runs().forget(&run.run_id);
-                let msg = match refused {
-                    Refused::Full => "the gateway is overloaded: the run queue is full".to_string(),
-                    Refused::PerIp(n) => {
-                        format!("too many concurrent runs from this address (gateway.maxRunsPerIp is {n})")
-                    }
-                };
-                let e = ErrorShape::new(ErrorCode::Unavailable, msg)
-                    .with_details(json!({ "retryable": true, "retryAfterMs": 1000 }));
-                return send_text(out, &protocol::res_err(Some(&req.id), &e));
-            }
-        };
-        let accepted_at = now_ms();
-        let first = match kind {
-            Kind::Agent { .. } => json!({ "runId": run.run_id, "status": "accepted", "acceptedAt": accepted_at,
-                                          "sessionKey": run.session_key }),
-            Kind::Chat => json!({ "runId": run.run_id, "status": "started", "sessionKey": run.session_key }),
-        };
-        send_text(out, &protocol::res_ok(&req.id, &first));
-        self.runs.insert(run.run_id.clone(), cancel.clone());
-        let agent_id = gw.agents()[run.agent].cfg.id.clone();
-        crate::log!(Debug, "ws run {} agent={} session={}", run.run_id, agent_id, run.session_key);
-        let sticky = run.sticky.then(|| run.session_key.clone());
-        let job = WsRun { gw: gw.clone(), run, agent_id, link: ctx.link.clone(), kind, cancel, accepted_at };
-        admission.submit(sticky, move || job.execute());
-    }
-
-    /// A start whose idempotency key names run `id`: report that run instead of starting one.
-    fn duplicate(&mut self, req: &Request, id: &str, kind: &Kind, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
-        match kind {
-            Kind::Chat => {
-                let status = if ctx.gw.runs().is_running(id) { "in_flight" } else { "ok" };
-                send_text(out, &protocol::res_ok(&req.id, &json!({ "runId": id, "status": status, "deduped": true })));
-            }
-            Kind::Agent { .. } => {
-                let first = json!({ "runId": id, "status": "accepted", "deduped": true });
-                send_text(out, &protocol::res_ok(&req.id, &first));
-                self.watch(req, id, WaitKind::AgentFinal, None, out, ctx);
-            }
-        }
-    }
-
-    /// `agent.wait {runId, timeoutMs?}`.
-    fn agent_wait(&mut self, req: &Request, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
-        let p = &req.params;
-        let run_id = match req_str(p, "runId") {
-            Ok(r) => r.to_string(),
-            Err(e) => return send_text(out, &protocol::res_err(Some(&req.id), &e)),
-        };
-        let ms = match &p["timeoutMs"] {
-            Value::Null => WAIT_DEFAULT_MS,
-            v => match v.as_u64() {
-                Some(ms) => ms.min(WAIT_MAX_MS),
-                None => {
-                    let e = ErrorShape::invalid("timeoutMs must be a non-negative integer");
-                    return send_text(out, &protocol::res_err(Some(&req.id), &e));
-                }
-            },
-        };
-        let deadline = ctx.now + Duration::from_millis(ms);
-        self.watch(req, &run_id, WaitKind::Wait, Some(deadline), out, ctx);
-    }
-
-    /// Answer `req` when run `id` ends (or at `deadline`).
-    fn watch(
-        &mut self,
-        req: &Request,
-        id: &str,
-        kind: WaitKind,
-        deadline: Option<Instant>,
-        out: &mut Vec<u8>,
-        ctx: &mut Ctx<'_>,
-    ) {
-        if self.waits.len() >= MAX_WAITS {
-            let e = ErrorShape::new(ErrorCode::Unavailable, "too many pending waits on this connection");
-            return send_text(out, &protocol::res_err(Some(&req.id), &e));
-        }
-        self.next_wait += 1;
-        let token = self.next_wait;
-        let link = ctx.link.clone();
-        let waiter = Box::new(move |s: &crate::agent::registry::RunSummary| {
-            link.post(Outgoing::Waited { token, summary: Box::new(s.clone()) });
-        });
-        let answer = |s| match kind {
-            WaitKind::Wait => protocol::res_ok(&req.id, &protocol::wait_payload(s)),
-            WaitKind::AgentFinal => protocol::agent_final(&req.id, s),
-        };
-        // A wait whose deadline has already passed only looks: it must not leave a callback
-        // behind on a run that may go on for minutes.
-        let expired = deadline.is_some_and(|d| d <= ctx.now);
-        match ctx.gw.runs().wait(id, (!expired).then_some(waiter as crate::agent::registry::Waiter)) {
-            Wait::Busy => {
-                let e = ErrorShape::new(ErrorCode::Unavailable, format!("too many waiters on run {id}"));
-                send_text(out, &protocol::res_err(Some(&req.id), &e));
-            }
-            Wait::NotFound => {
-                let e = ErrorShape::new(ErrorCode::NotFound, format!("no run {id}"));
-                send_text(out, &protocol::res_err(Some(&req.id), &e));
-            }
-            Wait::Done(s) => send_text(out, &answer(&s)),
-            Wait::Pending if expired => {
-                send_text(out, &protocol::res_ok(&req.id, &json!({ "runId": id, "status": "timeout" })));
-            }
-            Wait::Pending => {
-                self.waits.push(PendingWait { token, req_id: req.id.clone(), run_id: id.to_string(), kind, deadline })
-            }
-        }
-    }
-}
-
-/// A store method, answered from the store thread: it may wait on a session's disk write or
-/// read a transcript, which the event loop must never do (SPEC §8).
-fn store_method(req: Request, out: &mut Vec<u8>, ctx: &mut Ctx<'_>) {
-    let gw = ctx.gw.clone();
-    let link = ctx.link.clone();
-    let id = req.id.clone();
-    let job = Box::new(move || {
-        let p = &req.params;
-        let answer = match req.method.as_str() {
-            "chat.history" => chat_history(&gw, p),
-            "sessions.list" => Ok(sessions_list(&gw)),
-            "sessions.reset" => sessions_change(&gw, p, false),
-            _ => sessions_change(&gw, p, true),
-        };
-        link.post(Outgoing::Res(answer_text(&req.id, answer)));
-    });
-    if !crate::session::run_off_loop(job) {
-        let e = ErrorShape::new(ErrorCode::Unavailable, "the session store is busy")
-            .with_details(json!({ "retryable": true, "retryAfterMs": 1000 }));
-        send_text(out, &protocol::res_err(Some(&id), &e));
+        self.lane.close();
     }
 }
 
@@ -625,111 +319,10 @@ fn challenge_nonce() -> String {
     })
 }
 
-fn answer_text(id: &str, r: Result<Value, ErrorShape>) -> String {
-    match r {
-        Ok(v) => protocol::res_ok(id, &v),
-        Err(e) => protocol::res_err(Some(id), &e),
-    }
-}
-
-fn opt_str<'a>(p: &'a Value, k: &str) -> Result<Option<&'a str>, ErrorShape> {
-    match &p[k] {
-        Value::Null => Ok(None),
-        Value::String(s) => Ok(Some(s.as_str()).filter(|s| !s.is_empty())),
-        _ => Err(ErrorShape::invalid(format!("{k} must be a string"))),
-    }
-}
-
-fn req_str<'a>(p: &'a Value, k: &str) -> Result<&'a str, ErrorShape> {
-    opt_str(p, k)?.ok_or_else(|| ErrorShape::invalid(format!("missing required param {k}")))
-}
-
-fn message_param(p: &Value) -> Result<String, ErrorShape> {
-    let m = req_str(p, "message")?;
-    if m.trim().is_empty() {
-        return Err(ErrorShape::invalid("message must not be blank"));
-    }
-    Ok(m.to_string())
-}
-
-/// Agent and session key for a WebSocket run: the shared rule ([`resolve::agent_for_key`]).
-fn resolve(gw: &Gateway, agent_id: Option<&str>, key: Option<&str>) -> Result<(usize, String, bool), ErrorShape> {
-    Ok(resolve::agent_for_key(gw.agents(), gw.default_agent(), agent_id, key)?)
-}
-
-/// A session key as given, or with the default agent's prefix (how runs store it).
-fn normalize_key(gw: &Gateway, key: &str) -> Result<String, ErrorShape> {
-    resolve(gw, None, Some(key)).map(|(_, k, _)| k)
-}
-
-fn status(gw: &Gateway) -> Value {
-    json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "protocol": PROTOCOL,
-        "uptimeMs": gw.runs().started().elapsed().as_millis() as u64,
-        "runs": { "active": gw.runs().active(), "queued": gw.pool().pending() },
-        "workers": gw.config().gateway.workers,
-        "agents": gw.agents().iter().map(|a| a.cfg.id.as_str()).collect::<Vec<_>>(),
-        "defaultAgentId": gw.agents()[gw.default_agent()].cfg.id,
-        "sessions": gw.sessions().count(),
-    })
-}
-
-fn models(gw: &Gateway) -> Value {
-    let m: Vec<Value> =
-        gw.model_ids().into_iter().map(|id| json!({ "id": id, "name": id, "provider": "gatelet" })).collect();
-    json!({ "models": m })
-}
-
-fn agents(gw: &Gateway) -> Value {
-    let d = gw.default_agent();
-    let list: Vec<Value> =
-        gw.agents().iter().enumerate().map(|(i, a)| json!({ "id": a.cfg.id, "default": i == d })).collect();
-    json!({ "defaultId": gw.agents()[d].cfg.id, "agents": list })
-}
-
-fn chat_abort(gw: &Gateway, p: &Value) -> Result<Value, ErrorShape> {
-    let key = normalize_key(gw, req_str(p, "sessionKey")?)?;
-    let run_id = opt_str(p, "runId")?;
-    let ids = gw.runs().abort(&key, run_id);
-    Ok(json!({ "ok": true, "aborted": !ids.is_empty(), "runIds": ids, "sessionKey": key }))
-}
-
-fn chat_history(gw: &Gateway, p: &Value) -> Result<Value, ErrorShape> {
-    let key = normalize_key(gw, req_str(p, "sessionKey")?)?;
-    let limit = match &p["limit"] {
-        Value::Null => None,
-        v => Some(v.as_u64().ok_or_else(|| ErrorShape::invalid("limit must be a non-negative integer"))? as usize),
-    };
-    let messages = gw.sessions().transcript(&key, limit).unwrap_or_default();
-    Ok(json!({ "sessionKey": key, "messages": messages }))
-}
-
-fn sessions_list(gw: &Gateway) -> Value {
-    let list: Vec<Value> = gw.sessions().list().iter().map(crate::session::cli::info_json).collect();
-    json!({ "count": list.len(), "sessions": list })
-}
-
-fn sessions_change(gw: &Gateway, p: &Value, delete: bool) -> Result<Value, ErrorShape> {
-    let given = req_str(p, "key")?;
-    let mut keys = vec![given.to_string()];
-    if let Ok(k) = normalize_key(gw, given) {
-        keys.push(k);
-    }
-    for key in keys {
-        let r = if delete { gw.sessions().delete(&key) } else { gw.sessions().reset(&key) };
-        match r {
-            Ok(true) => return Ok(json!({ "ok": true, "key": key })),
-            Ok(false) => {}
-            Err(e) => return Err(ErrorShape::new(ErrorCode::Unavailable, e)),
-        }
-    }
-    Err(ErrorShape::new(ErrorCode::NotFound, format!("no session {given}")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::CancelToken;
 
     /// An outbox that keeps nothing: these tests drive the session from the loop's side only.
     #[derive(Debug)]
@@ -752,17 +345,21 @@ mod tests {
         Arc::new(Gateway::new(cfg).0)
     }
 
-    /// An outbox that keeps what is posted, as the loop's channel would.
-    #[derive(Debug, Default)]
-    struct Collect(std::sync::Mutex<Vec<Outgoing>>);
+    /// An outbox that hands what is posted to the test, as the loop's channel would.
+    #[derive(Debug)]
+    struct Chan(std::sync::Mutex<std::sync::mpsc::Sender<Outgoing>>);
 
-    impl Outbox for Collect {
+    impl Outbox for Chan {
         fn post(&self, msg: Outgoing) {
-            self.0.lock().unwrap().push(msg);
+            let _ = self.0.lock().unwrap().send(msg);
         }
         fn congested(&self) -> bool {
             false
         }
+    }
+
+    fn session(ob: Arc<dyn Outbox>, now: Instant, out: &mut Vec<u8>) -> Session {
+        Session::new(ob, gateway(), IpAddr::from([127, 0, 0, 1]), 1, now, out)
     }
 
     /// A masked client text frame.
@@ -772,39 +369,124 @@ mod tests {
         v
     }
 
-    #[test]
-    fn a_large_request_is_parsed_off_the_loop_and_later_ones_wait_for_it() {
-        let gw = gateway();
-        let ob = Arc::new(Collect::default());
-        let mut out = Vec::new();
-        let mut s = Session::new(ob.clone(), 1, Instant::now(), &mut out);
-        s.state = State::Open;
-        s.conn.set_max_message(MAX_PAYLOAD);
-        out.clear();
-        let pad = "x".repeat(PARSE_OFF_LOOP);
-        let big = client_text(&format!(r#"{{"type":"req","id":"big","method":"health","params":{{"pad":"{pad}"}}}}"#));
-        let mut input = big.clone();
-        input.extend(client_text(r#"{"type":"req","id":"small","method":"health"}"#));
-        let ip = IpAddr::from([127, 0, 0, 1]);
-        let n = s.on_bytes(&input, &mut out, &gw, ip);
-        assert_eq!(n, big.len(), "nothing after the large message is taken while it is parsed");
-        assert!(out.is_empty(), "the loop did not answer it");
-        let t0 = Instant::now();
-        let parsed = loop {
-            if let Some(m) = ob.0.lock().unwrap().pop() {
-                break m;
+    const CONNECT: &str = r#"{"type":"req","id":"c","method":"connect","params":{"minProtocol":3,"maxProtocol":3,
+        "client":{"id":"t","version":"1","platform":"test","mode":"test"},"auth":{"token":"t"}}}"#;
+
+    /// Plays the event loop for `s`: feeds `input` as far as the session takes it, hands it what
+    /// the workers post, and "writes" its output. Returns the `res` frames' ids in the order
+    /// they were sent, once `want` have been, and the largest number of bytes the session took
+    /// from one call.
+    fn play(
+        s: &mut Session,
+        rx: &std::sync::mpsc::Receiver<Outgoing>,
+        input: &[u8],
+        want: usize,
+    ) -> (Vec<String>, usize) {
+        let (mut pos, mut ids, mut most, mut out) = (0, Vec::new(), 0, Vec::new());
+        loop {
+            let n = s.on_bytes(&input[pos..], &mut out);
+            pos += n;
+            most = most.max(n);
+            for (op, p) in frames(&out) {
+                let v: Value = serde_json::from_slice(&p).unwrap_or_default();
+                if op == 1 && v["type"] == "res" {
+                    ids.push(v["id"].as_str().unwrap_or_default().to_string());
+                }
             }
-            assert!(t0.elapsed() < Duration::from_secs(60), "the store thread never answered");
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        assert!(matches!(parsed, Outgoing::Parsed(_)));
-        s.outgoing(parsed, &mut out);
-        assert_eq!(s.on_bytes(&input[n..], &mut out, &gw, ip), input.len() - n);
+            out.clear();
+            if ids.len() >= want {
+                return (ids, most);
+            }
+            let msg = rx.recv_timeout(Duration::from_secs(120)).expect("the request workers never answered");
+            s.outgoing(msg, &mut out);
+            while let Ok(msg) = rx.try_recv() {
+                s.outgoing(msg, &mut out);
+            }
+        }
+    }
+
+    #[test]
+    fn no_request_is_parsed_on_the_loop_and_a_pipelined_flood_keeps_its_order() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut out = Vec::new();
+        let mut s = session(Arc::new(Chan(std::sync::Mutex::new(tx))), Instant::now(), &mut out);
+        let before = protocol::PARSED_HERE.with(|n| n.get());
+        // `connect` and a request right behind it: the request waits for the answer to connect.
+        let mut input = client_text(CONNECT);
+        let first = input.len();
+        input.extend(client_text(r#"{"type":"req","id":"h","method":"health"}"#));
+        assert_eq!(s.on_bytes(&input, &mut out), first, "nothing is decoded while connect is being answered");
+        let (ids, _) = play(&mut s, &rx, &input[first..], 2);
+        assert_eq!(ids, ["c", "h"]);
+        assert_eq!(s.state, State::Open);
+        // A flood of small requests, with large ones and bad ones among them.
+        let pad = "x".repeat(INBOX_BYTES);
+        let mut input = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..3000 {
+            let id = format!("r{i}");
+            let text = match i % 500 {
+                7 => format!(r#"{{"type":"req","id":"{id}","method":"health","params":{{"pad":"{pad}"}}}}"#),
+                8 => format!(r#"{{"type":"req","id":"{id}","method":"no.such.method"}}"#),
+                9 => format!(r#"{{"type":"req","id":"{id}","method":"health","params":"#),
+                10 => format!(r#"{{"type":"req","id":"{id}","method":"models.list"}}"#),
+                _ => format!(r#"{{"type":"req","id":"{id}","method":"health"}}"#),
+            };
+            input.extend(client_text(&text));
+            // Unparseable JSON is answered without an id.
+            want.push(if i % 500 == 9 { String::new() } else { id });
+        }
+        let (ids, most) = play(&mut s, &rx, &input, want.len());
+        assert_eq!(ids, want, "answers in request order");
+        assert!(most < input.len() / 4, "the loop holds back while the lane is full (took {most} bytes at once)");
+        assert_eq!(protocol::PARSED_HERE.with(|n| n.get()), before, "a request was parsed on the loop's thread");
+    }
+
+    #[test]
+    fn requests_before_the_end_of_input_are_answered_then_the_connection_closes() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut out = Vec::new();
+        let mut s = session(Arc::new(Chan(std::sync::Mutex::new(tx))), Instant::now(), &mut out);
+        let connect = client_text(CONNECT);
+        assert_eq!(play(&mut s, &rx, &connect, 1).0, ["c"]);
+        let mut input = Vec::new();
+        for id in ["a", "b", "c2"] {
+            input.extend(client_text(&format!(r#"{{"type":"req","id":"{id}","method":"health"}}"#)));
+        }
+        out.clear();
+        assert_eq!(s.on_bytes(&input, &mut out), input.len());
+        s.on_eof();
+        s.on_eof();
+        assert!(!s.is_closed(), "closed before its requests were answered");
+        while !s.is_closed() {
+            let msg = rx.recv_timeout(Duration::from_secs(120)).expect("the request workers never answered");
+            s.outgoing(msg, &mut out);
+        }
         let ids: Vec<String> = frames(&out)
             .iter()
-            .map(|(_, p)| serde_json::from_slice::<Value>(p).unwrap()["id"].as_str().unwrap().to_string())
+            .map(|(_, p)| serde_json::from_slice::<Value>(p).unwrap()["id"].as_str().unwrap_or_default().to_string())
             .collect();
-        assert_eq!(ids, ["big", "small"]);
+        assert_eq!(ids, ["a", "b", "c2"]);
+    }
+
+    #[test]
+    fn a_failed_connect_closes_after_its_answer_and_nothing_behind_it_is_handled() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut out = Vec::new();
+        let mut s = session(Arc::new(Chan(std::sync::Mutex::new(tx))), Instant::now(), &mut out);
+        out.clear();
+        let mut input = client_text(&CONNECT.replace(r#""token":"t""#, r#""token":"wrong""#));
+        input.extend(client_text(r#"{"type":"req","id":"h","method":"health"}"#));
+        let n = s.on_bytes(&input, &mut out);
+        let msg = rx.recv_timeout(Duration::from_secs(120)).expect("the request worker never answered");
+        s.outgoing(msg, &mut out);
+        s.on_bytes(&input[n..], &mut out);
+        let f = frames(&out);
+        let v: Value = serde_json::from_slice(&f[0].1).unwrap();
+        assert_eq!((v["id"].as_str(), v["error"]["code"].as_str()), (Some("c"), Some("UNAUTHORIZED")));
+        assert_eq!((f[1].0, close_code(&f[1].1)), (0x8, 1008));
+        assert_eq!(f.len(), 2);
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "the request after it was handled");
     }
 
     /// Server frames in `out`, as (opcode, payload).
@@ -834,7 +516,7 @@ mod tests {
     fn challenge_then_handshake_deadline() {
         let t0 = Instant::now();
         let mut out = Vec::new();
-        let mut s = Session::new(outbox(), 1, t0, &mut out);
+        let mut s = session(outbox(), t0, &mut out);
         let f = frames(&out);
         assert_eq!(event_name(&f[0].1), "connect.challenge");
         out.clear();
@@ -854,7 +536,7 @@ mod tests {
     fn ticks_every_30s_and_shutdown_closes_1001() {
         let t0 = Instant::now();
         let mut out = Vec::new();
-        let mut s = Session::new(outbox(), 1, t0, &mut out);
+        let mut s = session(outbox(), t0, &mut out);
         s.state = State::Open;
         s.next_tick = Some(t0 + TICK_INTERVAL);
         out.clear();
@@ -884,10 +566,10 @@ mod tests {
     #[test]
     fn slow_consumer_is_closed_and_its_runs_aborted() {
         let mut out = Vec::new();
-        let mut s = Session::new(outbox(), 1, Instant::now(), &mut out);
+        let mut s = session(outbox(), Instant::now(), &mut out);
         s.state = State::Open;
         let c = CancelToken::new();
-        s.runs.insert("run-1".into(), c.clone());
+        s.lane.lock().runs.insert("run-1".into(), c.clone());
         let big = "x".repeat(1 << 20);
         // 8 MiB and a little are queued: still within the limit when the last one was added.
         for _ in 0..8 {
@@ -904,9 +586,9 @@ mod tests {
     #[test]
     fn dropping_a_session_aborts_its_runs() {
         let mut out = Vec::new();
-        let mut s = Session::new(outbox(), 1, Instant::now(), &mut out);
+        let mut s = session(outbox(), Instant::now(), &mut out);
         let c = CancelToken::new();
-        s.runs.insert("run-1".into(), c.clone());
+        s.lane.lock().runs.insert("run-1".into(), c.clone());
         s.outgoing(Outgoing::RunEnded { run_id: "run-2".into() }, &mut out);
         drop(s);
         assert!(c.is_cancelled());

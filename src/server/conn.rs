@@ -40,10 +40,8 @@ pub enum State {
     Head,
     /// Reading a request body.
     Body,
-    /// A run owns the exchange; its answer comes back through the loop.
+    /// A run owns the exchange and writes to the socket; the loop only reads it meanwhile.
     Running,
-    /// A streaming run owns the socket.
-    Lent,
     /// The connection speaks WebSocket now.
     Upgraded,
     /// Flush what is queued, then close.
@@ -71,7 +69,6 @@ enum Inner {
     Head,
     Body { head: Box<Head>, reader: BodyDecoder, body: Vec<u8>, limit: u64 },
     Running,
-    Lent,
     Upgraded,
     Closing,
 }
@@ -112,7 +109,6 @@ impl HttpConn {
             Inner::Head => State::Head,
             Inner::Body { .. } => State::Body,
             Inner::Running => State::Running,
-            Inner::Lent => State::Lent,
             Inner::Upgraded => State::Upgraded,
             Inner::Closing => State::Closing,
         }
@@ -240,7 +236,7 @@ impl HttpConn {
                 self.deadline = None;
                 Some(Action::Dispatch(head, body))
             }
-            Inner::Running | Inner::Lent | Inner::Upgraded | Inner::Closing => None,
+            Inner::Running | Inner::Upgraded | Inner::Closing => None,
         }
     }
 
@@ -269,9 +265,9 @@ impl HttpConn {
         }
     }
 
-    /// A run owns the exchange (`lent`: and the socket); no timer runs meanwhile.
-    pub fn start_run(&mut self, lent: bool) {
-        self.inner = if lent { Inner::Lent } else { Inner::Running };
+    /// A run owns the exchange; no timer runs meanwhile.
+    pub fn start_run(&mut self) {
+        self.inner = Inner::Running;
         self.deadline = None;
     }
 
@@ -437,7 +433,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(buf, b"GET", "pipelined bytes stay for the next request");
-        c.start_run(false);
+        c.start_run();
         assert_eq!((c.state(), c.deadline()), (State::Running, None));
         assert!(c.feed(&mut buf, t0, false).is_none(), "no parsing while a run owns the exchange");
         assert!(c.on_timer(t0 + secs(1000)).is_none());

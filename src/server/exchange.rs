@@ -2,18 +2,21 @@
 //!
 //! The loop frames `(head, body)`, admits the run (503 `overloaded`, 429 per address) and hands
 //! the exchange to a worker: JSON parsing, validation, agent and session resolution and the
-//! rendering of every answer happen here, so a large body costs a worker, not the loop. A
-//! non-streaming answer goes back to the loop as bytes to write ([`Done::Respond`]); a streaming
-//! run asks the loop for the socket ([`Done::Lend`]) and writes its events straight to it.
-//! A sticky run continues as a follow-up job queued behind its session's earlier runs.
+//! rendering of every answer happen here, so a large body costs a worker, not the loop. The
+//! exchange comes with the client's socket (a duplicate the connection keeps for its runs) and
+//! whatever the loop had not yet written of earlier answers: from dispatch to [`Done`], the run is
+//! the only writer to the socket. A non-streaming answer goes back to the loop as a response to
+//! write ([`Done::Respond`]); a streaming run writes its events straight to the socket and then
+//! gives the connection back ([`Done::Streamed`]) — no round trip to the loop before its first
+//! byte. A sticky run continues as a follow-up job queued behind its session's earlier runs.
 
-use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
-use std::sync::mpsc::sync_channel;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Instant;
 
 use super::access::RunInfo;
-use super::stream::{self, ChatJob, WRITE_STEP};
+use super::stream::{self, ChatJob, WRITE_TIMEOUT};
 use super::{Done, JobGuard, Notifier, handler};
 use crate::agent::CancelToken;
 use crate::gateway::Gateway;
@@ -73,18 +76,6 @@ impl Drop for Lane<'_> {
     }
 }
 
-/// The socket a streaming run gets from the loop, with what the loop had not yet written
-/// (answers to earlier pipelined requests) and the request's access-log record.
-#[derive(Debug)]
-pub struct Lent {
-    /// The client's socket.
-    pub stream: std::net::TcpStream,
-    /// Bytes to write first.
-    pub prefix: Vec<u8>,
-    /// The access-log record, finished by the run.
-    pub access: Option<Box<super::access::Pending>>,
-}
-
 /// A framed and admitted chat completion request, on its way to a worker.
 #[derive(Debug)]
 pub struct Exchange {
@@ -110,6 +101,10 @@ pub struct Exchange {
     pub id: u64,
     /// The client.
     pub peer: SocketAddr,
+    /// The client's socket (non-blocking), shared with the loop, which only reads it meanwhile.
+    pub sock: Arc<TcpStream>,
+    /// Answers to earlier pipelined requests the loop had not written yet: they leave first.
+    pub prefix: Vec<u8>,
 }
 
 impl Exchange {
@@ -143,6 +138,18 @@ impl Exchange {
     /// Parse, validate and resolve the request, then run it (here, or behind its session's
     /// earlier runs).
     pub fn run(mut self) {
+        if !self.prefix.is_empty() {
+            let stall = self.gw.config().gateway.stall_timeout;
+            let sent = stream::write_bounded(&self.sock, &self.prefix, Instant::now() + WRITE_TIMEOUT, stall);
+            self.prefix = Vec::new();
+            if !sent {
+                // The client does not take the answers it already has: it gets no more.
+                self.gone.store(true, Ordering::SeqCst);
+                let (slot, id) = (self.slot, self.id);
+                let status = super::access::CLIENT_CLOSED;
+                return self.notifier.send(Done::Streamed { slot, id, keep: false, status, written: 0, info: None });
+            }
+        }
         let mut guard = self.guard();
         let lane = (self.body.len() >= LARGE_BODY).then(|| LargeParses::global().take());
         let parsed = chat::parse(&self.body);
@@ -182,12 +189,18 @@ impl Exchange {
             close: h.close,
             head_only: h.method == "HEAD",
             headers: self.headers.clone(),
-            access: None,
             written: Default::default(),
             status: Default::default(),
             run,
         };
-        let stage = Stage { notifier: self.notifier.clone(), slot: self.slot, id: self.id, stream: req.stream, job };
+        let stage = Stage {
+            notifier: self.notifier.clone(),
+            slot: self.slot,
+            id: self.id,
+            stream: req.stream,
+            sock: self.sock.clone(),
+            job,
+        };
         drop(req);
         guard.armed = false;
         match stage.job.run.sticky.then(|| stage.job.run.session_key.clone()) {
@@ -204,18 +217,19 @@ struct Stage {
     slot: usize,
     id: u64,
     stream: bool,
+    sock: Arc<TcpStream>,
     job: ChatJob,
 }
 
 impl Stage {
     fn run(self) {
-        let Stage { notifier, slot, id, stream, mut job } = self;
+        let Stage { notifier, slot, id, stream, sock, job } = self;
         let summary = stream::summary(&job.gw, &job.run, job.accepted_at, crate::agent::run::RunOutcome::nothing(None));
-        let info = RunInfo {
+        let info = Box::new(RunInfo {
             agent: Some(summary.agent_id.clone()),
             session_key: Some(job.run.session_key.clone()),
             request_id: Some(job.run.run_id.clone()),
-        };
+        });
         let mut guard = JobGuard {
             notifier: notifier.clone(),
             slot,
@@ -226,42 +240,20 @@ impl Stage {
             armed: true,
         };
         if !stream {
+            drop(sock);
             let resp = job.run_buffered();
             guard.armed = false;
             let (head_only, close) = (job.head_only, job.close);
-            notifier.send(Done::Respond { slot, id, resp, head_only, close, info: Some(Box::new(info)) });
+            notifier.send(Done::Respond { slot, id, resp, head_only, close, info: Some(info) });
             return;
         }
-        // Streaming: ask the loop for the socket.
-        let (tx, rx) = sync_channel(1);
-        notifier.send(Done::Lend { slot, id, reply: tx });
-        let Ok(lent) = rx.recv() else {
-            // The connection is gone: the run never starts.
-            guard.armed = false;
-            job.gw.runs().finish(stream::summary(
-                &job.gw,
-                &job.run,
-                job.accepted_at,
-                crate::agent::run::RunOutcome::nothing(Some(crate::agent::RunError::Cancelled)),
-            ));
-            return;
-        };
         // From here a panic closes the connection: part of the answer may be on the wire.
         guard.buffered = None;
-        let Lent { stream: mut sock, prefix, access } = lent;
-        job.access = access.map(|mut a| {
-            info.apply(&mut a);
-            a
-        });
-        let earlier = prefix.len() as u64;
-        let ok = sock.set_nonblocking(false).is_ok() && sock.set_write_timeout(Some(WRITE_STEP)).is_ok();
-        let reuse = ok && job.run_streaming(&mut sock, prefix) && !job.close;
-        if let Some(a) = &job.access {
-            // The prefix holds earlier responses' bytes.
-            a.finish(job.status.get(), job.written.get().saturating_sub(earlier));
-        }
+        let keep = job.run_streaming(&sock) && !job.close;
+        drop(sock);
         guard.armed = false;
-        notifier.send(Done::Return { slot, id, stream: reuse.then_some(sock) });
+        let (status, written) = (job.status.get(), job.written.get());
+        notifier.send(Done::Streamed { slot, id, keep, status, written, info: Some(info) });
     }
 }
 

@@ -65,7 +65,7 @@ const READ_BUDGET: usize = 256 * 1024;
 const SHRINK_EVERY: Duration = Duration::from_secs(5);
 /// Worker messages handled per loop turn.
 const DONE_BUDGET: usize = 1024;
-/// Send buffer asked for a socket lent to a streaming run (Linux doubles it).
+/// Send buffer asked for a socket that carries runs' answers (Linux doubles it).
 const STREAM_SNDBUF: usize = 256 * 1024;
 /// Bytes a connection's runs may have on their way to its socket (queued for the loop, or
 /// framed and unsent) before they hold back their mergeable events (see [`Notifier::congested`]).
@@ -89,24 +89,21 @@ pub enum Done {
         /// For the access-log record.
         info: Option<Box<access::RunInfo>>,
     },
-    /// A streaming run asks for its connection's socket; the loop answers on `reply` (or drops
-    /// it when the connection is gone).
-    Lend {
+    /// A run wrote its answer to the socket itself (a stream), or could not: the connection is
+    /// the loop's again.
+    Streamed {
         /// Connection slot.
         slot: usize,
         /// Connection id.
         id: u64,
-        /// Where the socket goes.
-        reply: std::sync::mpsc::SyncSender<exchange::Lent>,
-    },
-    /// A streaming run gives its socket back.
-    Return {
-        /// Connection slot.
-        slot: usize,
-        /// Connection id.
-        id: u64,
-        /// The socket, when it can be reused.
-        stream: Option<std::net::TcpStream>,
+        /// The connection can carry another request (else it is closed).
+        keep: bool,
+        /// The answer's status, for the access log.
+        status: u16,
+        /// Bytes written, for the access log.
+        written: u64,
+        /// For the access-log record.
+        info: Option<Box<access::RunInfo>>,
     },
     /// Bytes for a WebSocket connection.
     Ws {
@@ -219,7 +216,7 @@ impl Drop for JobGuard {
                 let resp = handler::with_headers(internal_error().response(), headers);
                 Done::Respond { slot: self.slot, id: self.id, resp: Some(resp), head_only, close: true, info: None }
             }
-            None => Done::Return { slot: self.slot, id: self.id, stream: None },
+            None => Done::Streamed { slot: self.slot, id: self.id, keep: false, status: 500, written: 0, info: None },
         };
         self.notifier.send(d);
     }
@@ -232,8 +229,9 @@ fn internal_error() -> ApiError {
 struct Conn {
     id: u64,
     stream: Option<TcpStream>,
-    /// Duplicate descriptor watched for hang-up while the socket is lent.
-    watcher: Option<TcpStream>,
+    /// A duplicate of the socket for the runs that write their answers themselves: made on the
+    /// connection's first chat request and kept (it shares the socket, flags and all).
+    shared: Option<Arc<std::net::TcpStream>>,
     peer: SocketAddr,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
@@ -244,6 +242,12 @@ struct Conn {
     /// The deadline this connection is filed under in the loop's timers.
     timer: Option<Instant>,
     eof: bool,
+    /// The kernel may hold bytes not read yet. A read that returns less than it asked for has
+    /// emptied the receive queue, and anything arriving later raises a new (edge-triggered)
+    /// readiness event: until then another read would only return `WouldBlock`.
+    readable: bool,
+    /// A readiness event said the peer closed its side: read on to the end, however short a read.
+    read_closed: bool,
     cancel: Option<CancelToken>,
     /// Counts this connection in `gatelet_open_connections`.
     gauge: crate::metrics::ConnGauge,
@@ -511,7 +515,7 @@ impl Server {
                         while matches!(self.hup.read(&mut b), Ok(n) if n > 0) {}
                         self.reload();
                     }
-                    Token(t) => self.on_event(t - 2, ev.is_read_closed() || ev.is_error()),
+                    Token(t) => self.on_event(t - 2, ev.is_readable(), ev.is_read_closed() || ev.is_error()),
                 }
             }
             // Bounded per turn, like reads and accepts, so that sockets keep getting turns.
@@ -623,7 +627,7 @@ impl Server {
                     self.conns[slot] = Some(Conn {
                         id,
                         stream: Some(stream),
-                        watcher: None,
+                        shared: None,
                         peer,
                         rbuf: Vec::new(),
                         wbuf: Vec::new(),
@@ -631,6 +635,8 @@ impl Server {
                         ws: None,
                         timer: None,
                         eof: false,
+                        readable: true,
+                        read_closed: false,
                         cancel: None,
                         gauge: crate::metrics::ConnGauge::open(),
                         access: None,
@@ -709,14 +715,10 @@ impl Server {
             .map(|(_, i)| i)
     }
 
-    fn on_event(&mut self, slot: usize, hangup: bool) {
+    fn on_event(&mut self, slot: usize, readable: bool, hangup: bool) {
         let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
-        if conn.state() == State::Lent {
-            if hangup {
-                conn.cancel_run();
-            }
-            return;
-        }
+        conn.readable |= readable || hangup;
+        conn.read_closed |= hangup;
         if hangup && conn.state() == State::Running {
             conn.eof = true;
         }
@@ -738,6 +740,7 @@ impl Server {
             let mut ctx = Ctx { gw: &gw, bodies: &self.bodies, slot, notifier: &self.notifier };
             while let Some(stream) = conn.stream.as_mut() {
                 let reading = !conn.eof
+                    && conn.readable
                     && conn.http.state() != State::Closing
                     && conn.wbuf.len() < WRITE_CAP
                     && (conn.rbuf.len() < READ_CAP || conn.http.reading_request());
@@ -745,10 +748,12 @@ impl Server {
                 if reading {
                     // A body of declared length is read straight into place (nothing buffered
                     // may come before it); up to what is left of this turn's budget.
+                    let mut asked = self.scratch.len();
                     let read = match conn.rbuf.is_empty() {
-                        true => conn
-                            .http
-                            .read_body_in_place(READ_BUDGET.saturating_sub(taken), Instant::now(), |b| stream.read(b)),
+                        true => conn.http.read_body_in_place(READ_BUDGET.saturating_sub(taken), Instant::now(), |b| {
+                            asked = b.len();
+                            stream.read(b)
+                        }),
                         false => None,
                     };
                     let in_place = read.is_some();
@@ -758,10 +763,12 @@ impl Server {
                             if !in_place {
                                 conn.rbuf.extend_from_slice(&self.scratch[..n]);
                             }
+                            // Drained: skip the read that would only say `WouldBlock`.
+                            conn.readable = n == asked || conn.read_closed;
                             progressed = true;
                             taken += n;
                         }
-                        Err(e) if would_block(&e) => {}
+                        Err(e) if would_block(&e) => conn.readable = false,
                         Err(e) if interrupted(&e) => progressed = true,
                         Err(_) => conn.eof = true,
                     }
@@ -796,12 +803,15 @@ impl Server {
             let held = conn.wbuf.len() >= WRITE_CAP;
             if conn.eof {
                 if let Some(s) = &mut conn.ws {
+                    // Requests that came before the end are still answered.
                     s.on_eof();
-                    conn.ws_closed(Instant::now());
+                    if s.is_closed() {
+                        conn.ws_closed(Instant::now());
+                    }
                 } else {
                     match conn.state() {
                         State::Running => conn.cancel_run(),
-                        State::Lent | State::Closing => {}
+                        State::Closing => {}
                         // Requests that arrived before the end are still answered once it drains.
                         _ if held && !conn.rbuf.is_empty() => {}
                         // The peer is done sending; nothing more can arrive, so finish what is queued.
@@ -830,10 +840,9 @@ impl Server {
 
     fn on_done(&mut self, d: Done) {
         let (slot, id) = match &d {
-            Done::Respond { slot, id, .. }
-            | Done::Return { slot, id, .. }
-            | Done::Ws { slot, id, .. }
-            | Done::Lend { slot, id, .. } => (*slot, *id),
+            Done::Respond { slot, id, .. } | Done::Streamed { slot, id, .. } | Done::Ws { slot, id, .. } => {
+                (*slot, *id)
+            }
         };
         let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
         if conn.id != id {
@@ -868,31 +877,20 @@ impl Server {
                 }
                 self.drive(slot);
             }
-            Done::Return { stream, .. } => {
+            Done::Streamed { keep, status, written, info, .. } => {
                 conn.cancel = None;
                 conn.gone = None;
-                if let Some(mut w) = conn.watcher.take() {
-                    let _ = self.poll.registry().deregister(&mut w);
+                if let Some(mut a) = conn.access.take() {
+                    if let Some(i) = info {
+                        i.apply(&mut a);
+                    }
+                    a.finish(status, written);
                 }
-                let Some(std) = stream else { return self.close(slot) };
-                if std.set_nonblocking(true).is_err() {
+                if !keep {
                     return self.close(slot);
                 }
-                let mut s = TcpStream::from_std(std);
-                let token = Token(slot + 2);
-                if self.poll.registry().register(&mut s, token, Interest::READABLE | Interest::WRITABLE).is_err() {
-                    return self.close(slot);
-                }
-                conn.stream = Some(s);
                 finish_exchange(conn, false, &self.gw);
                 self.drive(slot);
-            }
-            Done::Lend { reply, .. } => {
-                if conn.eof || conn.state() != State::Running {
-                    // The client is gone: dropping `reply` tells the run.
-                    return self.close(slot);
-                }
-                self.lend(slot, reply);
             }
             Done::Ws { msg, .. } => {
                 if let Some(n) = &conn.notifier {
@@ -906,32 +904,6 @@ impl Server {
                 }
                 self.drive(slot);
             }
-        }
-    }
-
-    /// Lend connection `slot`'s socket to its streaming run, and watch a duplicate for hang-up.
-    fn lend(&mut self, slot: usize, reply: std::sync::mpsc::SyncSender<exchange::Lent>) {
-        let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
-        let Some(mut mio_stream) = conn.stream.take() else { return };
-        let _ = self.poll.registry().deregister(&mut mio_stream);
-        let std_stream: std::net::TcpStream = mio_stream.into();
-        // Token streams need little bandwidth; left to autotuning, the kernel would keep up to
-        // 4 MiB per socket for a client that does not read (and the stall would show that late).
-        let _ = socket2::SockRef::from(&std_stream).set_send_buffer_size(STREAM_SNDBUF);
-        let watch = std_stream.try_clone().map(TcpStream::from_std);
-        if let Ok(mut w) = watch
-            && self.poll.registry().register(&mut w, Token(slot + 2), Interest::READABLE).is_ok()
-        {
-            conn.watcher = Some(w);
-        }
-        conn.http.start_run(true);
-        let lent =
-            exchange::Lent { stream: std_stream, prefix: std::mem::take(&mut conn.wbuf), access: conn.access.take() };
-        if reply.send(lent).is_err() {
-            // The run is gone without its socket.
-            self.close(slot);
-        } else {
-            self.rearm(slot);
         }
     }
 
@@ -1012,9 +984,6 @@ impl Server {
         }
         if let Some(mut s) = conn.stream.take() {
             let _ = self.poll.registry().deregister(&mut s);
-        }
-        if let Some(mut w) = conn.watcher.take() {
-            let _ = self.poll.registry().deregister(&mut w);
         }
         if let Some(t) = conn.timer {
             self.timers.remove(&(t, slot, conn.id));
@@ -1142,7 +1111,7 @@ fn finish_exchange(conn: &mut Conn, close: bool, gw: &Gateway) {
 /// Parse and act on whatever complete requests are buffered, in order.
 fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
     if let Some(s) = &mut conn.ws {
-        let n = s.on_bytes(&conn.rbuf, &mut conn.wbuf, ctx.gw, conn.peer.ip());
+        let n = s.on_bytes(&conn.rbuf, &mut conn.wbuf);
         conn.rbuf.drain(..n);
         if s.is_closed() {
             conn.ws_closed(Instant::now());
@@ -1239,7 +1208,8 @@ fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Box<Head>) {
                 let notifier = ctx.notifier.for_connection();
                 let outbox = Arc::new(outbox::ConnOutbox { notifier: notifier.clone(), slot: ctx.slot, id: conn.id });
                 conn.notifier = Some(notifier);
-                conn.ws = Some(Box::new(rpc::Session::new(outbox, conn.id, Instant::now(), &mut conn.wbuf)));
+                let (gw, ip, now) = (ctx.gw.clone(), conn.peer.ip(), Instant::now());
+                conn.ws = Some(Box::new(rpc::Session::new(outbox, gw, ip, conn.id, now, &mut conn.wbuf)));
             }
             Err(e) => {
                 let resp = ApiError::from(e).response();
@@ -1298,6 +1268,13 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     if conn.rbuf.capacity() > 4096 {
         conn.rbuf.shrink_to(conn.rbuf.len());
     }
+    // The run writes its own answer (or hands it back): what the loop still holds of earlier
+    // answers goes out first, from here if the socket takes it, else from the run.
+    let _ = flush(conn);
+    let Some(sock) = shared_socket(conn) else {
+        crate::log!(Warn, "no descriptor for a run's socket: 503 to {}", conn.peer);
+        return chat_error(conn, ApiError::overloaded(), &h, gw);
+    };
     let admission = match gw.pool().admit_from(Some(conn.peer.ip().to_canonical())) {
         Ok(a) => a,
         Err(Refused::Full) => {
@@ -1315,7 +1292,7 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     let gone = Arc::new(AtomicBool::new(false));
     conn.cancel = Some(cancel.clone());
     conn.gone = Some(gone.clone());
-    conn.http.start_run(false);
+    conn.http.start_run();
     let ex = exchange::Exchange {
         gw: gw.clone(),
         headers: handler::api_headers(gw, &h),
@@ -1328,8 +1305,22 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
         slot: ctx.slot,
         id: conn.id,
         peer: conn.peer,
+        sock,
+        prefix: std::mem::take(&mut conn.wbuf),
     };
     admission.submit(None, move || ex.run());
+}
+
+/// The connection's duplicate socket for its runs, made on first use. Token streams need little
+/// bandwidth; left to autotuning, the kernel would keep up to 4 MiB per socket for a client that
+/// does not read (and the stall would show that late), so the send buffer is capped then.
+fn shared_socket(conn: &mut Conn) -> Option<Arc<std::net::TcpStream>> {
+    if conn.shared.is_none() {
+        let s = socket2::SockRef::from(conn.stream.as_ref()?).try_clone().ok()?;
+        let _ = s.set_send_buffer_size(STREAM_SNDBUF);
+        conn.shared = Some(Arc::new(s.into()));
+    }
+    conn.shared.clone()
 }
 
 #[cfg(test)]
@@ -1414,7 +1405,7 @@ mod tests {
         let summary = Some(registered(&runs));
         let guard = JobGuard { notifier: n, slot: 1, id: 2, runs: runs.clone(), summary, buffered: None, armed: true };
         drop(guard);
-        assert!(matches!(rx.try_recv(), Ok(Done::Return { slot: 1, id: 2, stream: None })));
+        assert!(matches!(rx.try_recv(), Ok(Done::Streamed { slot: 1, id: 2, keep: false, .. })));
         assert_eq!(runs.active(), 0);
     }
 

@@ -1,14 +1,16 @@
 //! The worker side of a chat completion run.
 //!
-//! A streaming run owns the client's socket (blocking, with a write timeout) and writes its SSE
-//! records straight to it, so memory per stream is one reused buffer however slow the client is:
-//! a slow reader simply slows the run down. The response head is held back until the backend's
+//! From dispatch to its end a run is the only writer to its client's socket (the loop goes on
+//! reading it, for a hang-up or pipelined requests). A streaming run writes its SSE records
+//! straight to it, waiting for room when the client is slow, so memory per stream is one reused
+//! buffer however slow the client is: a slow reader simply slows the run down. The response head is held back until the backend's
 //! first event (or the first heartbeat), so a run that fails at once still gets a real HTTP error
 //! status (SPEC §5).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io::Write;
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -26,43 +28,38 @@ use crate::openai::chat::{ChunkEncoder, completion_body};
 /// gone (so a trickling reader cannot hold a worker indefinitely).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The longest a single blocking `write` waits: progress (or its absence) is seen at least this
-/// often, so a stall is detected within this much of `gateway.http.stallTimeoutSeconds`. It is
-/// the socket's write timeout while a stream owns it.
+/// The longest one wait for room in the socket lasts: progress (or its absence) is seen at least
+/// this often, so a stall is detected within this much of `gateway.http.stallTimeoutSeconds`.
 pub const WRITE_STEP: Duration = Duration::from_secs(1);
 
-/// How far the socket's write timeout may be from the time actually left before it is reset:
-/// keeps the common case (timeout already at [`WRITE_STEP`]) free of an extra `setsockopt` per
-/// SSE record, at the cost of overshooting a deadline by at most this much.
-const TIMEOUT_SLACK: Duration = Duration::from_secs(1);
+thread_local! {
+    /// Each worker's own poller, made on the first wait for a slow client and kept.
+    static WAITER: RefCell<Option<(mio::Poll, mio::Events)>> = const { RefCell::new(None) };
+}
 
-/// Write all of `buf` to a blocking socket before `deadline` (within `TIMEOUT_SLACK`); false on
-/// error, when time runs out, or when the peer takes no bytes for `stall` (within
-/// [`WRITE_STEP`]). `current` is the write timeout the socket has now (`None` when unknown) and
-/// is kept up to date. Each `write` gets only the time left, so partial progress does not extend
-/// the total bound.
-pub fn write_bounded(
-    sock: &mut TcpStream,
-    mut buf: &[u8],
-    deadline: Instant,
-    stall: Duration,
-    current: &mut Option<Duration>,
-) -> bool {
+/// Wait up to `timeout` for room in the (non-blocking) socket's send buffer.
+fn wait_writable(sock: &TcpStream, timeout: Duration) -> std::io::Result<()> {
+    WAITER.with(|w| {
+        let mut w = w.borrow_mut();
+        let (poll, events) = match &mut *w {
+            Some(p) => p,
+            none => none.insert((mio::Poll::new()?, mio::Events::with_capacity(1))),
+        };
+        let fd = sock.as_raw_fd();
+        let mut source = mio::unix::SourceFd(&fd);
+        poll.registry().register(&mut source, mio::Token(0), mio::Interest::WRITABLE)?;
+        let waited = poll.poll(events, Some(timeout));
+        let _ = poll.registry().deregister(&mut source);
+        waited
+    })
+}
+
+/// Write all of `buf` to a non-blocking socket before `deadline`; false on error, when time
+/// runs out, or when the peer takes no bytes for `stall` (within [`WRITE_STEP`]). A client that
+/// reads costs one `write` per call; only a full send buffer makes the worker wait.
+pub fn write_bounded(mut sock: &TcpStream, mut buf: &[u8], deadline: Instant, stall: Duration) -> bool {
     let mut progress = Instant::now();
     while !buf.is_empty() {
-        let now = Instant::now();
-        let left = deadline.min(progress + stall).saturating_duration_since(now);
-        if left.is_zero() {
-            return false;
-        }
-        let want = left.min(WRITE_STEP);
-        let off = current.is_none_or(|c| c > want + TIMEOUT_SLACK || c + TIMEOUT_SLACK < want);
-        if off {
-            if sock.set_write_timeout(Some(want)).is_err() {
-                return false;
-            }
-            *current = Some(want);
-        }
         match sock.write(buf) {
             Ok(0) => return false,
             Ok(n) => {
@@ -70,8 +67,17 @@ pub fn write_bounded(
                 progress = Instant::now();
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            // The write timeout passed with no byte taken: check the stall and total bounds.
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let left = deadline.min(progress + stall).saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return false;
+                }
+                match wait_writable(sock, left.min(WRITE_STEP)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => return false,
+                }
+            }
             Err(_) => return false,
         }
     }
@@ -105,8 +111,6 @@ pub struct ChatJob {
     pub head_only: bool,
     /// Extra headers for the answer (`Cache-Control`, CORS); `Cache-Control` is left off SSE.
     pub headers: Vec<(&'static str, String)>,
-    /// The access-log record, for a streaming answer (finished by the caller).
-    pub access: Option<Box<super::access::Pending>>,
     /// Bytes written to the socket by [`ChatJob::run_streaming`].
     pub written: Cell<u64>,
     /// The status [`ChatJob::run_streaming`] answered with (499 when the client left first).
@@ -179,16 +183,14 @@ impl ChatJob {
         Some(resp)
     }
 
-    /// A streaming run over `sock`, after writing `prefix` (responses the loop had not flushed).
-    /// Returns whether the connection can be kept alive.
-    pub fn run_streaming(&self, sock: &mut TcpStream, prefix: Vec<u8>) -> bool {
+    /// A streaming run over `sock`. Returns whether the connection can be kept alive.
+    pub fn run_streaming(&self, sock: &TcpStream) -> bool {
         let _stream = crate::metrics::stream_guard();
         self.status.set(super::access::CLIENT_CLOSED);
         let mut sink = SseSink {
             job: self,
             sock,
-            timeout: Some(WRITE_STEP),
-            out: prefix,
+            out: Vec::new(),
             rec: Vec::with_capacity(512),
             enc: ChunkEncoder::new(&self.run.run_id, crate::util::now_secs(), &self.model, self.include_usage),
             head_sent: false,
@@ -234,9 +236,7 @@ impl ChatJob {
 
 struct SseSink<'a> {
     job: &'a ChatJob,
-    sock: &'a mut TcpStream,
-    /// The socket's current write timeout (the loop lends it with [`WRITE_STEP`]).
-    timeout: Option<Duration>,
+    sock: &'a TcpStream,
     /// Bytes ready for the socket.
     out: Vec<u8>,
     /// The SSE records being built (framed into `out` on send).
@@ -305,7 +305,7 @@ impl SseSink<'_> {
             return true;
         }
         let stall = self.job.gw.config().gateway.stall_timeout;
-        let ok = write_bounded(self.sock, &self.out, Instant::now() + WRITE_TIMEOUT, stall, &mut self.timeout);
+        let ok = write_bounded(self.sock, &self.out, Instant::now() + WRITE_TIMEOUT, stall);
         if ok {
             self.job.written.set(self.job.written.get() + self.out.len() as u64);
         }
@@ -391,33 +391,59 @@ mod tests {
     #[test]
     fn a_reader_that_never_reads_cannot_hold_a_write_past_its_deadline() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut w = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let w = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        w.set_nonblocking(true).unwrap();
         let (_peer, _) = l.accept().unwrap(); // accepted, never read
         let t0 = Instant::now();
         let big = vec![b'x'; 64 << 20];
         let long = Duration::from_secs(60);
-        assert!(!write_bounded(&mut w, &big, Instant::now() + Duration::from_millis(300), long, &mut None));
+        assert!(!write_bounded(&w, &big, Instant::now() + Duration::from_millis(300), long));
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
         // A small write to a live peer completes.
-        let (mut a, mut b) = {
+        let (a, mut b) = {
             let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
             (c, l.accept().unwrap().0)
         };
-        assert!(write_bounded(&mut a, b"hello", Instant::now() + Duration::from_secs(5), long, &mut None));
+        a.set_nonblocking(true).unwrap();
+        assert!(write_bounded(&a, b"hello", Instant::now() + Duration::from_secs(5), long));
         let mut got = [0u8; 5];
         std::io::Read::read_exact(&mut b, &mut got).unwrap();
         assert_eq!(&got, b"hello");
     }
 
     #[test]
+    fn a_slow_reader_gets_every_byte_through_the_waits_for_room() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let w = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        w.set_nonblocking(true).unwrap();
+        let (mut peer, _) = l.accept().unwrap();
+        let reader = std::thread::spawn(move || {
+            let (mut got, mut b) = (0, vec![0u8; 64 * 1024]);
+            loop {
+                std::thread::sleep(Duration::from_millis(1));
+                match std::io::Read::read(&mut peer, &mut b) {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got += n,
+                }
+            }
+        });
+        // Far more than the socket buffers hold: the writer must wait for room many times.
+        let big = vec![b'y'; 16 << 20];
+        assert!(write_bounded(&w, &big, Instant::now() + Duration::from_secs(120), Duration::from_secs(60)));
+        drop(w);
+        assert_eq!(reader.join().unwrap(), big.len());
+    }
+
+    #[test]
     fn a_reader_that_takes_nothing_is_cut_at_the_stall_bound_not_the_flush_bound() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut w = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let w = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        w.set_nonblocking(true).unwrap();
         let (_peer, _) = l.accept().unwrap(); // accepted, never read
         let big = vec![b'x'; 64 << 20];
         let t0 = Instant::now();
         let far = Instant::now() + Duration::from_secs(120);
-        assert!(!write_bounded(&mut w, &big, far, Duration::from_millis(500), &mut None));
+        assert!(!write_bounded(&w, &big, far, Duration::from_millis(500)));
         // Far below the flush deadline: only the stall bound can have ended it.
         assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
     }

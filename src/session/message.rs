@@ -98,6 +98,12 @@ impl Usage {
         };
         serde_json::json!({ p: self.prompt_tokens, c: self.completion_tokens, t: self.total() })
     }
+
+    /// Read the snake-case form (an upstream's `usage`, a transcript line's): `None` unless both
+    /// counts are there as non-negative integers (`total_tokens` is recomputed, never trusted).
+    pub fn from_json(v: &serde_json::Value) -> Option<Usage> {
+        Some(Usage { prompt_tokens: v["prompt_tokens"].as_u64()?, completion_tokens: v["completion_tokens"].as_u64()? })
+    }
 }
 
 #[cfg(test)]
@@ -111,5 +117,12 @@ mod tests {
         assert_eq!(u.to_json(false), want);
         let want = serde_json::json!({ "promptTokens": 2, "completionTokens": 3, "totalTokens": 5 });
         assert_eq!(u.to_json(true), want);
+        // Read back from the snake-case form; the total is recomputed, a missing or negative
+        // count is no usage.
+        assert_eq!(Usage::from_json(&u.to_json(false)), Some(u));
+        let odd = serde_json::json!({ "prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 99 });
+        assert_eq!(Usage::from_json(&odd).map(|u| u.total()), Some(5));
+        assert_eq!(Usage::from_json(&serde_json::json!({ "prompt_tokens": 2 })), None);
+        assert_eq!(Usage::from_json(&serde_json::json!({ "prompt_tokens": -1, "completion_tokens": 3 })), None);
     }
 }

@@ -668,9 +668,7 @@ fn parse_message(v: &Value) -> Option<StoredMessage> {
         "tool" => Role::Tool,
         _ => return None,
     };
-    let usage = v.get("usage").and_then(|u| {
-        Some(Usage { prompt_tokens: u["prompt_tokens"].as_u64()?, completion_tokens: u["completion_tokens"].as_u64()? })
-    });
+    let usage = v.get("usage").and_then(Usage::from_json);
     Some(StoredMessage {
         role,
         content: v["content"].as_str()?.to_string(),

@@ -6,7 +6,7 @@
 //! connection on any protocol error with the close code the error names (§7.1.7), enforces the
 //! message size limit while the message streams in, and times out a close handshake the peer
 //! never finishes ([`Conn::deadline`] / [`Conn::on_timer`]). What a message means is up to the
-//! caller: the gateway protocol (`ws::session`) or an echo server (`examples/ws_echo.rs`).
+//! caller: the gateway protocol (`rpc::session`) or an echo server (`examples/ws_echo.rs`).
 
 use std::time::{Duration, Instant};
 

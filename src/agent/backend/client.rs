@@ -350,11 +350,17 @@ impl Client {
                 stream: Stream::Tls(Box::new(TlsStream { sock, tls })),
                 idle: self.opts.read_timeout,
                 last_byte: Instant::now(),
+                ack_due: false,
             };
             conn.handshake(end, timeout, ctl, out)?;
             return Ok(conn);
         }
-        Ok(Conn { stream: Stream::Plain(sock), idle: self.opts.read_timeout, last_byte: Instant::now() })
+        Ok(Conn {
+            stream: Stream::Plain(sock),
+            idle: self.opts.read_timeout,
+            last_byte: Instant::now(),
+            ack_due: false,
+        })
     }
 }
 
@@ -510,6 +516,8 @@ pub struct Conn {
     /// Longest silence tolerated.
     idle: Duration,
     last_byte: Instant,
+    /// Bytes were read since the last acknowledgement was forced (see [`Conn::ack_now`]).
+    ack_due: bool,
 }
 
 fn is_timeout(e: &io::Error) -> bool {
@@ -549,7 +557,9 @@ impl Conn {
     /// that writes small pieces with Nagle on (no `TCP_NODELAY`: Python's http.server, cpp-httplib
     /// as in llama.cpp by default) holds each piece until the previous one is acknowledged; on a
     /// kept-alive connection (out of the kernel's initial quick-ACK phase) every such wait would
-    /// cost up to 40 ms. The kernel clears the flag as it goes, so it is set again after each read.
+    /// cost up to 40 ms. The kernel clears the flag as it goes, so it is set again before each
+    /// wait that follows a read (the pending ACK leaves at once then): a response that arrives in
+    /// one read, the common case, costs no extra system call.
     fn ack_now(&self) {
         #[cfg(target_os = "linux")]
         {
@@ -588,6 +598,8 @@ impl Conn {
             }
         }
         self.last_byte = Instant::now();
+        // The request carried the acknowledgement of anything read before it.
+        self.ack_due = false;
         Ok(())
     }
 
@@ -600,12 +612,15 @@ impl Conn {
         }
         let start = buf.len();
         buf.resize(start + READ_SIZE, 0);
+        if std::mem::take(&mut self.ack_due) {
+            self.ack_now();
+        }
         loop {
             match self.sock_mut().read(&mut buf[start..]) {
                 Ok(n) => {
                     buf.truncate(start + n);
                     self.last_byte = Instant::now();
-                    self.ack_now();
+                    self.ack_due = n > 0;
                     // A check per read too, so a flood of data cannot outrun a cancel.
                     ctl.check()?;
                     return Ok(n);

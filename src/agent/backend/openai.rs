@@ -406,10 +406,6 @@ fn snippet(s: &str) -> String {
     format!("{}…", &s[..end])
 }
 
-fn usage_of(v: &Value) -> Option<Usage> {
-    Some(Usage { prompt_tokens: v["prompt_tokens"].as_u64()?, completion_tokens: v["completion_tokens"].as_u64()? })
-}
-
 fn finish_of(v: &Value) -> Option<FinishReason> {
     match v.as_str()? {
         "length" => Some(FinishReason::Length),
@@ -442,7 +438,7 @@ pub fn parse_event(ev: &Event) -> Result<Chunk, OpenAiError> {
     if v.get("error").is_some_and(is_truthy) {
         return Err(OpenAiError::ErrorRecord(error_message(&v)));
     }
-    let mut chunk = Chunk { usage: v.get("usage").and_then(usage_of), ..Chunk::default() };
+    let mut chunk = Chunk { usage: v.get("usage").and_then(Usage::from_json), ..Chunk::default() };
     if let Some(c) = first_choice(&v) {
         chunk.content = c["delta"]["content"].as_str().map(String::from);
         chunk.tool_calls = tool_pieces(c["delta"].get("tool_calls"))?;
@@ -463,7 +459,7 @@ pub fn parse_completion(body: &[u8]) -> Result<Chunk, OpenAiError> {
         content: c["message"]["content"].as_str().map(String::from),
         tool_calls: tool_pieces(c["message"].get("tool_calls"))?,
         finish: finish_of(&c["finish_reason"]).or(Some(FinishReason::Stop)),
-        usage: v.get("usage").and_then(usage_of),
+        usage: v.get("usage").and_then(Usage::from_json),
         done: true,
     })
 }
