@@ -11,8 +11,8 @@
 //! an upstream, a child or a client), and those extra threads exit after a while without work.
 //! Threads that keep finishing jobs, or that are slow only because the CPU is busy, drain a burst
 //! by themselves: more threads would only add switching, and every thread started keeps an
-//! allocator arena after it exits. An address may be limited to a number of admitted runs so that one client cannot hold
-//! every worker.
+//! allocator arena after it exits. An address may be limited to a number of admitted runs so
+//! that one client cannot hold every worker.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -339,7 +339,7 @@ fn spawner(shared: &Arc<Shared>) {
                     // Read outside the lock: one small procfs file per worker.
                     let tids = s.tids.clone();
                     drop(s);
-                    let computing = runnable(&tids);
+                    let computing = runnable(&tids, shared.cores);
                     s = shared.state.lock().unwrap_or_else(|e| e.into_inner());
                     if computing >= shared.cores {
                         // The CPU, not waiting, holds the job up: look again after a grace.
@@ -366,15 +366,16 @@ fn own_tid() -> Option<u32> {
     link.file_name()?.to_str()?.parse().ok()
 }
 
-/// How many of the threads `tids` of this process are running or waiting for a CPU (state `R`);
-/// a thread that cannot be read counts as blocked.
-fn runnable(tids: &[u32]) -> usize {
+/// How many of the threads `tids` of this process are running or waiting for a CPU (state `R`),
+/// counted up to `enough`; a thread that cannot be read counts as blocked.
+fn runnable(tids: &[u32], enough: usize) -> usize {
     tids.iter()
         .filter(|t| {
             let stat = std::fs::read_to_string(format!("/proc/self/task/{t}/stat")).unwrap_or_default();
             // `pid (comm) S …`: the state follows the last parenthesis.
             stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('R'))
         })
+        .take(enough)
         .count()
 }
 
