@@ -28,6 +28,8 @@ thread_local! {
     /// The address the job running on this worker thread is counted against (`Some(..)` while a
     /// job runs and has not handed its place to a follow-up).
     static RUNNING: std::cell::Cell<Option<Option<IpAddr>>> = const { std::cell::Cell::new(None) };
+    /// The job running on this worker thread gave its place back early ([`Pool::release_place`]).
+    static RELEASED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Threads started with the pool, kept however idle.
@@ -253,6 +255,18 @@ impl Pool {
         Admission { shared: self.shared.clone(), ip, used: false }.submit(session, work);
     }
 
+    /// The job running on this thread is done with its run and only has its answer left to
+    /// deliver: its place (against the pool's size and its address's limit) is given back now,
+    /// not when the job returns, so that a client that sends its next request the moment it has
+    /// the answer finds the place free. Does nothing outside a job, or a second time.
+    pub fn release_place(&self) {
+        let Some(ip) = RUNNING.with(|r| r.take()) else { return };
+        RELEASED.with(|r| r.set(true));
+        let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.running -= 1;
+        s.release_ip(ip);
+    }
+
     /// Change how many runs may wait (config reload); runs already admitted keep their place.
     pub fn set_max_queued(&self, n: usize) {
         self.shared.max_queued.store(n, Ordering::Relaxed);
@@ -415,10 +429,13 @@ fn worker(shared: &Shared) {
         // A panicking run must not take the worker (or the session) with it; the job's own
         // guards close its connection when they are dropped during unwinding.
         let _ = catch_unwind(AssertUnwindSafe(job.work));
-        // Taken when the job handed its place to a follow-up.
+        // Taken when the job handed its place to a follow-up, or gave it back early.
         let ip = RUNNING.with(|r| r.take());
+        let released = RELEASED.with(|r| r.replace(false));
         let mut s = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.running -= 1;
+        if !released {
+            s.running -= 1;
+        }
         s.last_done = Some(Instant::now());
         if let Some(ip) = ip {
             s.release_ip(ip);
@@ -461,6 +478,43 @@ mod tests {
         drop(a);
         assert!(pool.admit().is_some(), "a dropped admission frees its place");
         gate_tx.send(()).unwrap();
+        pool.shutdown();
+    }
+
+    #[test]
+    fn a_job_that_gives_its_place_back_early_lets_the_next_request_in_while_it_finishes() {
+        let pool = Arc::new(Pool::new(1, 0, 1));
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let (released_tx, released_rx) = mpsc::channel::<()>();
+        let p = pool.clone();
+        pool.admit_from(Some(ip)).unwrap().submit(None, move || {
+            p.release_place();
+            p.release_place(); // a second call changes nothing
+            released_tx.send(()).unwrap();
+            let _ = gate_rx.recv(); // still delivering its answer
+        });
+        released_rx.recv().unwrap();
+        // The pool's only place and the address's only run are free while the job still runs.
+        let next = pool.admit_from(Some(ip)).expect("the place was given back");
+        assert!(matches!(pool.admit_from(Some(ip)), Err(Refused::Full)), "and only that one");
+        drop(next);
+        gate_tx.send(()).unwrap();
+        // Counted once: after the job ends there is exactly one place, and the worker is alive.
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let a = loop {
+            if let Ok(a) = pool.admit_from(Some(ip)) {
+                break a;
+            }
+            assert!(std::time::Instant::now() < deadline, "the place never came back");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(pool.admit_from(None).is_err(), "one place, not two");
+        a.submit(None, move || done_tx.send(()).unwrap());
+        done_rx.recv_timeout(Duration::from_secs(30)).expect("the worker runs the next job");
+        // Outside a job it does nothing.
+        pool.release_place();
         pool.shutdown();
     }
 

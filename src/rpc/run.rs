@@ -231,6 +231,8 @@ impl WsRun {
         // The registry learns of the end first, so that a client reacting to the final event
         // (`chat.abort`, `agent.wait`) sees the run as finished.
         self.gw.runs().finish(summary.clone());
+        // Only the final messages are left: the run's place in the pool is free for the next.
+        self.gw.pool().release_place();
         let s = &summary;
         match (&self.kind, &s.error) {
             (Kind::Agent { .. }, None) => {

@@ -139,9 +139,11 @@ impl ChatJob {
         self.client_gone.load(Ordering::SeqCst)
     }
 
-    /// Tell the run registry the run ended.
+    /// Tell the run registry the run ended, and give its place in the pool back: only the answer
+    /// is left to deliver, and a client may send its next request the moment it has it.
     fn ended(&self, out: &RunOutcome) {
         self.gw.runs().finish(summary(&self.gw, &self.run, self.accepted_at, out.clone()));
+        self.gw.pool().release_place();
     }
 
     /// The connection closes after this answer: the client asked, or the gateway is draining

@@ -139,14 +139,15 @@ impl Gateway {
         read_response(&mut s).expect("a response")
     }
 
-    /// [`one`](Self::one) once a run's place is free again: a finished run's place is given back
-    /// just after its answer reaches the client, so a request sent at once may still get 503.
-    /// Gives up (returning the 503) after 30 s.
+    /// [`one`](Self::one) once a run's place is free again: a run whose client went away holds
+    /// its place (against the pool and its address's limit) until the run has noticed and
+    /// ended, so a request sent at once may get 503 or 429. Gives up (returning that answer)
+    /// after 30 s.
     pub fn one_when_free(&self, req: &[u8]) -> Resp {
         let end = Instant::now() + Duration::from_secs(30);
         loop {
             let r = self.one(req);
-            if r.status != 503 || Instant::now() > end {
+            if !matches!(r.status, 503 | 429) || Instant::now() > end {
                 return r;
             }
             std::thread::sleep(Duration::from_millis(20));
