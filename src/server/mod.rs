@@ -1306,7 +1306,8 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
         id: conn.id,
         peer: conn.peer,
         sock,
-        prefix: std::mem::take(&mut conn.wbuf),
+        // Only bytes move: an empty buffer's capacity stays with the connection for its next answer.
+        prefix: if conn.wbuf.is_empty() { Vec::new() } else { std::mem::take(&mut conn.wbuf) },
     };
     admission.submit(None, move || ex.run());
 }
