@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::agent::backend::command;
 use crate::http::chunked::ChunkError;
-use crate::http::framing::{BodyDecoder, Framing};
+use crate::http::framing::{BodyDecoder, Framing, FramingError};
 use crate::http::head::{self, HeadError};
 use crate::http::upstream;
 use crate::rpc::protocol;
@@ -122,6 +122,10 @@ pub enum StrictRule {
     HostEmptyOrComma,
     /// Size limits: a target over 8 KiB (414), a head over 16 KiB or more than 64 fields (431).
     Limits,
+    /// A `Transfer-Encoding` field line that names no coding (`Transfer-Encoding: ,`), even when
+    /// another one names `chunked`: RFC 9110 §5.3 combines the lines into one list and §5.6.1
+    /// ignores its empty elements; we refuse such a line (400 + close).
+    EmptyTransferEncodingLine,
 }
 
 /// Ours, as a [`Verdict`].
@@ -310,6 +314,16 @@ fn strict_rule(data: &[u8], e: HeadError, len: usize) -> Option<StrictRule> {
             odd.then_some(StrictRule::HostEmptyOrComma)
         }
         HeadError::UriTooLong | HeadError::HeadersTooLarge => Some(StrictRule::Limits),
+        HeadError::Framing(FramingError::EmptyTransferEncoding) => {
+            let empty = head.split(|&b| b == b'\n').skip(1).any(|line| {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let name = b"transfer-encoding:";
+                line.len() >= name.len()
+                    && line[..name.len()].eq_ignore_ascii_case(name)
+                    && line[name.len()..].split(|&b| b == b',').all(|c| trim_ows(c).is_empty())
+            });
+            empty.then_some(StrictRule::EmptyTransferEncodingLine)
+        }
         _ => None,
     }
 }
