@@ -200,7 +200,8 @@ pub fn reference(data: &[u8]) -> Verdict {
     for v in field("content-length") {
         for part in v.split(|&b| b == b',') {
             let p = trim_ows(part);
-            let n = (!p.is_empty() && p.len() <= 19 && p.iter().all(u8::is_ascii_digit))
+            // Leading zeros are digits like any other; a value past `u64` is refused.
+            let n = (!p.is_empty() && p.iter().all(u8::is_ascii_digit))
                 .then(|| std::str::from_utf8(p).ok()?.parse::<u64>().ok())
                 .flatten();
             match (n, length) {
