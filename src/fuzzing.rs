@@ -294,6 +294,15 @@ fn unreserved_or_sub_delim(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b)
 }
 
+/// The values of the field lines named `name` (`"host:"`, lowercase, colon included), read as
+/// written: the request line may say a later minor, which httparse would not parse.
+fn field_lines<'a>(head: &'a [u8], name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
+    head.split(|&b| b == b'\n').skip(1).filter_map(move |line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        (line.len() >= name.len() && line[..name.len()].eq_ignore_ascii_case(name)).then(|| &line[name.len()..])
+    })
+}
+
 /// Which strict rule explains `ours` refusing bytes the reference accepts, if any.
 fn strict_rule(data: &[u8], e: HeadError, len: usize) -> Option<StrictRule> {
     let head = &data[..len.min(data.len())];
@@ -303,26 +312,14 @@ fn strict_rule(data: &[u8], e: HeadError, len: usize) -> Option<StrictRule> {
             bare.then_some(StrictRule::BareLf)
         }
         HeadError::HostValue => {
-            // The field lines as written (the request line may say a later minor, which
-            // httparse would not parse).
-            let odd = head.split(|&b| b == b'\n').skip(1).any(|line| {
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"host:") && {
-                    let v = trim_ows(&line[5..]);
-                    v.is_empty() || v[0] == b':' || v.contains(&b',')
-                }
-            });
+            let odd =
+                field_lines(head, b"host:").map(trim_ows).any(|v| v.is_empty() || v[0] == b':' || v.contains(&b','));
             odd.then_some(StrictRule::HostEmptyOrComma)
         }
         HeadError::UriTooLong | HeadError::HeadersTooLarge => Some(StrictRule::Limits),
         HeadError::Framing(FramingError::EmptyTransferEncoding) => {
-            let empty = head.split(|&b| b == b'\n').skip(1).any(|line| {
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                let name = b"transfer-encoding:";
-                line.len() >= name.len()
-                    && line[..name.len()].eq_ignore_ascii_case(name)
-                    && line[name.len()..].split(|&b| b == b',').all(|c| trim_ows(c).is_empty())
-            });
+            let empty = field_lines(head, b"transfer-encoding:")
+                .any(|v| v.split(|&b| b == b',').all(|c| trim_ows(c).is_empty()));
             empty.then_some(StrictRule::EmptyTransferEncodingLine)
         }
         _ => None,
