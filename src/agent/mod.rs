@@ -13,6 +13,7 @@ pub mod run;
 pub mod tool_exec;
 pub mod tools;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -61,7 +62,7 @@ pub struct RunOptions {
 
 /// Everything a backend needs to produce a reply.
 #[derive(Debug, Clone)]
-pub struct RunInput {
+pub struct RunInput<'a> {
     /// Unique id of this run (`chatcmpl-…` for HTTP runs).
     pub run_id: String,
     /// The agent answering.
@@ -70,8 +71,9 @@ pub struct RunInput {
     pub session_key: String,
     /// The agent's system prompt followed by the request's system/developer messages.
     pub system_prompt: String,
-    /// The conversation (no system messages), oldest first.
-    pub messages: Vec<ChatMessage>,
+    /// The conversation (no system messages), oldest first: a request's own messages are
+    /// borrowed (a prompt can be tens of MiB), copied only when the run adds agent-tool steps.
+    pub messages: Cow<'a, [ChatMessage]>,
     /// Sampling options.
     pub options: RunOptions,
     /// Words in `system_prompt` and the messages' contents ([`count_words`]), counted once by
@@ -79,7 +81,7 @@ pub struct RunInput {
     pub prompt_words: u64,
 }
 
-impl RunInput {
+impl RunInput<'_> {
     /// Words in a system prompt and messages: [`RunInput::prompt_words`] for them.
     pub fn count_prompt_words(system_prompt: &str, messages: &[ChatMessage]) -> u64 {
         count_words(system_prompt) + messages.iter().map(|m| count_words(&m.content)).sum::<u64>()
@@ -303,7 +305,7 @@ pub struct Agent {
 pub trait Backend: Send + Sync + fmt::Debug {
     /// Produce the reply for `input`, pushing events into `out`. Returning `Ok` finishes the
     /// run (with the finish reason last given to `out`, `stop` by default).
-    fn run(&self, input: &RunInput, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), RunError>;
+    fn run(&self, input: &RunInput<'_>, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), RunError>;
 }
 
 /// Counts whitespace-separated words: the token estimate used by `echo` and as a fallback.
@@ -321,12 +323,27 @@ pub fn count_words(s: &str) -> u64 {
     // Bit 7 set when the byte before the current position is whitespace (or at the start).
     let mut prev_ws = 0x80u64;
     let mut i = 0;
+    // Word starts per byte lane (each under 256), summed into `words` every 255 blocks and at
+    // the end of every ASCII run: no population count per block.
+    let mut lanes = 0u64;
+    let mut in_lanes = 0u32;
+    let sum = |lanes: u64| {
+        let pairs = (lanes & 0x00ff_00ff_00ff_00ff) + ((lanes >> 8) & 0x00ff_00ff_00ff_00ff);
+        pairs.wrapping_mul(0x0001_0001_0001_0001) >> 48
+    };
     while i < b.len() {
         for chunk in b[i..].chunks_exact(8) {
             let x =
                 u64::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3], chunk[4], chunk[5], chunk[6], chunk[7]]);
             if x & HI != 0 {
                 break;
+            }
+            // No byte under 0x21, so no whitespace: at most a word starting at the first byte.
+            if x.wrapping_sub(splat(0x21)) & !x & HI == 0 {
+                words += prev_ws >> 7;
+                prev_ws = 0;
+                i += 8;
+                continue;
             }
             // Per byte, bit 7 = whitespace: a space, or 0x09..=0x0d (no carries: bytes < 0x80).
             let t = x ^ splat(b' ');
@@ -337,9 +354,20 @@ pub fn count_words(s: &str) -> u64 {
             // A word starts at a non-whitespace byte after a whitespace one (little endian: the
             // next byte is the next 8 bits up).
             let starts = !ws & HI & ((ws << 8) | prev_ws);
-            words += u64::from(starts.count_ones());
+            lanes += starts >> 7;
+            in_lanes += 1;
+            if in_lanes == 255 {
+                words += sum(lanes);
+                lanes = 0;
+                in_lanes = 0;
+            }
             prev_ws = (ws >> 56) & 0x80;
             i += 8;
+        }
+        if in_lanes > 0 {
+            words += sum(lanes);
+            lanes = 0;
+            in_lanes = 0;
         }
         if i >= b.len() {
             break;

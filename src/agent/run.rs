@@ -1,6 +1,7 @@
 //! The run path every surface uses: context building, the backend call, usage accounting and the
 //! transcript append.
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use super::Agent;
@@ -189,9 +190,9 @@ pub fn execute(
     let sticky = req.sticky;
     let (messages, turn) = if sticky {
         let turn = new_turn(&req.messages);
-        (sessions.context_for_run(&req.session_key, turn), turn)
+        (Cow::Owned(sessions.context_for_run(&req.session_key, turn)), turn)
     } else {
-        (req.messages.clone(), &req.messages[..])
+        (Cow::Borrowed(&req.messages[..]), &req.messages[..])
     };
     let mut options = req.options.clone();
     if !agent.cfg.tools.is_empty() {
@@ -268,7 +269,7 @@ pub fn execute(
         steps += 1;
         let step = ChatMessage::assistant_calls(&rec.step_text, &calls);
         input.prompt_words += count_words(&step.content);
-        input.messages.push(step.clone());
+        input.messages.to_mut().push(step.clone());
         produced.push(step);
         let mut stopped = None;
         for c in &mine {
@@ -296,7 +297,7 @@ pub fn execute(
             };
             let msg = ChatMessage::tool_result(&c.id, result);
             input.prompt_words += count_words(&msg.content);
-            input.messages.push(msg.clone());
+            input.messages.to_mut().push(msg.clone());
             produced.push(msg);
         }
         if let Some(e) = stopped {

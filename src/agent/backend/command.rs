@@ -65,7 +65,7 @@ impl Command {
 /// The JSON object written to the program's stdin: the conversation as text, each message's
 /// original content parts (`parts`) and tool-calling fields when it had any, and the tools
 /// offered (with `toolChoice` when the client set one).
-pub fn run_json(input: &RunInput) -> Value {
+pub fn run_json(input: &RunInput<'_>) -> Value {
     let o = &input.options;
     let messages: Vec<Value> = input
         .messages
@@ -290,7 +290,7 @@ impl Drop for Running {
 }
 
 impl Backend for Command {
-    fn run(&self, input: &RunInput, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), RunError> {
+    fn run(&self, input: &RunInput<'_>, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), RunError> {
         let argv = &self.cfg.argv;
         let Some(prog) = argv.first() else { return Err(self.fail("empty argv")) };
         let mut cmd = std::process::Command::new(prog);
@@ -483,8 +483,8 @@ mod tests {
     fn run_json_carries_tools_parts_and_tool_fields() {
         let mut i = input();
         let parts = json!([{"type":"text","text":"hi"},{"type":"image_url","image_url":{"url":"data:,"}}]);
-        i.messages[0].raw_content = Some(parts.clone());
-        i.messages.push(crate::agent::ChatMessage::tool_result("c1", "42"));
+        i.messages.to_mut()[0].raw_content = Some(parts.clone());
+        i.messages.to_mut().push(crate::agent::ChatMessage::tool_result("c1", "42"));
         i.options.tools = vec![json!({"type":"function","function":{"name":"f"}})];
         i.options.tool_choice = Some(json!("auto"));
         let v = run_json(&i);
@@ -495,13 +495,13 @@ mod tests {
         assert!(run_json(&input()).get("tools").is_none());
     }
 
-    fn input() -> RunInput {
+    fn input() -> RunInput<'static> {
         RunInput {
             run_id: "r1".into(),
             agent_id: "a".into(),
             session_key: "agent:a:k".into(),
             system_prompt: "S".into(),
-            messages: vec![ChatMessage::new(Role::User, "hi")],
+            messages: vec![ChatMessage::new(Role::User, "hi")].into(),
             options: RunOptions { max_tokens: Some(3), ..Default::default() },
             prompt_words: 0,
         }

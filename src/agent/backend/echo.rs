@@ -58,7 +58,7 @@ pub fn split_words(text: &str) -> impl Iterator<Item = &str> {
 }
 
 impl Backend for Echo {
-    fn run(&self, input: &RunInput, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), RunError> {
+    fn run(&self, input: &RunInput<'_>, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), RunError> {
         let prompt_tokens = input.prompt_words;
         let last = input.messages.last();
         let tool_said;

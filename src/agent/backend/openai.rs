@@ -229,12 +229,12 @@ impl EventSink for Watch<'_> {
 }
 
 /// The JSON body sent upstream for `input`.
-pub fn request_body(model: &str, input: &RunInput) -> Value {
+pub fn request_body(model: &str, input: &RunInput<'_>) -> Value {
     let mut messages = Vec::with_capacity(input.messages.len() + 1);
     if !input.system_prompt.is_empty() {
         messages.push(json!({ "role": "system", "content": input.system_prompt }));
     }
-    for m in &input.messages {
+    for m in input.messages.iter() {
         let role = match m.role {
             Role::System => "system",
             Role::User => "user",
@@ -563,7 +563,7 @@ pub fn decode_body(parts: &[&[u8]]) -> Result<Decoded, String> {
 }
 
 impl Target {
-    fn exchange(&self, input: &RunInput, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), Fail> {
+    fn exchange(&self, input: &RunInput<'_>, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), Fail> {
         let client = match &self.client {
             Ok(c) => c,
             Err(e) => return Err(Fail::Run(RunError::Backend(self.label(e)))),
@@ -755,7 +755,7 @@ fn read_capped(ex: &mut Exchange, cap: usize, ctl: &RunControl, out: &mut dyn Ev
 }
 
 impl Backend for OpenAi {
-    fn run(&self, input: &RunInput, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), RunError> {
+    fn run(&self, input: &RunInput<'_>, ctl: &RunControl, out: &mut dyn EventSink) -> Result<(), RunError> {
         let mut tried: Vec<String> = Vec::new();
         for (i, t) in self.targets.iter().enumerate() {
             let mut watch = Watch { inner: out, delta: false };
@@ -792,7 +792,7 @@ mod tests {
             agent_id: "a".into(),
             session_key: "agent:a:k".into(),
             system_prompt: "Be brief.".into(),
-            messages: vec![ChatMessage::new(Role::User, "hi"), ChatMessage::new(Role::Assistant, "yo")],
+            messages: vec![ChatMessage::new(Role::User, "hi"), ChatMessage::new(Role::Assistant, "yo")].into(),
             options: RunOptions {
                 max_tokens: Some(5),
                 temperature: Some(0.5),
@@ -827,7 +827,7 @@ mod tests {
             agent_id: "a".into(),
             session_key: "agent:a:k".into(),
             system_prompt: String::new(),
-            messages: vec![ChatMessage::new(Role::User, "hi"), asst, tool],
+            messages: vec![ChatMessage::new(Role::User, "hi"), asst, tool].into(),
             options: RunOptions::default(),
             prompt_words: 0,
         };
@@ -1080,7 +1080,7 @@ mod tests {
             agent_id: "a".into(),
             session_key: "agent:a:k".into(),
             system_prompt: String::new(),
-            messages: vec![ChatMessage::new(Role::User, "hi")],
+            messages: vec![ChatMessage::new(Role::User, "hi")].into(),
             options: o.clone(),
             prompt_words: 0,
         };
@@ -1111,7 +1111,7 @@ mod tests {
             agent_id: "a".into(),
             session_key: "agent:a:k".into(),
             system_prompt: String::new(),
-            messages: vec![user, asst],
+            messages: vec![user, asst].into(),
             options: RunOptions::default(),
             prompt_words: 0,
         };
