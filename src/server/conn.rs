@@ -67,7 +67,15 @@ pub enum Action {
 enum Inner {
     Idle,
     Head,
-    Body { head: Box<Head>, reader: BodyDecoder, body: Vec<u8>, limit: u64 },
+    /// `body[..filled]` is the body so far; bytes past `filled` are zeroed room for the next
+    /// in-place read, so each byte is initialised once however short the reads come.
+    Body {
+        head: Box<Head>,
+        reader: BodyDecoder,
+        body: Vec<u8>,
+        filled: usize,
+        limit: u64,
+    },
     Running,
     Upgraded,
     Closing,
@@ -140,7 +148,7 @@ impl HttpConn {
     /// Bytes of body read so far, while reading one.
     pub fn body_len(&self) -> Option<u64> {
         match &self.inner {
-            Inner::Body { body, .. } => Some(body.len() as u64),
+            Inner::Body { filled, .. } => Some(*filled as u64),
             _ => None,
         }
     }
@@ -154,14 +162,18 @@ impl HttpConn {
         now: Instant,
         read: impl FnOnce(&mut [u8]) -> std::io::Result<usize>,
     ) -> Option<std::io::Result<usize>> {
-        let Inner::Body { reader, body, .. } = &mut self.inner else { return None };
+        let Inner::Body { reader, body, filled, .. } = &mut self.inner else { return None };
         let left = reader.left_in_place().filter(|&n| n > 0)?;
-        let start = body.len();
-        // Within the capacity reserved for the declared length: no reallocation.
-        body.resize(start + left.min(max.max(1) as u64) as usize, 0);
-        let r = read(&mut body[start..]);
-        let n = r.as_ref().map_or(0, |&n| n.min(body.len() - start));
-        body.truncate(start + n);
+        let start = *filled;
+        let end = start + left.min(max.max(1) as u64) as usize;
+        // Within the capacity reserved for the declared length: no reallocation, and only room
+        // not zeroed by an earlier call is zeroed now.
+        if body.len() < end {
+            body.resize(end, 0);
+        }
+        let r = read(&mut body[start..end]);
+        let n = r.as_ref().map_or(0, |&n| n.min(end - start));
+        *filled += n;
         reader.read_in_place(n as u64);
         if n > 0 {
             // A slow upload that keeps making progress is not a stalled one.
@@ -208,9 +220,19 @@ impl HttpConn {
                     }
                 }
             }
-            Inner::Body { reader, body, limit, .. } => {
+            Inner::Body { reader, body, filled, limit, .. } => {
                 let before = buf.len();
-                match reader.decode(buf, body) {
+                // Nothing buffered (the body is being read in place): keep the zeroed room.
+                let decoded = match buf.is_empty() {
+                    true => Ok(0),
+                    false => {
+                        body.truncate(*filled);
+                        let d = reader.decode(buf, body);
+                        *filled = body.len();
+                        d
+                    }
+                };
+                match decoded {
                     Ok(n) => {
                         buf.drain(..n);
                     }
@@ -230,9 +252,11 @@ impl HttpConn {
                     }
                     return None;
                 }
-                let Inner::Body { head, body, .. } = std::mem::replace(&mut self.inner, Inner::Running) else {
+                let Inner::Body { head, mut body, filled, .. } = std::mem::replace(&mut self.inner, Inner::Running)
+                else {
                     return None;
                 };
+                body.truncate(filled);
                 self.deadline = None;
                 Some(Action::Dispatch(head, body))
             }
@@ -252,7 +276,7 @@ impl HttpConn {
         };
         let reader = BodyDecoder::new(framing, limit);
         self.deadline = Some(now + self.t.header);
-        self.inner = Inner::Body { head, reader, body, limit };
+        self.inner = Inner::Body { head, reader, body, filled: 0, limit };
     }
 
     /// The current request has been answered: wait for the next one, or close.
@@ -478,6 +502,38 @@ mod tests {
         }
         assert_eq!(next, b"GET", "pipelined bytes stay for the next request");
         assert!(c.read_body_in_place(64, t0, |_| panic!("not reading a body")).is_none());
+    }
+
+    #[test]
+    fn short_reads_in_place_keep_only_what_was_read() {
+        let t0 = Instant::now();
+        let mut c = HttpConn::new(t0, T);
+        let h = head_of(&mut c, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n", t0);
+        c.read_body(h, 100, t0);
+        // A read that scribbles past what it reports: the room stays, the scribble is not body.
+        let r = c.read_body_in_place(6, t0, |b| {
+            assert_eq!(b.len(), 6);
+            b.copy_from_slice(b"abZZZZ");
+            Ok(2)
+        });
+        assert_eq!(r.unwrap().unwrap(), 2);
+        assert_eq!(c.body_len(), Some(2));
+        assert!(c.feed(&mut Vec::new(), t0, false).is_none(), "six bytes still to come");
+        // The next read starts where the last one stopped, and a larger `max` grows the room.
+        let r = c.read_body_in_place(64, t0, |b| {
+            assert_eq!(b.len(), 6, "the rest of the declared length");
+            assert_eq!(&b[..4], b"ZZZZ", "room already initialised is not written again");
+            b[..3].copy_from_slice(b"cde");
+            Ok(3)
+        });
+        assert_eq!(r.unwrap().unwrap(), 3);
+        // Bytes that arrive buffered (after the head of a pipelined read) append after those.
+        let mut buf = b"fghGET".to_vec();
+        match c.feed(&mut buf, t0, false) {
+            Some(Action::Dispatch(_, body)) => assert_eq!(body, b"abcdefgh"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(buf, b"GET");
     }
 
     #[test]
