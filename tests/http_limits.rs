@@ -6,7 +6,10 @@ mod util;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use util::{Gateway, TOKEN, closed_within, config, error_of, read_for, read_response, read_to_close, user_body};
+use util::{
+    Gateway, TOKEN, chat_request, closed_within, config, error_of, read_for, read_response, read_responses,
+    read_to_close, user_body,
+};
 
 #[test]
 fn header_section_over_16k_is_431() {
@@ -319,4 +322,73 @@ fn a_request_sent_with_the_end_of_input_is_answered_then_closed() {
         assert_eq!(r.status, 200);
         assert!(closed_within(&mut s, Duration::from_secs(10)), "closed after the answer");
     }
+}
+
+/// A chat request whose first message is `big` bytes of one word and whose last is `last`.
+fn large_chat(big: usize, last: &str) -> (Vec<u8>, usize) {
+    let body = format!(
+        r#"{{"model":"gatelet","messages":[{{"role":"user","content":"{}"}},{{"role":"user","content":"{last}"}}]}}"#,
+        "y".repeat(big)
+    );
+    let req = chat_request(&body);
+    let head = req.len() - body.len();
+    (req, head)
+}
+
+#[test]
+fn a_large_body_is_read_by_its_run_at_any_pace_and_the_connection_goes_on() {
+    let gw = Gateway::with_config(&config(
+        "http: { headerTimeoutSeconds: 2, endpoints: { chatCompletions: { enabled: true, maxBodyBytes: 4194304 } } }",
+        "",
+    ));
+    let (req, head) = large_chat(3 << 20, "after the big one");
+    let mut s = gw.connect();
+    // The head with a little of the body, then the rest in pieces, each pause under the stall
+    // timeout (the stall rule runs from the last byte, not from the head).
+    s.write_all(&req[..head + 100]).unwrap();
+    for piece in req[head + 100..].chunks(1 << 20) {
+        std::thread::sleep(Duration::from_millis(700));
+        s.write_all(piece).unwrap();
+    }
+    // A second request right behind it on the same connection.
+    s.write_all(&chat_request(&user_body("second", ""))).unwrap();
+    let rs = read_responses(&mut s, 2);
+    assert_eq!(rs.len(), 2, "both answered");
+    assert_eq!(rs[0].status, 200, "{}", rs[0].text());
+    let first = rs[0].json();
+    assert_eq!(first["choices"][0]["message"]["content"], "after the big one");
+    // Every byte was read and parsed: one word of 3 MiB and four more.
+    assert_eq!(first["usage"]["prompt_tokens"], 5, "{first}");
+    assert_eq!(rs[1].status, 200);
+    assert_eq!(rs[1].json()["choices"][0]["message"]["content"], "second");
+}
+
+#[test]
+fn a_large_body_that_stalls_gets_408_and_one_cut_short_harms_nobody() {
+    let gw = Gateway::with_config(&config(
+        "http: { headerTimeoutSeconds: 1, endpoints: { chatCompletions: { enabled: true, maxBodyBytes: 4194304 } } }",
+        "",
+    ));
+    let (req, head) = large_chat(2 << 20, "never sent");
+    let mut s = gw.connect();
+    s.write_all(&req[..head + (3 << 19)]).unwrap();
+    let t0 = Instant::now();
+    let r = read_response(&mut s).expect("408 for a stalled large body");
+    let took = t0.elapsed();
+    assert_eq!(r.status, 408);
+    assert_eq!(error_of(&r)["code"], "request_timeout");
+    assert_eq!(r.header("connection").as_deref(), Some("close"));
+    assert!(took >= Duration::from_millis(800), "took {took:?}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(closed_within(&mut s, Duration::from_secs(5)));
+
+    // A client that leaves in the middle of a large body gets nothing and harms nobody.
+    let mut c = gw.connect();
+    c.write_all(&req[..head + (1 << 20)]).unwrap();
+    drop(c);
+    let (req, _) = large_chat(2 << 20, "whole");
+    let r = gw.one(&req);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "whole");
+    assert_eq!(gw.one(&chat_request(&user_body("small", ""))).status, 200);
 }

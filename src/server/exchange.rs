@@ -9,11 +9,16 @@
 //! write ([`Done::Respond`]); a streaming run writes its events straight to the socket and then
 //! gives the connection back ([`Done::Streamed`]) — no round trip to the loop before its first
 //! byte. A sticky run continues as a follow-up job queued behind its session's earlier runs.
+//!
+//! A large body (from [`LARGE_BODY`]) is not read by the loop at all: the exchange comes with
+//! what arrived with the head and reads the rest from the socket itself ([`Exchange::rest`]),
+//! under the same stall rule the loop applies, then tells the loop ([`Done::BodyRead`]).
 
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::access::RunInfo;
 use super::stream::{self, ChatJob, WRITE_TIMEOUT};
@@ -23,13 +28,17 @@ use crate::gateway::Gateway;
 use crate::http::head::Head;
 use crate::openai::{ApiError, chat};
 
-/// Bodies from this size on are parsed in a lane of their own ([`LargeParses`]).
+/// Bodies from this size on are read by their run and parsed in a lane of their own
+/// ([`LargeParses`]).
 pub const LARGE_BODY: usize = 1024 * 1024;
 
-/// At most `lanes` large bodies are parsed (and turned into a run's messages) at once: tens of
-/// milliseconds of CPU each, so that on a small machine concurrent large uploads cannot take
-/// every core from the event loop and from small requests. The others wait their turn, holding
-/// a worker but no CPU.
+/// Bytes a lent body's reader copies per turn in its lane before letting others have it.
+const LANE_TURN: u64 = 1024 * 1024;
+
+/// At most `lanes` large bodies are read from their sockets (a turn at a time) or parsed (and
+/// turned into a run's messages) at once: milliseconds of CPU per MiB, so that on a small
+/// machine concurrent large uploads cannot take every core from the event loop and from small
+/// requests. The others wait their turn, holding a worker but no CPU.
 #[derive(Debug)]
 pub struct LargeParses {
     lanes: usize,
@@ -83,8 +92,11 @@ pub struct Exchange {
     pub gw: Arc<Gateway>,
     /// The request head.
     pub head: Box<Head>,
-    /// The request body, unparsed.
+    /// The request body, unparsed (its start, while `rest` is not zero).
     pub body: Vec<u8>,
+    /// Bytes of a declared-length body still in the socket, for the run to read: the loop lent
+    /// it the connection's input until [`Done::BodyRead`] (or the run's end).
+    pub rest: u64,
     /// The body's share of the budget for bodies in flight, given back once it is parsed.
     pub ticket: Option<super::budget::Ticket>,
     /// Cancelled when the client goes away or the run is aborted.
@@ -122,6 +134,11 @@ impl Exchange {
 
     /// Answer a request that did not become a run, with the shape the loop used to give it.
     fn refuse(&self, e: ApiError) {
+        self.refuse_then(e, self.head.close)
+    }
+
+    /// [`Exchange::refuse`], closing the connection after the answer when `close`.
+    fn refuse_then(&self, e: ApiError, close: bool) {
         let rid = format!("req-{}", crate::util::random_hex(24));
         let resp = handler::with_headers(e.response(), self.headers.clone()).header("x-request-id", rid.clone());
         let info = RunInfo { agent: None, session_key: None, request_id: Some(rid) };
@@ -130,7 +147,7 @@ impl Exchange {
             id: self.id,
             resp: Some(resp),
             head_only: false,
-            close: self.head.close,
+            close,
             info: Some(Box::new(info)),
         });
     }
@@ -151,6 +168,31 @@ impl Exchange {
             }
         }
         let mut guard = self.guard();
+        if self.rest > 0 {
+            let stall = self.gw.config().gateway.header_timeout;
+            let end = read_rest(&self.sock, &mut self.body, self.rest, stall, &self.cancel, LargeParses::global());
+            let (slot, id) = (self.slot, self.id);
+            match end {
+                BodyEnd::Complete => self.notifier.send(Done::BodyRead { slot, id }),
+                BodyEnd::Gone => {
+                    guard.armed = false;
+                    self.gone.store(true, Ordering::SeqCst);
+                    let status = super::access::CLIENT_CLOSED;
+                    return self.notifier.send(Done::Streamed {
+                        slot,
+                        id,
+                        keep: false,
+                        status,
+                        written: 0,
+                        info: None,
+                    });
+                }
+                BodyEnd::Stalled => {
+                    guard.armed = false;
+                    return self.refuse_then(ApiError::timed_out(), true);
+                }
+            }
+        }
         let lane = (self.body.len() >= LARGE_BODY).then(|| LargeParses::global().take());
         let parsed = chat::parse(&self.body);
         self.body = Vec::new();
@@ -207,6 +249,71 @@ impl Exchange {
             // Turns of one session run one at a time, in order.
             Some(key) => self.gw.pool().follow_up(Some(key), move || stage.run()),
             None => stage.run(),
+        }
+    }
+}
+
+/// How reading the rest of a lent body ended.
+#[derive(Debug, PartialEq)]
+enum BodyEnd {
+    /// Every declared byte is in the body.
+    Complete,
+    /// The client closed, the socket failed, or the run was cancelled (a drain, say).
+    Gone,
+    /// No byte arrived for the stall timeout: 408, and the connection closes.
+    Stalled,
+}
+
+/// Read `rest` more bytes into `body` from the non-blocking `sock`: no byte for `stall` is a
+/// stall, as when the loop reads a body. The bytes go straight into the room reserved for them
+/// (std's socket reads fill it without zeroing it first). Copying out of the kernel is CPU work
+/// like parsing: it is done holding one of `lanes`, for at most [`LANE_TURN`] bytes at a time,
+/// and never while waiting for bytes (a slow sender holds none).
+fn read_rest(
+    sock: &TcpStream,
+    body: &mut Vec<u8>,
+    rest: u64,
+    stall: Duration,
+    cancel: &CancelToken,
+    lanes: &LargeParses,
+) -> BodyEnd {
+    let target = body.len() as u64 + rest;
+    body.reserve_exact(usize::try_from(rest).unwrap_or(usize::MAX));
+    let mut progress = Instant::now();
+    loop {
+        let left = target - body.len() as u64;
+        if left == 0 {
+            return BodyEnd::Complete;
+        }
+        if cancel.is_cancelled() {
+            return BodyEnd::Gone;
+        }
+        let (before, turn) = (body.len(), left.min(LANE_TURN));
+        let read = {
+            let _lane = lanes.take();
+            sock.take(turn).read_to_end(body)
+        };
+        if body.len() > before {
+            progress = Instant::now();
+        }
+        match read {
+            // The end of this turn's share, or the end of the client's input.
+            Ok(n) if (n as u64) < turn => return BodyEnd::Gone,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let left = (progress + stall).saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return BodyEnd::Stalled;
+                }
+                // Woken at least once a second to see a cancel.
+                match stream::wait_readable(sock, left.min(stream::WRITE_STEP)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => return BodyEnd::Gone,
+                }
+            }
+            Err(_) => return BodyEnd::Gone,
         }
     }
 }

@@ -9,6 +9,11 @@
 //! spurious events are harmless. A streaming run *owns* its connection's socket while it runs;
 //! the loop then only watches a duplicate of the descriptor for hang-up (to cancel the run) and
 //! takes the socket back through a channel and a [`Waker`] when the run ends.
+//!
+//! Nothing slow happens here: a chat body from [`exchange::LARGE_BODY`] on is not read by the
+//! loop either. The loop admits the request from its head and lends the run the connection's
+//! input (the socket is registered for writability only meanwhile), and the run
+//! copies the body out of the kernel on a worker.
 
 pub mod access;
 pub mod budget;
@@ -104,6 +109,14 @@ pub enum Done {
         written: u64,
         /// For the access-log record.
         info: Option<Box<access::RunInfo>>,
+    },
+    /// A run has read the rest of the body the loop lent it: the connection's input is the
+    /// loop's again (an end of input now cancels the run; later bytes wait for its end).
+    BodyRead {
+        /// Connection slot.
+        slot: usize,
+        /// Connection id.
+        id: u64,
     },
     /// Bytes for a WebSocket connection.
     Ws {
@@ -259,6 +272,9 @@ struct Conn {
     gone: Option<Arc<AtomicBool>>,
     /// The share of the body budget held by the body being read.
     ticket: Option<budget::Ticket>,
+    /// A run is reading the rest of a large request body from the socket itself
+    /// ([`exchange::Exchange::rest`]): the loop does not read until it says it is done.
+    lent: bool,
 }
 
 impl Conn {
@@ -515,7 +531,7 @@ impl Server {
                         while matches!(self.hup.read(&mut b), Ok(n) if n > 0) {}
                         self.reload();
                     }
-                    Token(t) => self.on_event(t - 2, ev.is_readable(), ev.is_read_closed() || ev.is_error()),
+                    Token(t) => self.on_event(t - FIRST_CONN, ev.is_readable(), ev.is_read_closed() || ev.is_error()),
                 }
             }
             // Bounded per turn, like reads and accepts, so that sockets keep getting turns.
@@ -609,7 +625,7 @@ impl Server {
                         self.conns.push(None);
                         self.conns.len() - 1
                     });
-                    let token = Token(slot + 2);
+                    let token = Token(slot + FIRST_CONN);
                     if self
                         .poll
                         .registry()
@@ -643,6 +659,7 @@ impl Server {
                         notifier: None,
                         gone: None,
                         ticket: None,
+                        lent: false,
                     });
                     crate::log!(Trace, "accepted {peer} as #{id}");
                     // A request sent with the connection is usually waiting already: serve it
@@ -737,9 +754,11 @@ impl Server {
         }
         loop {
             let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
-            let mut ctx = Ctx { gw: &gw, bodies: &self.bodies, slot, notifier: &self.notifier };
+            let registry = self.poll.registry();
+            let mut ctx = Ctx { gw: &gw, bodies: &self.bodies, slot, notifier: &self.notifier, registry };
             while let Some(stream) = conn.stream.as_mut() {
                 let reading = !conn.eof
+                    && !conn.lent
                     && conn.readable
                     && conn.http.state() != State::Closing
                     && conn.wbuf.len() < WRITE_CAP
@@ -840,15 +859,26 @@ impl Server {
 
     fn on_done(&mut self, d: Done) {
         let (slot, id) = match &d {
-            Done::Respond { slot, id, .. } | Done::Streamed { slot, id, .. } | Done::Ws { slot, id, .. } => {
-                (*slot, *id)
-            }
+            Done::Respond { slot, id, .. }
+            | Done::Streamed { slot, id, .. }
+            | Done::BodyRead { slot, id }
+            | Done::Ws { slot, id, .. } => (*slot, *id),
         };
         let Some(Some(conn)) = self.conns.get_mut(slot) else { return };
         if conn.id != id {
             return;
         }
+        if conn.lent && !matches!(d, Done::Ws { .. }) {
+            // Whatever the run says now, it no longer reads the socket.
+            conn.lent = false;
+            hear_input(self.poll.registry(), conn, slot, true);
+        }
         match d {
+            Done::BodyRead { .. } => {
+                // Bytes may have arrived behind the body (or the end) while the run read it.
+                conn.readable = true;
+                self.drive(slot);
+            }
             Done::Respond { resp, head_only, close, info, .. } => {
                 conn.cancel = None;
                 conn.gone = None;
@@ -1043,6 +1073,19 @@ struct Ctx<'a> {
     bodies: &'a Arc<budget::BodyBudget>,
     slot: usize,
     notifier: &'a Notifier,
+    registry: &'a mio::Registry,
+}
+
+/// Connection slot `n` is registered under token `n + FIRST_CONN` (below: listener, signals...).
+const FIRST_CONN: usize = 2;
+
+/// Whether the loop hears of bytes arriving on `conn`: not while a run reads them itself
+/// ([`Conn::lent`]), which would only wake the loop for nothing, once per arriving segment.
+fn hear_input(registry: &mio::Registry, conn: &mut Conn, slot: usize, readable: bool) {
+    let interest = if readable { Interest::READABLE | Interest::WRITABLE } else { Interest::WRITABLE };
+    if let Some(s) = conn.stream.as_mut() {
+        let _ = registry.reregister(s, Token(slot + FIRST_CONN), interest);
+    }
 }
 
 /// Write queued bytes. Returns true when the connection should be closed now.
@@ -1139,7 +1182,7 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
                     conn.http.closing(Instant::now());
                     return over_budget(conn, ctx.gw, Some(&h));
                 }
-                dispatch_chat(conn, ctx, *h, body)
+                dispatch_chat(conn, ctx, *h, body, 0)
             }
             Action::Refuse(e, head) => {
                 conn.ticket = None;
@@ -1197,6 +1240,14 @@ fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Box<Head>) {
                 conn.wbuf.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
             }
             conn.access = Some(Box::new(access::Pending::new(&h, start)));
+            // A large chat body is read by its run: copying megabytes out of the kernel is work
+            // for a worker, and the loop stays free for every other connection. Only what came
+            // with the head moves with it.
+            let rest = declared.saturating_sub(conn.rbuf.len() as u64);
+            if route_is_chat(&h) && declared >= exchange::LARGE_BODY as u64 && rest > 0 {
+                let body = std::mem::take(&mut conn.rbuf);
+                return dispatch_chat(conn, ctx, *h, body, rest);
+            }
             conn.http.read_body(h, limit, Instant::now());
         }
         HeadAction::Upgrade => match ws::handshake::accept(&h) {
@@ -1227,11 +1278,13 @@ fn route_is_chat(h: &Head) -> bool {
     matches!(handler::route(h.path()), handler::Route::Chat)
 }
 
-fn chat_error(conn: &mut Conn, e: ApiError, h: &Head, gw: &Gateway) {
+/// Answer a chat request that did not become a run; `unread` when part of its body is still in
+/// the socket (the connection then closes).
+fn chat_error(conn: &mut Conn, e: ApiError, h: &Head, gw: &Gateway, unread: bool) {
     let rid = format!("req-{}", crate::util::random_hex(24));
     let resp = handler::with_headers(e.response(), handler::api_headers(gw, h)).header("x-request-id", rid.clone());
     let (status, before) = (resp.status, conn.wbuf.len());
-    let close = h.close || !gw.is_ready();
+    let close = h.close || unread || !gw.is_ready();
     encode(conn, resp, false, close);
     if let Some(mut a) = conn.access.take() {
         a.request_id = Some(rid);
@@ -1262,7 +1315,9 @@ fn over_budget(conn: &mut Conn, gw: &Gateway, h: Option<&Head>) {
 /// validates, resolves and runs it. Admission stays here, before the body is parsed, so that an
 /// overloaded gateway answers 503 (and an address over its run limit 429) without spending a
 /// worker on the request.
-fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
+/// Hand a chat request to a worker; `rest` bytes of its body are still in the socket, for the
+/// run to read (the connection is lent to it meanwhile).
+fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>, rest: u64) {
     let gw = ctx.gw;
     // The body came through the read buffer: do not keep its size for as long as the run lasts.
     if conn.rbuf.capacity() > 4096 {
@@ -1273,19 +1328,19 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     let _ = flush(conn);
     let Some(sock) = shared_socket(conn) else {
         crate::log!(Warn, "no descriptor for a run's socket: 503 to {}", conn.peer);
-        return chat_error(conn, ApiError::overloaded(), &h, gw);
+        return chat_error(conn, ApiError::overloaded(), &h, gw, rest > 0);
     };
     let admission = match gw.pool().admit_from(Some(conn.peer.ip().to_canonical())) {
         Ok(a) => a,
         Err(Refused::Full) => {
             crate::log!(Warn, "run queue full: 503 to {}", conn.peer);
             crate::metrics::run_rejected();
-            return chat_error(conn, ApiError::overloaded(), &h, gw);
+            return chat_error(conn, ApiError::overloaded(), &h, gw, rest > 0);
         }
         Err(Refused::PerIp(limit)) => {
             crate::log!(Debug, "{} has {limit} runs (gateway.maxRunsPerIp): 429", conn.peer);
             crate::metrics::run_rejected();
-            return chat_error(conn, ApiError::too_many_runs(limit), &h, gw);
+            return chat_error(conn, ApiError::too_many_runs(limit), &h, gw, rest > 0);
         }
     };
     let cancel = CancelToken::new();
@@ -1293,11 +1348,16 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>) {
     conn.cancel = Some(cancel.clone());
     conn.gone = Some(gone.clone());
     conn.http.start_run();
+    if rest > 0 {
+        conn.lent = true;
+        hear_input(ctx.registry, conn, ctx.slot, false);
+    }
     let ex = exchange::Exchange {
         gw: gw.clone(),
         headers: handler::api_headers(gw, &h),
         head: Box::new(h),
         body,
+        rest,
         ticket: conn.ticket.take(),
         cancel,
         gone,

@@ -39,6 +39,15 @@ thread_local! {
 
 /// Wait up to `timeout` for room in the (non-blocking) socket's send buffer.
 fn wait_writable(sock: &TcpStream, timeout: Duration) -> std::io::Result<()> {
+    wait_for(sock, mio::Interest::WRITABLE, timeout)
+}
+
+/// Wait up to `timeout` for bytes (or the end) to read on the (non-blocking) socket.
+pub fn wait_readable(sock: &TcpStream, timeout: Duration) -> std::io::Result<()> {
+    wait_for(sock, mio::Interest::READABLE, timeout)
+}
+
+fn wait_for(sock: &TcpStream, interest: mio::Interest, timeout: Duration) -> std::io::Result<()> {
     WAITER.with(|w| {
         let mut w = w.borrow_mut();
         let (poll, events) = match &mut *w {
@@ -47,7 +56,7 @@ fn wait_writable(sock: &TcpStream, timeout: Duration) -> std::io::Result<()> {
         };
         let fd = sock.as_raw_fd();
         let mut source = mio::unix::SourceFd(&fd);
-        poll.registry().register(&mut source, mio::Token(0), mio::Interest::WRITABLE)?;
+        poll.registry().register(&mut source, mio::Token(0), interest)?;
         let waited = poll.poll(events, Some(timeout));
         let _ = poll.registry().deregister(&mut source);
         waited
