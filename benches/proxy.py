@@ -13,6 +13,11 @@ asks the upstream with `stream: true` and gets the JSON completion), and the 64-
 and 8 connections (streams/s: the client asks with `stream: true`). Servers are pinned to CPU 0 and wrk
 to CPU 1 when there are 2 CPUs. Stdlib only; loopback only; every child is killed at exit.
 
+With --reference, each cell also drives a second nginx set up as a plain reverse proxy in front of
+the same upstream (pooled keep-alive, `proxy_buffering off`, pinned like gatelet): a proxy that
+only forwards bytes — no JSON parsing, no run, no re-rendering — shows what any proxy can reach
+on this machine and layout, the bound against which gatelet's ratio is read.
+
     cargo build --release && python3 benches/proxy.py [--duration 8] [--bin target/release/gatelet]
 """
 
@@ -147,6 +152,7 @@ def main():
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--only", default="", help="run only the cells whose name contains this (e.g. delta)")
+    ap.add_argument("--reference", action="store_true", help="also measure nginx as a pass-through proxy")
     ap.add_argument("--command", default="python3 benches/proxy.py")
     a = ap.parse_args()
     for tool in ("wrk", "nginx"):
@@ -189,6 +195,26 @@ http {{
     nlog = open(os.path.join(tmp, "nginx.out"), "w")
     nginx_proc = start(pin(srv_cpu) + [nginx, "-c", nginx_conf, "-e", f"{tmp}/nginx-error.log"], os.environ, nlog, up_port)
 
+    ref_proc, ref_port = None, free_port()
+    if a.reference:
+        ref_conf = os.path.join(tmp, "nginx-proxy.conf")
+        with open(ref_conf, "w") as f:
+            f.write(f"""daemon off; master_process off; worker_processes 1; pid {tmp}/nginx-proxy.pid;
+error_log {tmp}/nginx-proxy-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off; keepalive_requests 1000000; keepalive_timeout 60s;
+  client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp}; uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
+  upstream up {{ server {HOST}:{up_port}; keepalive 64; keepalive_requests 1000000; }}
+  server {{
+    listen {HOST}:{ref_port} reuseport;
+    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }}
+  }}
+}}
+""")
+        rlog = open(os.path.join(tmp, "nginx-proxy.out"), "w")
+        ref_proc = start(pin(srv_cpu) + [nginx, "-c", ref_conf, "-e", f"{tmp}/nginx-proxy-error.log"], os.environ, rlog, ref_port)
+
     cfg = os.path.join(tmp, "gatelet.json5")
     with open(cfg, "w") as f:
         f.write(
@@ -213,35 +239,43 @@ http {{
     direct_json = f"http://{HOST}:{up_port}/json/v1/chat/completions"
     direct_sse = f"http://{HOST}:{up_port}/sse/v1/chat/completions"
     via = f"http://{HOST}:{gw_port}/v1/chat/completions"
+    ref_json = f"http://{HOST}:{ref_port}/json/v1/chat/completions"
+    ref_sse = f"http://{HOST}:{ref_port}/sse/v1/chat/completions"
 
     cells = [
-        ("non-streaming, 1 conn", 1, (direct_json, plain), (via, plain_gw), "req/s"),
-        ("non-streaming, 8 conns", 8, (direct_json, plain), (via, plain_gw), "req/s"),
-        ("non-streaming, 32 conns", 32, (direct_json, plain), (via, plain_gw), "req/s"),
-        (f"{DELTAS}-delta stream, 1 conn", 1, (direct_sse, stream), (via, stream_gw), "streams/s"),
-        (f"{DELTAS}-delta stream, 8 conns", 8, (direct_sse, stream), (via, stream_gw), "streams/s"),
+        ("non-streaming, 1 conn", 1, (direct_json, plain), (via, plain_gw), (ref_json, plain), "req/s"),
+        ("non-streaming, 8 conns", 8, (direct_json, plain), (via, plain_gw), (ref_json, plain), "req/s"),
+        ("non-streaming, 32 conns", 32, (direct_json, plain), (via, plain_gw), (ref_json, plain), "req/s"),
+        (f"{DELTAS}-delta stream, 1 conn", 1, (direct_sse, stream), (via, stream_gw), (ref_sse, stream), "streams/s"),
+        (f"{DELTAS}-delta stream, 8 conns", 8, (direct_sse, stream), (via, stream_gw), (ref_sse, stream), "streams/s"),
     ]
     cells = [c for c in cells if a.only in c[0]]
     # Warm both paths (and gatelet's upstream pool).
     wrk(via, plain_gw, 32, a.warmup, cli_cpu)
     wrk(via, stream_gw, 8, a.warmup, cli_cpu)
     wrk(direct_json, plain, 8, a.warmup, cli_cpu)
+    if ref_proc:
+        wrk(ref_json, plain, 32, a.warmup, cli_cpu)
     rows, problems = [], []
-    for i, (name, conns, d, g, unit) in enumerate(cells):
+    for i, (name, conns, d, g, r, unit) in enumerate(cells):
         order = [("d", d), ("g", g)] if i % 2 == 0 else [("g", g), ("d", d)]
+        if ref_proc:
+            order.insert(1, ("r", r))
         res = {}
         for k, (url, lua) in order:
-            before = [cpu_seconds(p.pid) for p in (nginx_proc, gatelet_proc)]
+            procs = (nginx_proc, ref_proc if k == "r" else gatelet_proc)
+            before = [cpu_seconds(p.pid) for p in procs]
             res[k] = wrk(url, lua, conns, a.duration, cli_cpu)
-            after = [cpu_seconds(p.pid) for p in (nginx_proc, gatelet_proc)]
+            after = [cpu_seconds(p.pid) for p in procs]
             # CPU per request of each server: steadier than req/s on a shared machine, and it
             # says where the time goes (the upstream's own share against gatelet's).
             res[k]["cpu_us"] = [
                 (y - x) * 1e6 / res[k]["n"] if None not in (x, y) and res[k]["n"] else None
                 for x, y in zip(before, after)
             ]
-            problems += [f"{name} {'direct' if k == 'd' else 'gatelet'}: {p}" for p in res[k]["problems"]]
-        rows.append((name, unit, res["d"], res["g"]))
+            who = {"d": "direct", "g": "gatelet", "r": "nginx proxy"}[k]
+            problems += [f"{name} {who}: {p}" for p in res[k]["problems"]]
+        rows.append((name, unit, res["d"], res["g"], res.get("r")))
 
     def cell(r, unit):
         if r["rps"] is None:
@@ -249,16 +283,25 @@ http {{
         lat = r["lat"]
         return f"{r['rps']:,.0f} {unit}, p50 {lat.get('50', 0):.2f} ms, p99 {lat.get('99', 0):.2f} ms"
 
-    print(f"\n| cell | upstream direct | through gatelet's `openai` backend | ratio |")
-    print("|---|---|---|---|")
-    for name, unit, d, g in rows:
-        ratio = f"{g['rps'] / d['rps']:.2f}×" if d["rps"] and g["rps"] else "–"
-        print(f"| {name} | {cell(d, unit)} | {cell(g, unit)} | {ratio} |")
+    ratio = lambda x, d: f"{x['rps'] / d['rps']:.2f}×" if x and d["rps"] and x["rps"] else "–"
+    if ref_proc:
+        print(f"\n| cell | upstream direct | through gatelet's `openai` backend | ratio | through nginx as a pass-through proxy | ratio |")
+        print("|---|---|---|---|---|---|")
+    else:
+        print(f"\n| cell | upstream direct | through gatelet's `openai` backend | ratio |")
+        print("|---|---|---|---|")
+    for name, unit, d, g, r in rows:
+        extra = f" {cell(r, unit)} | {ratio(r, d)} |" if ref_proc else ""
+        print(f"| {name} | {cell(d, unit)} | {cell(g, unit)} | {ratio(g, d)} |{extra}")
     print()
-    print("CPU per request (µs, user + system, from /proc): | cell | nginx, direct | nginx, via gatelet | gatelet |")
     us = lambda v: f"{v:.1f}" if v is not None else "–"
-    for name, unit, d, g in rows:
-        print(f"| {name} | {us(d['cpu_us'][0])} | {us(g['cpu_us'][0])} | {us(g['cpu_us'][1])} |")
+    if ref_proc:
+        print("CPU per request (µs, user + system, from /proc): | cell | nginx, direct | nginx, via gatelet | gatelet | nginx, via nginx proxy | nginx proxy |")
+    else:
+        print("CPU per request (µs, user + system, from /proc): | cell | nginx, direct | nginx, via gatelet | gatelet |")
+    for name, unit, d, g, r in rows:
+        extra = f" {us(r['cpu_us'][0])} | {us(r['cpu_us'][1])} |" if ref_proc else ""
+        print(f"| {name} | {us(d['cpu_us'][0])} | {us(g['cpu_us'][0])} | {us(g['cpu_us'][1])} |{extra}")
     print()
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else []
     print(f"machine: {platform.platform()}, {os.cpu_count()} cpus, load average {' '.join(load)} at the end")

@@ -369,6 +369,61 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        s.set_nonblocking(true).unwrap();
+        (c, s)
+    }
+
+    #[test]
+    fn a_lent_body_is_read_to_its_length_and_no_further() {
+        use std::io::Write;
+        let (mut c, s) = pair();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || {
+            for piece in sent.chunks(300_000) {
+                c.write_all(piece).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            c.write_all(b"NEXT").unwrap();
+            c
+        });
+        let lanes = LargeParses::new(1);
+        let mut body = b"head".to_vec();
+        let end = read_rest(&s, &mut body, data.len() as u64, Duration::from_secs(5), &CancelToken::new(), &lanes);
+        assert_eq!(end, BodyEnd::Complete);
+        assert_eq!(body.len(), 4 + data.len());
+        assert!(body[..4] == *b"head" && body[4..] == data[..], "bytes in order");
+        assert_eq!(lanes.busy(), 0, "the lane is given back");
+        // What follows the body (the next request) is left in the socket.
+        let mut c = writer.join().unwrap();
+        s.set_nonblocking(false).unwrap();
+        let mut next = [0u8; 4];
+        (&s).read_exact(&mut next).unwrap();
+        assert_eq!(&next, b"NEXT");
+
+        // Silence for the stall timeout: stalled; the end of input first: gone.
+        s.set_nonblocking(true).unwrap();
+        c.write_all(b"12").unwrap();
+        let t0 = Instant::now();
+        let mut body = Vec::new();
+        let end = read_rest(&s, &mut body, 10, Duration::from_millis(300), &CancelToken::new(), &lanes);
+        assert_eq!(end, BodyEnd::Stalled);
+        assert!(t0.elapsed() >= Duration::from_millis(300), "{:?}", t0.elapsed());
+        assert_eq!(body, b"12");
+        drop(c);
+        let end = read_rest(&s, &mut body, 8, Duration::from_secs(5), &CancelToken::new(), &lanes);
+        assert_eq!(end, BodyEnd::Gone);
+        // A cancelled run stops reading.
+        let (_c, s) = pair();
+        let cancel = CancelToken::new();
+        cancel.cancel();
+        assert_eq!(read_rest(&s, &mut Vec::new(), 8, Duration::from_secs(5), &cancel, &lanes), BodyEnd::Gone);
+    }
+
     #[test]
     fn large_parses_take_turns_in_their_lanes() {
         let lanes = Arc::new(LargeParses::new(2));
