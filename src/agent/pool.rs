@@ -18,7 +18,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -458,9 +458,102 @@ fn worker(shared: &Shared) {
     }
 }
 
+/// Inputs from this size on are bulk work: a large request body is read from its socket and
+/// parsed, and a large prompt's words counted, holding one of the [`BulkLanes`].
+pub const LARGE_INPUT: usize = 1024 * 1024;
+
+/// At most `lanes` pieces of bulk work at once (a large body read from its socket a turn at a
+/// time, parsed and turned into a run's messages; a large prompt's words counted): milliseconds
+/// of CPU per MiB, so that on a small machine concurrent large uploads cannot take every core
+/// from the event loop and from small requests. The others wait their turn, holding a worker but
+/// no CPU.
+#[derive(Debug)]
+pub struct BulkLanes {
+    lanes: usize,
+    busy: Mutex<usize>,
+    free: Condvar,
+}
+
+/// A lane held until dropped.
+#[derive(Debug)]
+pub struct BulkLane<'a>(&'a BulkLanes);
+
+impl BulkLanes {
+    /// Up to `lanes` (at least one) at once.
+    pub fn new(lanes: usize) -> Self {
+        BulkLanes { lanes: lanes.max(1), busy: Mutex::new(0), free: Condvar::new() }
+    }
+
+    /// The gateway's: one core fewer than the machine has (one on a two-core machine).
+    pub fn global() -> &'static BulkLanes {
+        static G: OnceLock<BulkLanes> = OnceLock::new();
+        G.get_or_init(|| BulkLanes::new(std::thread::available_parallelism().map_or(1, |n| n.get() - 1)))
+    }
+
+    /// Wait for a free lane.
+    pub fn take(&self) -> BulkLane<'_> {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy >= self.lanes {
+            busy = self.free.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        *busy += 1;
+        BulkLane(self)
+    }
+
+    /// Lanes in use.
+    pub fn busy(&self) -> usize {
+        *self.busy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for BulkLane<'_> {
+    fn drop(&mut self) {
+        *self.0.busy.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        self.0.free.notify_one();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bulk_work_takes_turns_in_its_lanes() {
+        let lanes = Arc::new(BulkLanes::new(2));
+        let (inside, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (lanes, inside, most) = (lanes.clone(), inside.clone(), most.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        let _lane = lanes.take();
+                        let n = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(n, Ordering::SeqCst);
+                        std::thread::yield_now();
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(most.load(Ordering::SeqCst) <= 2, "{} at once", most.load(Ordering::SeqCst));
+        assert_eq!(lanes.busy(), 0, "every lane given back");
+        // A lane is given back when its holder panics, too.
+        let l = lanes.clone();
+        assert!(
+            std::thread::spawn(move || {
+                let _lane = l.take();
+                panic!("parse failed")
+            })
+            .join()
+            .is_err()
+        );
+        assert_eq!(lanes.busy(), 0);
+        let zero = BulkLanes::new(0);
+        drop(zero.take());
+    }
     use std::sync::mpsc;
     use std::time::Duration;
 

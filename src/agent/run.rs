@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use super::Agent;
+use super::pool::{BulkLanes, LARGE_INPUT};
 use super::tools::{Calls, ToolCall, ToolCallPiece, ToolEvent};
 use super::{
     CancelToken, ChatMessage, EventSink, FinishReason, Role, RunControl, RunError, RunInput, RunOptions, RunSink,
@@ -203,8 +204,13 @@ pub fn execute(
         });
         options.tools.extend(agent.cfg.tools.iter().map(AgentToolConfig::to_json));
     }
-    // Counted once here: backends that count words take it from the input.
-    let prompt_words = RunInput::count_prompt_words(&system_prompt, &messages);
+    // Counted once here: backends that count words take it from the input. A large prompt is
+    // bulk work, done in its turn (see `BulkLanes`).
+    let size = system_prompt.len() + messages.iter().map(|m| m.content.len()).sum::<usize>();
+    let prompt_words = {
+        let _lane = (size >= LARGE_INPUT).then(|| BulkLanes::global().take());
+        RunInput::count_prompt_words(&system_prompt, &messages)
+    };
     let mut input = RunInput {
         run_id: req.run_id.clone(),
         agent_id: agent.cfg.id.clone(),

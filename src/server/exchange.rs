@@ -16,74 +16,25 @@
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::access::RunInfo;
 use super::stream::{self, ChatJob, WRITE_TIMEOUT};
 use super::{Done, JobGuard, Notifier, handler};
 use crate::agent::CancelToken;
+use crate::agent::pool::{BulkLanes, LARGE_INPUT};
 use crate::gateway::Gateway;
 use crate::http::head::Head;
 use crate::openai::{ApiError, chat};
 
-/// Bodies from this size on are read by their run and parsed in a lane of their own
-/// ([`LargeParses`]).
-pub const LARGE_BODY: usize = 1024 * 1024;
+/// Bodies from this size on are read by their run, and read and parsed in one of the
+/// [`BulkLanes`].
+pub const LARGE_BODY: usize = LARGE_INPUT;
 
 /// Bytes a lent body's reader copies per turn in its lane before letting others have it.
 const LANE_TURN: u64 = 1024 * 1024;
-
-/// At most `lanes` large bodies are read from their sockets (a turn at a time) or parsed (and
-/// turned into a run's messages) at once: milliseconds of CPU per MiB, so that on a small
-/// machine concurrent large uploads cannot take every core from the event loop and from small
-/// requests. The others wait their turn, holding a worker but no CPU.
-#[derive(Debug)]
-pub struct LargeParses {
-    lanes: usize,
-    busy: Mutex<usize>,
-    free: Condvar,
-}
-
-/// A lane held until dropped.
-#[derive(Debug)]
-pub struct Lane<'a>(&'a LargeParses);
-
-impl LargeParses {
-    /// Up to `lanes` (at least one) at once.
-    pub fn new(lanes: usize) -> Self {
-        LargeParses { lanes: lanes.max(1), busy: Mutex::new(0), free: Condvar::new() }
-    }
-
-    /// The gateway's: one core fewer than the machine has (one on a two-core machine).
-    pub fn global() -> &'static LargeParses {
-        static G: OnceLock<LargeParses> = OnceLock::new();
-        G.get_or_init(|| LargeParses::new(std::thread::available_parallelism().map_or(1, |n| n.get() - 1)))
-    }
-
-    /// Wait for a free lane.
-    pub fn take(&self) -> Lane<'_> {
-        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        while *busy >= self.lanes {
-            busy = self.free.wait(busy).unwrap_or_else(|e| e.into_inner());
-        }
-        *busy += 1;
-        Lane(self)
-    }
-
-    /// Lanes in use.
-    pub fn busy(&self) -> usize {
-        *self.busy.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl Drop for Lane<'_> {
-    fn drop(&mut self) {
-        *self.0.busy.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
-        self.0.free.notify_one();
-    }
-}
 
 /// A framed and admitted chat completion request, on its way to a worker.
 #[derive(Debug)]
@@ -170,7 +121,7 @@ impl Exchange {
         let mut guard = self.guard();
         if self.rest > 0 {
             let stall = self.gw.config().gateway.header_timeout;
-            let end = read_rest(&self.sock, &mut self.body, self.rest, stall, &self.cancel, LargeParses::global());
+            let end = read_rest(&self.sock, &mut self.body, self.rest, stall, &self.cancel, BulkLanes::global());
             let (slot, id) = (self.slot, self.id);
             match end {
                 BodyEnd::Complete => self.notifier.send(Done::BodyRead { slot, id }),
@@ -193,7 +144,7 @@ impl Exchange {
                 }
             }
         }
-        let lane = (self.body.len() >= LARGE_BODY).then(|| LargeParses::global().take());
+        let lane = (self.body.len() >= LARGE_BODY).then(|| BulkLanes::global().take());
         let parsed = chat::parse(&self.body);
         self.body = Vec::new();
         self.ticket = None;
@@ -275,7 +226,7 @@ fn read_rest(
     rest: u64,
     stall: Duration,
     cancel: &CancelToken,
-    lanes: &LargeParses,
+    lanes: &BulkLanes,
 ) -> BodyEnd {
     let target = body.len() as u64 + rest;
     body.reserve_exact(usize::try_from(rest).unwrap_or(usize::MAX));
@@ -367,7 +318,6 @@ impl Stage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn pair() -> (TcpStream, TcpStream) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -391,7 +341,7 @@ mod tests {
             c.write_all(b"NEXT").unwrap();
             c
         });
-        let lanes = LargeParses::new(1);
+        let lanes = BulkLanes::new(1);
         let mut body = b"head".to_vec();
         let end = read_rest(&s, &mut body, data.len() as u64, Duration::from_secs(5), &CancelToken::new(), &lanes);
         assert_eq!(end, BodyEnd::Complete);
@@ -422,43 +372,5 @@ mod tests {
         let cancel = CancelToken::new();
         cancel.cancel();
         assert_eq!(read_rest(&s, &mut Vec::new(), 8, Duration::from_secs(5), &cancel, &lanes), BodyEnd::Gone);
-    }
-
-    #[test]
-    fn large_parses_take_turns_in_their_lanes() {
-        let lanes = Arc::new(LargeParses::new(2));
-        let (inside, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let threads: Vec<_> = (0..8)
-            .map(|_| {
-                let (lanes, inside, most) = (lanes.clone(), inside.clone(), most.clone());
-                std::thread::spawn(move || {
-                    for _ in 0..50 {
-                        let _lane = lanes.take();
-                        let n = inside.fetch_add(1, Ordering::SeqCst) + 1;
-                        most.fetch_max(n, Ordering::SeqCst);
-                        std::thread::yield_now();
-                        inside.fetch_sub(1, Ordering::SeqCst);
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        assert!(most.load(Ordering::SeqCst) <= 2, "{} at once", most.load(Ordering::SeqCst));
-        assert_eq!(lanes.busy(), 0, "every lane given back");
-        // A lane is given back when its holder panics, too.
-        let l = lanes.clone();
-        assert!(
-            std::thread::spawn(move || {
-                let _lane = l.take();
-                panic!("parse failed")
-            })
-            .join()
-            .is_err()
-        );
-        assert_eq!(lanes.busy(), 0);
-        let zero = LargeParses::new(0);
-        drop(zero.take());
     }
 }
