@@ -92,6 +92,24 @@ fn expect_100_continue_only_after_auth() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["choices"][0]["message"]["content"], "after continue");
 
+    // A large body (read by its run rather than the loop) gets the 100 the same way, and the
+    // connection goes on after it.
+    let big = user_body(&"word ".repeat(600_000), "");
+    let big_head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Expect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        big.len()
+    );
+    s.write_all(big_head.as_bytes()).unwrap();
+    let cont = read_head(&mut s).expect("interim response before a large body");
+    assert_eq!(cont.head, "HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(big.as_bytes()).unwrap();
+    let r = read_response(&mut s).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["prompt_tokens"], 600_000);
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut s).unwrap().status, 200);
+
     // A bad token gets the final 401 straight away, without a 100 and without sending the body.
     let bad = head.replace(TOKEN, "wrong");
     let mut s = gw.connect();
