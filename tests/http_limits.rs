@@ -361,6 +361,10 @@ fn a_large_body_is_read_by_its_run_at_any_pace_and_the_connection_goes_on() {
     assert_eq!(first["usage"]["prompt_tokens"], 5, "{first}");
     assert_eq!(rs[1].status, 200);
     assert_eq!(rs[1].json()["choices"][0]["message"]["content"], "second");
+    // The loop listens to the connection again: a request sent later is heard and answered.
+    std::thread::sleep(Duration::from_millis(200));
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut s).expect("a later request is answered").status, 200);
 }
 
 #[test]
