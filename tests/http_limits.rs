@@ -324,6 +324,16 @@ fn a_request_sent_with_the_end_of_input_is_answered_then_closed() {
     }
 }
 
+/// A gateway taking chat bodies up to 4 MiB, with a stall timeout of `secs`.
+fn large_body_gateway(secs: u32) -> Gateway {
+    Gateway::with_config(&config(
+        &format!(
+            "http: {{ headerTimeoutSeconds: {secs}, endpoints: {{ chatCompletions: {{ enabled: true, maxBodyBytes: 4194304 }} }} }}"
+        ),
+        "",
+    ))
+}
+
 /// A chat request whose first message is `big` bytes of one word and whose last is `last`.
 fn large_chat(big: usize, last: &str) -> (Vec<u8>, usize) {
     let body = format!(
@@ -337,10 +347,7 @@ fn large_chat(big: usize, last: &str) -> (Vec<u8>, usize) {
 
 #[test]
 fn a_large_body_is_read_by_its_run_at_any_pace_and_the_connection_goes_on() {
-    let gw = Gateway::with_config(&config(
-        "http: { headerTimeoutSeconds: 2, endpoints: { chatCompletions: { enabled: true, maxBodyBytes: 4194304 } } }",
-        "",
-    ));
+    let gw = large_body_gateway(2);
     let (req, head) = large_chat(3 << 20, "after the big one");
     let mut s = gw.connect();
     // The head with a little of the body, then the rest in pieces, each pause under the stall
@@ -369,10 +376,7 @@ fn a_large_body_is_read_by_its_run_at_any_pace_and_the_connection_goes_on() {
 
 #[test]
 fn a_large_body_that_stalls_gets_408_and_one_cut_short_harms_nobody() {
-    let gw = Gateway::with_config(&config(
-        "http: { headerTimeoutSeconds: 1, endpoints: { chatCompletions: { enabled: true, maxBodyBytes: 4194304 } } }",
-        "",
-    ));
+    let gw = large_body_gateway(1);
     let (req, head) = large_chat(2 << 20, "never sent");
     let mut s = gw.connect();
     s.write_all(&req[..head + (3 << 19)]).unwrap();
