@@ -1102,7 +1102,10 @@ fn flush(conn: &mut Conn) -> bool {
         }
     }
     conn.wbuf.drain(..written);
-    if conn.wbuf.is_empty() && conn.wbuf.capacity() > 64 * 1024 {
+    if conn.wbuf.is_empty() && conn.ws.is_some() && conn.wbuf.capacity() > 0 {
+        // A WebSocket connection mostly waits: it holds no write buffer while it does.
+        conn.wbuf = Vec::new();
+    } else if conn.wbuf.is_empty() && conn.wbuf.capacity() > 64 * 1024 {
         conn.wbuf.shrink_to(4096);
     }
     if let Some(n) = &conn.notifier {
@@ -1156,6 +1159,10 @@ fn process(conn: &mut Conn, ctx: &mut Ctx<'_>) {
     if let Some(s) = &mut conn.ws {
         let n = s.on_bytes(&conn.rbuf, &mut conn.wbuf);
         conn.rbuf.drain(..n);
+        if conn.rbuf.is_empty() && conn.rbuf.capacity() > 0 {
+            // Nor a read buffer.
+            conn.rbuf = Vec::new();
+        }
         if s.is_closed() {
             conn.ws_closed(Instant::now());
         }
