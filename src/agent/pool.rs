@@ -32,8 +32,14 @@ thread_local! {
     static RELEASED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Threads started with the pool, kept however idle.
-const CORE_THREADS: usize = 4;
+/// Threads started with the pool and kept however idle: one per core, at least two and at most
+/// [`MAX_CORE_THREADS`]. Every thread that ever ran a job keeps an allocator arena (and its
+/// caches) for the life of the process, so a small machine keeps few.
+fn core_threads(cores: usize) -> usize {
+    cores.clamp(2, MAX_CORE_THREADS)
+}
+/// The most threads kept however idle.
+const MAX_CORE_THREADS: usize = 4;
 /// An extra thread with no work for this long exits.
 const IDLE_EXIT: Duration = Duration::from_secs(30);
 /// How long a queued job waits for a thread to come free before another thread is started for
@@ -114,6 +120,8 @@ struct Shared {
     /// Wakes the thread that starts workers for jobs that waited too long.
     spawner: Condvar,
     workers: usize,
+    /// Threads kept however idle ([`core_threads`], at most `workers`).
+    core: usize,
     grace: Duration,
     /// CPUs this process may use.
     cores: usize,
@@ -194,6 +202,7 @@ impl Pool {
             cv: Condvar::new(),
             spawner: Condvar::new(),
             workers,
+            core: core_threads(cores).min(workers),
             grace,
             cores,
             max_queued: AtomicUsize::new(max_queued),
@@ -202,11 +211,11 @@ impl Pool {
         });
         {
             let mut s = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            for _ in 0..workers.min(CORE_THREADS) {
+            for _ in 0..shared.core {
                 spawn(&shared, &mut s);
             }
         }
-        if workers > CORE_THREADS {
+        if workers > shared.core {
             let sh = shared.clone();
             match std::thread::Builder::new().name("gatelet-pool".into()).spawn(move || spawner(&sh)) {
                 Ok(h) => shared.handles.lock().unwrap_or_else(|e| e.into_inner()).push(h),
@@ -418,7 +427,7 @@ fn worker(shared: &Shared) {
                 let (g, t) = shared.cv.wait_timeout(s, IDLE_EXIT).unwrap_or_else(|e| e.into_inner());
                 s = g;
                 s.idle -= 1;
-                if t.timed_out() && s.ready.is_empty() && s.threads > CORE_THREADS.min(shared.workers) {
+                if t.timed_out() && s.ready.is_empty() && s.threads > shared.core {
                     s.leave(tid);
                     return;
                 }
@@ -705,7 +714,7 @@ mod tests {
     #[test]
     fn threads_start_on_demand_up_to_the_pool_size() {
         let pool = Pool::new(16, 0, 0);
-        assert_eq!(pool.threads(), CORE_THREADS);
+        assert_eq!(pool.threads(), pool.shared.core);
         let (gate_tx, gate_rx) = mpsc::channel::<()>();
         let gate = Arc::new(Mutex::new(gate_rx));
         let (started_tx, started_rx) = mpsc::channel();
@@ -737,14 +746,14 @@ mod tests {
         for _ in 0..12 {
             rx.recv_timeout(Duration::from_secs(10)).expect("every job ran");
         }
-        assert_eq!(pool.threads(), CORE_THREADS);
+        assert_eq!(pool.threads(), core_threads(2));
         pool.shutdown();
     }
 
     #[test]
     fn a_thread_waits_for_a_grace_in_which_no_worker_finished() {
         let (t0, grace) = (Instant::now(), Duration::from_millis(5));
-        let mut s = State { threads: CORE_THREADS, ..State::default() };
+        let mut s = State { threads: 2, ..State::default() };
         s.ready.push_back(Job { session: None, ip: None, queued: t0, work: Box::new(|| {}) });
         assert_eq!(s.spawn_due(8, grace), Some(t0 + grace));
         // Workers that keep finishing jobs (busy, not blocked) put the new thread off.
@@ -765,10 +774,11 @@ mod tests {
     #[test]
     #[cfg(target_os = "linux")]
     fn workers_that_compute_get_no_more_threads() {
-        // One core here: four workers spinning keep it busy, so queued jobs wait for them.
+        // One core here: the core workers spinning keep it busy, so queued jobs wait for them.
         let pool = Pool::with_grace(16, 64, 0, Duration::from_millis(10), 1);
+        let core = core_threads(1);
         let (tx, rx) = mpsc::channel();
-        for i in 0..CORE_THREADS {
+        for i in 0..core {
             let tx = tx.clone();
             pool.admit().unwrap().submit(None, move || {
                 let end = Instant::now() + Duration::from_millis(300);
@@ -782,34 +792,35 @@ mod tests {
             let tx = tx.clone();
             pool.admit().unwrap().submit(None, move || tx.send(100 + i).unwrap());
         }
-        for _ in 0..CORE_THREADS + 4 {
+        for _ in 0..core + 4 {
             rx.recv_timeout(Duration::from_secs(20)).expect("every job ran");
         }
-        assert_eq!(pool.threads(), CORE_THREADS);
+        assert_eq!(pool.threads(), core);
         pool.shutdown();
     }
 
     #[test]
     fn a_job_gets_a_thread_when_every_worker_is_blocked() {
         let pool = Pool::with_grace(8, 64, 0, Duration::from_millis(20), 2);
+        let core = core_threads(2);
         let (gate_tx, gate_rx) = mpsc::channel::<()>();
         let gate = Arc::new(Mutex::new(gate_rx));
         let (started_tx, started_rx) = mpsc::channel();
-        for _ in 0..CORE_THREADS {
+        for _ in 0..core {
             let (gate, started) = (gate.clone(), started_tx.clone());
             pool.admit().unwrap().submit(None, move || {
                 started.send(()).unwrap();
                 let _ = gate.lock().unwrap().recv();
             });
         }
-        for _ in 0..CORE_THREADS {
+        for _ in 0..core {
             started_rx.recv_timeout(Duration::from_secs(10)).expect("the core threads took the blocking jobs");
         }
         // Nothing else will free a thread: the spawner must start one once the grace is over.
         let (tx, rx) = mpsc::channel();
         pool.admit().unwrap().submit(None, move || tx.send(7).unwrap());
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)).expect("the queued job ran"), 7);
-        assert_eq!(pool.threads(), CORE_THREADS + 1);
+        assert_eq!(pool.threads(), core + 1);
         drop(gate_tx);
         pool.shutdown();
     }

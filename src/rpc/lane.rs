@@ -211,7 +211,9 @@ fn pool() -> &'static Pool {
         threads: AtomicUsize::new(0),
     });
     START.call_once(|| {
-        let want = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, MAX_THREADS);
+        // One core fewer than the machine has (one on two cores): requests are short, and every
+        // thread keeps an allocator arena for the life of the process.
+        let want = std::thread::available_parallelism().map_or(2, |n| n.get()).saturating_sub(1).clamp(1, MAX_THREADS);
         let started = (0..want)
             .filter(|_| std::thread::Builder::new().name("gatelet-rpc".into()).spawn(move || p.worker()).is_ok())
             .count();
