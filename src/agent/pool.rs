@@ -525,6 +525,8 @@ impl Drop for BulkLane<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
 
     #[test]
     fn bulk_work_takes_turns_in_its_lanes() {
@@ -563,8 +565,6 @@ mod tests {
         let zero = BulkLanes::new(0);
         drop(zero.take());
     }
-    use std::sync::mpsc;
-    use std::time::Duration;
 
     #[test]
     fn queue_bound_and_release() {

@@ -10,7 +10,7 @@
 //! gives the connection back ([`Done::Streamed`]) — no round trip to the loop before its first
 //! byte. A sticky run continues as a follow-up job queued behind its session's earlier runs.
 //!
-//! A large body (from [`LARGE_BODY`]) is not read by the loop at all: the exchange comes with
+//! A large body (from [`LARGE_INPUT`]) is not read by the loop at all: the exchange comes with
 //! what arrived with the head and reads the rest from the socket itself ([`Exchange::rest`]),
 //! under the same stall rule the loop applies, then tells the loop ([`Done::BodyRead`]).
 
@@ -28,10 +28,6 @@ use crate::agent::pool::{BulkLanes, LARGE_INPUT};
 use crate::gateway::Gateway;
 use crate::http::head::Head;
 use crate::openai::{ApiError, chat};
-
-/// Bodies from this size on are read by their run, and read and parsed in one of the
-/// [`BulkLanes`].
-pub const LARGE_BODY: usize = LARGE_INPUT;
 
 /// Bytes a lent body's reader copies per turn in its lane before letting others have it.
 const LANE_TURN: u64 = 1024 * 1024;
@@ -103,6 +99,13 @@ impl Exchange {
         });
     }
 
+    /// The client went away before the run started: the connection closes, nothing is answered.
+    fn client_gone(&self) {
+        self.gone.store(true, Ordering::SeqCst);
+        let (slot, id, status) = (self.slot, self.id, super::access::CLIENT_CLOSED);
+        self.notifier.send(Done::Streamed { slot, id, keep: false, status, written: 0, info: None });
+    }
+
     /// Parse, validate and resolve the request, then run it (here, or behind its session's
     /// earlier runs).
     pub fn run(mut self) {
@@ -112,10 +115,7 @@ impl Exchange {
             self.prefix = Vec::new();
             if !sent {
                 // The client does not take the answers it already has: it gets no more.
-                self.gone.store(true, Ordering::SeqCst);
-                let (slot, id) = (self.slot, self.id);
-                let status = super::access::CLIENT_CLOSED;
-                return self.notifier.send(Done::Streamed { slot, id, keep: false, status, written: 0, info: None });
+                return self.client_gone();
             }
         }
         let mut guard = self.guard();
@@ -127,16 +127,7 @@ impl Exchange {
                 BodyEnd::Complete => self.notifier.send(Done::BodyRead { slot, id }),
                 BodyEnd::Gone => {
                     guard.armed = false;
-                    self.gone.store(true, Ordering::SeqCst);
-                    let status = super::access::CLIENT_CLOSED;
-                    return self.notifier.send(Done::Streamed {
-                        slot,
-                        id,
-                        keep: false,
-                        status,
-                        written: 0,
-                        info: None,
-                    });
+                    return self.client_gone();
                 }
                 BodyEnd::Stalled => {
                     guard.armed = false;
@@ -144,7 +135,7 @@ impl Exchange {
                 }
             }
         }
-        let lane = (self.body.len() >= LARGE_BODY).then(|| BulkLanes::global().take());
+        let lane = (self.body.len() >= LARGE_INPUT).then(|| BulkLanes::global().take());
         let parsed = chat::parse(&self.body);
         self.body = Vec::new();
         self.ticket = None;

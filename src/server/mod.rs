@@ -10,7 +10,7 @@
 //! the loop then only watches a duplicate of the descriptor for hang-up (to cancel the run) and
 //! takes the socket back through a channel and a [`Waker`] when the run ends.
 //!
-//! Nothing slow happens here: a chat body from [`exchange::LARGE_BODY`] on is not read by the
+//! Nothing slow happens here: a chat body from [`LARGE_INPUT`] on is not read by the
 //! loop either. The loop admits the request from its head and lends the run the connection's
 //! input (the socket is registered for writability only meanwhile), and the run
 //! copies the body out of the kernel on a worker.
@@ -38,7 +38,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::agent::CancelToken;
-use crate::agent::pool::Refused;
+use crate::agent::pool::{LARGE_INPUT, Refused};
 use crate::gateway::Gateway;
 use crate::http::framing::Framing;
 use crate::http::head::Head;
@@ -1251,7 +1251,7 @@ fn on_head(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Box<Head>) {
             // for a worker, and the loop stays free for every other connection. Only what came
             // with the head moves with it.
             let rest = declared.saturating_sub(conn.rbuf.len() as u64);
-            if route_is_chat(&h) && declared >= exchange::LARGE_BODY as u64 && rest > 0 {
+            if route_is_chat(&h) && declared >= LARGE_INPUT as u64 && rest > 0 {
                 let body = std::mem::take(&mut conn.rbuf);
                 return dispatch_chat(conn, ctx, *h, body, rest);
             }
@@ -1318,12 +1318,11 @@ fn over_budget(conn: &mut Conn, gw: &Gateway, h: Option<&Head>) {
     }
 }
 
-/// A complete chat completion request: admit it and hand the exchange to a worker, which parses,
+/// A chat completion request: admit it and hand the exchange to a worker, which parses,
 /// validates, resolves and runs it. Admission stays here, before the body is parsed, so that an
 /// overloaded gateway answers 503 (and an address over its run limit 429) without spending a
-/// worker on the request.
-/// Hand a chat request to a worker; `rest` bytes of its body are still in the socket, for the
-/// run to read (the connection is lent to it meanwhile).
+/// worker on the request. `rest` bytes of the body are still in the socket, for the run to read
+/// (the connection's input is lent to it meanwhile; a refusal then closes the connection).
 fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>, rest: u64) {
     let gw = ctx.gw;
     // The body came through the read buffer: do not keep its size for as long as the run lasts.
