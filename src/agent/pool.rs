@@ -72,6 +72,9 @@ struct State {
     starting: usize,
     /// When a worker last finished a job.
     last_done: Option<Instant>,
+    /// The spawner waits with nothing due (only a notification wakes it); while it waits for a
+    /// due time it needs no notification, since a job queued later is never due earlier.
+    spawner_parked: bool,
     /// Kernel thread ids of the workers (where the system tells them).
     tids: Vec<u32>,
     /// Admitted, unfinished runs per client address.
@@ -130,6 +133,23 @@ struct Shared {
     /// Changed by a config reload.
     max_per_ip: AtomicUsize,
     handles: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Shared {
+    /// A job was made ready: wake a waiting worker, and the spawner if the job may need a thread
+    /// started for it. Each notification is a system call even with no one waiting, so only
+    /// threads that wait are notified (the counts are kept under the same lock the waiters take).
+    fn wake(&self, s: std::sync::MutexGuard<'_, State>) {
+        let worker = s.idle > 0;
+        let spawner = s.spawner_parked && s.spawn_due(self.workers, self.grace).is_some();
+        drop(s);
+        if worker {
+            self.cv.notify_one();
+        }
+        if spawner {
+            self.spawner.notify_one();
+        }
+    }
 }
 
 /// The worker pool.
@@ -328,12 +348,7 @@ impl Admission {
             s.busy.insert(k.clone(), VecDeque::new());
         }
         s.ready.push_back(job);
-        let wait = s.spawn_due(self.shared.workers, self.shared.grace).is_some();
-        drop(s);
-        self.shared.cv.notify_one();
-        if wait {
-            self.shared.spawner.notify_one();
-        }
+        self.shared.wake(s);
     }
 }
 
@@ -353,7 +368,12 @@ fn spawner(shared: &Arc<Shared>) {
     let mut s = shared.state.lock().unwrap_or_else(|e| e.into_inner());
     while !s.shutdown {
         s = match s.spawn_due(shared.workers, shared.grace) {
-            None => shared.spawner.wait(s).unwrap_or_else(|e| e.into_inner()),
+            None => {
+                s.spawner_parked = true;
+                let mut s = shared.spawner.wait(s).unwrap_or_else(|e| e.into_inner());
+                s.spawner_parked = false;
+                s
+            }
             Some(due) => {
                 let now = Instant::now();
                 let wait = if due > now {
@@ -455,9 +475,7 @@ fn worker(shared: &Shared) {
                 Some(mut j) => {
                     j.queued = Instant::now();
                     s.ready.push_front(j);
-                    drop(s);
-                    shared.cv.notify_one();
-                    shared.spawner.notify_one();
+                    shared.wake(s);
                 }
                 None => {
                     s.busy.remove(&k);

@@ -143,8 +143,44 @@ struct Backlog {
 #[derive(Debug, Clone)]
 pub struct Notifier {
     tx: Sender<Done>,
-    waker: Arc<Waker>,
+    waker: Arc<LoopWaker>,
     backlog: Option<Arc<Backlog>>,
+}
+
+/// Wakes the loop for a message, but only when it sleeps (or is about to): a loop that is busy
+/// drains the channel before it next sleeps, so a wake-up then would cost a system call and an
+/// extra turn for nothing. The loop says it is about to sleep, then looks at `queued`; a
+/// producer counts its message, then looks at `asleep` — both in sequentially consistent order,
+/// so at least one of them sees the other and no message waits for an unrelated event.
+#[derive(Debug)]
+pub struct LoopWaker {
+    waker: Waker,
+    asleep: AtomicBool,
+    /// Messages sent (or being sent) and not yet taken by the loop.
+    queued: AtomicUsize,
+}
+
+impl LoopWaker {
+    fn new(registry: &mio::Registry) -> io::Result<Arc<Self>> {
+        let waker = Waker::new(registry, WAKER)?;
+        Ok(Arc::new(LoopWaker { waker, asleep: AtomicBool::new(false), queued: AtomicUsize::new(0) }))
+    }
+
+    /// The loop is about to wait for events: true when a message is queued (so it must not).
+    fn sleeping(&self) -> bool {
+        self.asleep.store(true, Ordering::SeqCst);
+        self.queued.load(Ordering::SeqCst) > 0
+    }
+
+    /// The loop is awake (it drains the channel before it next sleeps).
+    fn awake(&self) {
+        self.asleep.store(false, Ordering::Relaxed);
+    }
+
+    /// The loop took a message.
+    fn took(&self) {
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn ws_len(msg: &rpc::Outgoing) -> usize {
@@ -162,10 +198,18 @@ impl Notifier {
             }
             _ => 0,
         };
+        // Counted before it is sent, so the loop never takes a message it has not counted (it
+        // may see the count a moment before the message, and look again).
+        self.waker.queued.fetch_add(1, Ordering::SeqCst);
         if self.tx.send(d).is_ok() {
-            let _ = self.waker.wake();
-        } else if let Some(b) = &self.backlog {
-            b.queued.fetch_sub(n, Ordering::Relaxed);
+            if self.waker.asleep.load(Ordering::SeqCst) {
+                let _ = self.waker.waker.wake();
+            }
+        } else {
+            self.waker.queued.fetch_sub(1, Ordering::Relaxed);
+            if let Some(b) = &self.backlog {
+                b.queued.fetch_sub(n, Ordering::Relaxed);
+            }
         }
     }
 
@@ -382,7 +426,7 @@ impl Server {
         let mut listener = listen(addr, gw.config().gateway.listen_backlog)?;
         let poll = Poll::new()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let waker = LoopWaker::new(poll.registry())?;
         // SIGTERM/SIGINT write to a socket pair that the loop polls like any other source.
         let (mut signals, sig_tx) = mio::net::UnixStream::pair()?;
         let sig_tx: std::os::unix::net::UnixStream = sig_tx.into();
@@ -494,7 +538,7 @@ impl Server {
                     return Ok(());
                 }
             }
-            let timeout = if done_more || self.accept_more || !self.again.is_empty() {
+            let timeout = if done_more || self.accept_more || !self.again.is_empty() || self.notifier.waker.sleeping() {
                 // Work left over from the last turn: look at new events, then do it.
                 Some(Duration::ZERO)
             } else {
@@ -507,7 +551,9 @@ impl Server {
                 let drain = self.draining.map(|d| d.saturating_duration_since(now));
                 [next, shrink, drain].into_iter().flatten().min()
             };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            let polled = self.poll.poll(&mut events, timeout);
+            self.notifier.waker.awake();
+            if let Err(e) = polled {
                 if interrupted(&e) {
                     continue;
                 }
@@ -541,6 +587,7 @@ impl Server {
                     done_more = false;
                     break;
                 };
+                self.notifier.waker.took();
                 self.on_done(d);
             }
             if self.accept_more {
@@ -1408,7 +1455,7 @@ mod tests {
 
     fn notifier() -> (Notifier, Receiver<Done>, Poll) {
         let poll = Poll::new().unwrap();
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER).unwrap());
+        let waker = LoopWaker::new(poll.registry()).unwrap();
         let (tx, rx) = channel();
         (Notifier { tx, waker, backlog: None }, rx, poll)
     }
@@ -1490,7 +1537,7 @@ mod tests {
     #[test]
     fn a_connection_is_congested_while_its_outbound_bytes_exceed_the_bound() {
         let poll = Poll::new().unwrap();
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER).unwrap());
+        let waker = LoopWaker::new(poll.registry()).unwrap();
         let (tx, rx) = channel();
         let shared = Notifier { tx, waker, backlog: None };
         let conn = shared.for_connection();
