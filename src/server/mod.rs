@@ -1535,6 +1535,27 @@ mod tests {
     }
 
     #[test]
+    fn a_message_wakes_the_loop_only_while_it_sleeps_and_a_queued_one_keeps_it_awake() {
+        let (n, rx, mut poll) = notifier();
+        let mut events = Events::with_capacity(4);
+        let woken = |poll: &mut Poll, events: &mut Events| {
+            poll.poll(events, Some(Duration::from_millis(50))).unwrap();
+            events.iter().any(|e| e.token() == WAKER)
+        };
+        // Awake (busy): no wake-up, but the loop sees the message before it would sleep.
+        n.send(event(1));
+        assert!(!woken(&mut poll, &mut events), "a busy loop was woken");
+        assert!(n.waker.sleeping(), "a queued message did not keep the loop from sleeping");
+        n.waker.awake();
+        let _ = rx.try_recv().unwrap();
+        n.waker.took();
+        // Asleep with nothing queued: the next message wakes it.
+        assert!(!n.waker.sleeping());
+        n.send(event(1));
+        assert!(woken(&mut poll, &mut events), "a sleeping loop was not woken");
+    }
+
+    #[test]
     fn a_connection_is_congested_while_its_outbound_bytes_exceed_the_bound() {
         let poll = Poll::new().unwrap();
         let waker = LoopWaker::new(poll.registry()).unwrap();
