@@ -165,6 +165,27 @@ fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
 }
 
 #[test]
+fn a_connection_answered_by_its_run_idles_out_on_time() {
+    // A run that writes its answer on a kept connection hands the connection back without
+    // waking the loop (the next request would): with no next request, the loop must still have
+    // it back soon enough for the idle timeout to close it on time.
+    let gw = Gateway::with_config(&config(
+        "http: { idleTimeoutSeconds: 1, endpoints: { chatCompletions: { enabled: true } } }",
+        "",
+    ));
+    for extra in ["", r#""stream":true"#] {
+        let mut s = gw.connect();
+        s.write_all(&chat_request(&user_body("one two", extra))).unwrap();
+        let r = read_response(&mut s).expect("an answer");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let t0 = Instant::now();
+        assert!(closed_within(&mut s, Duration::from_secs(8)), "idle connection stays open ({extra})");
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(3), "closed after {took:?} ({extra})");
+    }
+}
+
+#[test]
 fn max_connections_holds_back_extra_connections_while_all_are_busy() {
     let gw = Gateway::with_config(&config("maxConnections: 2", ""));
     let req = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n";

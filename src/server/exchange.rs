@@ -5,10 +5,14 @@
 //! rendering of every answer happen here, so a large body costs a worker, not the loop. The
 //! exchange comes with the client's socket (a duplicate the connection keeps for its runs) and
 //! whatever the loop had not yet written of earlier answers: from dispatch to [`Done`], the run is
-//! the only writer to the socket. A non-streaming answer goes back to the loop as a response to
-//! write ([`Done::Respond`]); a streaming run writes its events straight to the socket and then
-//! gives the connection back ([`Done::Streamed`]) — no round trip to the loop before its first
-//! byte. A sticky run continues as a follow-up job queued behind its session's earlier runs.
+//! the only writer to the socket. A run writes its answer straight to the socket — a streaming
+//! run its events as they come, a non-streaming one its response once whole — and then gives the
+//! connection back ([`Done::Streamed`]): no round trip to the loop before the first byte, and,
+//! on a connection that stays open, no wake-up of the loop just to hand it back (the client's
+//! next request wakes it; see [`Notifier::send_quiet`]). Answers after which the connection
+//! closes, and requests that did not become runs, go back to the loop as a response to write
+//! ([`Done::Respond`]), which closes gracefully. A sticky run continues as a follow-up job
+//! queued behind its session's earlier runs.
 //!
 //! A large body (from [`LARGE_INPUT`]) is not read by the loop at all: the exchange comes with
 //! what arrived with the head and reads the rest from the socket itself ([`Exchange::rest`]),
@@ -279,6 +283,7 @@ impl Stage {
             session_key: Some(job.run.session_key.clone()),
             request_id: Some(job.run.run_id.clone()),
         });
+        let _quiet = notifier.quiet_run();
         let mut guard = JobGuard {
             notifier: notifier.clone(),
             slot,
@@ -289,11 +294,28 @@ impl Stage {
             armed: true,
         };
         if !stream {
-            drop(sock);
             let resp = job.run_buffered();
             guard.armed = false;
-            let (head_only, close) = (job.head_only, job.close);
-            notifier.send(Done::Respond { slot, id, resp, head_only, close, info: Some(info) });
+            let (head_only, close) = (job.head_only, job.close || !job.gw.is_ready());
+            match resp {
+                // A kept connection's answer leaves from here, like a stream's; one that closes
+                // after its answer goes back to the loop, which closes it gracefully.
+                Some(r) if !close => {
+                    let r = if job.http10 { r.header("Connection", "keep-alive") } else { r };
+                    let mut out = Vec::with_capacity(r.body.len() + 512);
+                    r.encode(&mut out, &super::http_date(), head_only, false);
+                    let stall = job.gw.config().gateway.stall_timeout;
+                    let sent = stream::write_bounded(&sock, &out, Instant::now() + WRITE_TIMEOUT, stall);
+                    drop(sock);
+                    let (status, written) = match sent {
+                        true => (r.status, out.len() as u64),
+                        false => (super::access::CLIENT_CLOSED, 0),
+                    };
+                    let done = Done::Streamed { slot, id, keep: sent, status, written, info: Some(info) };
+                    if sent { notifier.send_quiet(done) } else { notifier.send(done) }
+                }
+                resp => notifier.send(Done::Respond { slot, id, resp, head_only, close, info: Some(info) }),
+            }
             return;
         }
         // From here a panic closes the connection: part of the answer may be on the wire.
@@ -302,7 +324,9 @@ impl Stage {
         drop(sock);
         guard.armed = false;
         let (status, written) = (job.status.get(), job.written.get());
-        notifier.send(Done::Streamed { slot, id, keep, status, written, info: Some(info) });
+        let done = Done::Streamed { slot, id, keep, status, written, info: Some(info) };
+        // The answer is on the wire: a kept connection's next request will wake the loop.
+        if keep { notifier.send_quiet(done) } else { notifier.send(done) }
     }
 }
 

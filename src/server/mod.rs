@@ -156,14 +156,48 @@ pub struct Notifier {
 pub struct LoopWaker {
     waker: Waker,
     asleep: AtomicBool,
+    /// The loop's sleep lasts at most [`QUIET_WAIT`].
+    capped: AtomicBool,
     /// Messages sent (or being sent) and not yet taken by the loop.
     queued: AtomicUsize,
+    /// Runs that may end with a quiet message ([`Notifier::send_quiet`]); while there are any the
+    /// loop sleeps at most [`QUIET_WAIT`].
+    quiet_runs: AtomicUsize,
+}
+
+/// The longest a quiet message waits for the loop (see [`Notifier::send_quiet`]).
+const QUIET_WAIT: Duration = Duration::from_millis(10);
+
+/// Counts a run that may end with a quiet message, for as long as it lives.
+pub struct QuietRun(Arc<LoopWaker>);
+
+impl Drop for QuietRun {
+    fn drop(&mut self) {
+        self.0.quiet_runs.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl LoopWaker {
     fn new(registry: &mio::Registry) -> io::Result<Arc<Self>> {
         let waker = Waker::new(registry, WAKER)?;
-        Ok(Arc::new(LoopWaker { waker, asleep: AtomicBool::new(false), queued: AtomicUsize::new(0) }))
+        Ok(Arc::new(LoopWaker {
+            waker,
+            asleep: AtomicBool::new(false),
+            capped: AtomicBool::new(false),
+            queued: AtomicUsize::new(0),
+            quiet_runs: AtomicUsize::new(0),
+        }))
+    }
+
+    /// How long the loop may sleep, given what else it waits for: at most [`QUIET_WAIT`] while
+    /// a run may end with a quiet message.
+    fn cap(&self, timeout: Option<Duration>) -> Option<Duration> {
+        let timeout = match self.quiet_runs.load(Ordering::SeqCst) {
+            0 => timeout,
+            _ => Some(timeout.map_or(QUIET_WAIT, |t| t.min(QUIET_WAIT))),
+        };
+        self.capped.store(timeout.is_some_and(|t| t <= QUIET_WAIT), Ordering::SeqCst);
+        timeout
     }
 
     /// The loop is about to wait for events: true when a message is queued (so it must not).
@@ -211,6 +245,28 @@ impl Notifier {
                 b.queued.fetch_sub(n, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Send `d` without waking the loop unless it sleeps longer than [`QUIET_WAIT`]: for the end
+    /// of a run whose answer is already written on a connection that stays open. The client's
+    /// next request wakes the loop, which then takes this first — one wake-up per request
+    /// instead of two — and a client that sends nothing more has its connection back within
+    /// [`QUIET_WAIT`].
+    pub fn send_quiet(&self, d: Done) {
+        self.waker.queued.fetch_add(1, Ordering::SeqCst);
+        if self.tx.send(d).is_ok() {
+            if self.waker.asleep.load(Ordering::SeqCst) && !self.waker.capped.load(Ordering::SeqCst) {
+                let _ = self.waker.waker.wake();
+            }
+        } else {
+            self.waker.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Count a run that may end with [`Notifier::send_quiet`], while the result lives.
+    pub fn quiet_run(&self) -> QuietRun {
+        self.waker.quiet_runs.fetch_add(1, Ordering::SeqCst);
+        QuietRun(self.waker.clone())
     }
 
     /// True while this connection has more than [`OUTBOUND_BOUND`] bytes on their way to its
@@ -538,7 +594,7 @@ impl Server {
                     return Ok(());
                 }
             }
-            let timeout = if done_more || self.accept_more || !self.again.is_empty() || self.notifier.waker.sleeping() {
+            let timeout = if done_more || self.accept_more || !self.again.is_empty() {
                 // Work left over from the last turn: look at new events, then do it.
                 Some(Duration::ZERO)
             } else {
@@ -549,8 +605,10 @@ impl Server {
                 let shrink = (self.live > 0 || !self.conns.is_empty())
                     .then(|| (last_shrink + SHRINK_EVERY).saturating_duration_since(now));
                 let drain = self.draining.map(|d| d.saturating_duration_since(now));
-                [next, shrink, drain].into_iter().flatten().min()
+                self.notifier.waker.cap([next, shrink, drain].into_iter().flatten().min())
             };
+            // Said after the cap, so a quiet message sees the cap of this sleep.
+            let timeout = if self.notifier.waker.sleeping() { Some(Duration::ZERO) } else { timeout };
             let polled = self.poll.poll(&mut events, timeout);
             self.notifier.waker.awake();
             if let Err(e) = polled {
