@@ -150,7 +150,10 @@ def main():
     ap.add_argument("--duration", type=int, default=8, help="seconds per wrk run (default 8)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--no-pin", action="store_true")
+    ap.add_argument("--layout", choices=("wrk", "split", "free"), default="wrk",
+                    help="wrk: wrk on CPU 1, servers free (default, the layout the upstream issue measured); "
+                         "split: servers on CPU 0, wrk on CPU 1; free: nothing pinned")
+    ap.add_argument("--no-pin", action="store_true", help="the same as --layout free")
     ap.add_argument("--only", default="", help="run only the cells whose name contains this (e.g. delta)")
     ap.add_argument("--reference", action="store_true", help="also measure nginx as a pass-through proxy")
     ap.add_argument("--command", default="python3 benches/proxy.py")
@@ -163,8 +166,10 @@ def main():
     atexit.register(kill_children)
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, lambda n, _f: sys.exit(128 + n))
-    pinned = not a.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset")
-    srv_cpu, cli_cpu = (0, 1) if pinned else (None, None)
+    layout = "free" if a.no_pin else a.layout
+    if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
+        layout = "free"
+    srv_cpu, cli_cpu = {"wrk": (None, 1), "split": (0, 1), "free": (None, None)}[layout]
 
     tmp = tempfile.mkdtemp(prefix="gatelet-proxy-")
     atexit.register(shutil.rmtree, tmp, True)
@@ -306,7 +311,7 @@ http {{
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else []
     print(f"machine: {platform.platform()}, {os.cpu_count()} cpus, load average {' '.join(load)} at the end")
     print(f"settings: wrk -t1, {a.duration} s per cell, gatelet workers {a.workers}, "
-          f"{'servers on CPU 0, wrk on CPU 1' if pinned else 'not pinned'}; nginx {DELTAS}-delta SSE body "
+          f"{ {'wrk': 'wrk on CPU 1, servers not pinned', 'split': 'servers on CPU 0, wrk on CPU 1', 'free': 'not pinned'}[layout]}; nginx {DELTAS}-delta SSE body "
           f"{len(sse):,} bytes, JSON body {len(js)} bytes")
     print(f"binary: {a.bin}")
     print(f"command: {a.command}")

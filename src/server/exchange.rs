@@ -54,6 +54,8 @@ pub struct Exchange {
     pub cancel: CancelToken,
     /// Set when the client went away.
     pub gone: Arc<AtomicBool>,
+    /// Set by the loop when bytes arrive for the connection during the run.
+    pub held: Arc<AtomicBool>,
     /// `Cache-Control` and CORS headers for the answer.
     pub headers: Vec<(&'static str, String)>,
     /// The way back to the loop.
@@ -187,6 +189,7 @@ impl Exchange {
             id: self.id,
             stream: req.stream,
             sock: self.sock.clone(),
+            held: self.held.clone(),
             job,
         };
         drop(req);
@@ -271,12 +274,19 @@ struct Stage {
     id: u64,
     stream: bool,
     sock: Arc<TcpStream>,
+    held: Arc<AtomicBool>,
     job: ChatJob,
 }
 
 impl Stage {
     fn run(self) {
-        let Stage { notifier, slot, id, stream, sock, job } = self;
+        let Stage { notifier, slot, id, stream, sock, held, job } = self;
+        // The end of a run on a kept connection leaves quietly unless the loop already holds
+        // bytes for the connection (then nothing else may wake it).
+        let hand_back = |done: Done| match held.load(Ordering::SeqCst) {
+            false => notifier.send_quiet(done),
+            true => notifier.send(done),
+        };
         let summary = stream::summary(&job.gw, &job.run, job.accepted_at, crate::agent::run::RunOutcome::nothing(None));
         let info = Box::new(RunInfo {
             agent: Some(summary.agent_id.clone()),
@@ -312,7 +322,7 @@ impl Stage {
                         false => (super::access::CLIENT_CLOSED, 0),
                     };
                     let done = Done::Streamed { slot, id, keep: sent, status, written, info: Some(info) };
-                    if sent { notifier.send_quiet(done) } else { notifier.send(done) }
+                    if sent { hand_back(done) } else { notifier.send(done) }
                 }
                 resp => notifier.send(Done::Respond { slot, id, resp, head_only, close, info: Some(info) }),
             }
@@ -326,7 +336,7 @@ impl Stage {
         let (status, written) = (job.status.get(), job.written.get());
         let done = Done::Streamed { slot, id, keep, status, written, info: Some(info) };
         // The answer is on the wire: a kept connection's next request will wake the loop.
-        if keep { notifier.send_quiet(done) } else { notifier.send(done) }
+        if keep { hand_back(done) } else { notifier.send(done) }
     }
 }
 

@@ -370,6 +370,9 @@ struct Conn {
     notifier: Option<Notifier>,
     /// Set with `cancel` when the client goes away (the run then ends without an answer).
     gone: Option<Arc<AtomicBool>>,
+    /// Set when bytes arrive while a run is in flight (a pipelined or early next request): the
+    /// run's end then wakes the loop rather than wait for the client ([`Notifier::send_quiet`]).
+    held: Option<Arc<AtomicBool>>,
     /// The share of the body budget held by the body being read.
     ticket: Option<budget::Ticket>,
     /// A run is reading the rest of a large request body from the socket itself
@@ -763,6 +766,7 @@ impl Server {
                         access: None,
                         notifier: None,
                         gone: None,
+                        held: None,
                         ticket: None,
                         lent: false,
                     });
@@ -889,6 +893,9 @@ impl Server {
                             }
                             // Drained: skip the read that would only say `WouldBlock`.
                             conn.readable = n == asked || conn.read_closed;
+                            if let Some(h) = conn.held.as_ref().filter(|_| conn.http.state() == State::Running) {
+                                h.store(true, Ordering::SeqCst);
+                            }
                             progressed = true;
                             taken += n;
                         }
@@ -987,6 +994,7 @@ impl Server {
             Done::Respond { resp, head_only, close, info, .. } => {
                 conn.cancel = None;
                 conn.gone = None;
+                conn.held = None;
                 // Draining: no further request will be read, so the answer says so.
                 let close = close || !self.gw.is_ready();
                 let mut pending = conn.access.take();
@@ -1015,6 +1023,7 @@ impl Server {
             Done::Streamed { keep, status, written, info, .. } => {
                 conn.cancel = None;
                 conn.gone = None;
+                conn.held = None;
                 if let Some(mut a) = conn.access.take() {
                     if let Some(i) = info {
                         i.apply(&mut a);
@@ -1456,6 +1465,9 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>, res
     };
     let cancel = CancelToken::new();
     let gone = Arc::new(AtomicBool::new(false));
+    // Bytes behind this request (pipelined) are held already.
+    let held = Arc::new(AtomicBool::new(!conn.rbuf.is_empty()));
+    conn.held = Some(held.clone());
     conn.cancel = Some(cancel.clone());
     conn.gone = Some(gone.clone());
     conn.http.start_run();
@@ -1472,6 +1484,7 @@ fn dispatch_chat(conn: &mut Conn, ctx: &mut Ctx<'_>, h: Head, body: Vec<u8>, res
         ticket: conn.ticket.take(),
         cancel,
         gone,
+        held,
         notifier: ctx.notifier.clone(),
         slot: ctx.slot,
         id: conn.id,
