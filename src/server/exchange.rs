@@ -307,10 +307,13 @@ impl Stage {
             let resp = job.run_buffered();
             guard.armed = false;
             let (head_only, close) = (job.head_only, job.close || !job.gw.is_ready());
+            // A kept connection's answer leaves from here, like a stream's — unless runs are
+            // waiting for a worker: then the loop writes it (with other answers, in one turn) and
+            // this worker takes the next run at once. One that closes after its answer goes back
+            // to the loop, which closes it gracefully.
+            let write_here = !close && job.gw.pool().pending() == 0;
             match resp {
-                // A kept connection's answer leaves from here, like a stream's; one that closes
-                // after its answer goes back to the loop, which closes it gracefully.
-                Some(r) if !close => {
+                Some(r) if write_here => {
                     let r = if job.http10 { r.header("Connection", "keep-alive") } else { r };
                     let mut out = Vec::with_capacity(r.body.len() + 512);
                     r.encode(&mut out, &super::http_date(), head_only, false);
