@@ -10,11 +10,13 @@ alternating between cells), in the same run, and the table shows both and gatele
 
 Cells: non-streaming at 1, 8 and 32 connections (the client asks gatelet without `stream`; gatelet
 asks the upstream with `stream: true` and gets the JSON completion), and the 64-delta stream at 1
-and 8 connections (streams/s: the client asks with `stream: true`). Servers are pinned to CPU 0 and wrk
-to CPU 1 when there are 2 CPUs. Stdlib only; loopback only; every child is killed at exit.
+and 8 connections (streams/s: the client asks with `stream: true`). wrk is pinned to CPU 1 and the
+servers are free (--layout wrk, the default); --layout split pins the servers to CPU 0 as well,
+--layout free (or --no-pin) pins nothing; with fewer than 2 CPUs nothing is pinned. Stdlib only;
+loopback only; every child is killed at exit.
 
 With --reference, each cell also drives a second nginx set up as a plain reverse proxy in front of
-the same upstream (pooled keep-alive, `proxy_buffering off`, pinned like gatelet): a proxy that
+the same upstream (pooled keep-alive, `proxy_buffering off`, laid out like gatelet): a proxy that
 only forwards bytes — no JSON parsing, no run, no re-rendering — shows what any proxy can reach
 on this machine and layout, the bound against which gatelet's ratio is read.
 

@@ -79,7 +79,9 @@ pub const OUTBOUND_BOUND: usize = 256 * 1024;
 /// A message from a worker (or a WebSocket run) back to the loop.
 #[derive(Debug)]
 pub enum Done {
-    /// A non-streaming run finished: write this (or close, when `None`).
+    /// An answer for the loop to write (or close, when `None`): a non-streaming run's when the
+    /// connection closes after it or runs wait for a worker, or a request that did not become a
+    /// run.
     Respond {
         /// Connection slot.
         slot: usize,
@@ -94,8 +96,8 @@ pub enum Done {
         /// For the access-log record.
         info: Option<Box<access::RunInfo>>,
     },
-    /// A run wrote its answer to the socket itself (a stream), or could not: the connection is
-    /// the loop's again.
+    /// A run wrote its answer to the socket itself (a stream, or a non-streaming answer), or
+    /// could not: the connection is the loop's again.
     Streamed {
         /// Connection slot.
         slot: usize,
