@@ -168,7 +168,7 @@ pub struct LoopWaker {
 }
 
 /// The longest a quiet message waits for the loop (see [`Notifier::send_quiet`]).
-const QUIET_WAIT: Duration = Duration::from_millis(10);
+pub const QUIET_WAIT: Duration = Duration::from_millis(10);
 
 /// Counts a run that may end with a quiet message, for as long as it lives.
 pub struct QuietRun(Arc<LoopWaker>);
