@@ -201,7 +201,9 @@ impl ChatJob {
         let mut sink = SseSink {
             job: self,
             sock,
-            out: Vec::new(),
+            // Room for the records of one upstream read of a typical reply (64 records of a
+            // token each are about 15 KiB), so a batch does not grow it step by step.
+            out: Vec::with_capacity(16 * 1024),
             rec: Vec::with_capacity(512),
             enc: ChunkEncoder::new(&self.run.run_id, crate::util::now_secs(), &self.model, self.include_usage),
             head_sent: false,
