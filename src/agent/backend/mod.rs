@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod command;
+mod delta_scan;
 pub mod echo;
 pub mod openai;
 pub mod upstream;

@@ -14,6 +14,7 @@ use std::fmt;
 use serde_json::{Value, json};
 
 use super::client::{Client, ClientOptions, Exchange};
+use super::delta_scan;
 use super::upstream::{self, BaseUrl, Stop, UpstreamError};
 use crate::agent::tools::{Assembler, Calls, ToolCall, ToolCallPiece};
 use crate::agent::{Backend, EventSink, FinishReason, Role, RunControl, RunError, RunInput, RunSink, Usage};
@@ -672,8 +673,24 @@ fn handle(ev: &Event, p: &mut Progress, out: &mut dyn EventSink) -> Result<(), F
 /// The text of a record that is nothing but a content delta of the first choice (no finish
 /// reason, usage, error, role change matters not, no tool or function call), read straight into
 /// borrowed strings; `None` for any other record, which [`parse_event`] then reads in full. The
-/// same meaning as `parse_event` for the records it accepts, at a fraction of the cost per token.
+/// same meaning as `parse_event` for the records it accepts, at a fraction of the cost per token:
+/// the usual record (no escapes) in one pass by [`delta_scan::plain_text`], the rest by
+/// [`typed_plain_content`].
 fn plain_content(ev: &Event) -> Option<std::borrow::Cow<'_, str>> {
+    if ev.event.is_some() || !ev.data.trim_start().starts_with('{') {
+        return None;
+    }
+    if let Some(text) = delta_scan::plain_text(&ev.data) {
+        // Every debug build (tests, fuzzing) checks the one-pass reader against the typed one.
+        debug_assert_eq!(typed_plain_content(&ev.data).as_deref(), Some(text), "{}", ev.data);
+        return Some(std::borrow::Cow::Borrowed(text));
+    }
+    typed_plain_content(&ev.data)
+}
+
+/// [`plain_content`] for any JSON record, through serde's typed reader (borrowed where the text
+/// has no escapes).
+fn typed_plain_content(data: &str) -> Option<std::borrow::Cow<'_, str>> {
     use serde::Deserialize;
     use serde::de::IgnoredAny;
     use std::borrow::Cow;
@@ -700,10 +717,7 @@ fn plain_content(ev: &Event) -> Option<std::borrow::Cow<'_, str>> {
         function_call: Option<IgnoredAny>,
     }
 
-    if ev.event.is_some() || !ev.data.trim_start().starts_with('{') {
-        return None;
-    }
-    let r: Record<'_> = serde_json::from_str(&ev.data).ok()?;
+    let r: Record<'_> = serde_json::from_str(data).ok()?;
     let c = r.choices.0?;
     let plain = r.usage.is_none()
         && r.error.is_none()
@@ -918,6 +932,78 @@ mod tests {
         }
         let named = Event { event: Some("error".into()), data: r#"{"choices":[{"delta":{"content":"x"}}]}"#.into() };
         assert!(plain_content(&named).is_none());
+    }
+
+    #[test]
+    fn the_one_pass_reader_agrees_with_the_typed_one_on_mutated_records() {
+        let seeds = [
+            r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":" tok5"},"logprobs":null,"finish_reason":null}]}"#,
+            r#"{"choices":[{"delta":{"role":"assistant","content":""}}],"usage":null,"error":null}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"x","tool_calls":null,"function_call":null},"finish_reason":"stop"}]}"#,
+            r#"{"x":[1,-2.5e+3,{"y":[true,false,null]}],"choices":[{"delta":{"content":"é ü"}}],"usage":{"total_tokens":3}}"#,
+        ];
+        // Pieces a mutation inserts: JSON's own punctuation and words, and the keys that matter.
+        let pieces: &[&str] = &[
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            "\"",
+            "\\",
+            " ",
+            "0",
+            "1",
+            "-",
+            ".",
+            "e",
+            "null",
+            "true",
+            "\"content\":",
+            "\"choices\":",
+            "\"index\":",
+            "\"delta\":",
+            "\"usage\":",
+            "\"finish_reason\":",
+            "\"tool_calls\":",
+            "\u{1}",
+        ];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let (mut fast, mut total) = (0, 0);
+        for round in 0..40_000 {
+            let mut r = seeds[round % seeds.len()].to_string();
+            for _ in 0..1 + next(3) {
+                let at = (0..=next(r.len() + 1)).rev().find(|&i| r.is_char_boundary(i)).unwrap_or(0);
+                match next(3) {
+                    0 => r.insert_str(at, pieces[next(pieces.len())]),
+                    1 => {
+                        let end = (at + 1..=r.len()).find(|&i| r.is_char_boundary(i)).unwrap_or(r.len());
+                        r.replace_range(at..end, "");
+                    }
+                    _ => {
+                        let end = (at + 1 + next(8)..=r.len()).find(|&i| r.is_char_boundary(i)).unwrap_or(r.len());
+                        r.replace_range(at..end.max(at), pieces[next(pieces.len())]);
+                    }
+                }
+            }
+            total += 1;
+            if let Some(text) = delta_scan::plain_text(&r) {
+                fast += 1;
+                assert_eq!(typed_plain_content(&r).as_deref(), Some(text), "{r}");
+            }
+        }
+        // The mutations leave a good share of records plain, so the agreement is tested.
+        assert!(fast > total / 20, "{fast} of {total}");
+        for seed in &seeds[..2] {
+            assert!(delta_scan::plain_text(seed).is_some(), "{seed}");
+        }
     }
 
     #[test]
