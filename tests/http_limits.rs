@@ -186,6 +186,39 @@ fn a_connection_answered_by_its_run_idles_out_on_time() {
 }
 
 #[test]
+fn a_client_that_does_not_read_a_large_answer_holds_no_worker() {
+    // One worker. A's answer (3 MiB) is far more than its socket takes at once and A does not
+    // read: the rest waits with the loop, and the worker answers B meanwhile.
+    let gw = Gateway::with_config(&config(
+        "workers: 1, http: { stallTimeoutSeconds: 60, endpoints: { chatCompletions: { enabled: true, maxBodyBytes: 4194304 } } }",
+        "",
+    ));
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = gw.addr().parse().unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut a: std::net::TcpStream = sock.into();
+    a.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let big = "z".repeat(3 << 20);
+    a.write_all(&chat_request(&user_body(&big, ""))).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut b = gw.connect();
+    let t0 = Instant::now();
+    b.write_all(&chat_request(&user_body("meanwhile", ""))).unwrap();
+    let r = read_response(&mut b).expect("B answered while A does not read");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(t0.elapsed() < Duration::from_secs(8), "B waited {:?} for the worker", t0.elapsed());
+
+    let r = read_response(&mut a).expect("A's whole answer");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["choices"][0]["message"]["content"].as_str().map(str::len), Some(big.len()));
+    // And the connection goes on.
+    a.write_all(&chat_request(&user_body("again", ""))).unwrap();
+    assert_eq!(read_response(&mut a).expect("a second answer").json()["choices"][0]["message"]["content"], "again");
+}
+
+#[test]
 fn max_connections_holds_back_extra_connections_while_all_are_busy() {
     let gw = Gateway::with_config(&config("maxConnections: 2", ""));
     let req = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n";

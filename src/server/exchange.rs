@@ -109,7 +109,15 @@ impl Exchange {
     fn client_gone(&self) {
         self.gone.store(true, Ordering::SeqCst);
         let (slot, id, status) = (self.slot, self.id, super::access::CLIENT_CLOSED);
-        self.notifier.send(Done::Streamed { slot, id, keep: false, status, written: 0, info: None });
+        self.notifier.send(Done::Streamed {
+            slot,
+            id,
+            keep: false,
+            status,
+            written: 0,
+            info: None,
+            unsent: Vec::new(),
+        });
     }
 
     /// Parse, validate and resolve the request, then run it (here, or behind its session's
@@ -200,6 +208,23 @@ impl Exchange {
             None => stage.run(),
         }
     }
+}
+
+/// Write what the non-blocking `sock` takes of `buf` without waiting: the bytes taken, or `None`
+/// when the connection failed.
+fn write_now(mut sock: &TcpStream, buf: &[u8]) -> Option<usize> {
+    use std::io::Write;
+    let mut at = 0;
+    while at < buf.len() {
+        match sock.write(&buf[at..]) {
+            Ok(0) => return None,
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) => return None,
+        }
+    }
+    Some(at)
 }
 
 /// How reading the rest of a lent body ended.
@@ -317,15 +342,36 @@ impl Stage {
                     let r = if job.http10 { r.header("Connection", "keep-alive") } else { r };
                     let mut out = Vec::with_capacity(r.body.len() + 512);
                     r.encode(&mut out, &super::http_date(), head_only, false);
-                    let stall = job.gw.config().gateway.stall_timeout;
-                    let sent = stream::write_bounded(&sock, &out, Instant::now() + WRITE_TIMEOUT, stall);
+                    // What the socket takes at once; the rest, if any, the loop sends: a client
+                    // that reads slowly holds a buffer, not a worker.
+                    let taken = write_now(&sock, &out);
                     drop(sock);
-                    let (status, written) = match sent {
-                        true => (r.status, out.len() as u64),
-                        false => (super::access::CLIENT_CLOSED, 0),
-                    };
-                    let done = Done::Streamed { slot, id, keep: sent, status, written, info: Some(info) };
-                    if sent { hand_back(done) } else { notifier.send(done) }
+                    let written = out.len() as u64;
+                    match taken {
+                        Some(n) if n == out.len() => hand_back(Done::Streamed {
+                            slot,
+                            id,
+                            keep: true,
+                            status: r.status,
+                            written,
+                            info: Some(info),
+                            unsent: Vec::new(),
+                        }),
+                        Some(n) => {
+                            out.drain(..n);
+                            let (status, info) = (r.status, Some(info));
+                            notifier.send(Done::Streamed { slot, id, keep: true, status, written, info, unsent: out })
+                        }
+                        None => notifier.send(Done::Streamed {
+                            slot,
+                            id,
+                            keep: false,
+                            status: super::access::CLIENT_CLOSED,
+                            written: 0,
+                            info: Some(info),
+                            unsent: Vec::new(),
+                        }),
+                    }
                 }
                 resp => notifier.send(Done::Respond { slot, id, resp, head_only, close, info: Some(info) }),
             }
@@ -337,7 +383,7 @@ impl Stage {
         drop(sock);
         guard.armed = false;
         let (status, written) = (job.status.get(), job.written.get());
-        let done = Done::Streamed { slot, id, keep, status, written, info: Some(info) };
+        let done = Done::Streamed { slot, id, keep, status, written, info: Some(info), unsent: Vec::new() };
         // The answer is on the wire: a kept connection's next request will wake the loop.
         if keep { hand_back(done) } else { notifier.send(done) }
     }

@@ -107,10 +107,12 @@ pub enum Done {
         keep: bool,
         /// The answer's status, for the access log.
         status: u16,
-        /// Bytes written, for the access log.
+        /// Bytes of the answer, for the access log.
         written: u64,
         /// For the access-log record.
         info: Option<Box<access::RunInfo>>,
+        /// The end of the answer that the socket would not take at once, for the loop to send.
+        unsent: Vec<u8>,
     },
     /// A run has read the rest of the body the loop lent it: the connection's input is the
     /// loop's again (an end of input now cancels the run; later bytes wait for its end).
@@ -331,7 +333,15 @@ impl Drop for JobGuard {
                 let resp = handler::with_headers(internal_error().response(), headers);
                 Done::Respond { slot: self.slot, id: self.id, resp: Some(resp), head_only, close: true, info: None }
             }
-            None => Done::Streamed { slot: self.slot, id: self.id, keep: false, status: 500, written: 0, info: None },
+            None => Done::Streamed {
+                slot: self.slot,
+                id: self.id,
+                keep: false,
+                status: 500,
+                written: 0,
+                info: None,
+                unsent: Vec::new(),
+            },
         };
         self.notifier.send(d);
     }
@@ -1022,7 +1032,7 @@ impl Server {
                 }
                 self.drive(slot);
             }
-            Done::Streamed { keep, status, written, info, .. } => {
+            Done::Streamed { keep, status, written, info, unsent, .. } => {
                 conn.cancel = None;
                 conn.gone = None;
                 conn.held = None;
@@ -1035,6 +1045,8 @@ impl Server {
                 if !keep {
                     return self.close(slot);
                 }
+                // The run was the only writer until now: nothing of the loop's is queued before it.
+                conn.wbuf.extend_from_slice(&unsent);
                 finish_exchange(conn, false, &self.gw);
                 self.drive(slot);
             }
