@@ -5,14 +5,13 @@
 //! rendering of every answer happen here, so a large body costs a worker, not the loop. The
 //! exchange comes with the client's socket (a duplicate the connection keeps for its runs) and
 //! whatever the loop had not yet written of earlier answers: from dispatch to [`Done`], the run is
-//! the only writer to the socket. A run writes its answer straight to the socket — a streaming
-//! run its events as they come, a non-streaming one its response once whole — and then gives the
-//! connection back ([`Done::Streamed`]): no round trip to the loop before the first byte, and,
-//! on a connection that stays open, no wake-up of the loop just to hand it back (the client's
-//! next request wakes it; see [`Notifier::send_quiet`]). Answers after which the connection
-//! closes, and requests that did not become runs, go back to the loop as a response to write
-//! ([`Done::Respond`]), which closes gracefully. A sticky run continues as a follow-up job
-//! queued behind its session's earlier runs.
+//! the only writer to the socket. A non-streaming answer goes back to the loop as a response to
+//! write ([`Done::Respond`]), which writes the answers of one turn together; a streaming run
+//! writes its events straight to the socket and then gives the connection back
+//! ([`Done::Streamed`]) — no round trip to the loop before its first byte, and, on a connection
+//! that stays open, no wake-up of the loop just to hand it back (the client's next request wakes
+//! it; see [`Notifier::send_quiet`]). A sticky run continues as a follow-up job queued behind its
+//! session's earlier runs.
 //!
 //! A large body (from [`LARGE_INPUT`]) is not read by the loop at all: the exchange comes with
 //! what arrived with the head and reads the rest from the socket itself ([`Exchange::rest`]),
@@ -109,15 +108,7 @@ impl Exchange {
     fn client_gone(&self) {
         self.gone.store(true, Ordering::SeqCst);
         let (slot, id, status) = (self.slot, self.id, super::access::CLIENT_CLOSED);
-        self.notifier.send(Done::Streamed {
-            slot,
-            id,
-            keep: false,
-            status,
-            written: 0,
-            info: None,
-            unsent: Vec::new(),
-        });
+        self.notifier.send(Done::Streamed { slot, id, keep: false, status, written: 0, info: None });
     }
 
     /// Parse, validate and resolve the request, then run it (here, or behind its session's
@@ -210,23 +201,6 @@ impl Exchange {
     }
 }
 
-/// Write what the non-blocking `sock` takes of `buf` without waiting: the bytes taken, or `None`
-/// when the connection failed.
-fn write_now(mut sock: &TcpStream, buf: &[u8]) -> Option<usize> {
-    use std::io::Write;
-    let mut at = 0;
-    while at < buf.len() {
-        match sock.write(&buf[at..]) {
-            Ok(0) => return None,
-            Ok(n) => at += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(_) => return None,
-        }
-    }
-    Some(at)
-}
-
 /// How reading the rest of a lent body ended.
 #[derive(Debug, PartialEq)]
 enum BodyEnd {
@@ -306,19 +280,12 @@ struct Stage {
 impl Stage {
     fn run(self) {
         let Stage { notifier, slot, id, stream, sock, held, job } = self;
-        // The end of a run on a kept connection leaves quietly unless the loop already holds
-        // bytes for the connection (then nothing else may wake it).
-        let hand_back = |done: Done| match held.load(Ordering::SeqCst) {
-            false => notifier.send_quiet(done),
-            true => notifier.send(done),
-        };
         let summary = stream::summary(&job.gw, &job.run, job.accepted_at, crate::agent::run::RunOutcome::nothing(None));
         let info = Box::new(RunInfo {
             agent: Some(summary.agent_id.clone()),
             session_key: Some(job.run.session_key.clone()),
             request_id: Some(job.run.run_id.clone()),
         });
-        let _quiet = notifier.quiet_run();
         let mut guard = JobGuard {
             notifier: notifier.clone(),
             slot,
@@ -329,63 +296,24 @@ impl Stage {
             armed: true,
         };
         if !stream {
+            drop(sock);
             let resp = job.run_buffered();
             guard.armed = false;
-            let (head_only, close) = (job.head_only, job.close || !job.gw.is_ready());
-            // A kept connection's answer leaves from here, like a stream's — unless runs are
-            // waiting for a worker: then the loop writes it (with other answers, in one turn) and
-            // this worker takes the next run at once. One that closes after its answer goes back
-            // to the loop, which closes it gracefully.
-            let write_here = !close && job.gw.pool().pending() == 0;
-            match resp {
-                Some(r) if write_here => {
-                    let r = if job.http10 { r.header("Connection", "keep-alive") } else { r };
-                    let mut out = Vec::with_capacity(r.body.len() + 512);
-                    r.encode(&mut out, &super::http_date(), head_only, false);
-                    // What the socket takes at once; the rest, if any, the loop sends: a client
-                    // that reads slowly holds a buffer, not a worker.
-                    let taken = write_now(&sock, &out);
-                    drop(sock);
-                    let written = out.len() as u64;
-                    match taken {
-                        Some(n) if n == out.len() => hand_back(Done::Streamed {
-                            slot,
-                            id,
-                            keep: true,
-                            status: r.status,
-                            written,
-                            info: Some(info),
-                            unsent: Vec::new(),
-                        }),
-                        Some(n) => {
-                            out.drain(..n);
-                            let (status, info) = (r.status, Some(info));
-                            notifier.send(Done::Streamed { slot, id, keep: true, status, written, info, unsent: out })
-                        }
-                        None => notifier.send(Done::Streamed {
-                            slot,
-                            id,
-                            keep: false,
-                            status: super::access::CLIENT_CLOSED,
-                            written: 0,
-                            info: Some(info),
-                            unsent: Vec::new(),
-                        }),
-                    }
-                }
-                resp => notifier.send(Done::Respond { slot, id, resp, head_only, close, info: Some(info) }),
-            }
+            let (head_only, close) = (job.head_only, job.close);
+            notifier.send(Done::Respond { slot, id, resp, head_only, close, info: Some(info) });
             return;
         }
         // From here a panic closes the connection: part of the answer may be on the wire.
         guard.buffered = None;
+        let _quiet = notifier.quiet_run();
         let keep = job.run_streaming(&sock) && !job.close;
         drop(sock);
         guard.armed = false;
         let (status, written) = (job.status.get(), job.written.get());
-        let done = Done::Streamed { slot, id, keep, status, written, info: Some(info), unsent: Vec::new() };
-        // The answer is on the wire: a kept connection's next request will wake the loop.
-        if keep { hand_back(done) } else { notifier.send(done) }
+        let done = Done::Streamed { slot, id, keep, status, written, info: Some(info) };
+        // The answer is on the wire: a kept connection's next request will wake the loop, unless
+        // the loop already holds bytes for it (then nothing else may wake it).
+        if keep && !held.load(Ordering::SeqCst) { notifier.send_quiet(done) } else { notifier.send(done) }
     }
 }
 

@@ -79,9 +79,8 @@ pub const OUTBOUND_BOUND: usize = 256 * 1024;
 /// A message from a worker (or a WebSocket run) back to the loop.
 #[derive(Debug)]
 pub enum Done {
-    /// An answer for the loop to write (or close, when `None`): a non-streaming run's when the
-    /// connection closes after it or runs wait for a worker, or a request that did not become a
-    /// run.
+    /// An answer for the loop to write (or close, when `None`): a non-streaming run's, or a
+    /// request's that did not become a run.
     Respond {
         /// Connection slot.
         slot: usize,
@@ -96,8 +95,8 @@ pub enum Done {
         /// For the access-log record.
         info: Option<Box<access::RunInfo>>,
     },
-    /// A run wrote its answer to the socket itself (a stream, or a non-streaming answer), or
-    /// could not: the connection is the loop's again.
+    /// A run wrote its answer to the socket itself (a stream), or could not: the connection is
+    /// the loop's again.
     Streamed {
         /// Connection slot.
         slot: usize,
@@ -111,8 +110,6 @@ pub enum Done {
         written: u64,
         /// For the access-log record.
         info: Option<Box<access::RunInfo>>,
-        /// The end of the answer that the socket would not take at once, for the loop to send.
-        unsent: Vec<u8>,
     },
     /// A run has read the rest of the body the loop lent it: the connection's input is the
     /// loop's again (an end of input now cancels the run; later bytes wait for its end).
@@ -333,15 +330,7 @@ impl Drop for JobGuard {
                 let resp = handler::with_headers(internal_error().response(), headers);
                 Done::Respond { slot: self.slot, id: self.id, resp: Some(resp), head_only, close: true, info: None }
             }
-            None => Done::Streamed {
-                slot: self.slot,
-                id: self.id,
-                keep: false,
-                status: 500,
-                written: 0,
-                info: None,
-                unsent: Vec::new(),
-            },
+            None => Done::Streamed { slot: self.slot, id: self.id, keep: false, status: 500, written: 0, info: None },
         };
         self.notifier.send(d);
     }
@@ -1032,7 +1021,7 @@ impl Server {
                 }
                 self.drive(slot);
             }
-            Done::Streamed { keep, status, written, info, unsent, .. } => {
+            Done::Streamed { keep, status, written, info, .. } => {
                 conn.cancel = None;
                 conn.gone = None;
                 conn.held = None;
@@ -1045,8 +1034,6 @@ impl Server {
                 if !keep {
                     return self.close(slot);
                 }
-                // The run was the only writer until now: nothing of the loop's is queued before it.
-                conn.wbuf.extend_from_slice(&unsent);
                 finish_exchange(conn, false, &self.gw);
                 self.drive(slot);
             }
