@@ -223,7 +223,7 @@ fn ws_len(msg: &rpc::Outgoing) -> usize {
 }
 
 impl Notifier {
-    /// Send `d` and wake the loop.
+    /// Send `d`, waking the loop if it sleeps.
     pub fn send(&self, d: Done) {
         let n = match (&self.backlog, &d) {
             (Some(b), Done::Ws { msg, .. }) => {
@@ -233,18 +233,10 @@ impl Notifier {
             }
             _ => 0,
         };
-        // Counted before it is sent, so the loop never takes a message it has not counted (it
-        // may see the count a moment before the message, and look again).
-        self.waker.queued.fetch_add(1, Ordering::SeqCst);
-        if self.tx.send(d).is_ok() {
-            if self.waker.asleep.load(Ordering::SeqCst) {
-                let _ = self.waker.waker.wake();
-            }
-        } else {
-            self.waker.queued.fetch_sub(1, Ordering::Relaxed);
-            if let Some(b) = &self.backlog {
-                b.queued.fetch_sub(n, Ordering::Relaxed);
-            }
+        if !self.post(d, false)
+            && let Some(b) = &self.backlog
+        {
+            b.queued.fetch_sub(n, Ordering::Relaxed);
         }
     }
 
@@ -254,14 +246,24 @@ impl Notifier {
     /// instead of two — and a client that sends nothing more has its connection back within
     /// [`QUIET_WAIT`].
     pub fn send_quiet(&self, d: Done) {
-        self.waker.queued.fetch_add(1, Ordering::SeqCst);
-        if self.tx.send(d).is_ok() {
-            if self.waker.asleep.load(Ordering::SeqCst) && !self.waker.capped.load(Ordering::SeqCst) {
-                let _ = self.waker.waker.wake();
-            }
-        } else {
-            self.waker.queued.fetch_sub(1, Ordering::Relaxed);
+        self.post(d, true);
+    }
+
+    /// Queue `d` and wake the loop if it sleeps (`quiet`: only if it sleeps longer than
+    /// [`QUIET_WAIT`]); false when the loop is gone.
+    fn post(&self, d: Done, quiet: bool) -> bool {
+        let w = &self.waker;
+        // Counted before it is sent, so the loop never takes a message it has not counted (it
+        // may see the count a moment before the message, and look again).
+        w.queued.fetch_add(1, Ordering::SeqCst);
+        if self.tx.send(d).is_err() {
+            w.queued.fetch_sub(1, Ordering::Relaxed);
+            return false;
         }
+        if w.asleep.load(Ordering::SeqCst) && !(quiet && w.capped.load(Ordering::SeqCst)) {
+            let _ = w.waker.wake();
+        }
+        true
     }
 
     /// Count a run that may end with [`Notifier::send_quiet`], while the result lives.
@@ -398,6 +400,13 @@ impl Conn {
     fn ws_closed(&mut self, now: Instant) {
         self.ws = None;
         self.http.closing(now);
+    }
+
+    /// Its run has ended: nothing is left to cancel or tell.
+    fn run_ended(&mut self) {
+        self.cancel = None;
+        self.gone = None;
+        self.held = None;
     }
 
     /// The client went away (or the connection is being closed): cancel its run.
@@ -894,7 +903,8 @@ impl Server {
                             }
                             // Drained: skip the read that would only say `WouldBlock`.
                             conn.readable = n == asked || conn.read_closed;
-                            if let Some(h) = conn.held.as_ref().filter(|_| conn.http.state() == State::Running) {
+                            // (`held` is there only while a run is in flight.)
+                            if let Some(h) = &conn.held {
                                 h.store(true, Ordering::SeqCst);
                             }
                             progressed = true;
@@ -993,9 +1003,7 @@ impl Server {
                 self.drive(slot);
             }
             Done::Respond { resp, head_only, close, info, .. } => {
-                conn.cancel = None;
-                conn.gone = None;
-                conn.held = None;
+                conn.run_ended();
                 // Draining: no further request will be read, so the answer says so.
                 let close = close || !self.gw.is_ready();
                 let mut pending = conn.access.take();
@@ -1022,9 +1030,7 @@ impl Server {
                 self.drive(slot);
             }
             Done::Streamed { keep, status, written, info, .. } => {
-                conn.cancel = None;
-                conn.gone = None;
-                conn.held = None;
+                conn.run_ended();
                 if let Some(mut a) = conn.access.take() {
                     if let Some(i) = info {
                         i.apply(&mut a);
